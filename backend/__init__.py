@@ -1,0 +1,1 @@
+"""The clearing backend (issue 4): ingest, TAC verification, clearing, parameters."""

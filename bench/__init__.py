@@ -1,0 +1,1 @@
+"""Benchmarks of tap latency and throughput (issue 6)."""

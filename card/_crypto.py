@@ -1,0 +1,128 @@
+"""Purse cryptography of SPEC B4: diversification, session keys, MAC and TAC, 3DES and SM4.
+
+Every function is pure.  Key and data lengths are checked, because a wrong-length key is always a
+bug in the caller and would otherwise surface as a silently wrong MAC.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+__all__ = [
+    "Alg",
+    "block_encrypt",
+    "diversify",
+    "mac",
+    "session_key",
+    "tac_key",
+]
+
+
+class Alg(enum.IntEnum):
+    """The purse algorithm, as the card reports it in INITIALIZE's "alg id" byte."""
+
+    TDES = 0x00
+    SM4 = 0x04
+
+    @property
+    def label(self) -> str:
+        """The name used on the command line and in card images: ``3des`` or ``sm4``."""
+        return "3des" if self is Alg.TDES else "sm4"
+
+    @classmethod
+    def from_label(cls, label: str) -> Alg:
+        """Parse ``3des``/``sm4`` (any case); ValueError for anything else."""
+        lowered = label.lower()
+        for alg in cls:
+            if alg.label == lowered:
+                return alg
+        raise ValueError(f"unknown purse algorithm {label!r} (expected 3des or sm4)")
+
+
+def _check(name: str, value: bytes, *lengths: int) -> None:
+    if len(value) not in lengths:
+        want = " or ".join(str(n) for n in lengths)
+        raise ValueError(f"{name} must be {want} bytes, got {len(value)}")
+
+
+def _tdes_ecb(key16: bytes, data: bytes) -> bytes:
+    _check("3DES key", key16, 16)
+    enc = Cipher(TripleDES(key16 + key16[:8]), modes.ECB()).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+def _sm4_ecb(key16: bytes, data: bytes) -> bytes:
+    _check("SM4 key", key16, 16)
+    enc = Cipher(algorithms.SM4(key16), modes.ECB()).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+def block_encrypt(alg: Alg, key16: bytes, block: bytes) -> bytes:
+    """Encrypt one block (8 bytes for 3DES, 16 for SM4) with a 16-byte key."""
+    if alg is Alg.TDES:
+        _check("3DES block", block, 8)
+        return _tdes_ecb(key16, block)
+    _check("SM4 block", block, 16)
+    return _sm4_ecb(key16, block)
+
+
+def _invert(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in data)
+
+
+def diversify(alg: Alg, master16: bytes, data8: bytes) -> bytes:
+    """One level of key diversification with 8 bytes of diversification data.
+
+    3DES: ``3DES(K, D) ‖ 3DES(K, ¬D)``.  SM4 (farelab's definition): ``SM4(K, D ‖ ¬D)``.
+    """
+    _check("diversification data", data8, 8)
+    if alg is Alg.TDES:
+        return _tdes_ecb(master16, data8 + _invert(data8))
+    return _sm4_ecb(master16, data8 + _invert(data8))
+
+
+def session_key(alg: Alg, key16: bytes, data8: bytes) -> bytes:
+    """Session key from a card key and 8 bytes of session data.
+
+    3DES: ``3DES(DK, data)``, an 8-byte single-DES key.  SM4 (farelab's definition):
+    ``SM4(DK, data ‖ 8000000000000000)``, a 16-byte key.
+    """
+    _check("session data", data8, 8)
+    if alg is Alg.TDES:
+        return _tdes_ecb(key16, data8)
+    return _sm4_ecb(key16, data8 + b"\x80" + bytes(7))
+
+
+def _pad(data: bytes, block: int) -> bytes:
+    padded = data + b"\x80"
+    return padded + bytes(-len(padded) % block)
+
+
+def mac(alg: Alg, key: bytes, data: bytes) -> bytes:
+    """The 4-byte purse MAC: ``80 00…`` padding, IV zero, CBC, first 4 bytes of the last block.
+
+    3DES purse MACs use single DES with an 8-byte key (session key or TAC key); SM4 uses SM4 with
+    a 16-byte key.
+    """
+    if alg is Alg.TDES:
+        _check("DES MAC key", key, 8)
+        cipher = Cipher(TripleDES(key * 3), modes.CBC(bytes(8)))
+        padded = _pad(data, 8)
+    else:
+        _check("SM4 MAC key", key, 16)
+        cipher = Cipher(algorithms.SM4(key), modes.CBC(bytes(16)))
+        padded = _pad(data, 16)
+    enc = cipher.encryptor()
+    out = enc.update(padded) + enc.finalize()
+    return out[-(8 if alg is Alg.TDES else 16) :][:4]
+
+
+def tac_key(alg: Alg, dtk16: bytes) -> bytes:
+    """The key the TAC is computed with: ``DTK_L ⊕ DTK_R`` for 3DES, DTK itself for SM4."""
+    _check("DTK", dtk16, 16)
+    if alg is Alg.TDES:
+        return bytes(a ^ b for a, b in zip(dtk16[:8], dtk16[8:], strict=True))
+    return dtk16

@@ -1,0 +1,130 @@
+"""The host end of the card protocol: load authorization and TAC verification.
+
+The load master key exists only here (SPEC B4): a kiosk forwards the card's INITIALIZE FOR LOAD
+answer, the host checks MAC1 and the 1000-yuan cap (R4) and answers with MAC2.  The backend uses
+:class:`TacVerifier` to check every uploaded transaction.  Both are pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from card._crypto import Alg, mac, session_key, tac_key
+from card._files import CST, TxType, bcd_date, bcd_time
+from card._image import MAX_BALANCE_FEN
+from card._keys import IssuerKeys, diversify_card_key
+from card._terminal import LoadRequest
+
+__all__ = ["LoadAuthority", "LoadAuthorization", "LoadRefusal", "TacVerifier"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadAuthorization:
+    """The host says yes: MAC2 for CREDIT FOR LOAD, over the date and time it chose."""
+
+    mac2: bytes
+    day: bytes
+    time: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRefusal:
+    """The host says no: ``reason`` is ``unknown_issuer``, ``bad_mac1``, ``bad_amount`` or
+    ``cap_exceeded``."""
+
+    reason: str
+    detail: str
+
+
+class LoadAuthority:
+    """Authorizes loads for the issuers whose load master keys it holds."""
+
+    def __init__(self, *, issuers: Mapping[bytes, IssuerKeys], cap: int = MAX_BALANCE_FEN) -> None:
+        """``issuers``: master keys by 8-byte issuer id; ``cap``: the balance ceiling in fen."""
+        self._issuers = dict(issuers)
+        self._cap = cap
+
+    def _seslk(self, req: LoadRequest) -> bytes | None:
+        keys = self._issuers.get(req.issuer_id)
+        if keys is None:
+            return None
+        dlk = diversify_card_key(req.alg, keys.load, req.issuer_id, req.serial8)
+        return session_key(req.alg, dlk, req.random + req.counter.to_bytes(2, "big") + b"\x80\x00")
+
+    def authorize(self, req: LoadRequest, *, when: datetime) -> LoadAuthorization | LoadRefusal:
+        """Check MAC1, the amount and the cap; MAC2 over the load at ``when``."""
+        seslk = self._seslk(req)
+        if seslk is None:
+            return LoadRefusal("unknown_issuer", f"no load key for issuer {req.issuer_id.hex()}")
+        amount = req.amount.to_bytes(4, "big")
+        mac1 = mac(req.alg, seslk, req.balance.to_bytes(4, "big") + amount + b"\x02" + req.terminal)
+        if mac1 != req.mac1:
+            return LoadRefusal("bad_mac1", "MAC1 does not verify: not a genuine card answer")
+        if req.amount <= 0:
+            return LoadRefusal("bad_amount", "a load must be positive")
+        if req.balance + req.amount > self._cap:
+            room = max(self._cap - req.balance, 0)
+            return LoadRefusal(
+                "cap_exceeded", f"balance {req.balance} + {req.amount} fen passes {self._cap}; "
+                f"at most {room} fen may be added",
+            )  # fmt: skip
+        day, time = bcd_date(when.astimezone(CST).date()), bcd_time(when)
+        mac2 = mac(req.alg, seslk, amount + b"\x02" + req.terminal + day + time)
+        return LoadAuthorization(mac2, day, time)
+
+
+class TacVerifier:
+    """Checks TACs with the issuers' TAC master keys."""
+
+    def __init__(self, *, issuers: Mapping[bytes, bytes]) -> None:
+        """``issuers``: TAC master key (16 bytes) by 8-byte issuer id."""
+        self._issuers = dict(issuers)
+        self._cache: dict[tuple[Alg, bytes, bytes], bytes] = {}
+
+    @classmethod
+    def of(cls, issuers: Mapping[bytes, IssuerKeys]) -> TacVerifier:
+        """From full issuer key sets (only the TAC masters are kept)."""
+        return cls(issuers={iid: keys.tac for iid, keys in issuers.items()})
+
+    def _key(self, alg: Alg, issuer_id: bytes, serial8: bytes) -> bytes | None:
+        cached = self._cache.get((alg, issuer_id, serial8))
+        if cached is not None:
+            return cached
+        master = self._issuers.get(issuer_id)
+        if master is None:
+            return None
+        key = tac_key(alg, diversify_card_key(alg, master, issuer_id, serial8))
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[(alg, issuer_id, serial8)] = key
+        return key
+
+    def purchase_tac(
+        self, *, alg: Alg, issuer_id: bytes, serial8: bytes, amount: int, tx_type: int,
+        terminal: bytes, ttc: int, day: bytes, time: bytes,
+    ) -> bytes | None:  # fmt: skip
+        """The TAC a genuine card computes for a purchase; None for an unknown issuer."""
+        key = self._key(alg, issuer_id, serial8)
+        if key is None:
+            return None
+        body = (
+            amount.to_bytes(4, "big") + bytes((tx_type,)) + terminal + ttc.to_bytes(4, "big")
+            + day + time
+        )  # fmt: skip
+        return mac(alg, key, body)
+
+    def load_tac(
+        self, *, alg: Alg, issuer_id: bytes, serial8: bytes, balance_after: int, counter: int,
+        amount: int, terminal: bytes, day: bytes, time: bytes,
+    ) -> bytes | None:  # fmt: skip
+        """The TAC a genuine card computes for a load (``counter``: INITIALIZE's)."""
+        key = self._key(alg, issuer_id, serial8)
+        if key is None:
+            return None
+        body = (
+            balance_after.to_bytes(4, "big") + counter.to_bytes(2, "big")
+            + amount.to_bytes(4, "big") + bytes((TxType.LOAD,)) + terminal + day + time
+        )  # fmt: skip
+        return mac(alg, key, body)

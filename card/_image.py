@@ -1,0 +1,356 @@
+"""The card's persistent state (its EEPROM) as an immutable value, and its file image.
+
+The applet never mutates a :class:`CardImage`; a command that commits returns a new one, and the
+shell writes it with :func:`save_image` before the answer leaves the card.  ``save_image`` replaces
+the file atomically (write, fsync, rename, fsync the folder), so a process killed at any instant
+leaves either the old image or the new one — never a mixture.  That is the card's anti-tearing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from card._crypto import Alg
+from card._files import (
+    EF1A_LEN,
+    EF1E_LEN,
+    EF18_LEN,
+    BusRecord,
+    MetroRecord,
+    PublicInfo,
+)
+from card._keys import CardKeys
+
+__all__ = [
+    "IMAGE_FORMAT",
+    "CardImage",
+    "ImageError",
+    "Proof",
+    "SocialSecurity",
+    "load_image",
+    "save_image",
+]
+
+IMAGE_FORMAT = "farelab-card/1"
+LOG_RECORDS = 10
+TRIP_RECORDS = 10
+PROOFS_KEPT = 16
+MAX_BALANCE_FEN = 100_000
+
+
+class ImageError(ValueError):
+    """A card image file that cannot be read; the message says which field and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """What GET TRANSACTION PROOF returns for one completed transaction.
+
+    ``counter`` is the counter after the transaction (INITIALIZE's counter + 1).  For a load,
+    ``mac`` is the host's MAC2 the card accepted; for a purchase, the card's MAC2.
+    """
+
+    tx_type: int
+    counter: int
+    mac: bytes
+    tac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SocialSecurity:
+    """The social-security application: holder data and its PIN (R8)."""
+
+    holder: bytes = bytes(64)
+    pin: str = "888888"
+    initial_pin: str = "888888"
+    try_limit: int = 5
+    failures: int = 0
+    failure_day: date | None = None
+    locked: bool = False
+
+    @property
+    def pin_changed(self) -> bool:
+        """Once the PIN differs from the initial one it is always asked (R8)."""
+        return self.pin != self.initial_pin
+
+
+@dataclass(frozen=True, slots=True)
+class CardImage:
+    """Everything the card keeps across power cycles."""
+
+    alg: Alg
+    ef15: bytes
+    ef16: bytes
+    ef17: bytes
+    keys: CardKeys
+    balance: int = 0
+    offline_counter: int = 0
+    online_counter: int = 0
+    log: tuple[bytes, ...] = ()
+    metro: bytes = field(default_factory=lambda: MetroRecord().encode())
+    bus: bytes = field(default_factory=lambda: BusRecord().encode())
+    trips: tuple[bytes, ...] = ()
+    proofs: tuple[Proof, ...] = ()
+    blocked: bool = False
+    max_balance: int = MAX_BALANCE_FEN
+    social: SocialSecurity = field(default_factory=SocialSecurity)
+    bank_balance: int = 0
+
+    @property
+    def public(self) -> PublicInfo:
+        """EF15 decoded."""
+        return PublicInfo.decode(self.ef15)
+
+    def with_log(self, record: bytes) -> tuple[bytes, ...]:
+        """EF18 after one more record (cyclic: newest first, oldest dropped)."""
+        return (record, *self.log)[:LOG_RECORDS]
+
+    def with_trip(self, record: bytes) -> tuple[bytes, ...]:
+        """EF1E after one more record (cyclic: newest first)."""
+        return (record, *self.trips)[:TRIP_RECORDS]
+
+    def with_proof(self, proof: Proof) -> tuple[Proof, ...]:
+        """Proofs after one more completed transaction."""
+        return (proof, *self.proofs)[:PROOFS_KEPT]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (bytes as upper-case hex)."""
+        ss = self.social
+        return {
+            "format": IMAGE_FORMAT,
+            "alg": self.alg.label,
+            "ef15": self.ef15.hex().upper(),
+            "ef16": self.ef16.hex().upper(),
+            "ef17": self.ef17.hex().upper(),
+            "keys": {
+                "dpk": self.keys.dpk.hex().upper(),
+                "dlk": self.keys.dlk.hex().upper(),
+                "dtk": self.keys.dtk.hex().upper(),
+                "damk": self.keys.damk.hex().upper(),
+                "version": self.keys.version,
+            },
+            "balance": self.balance,
+            "offline_counter": self.offline_counter,
+            "online_counter": self.online_counter,
+            "log": [r.hex().upper() for r in self.log],
+            "metro": self.metro.hex().upper(),
+            "bus": self.bus.hex().upper(),
+            "trips": [r.hex().upper() for r in self.trips],
+            "proofs": [
+                [p.tx_type, p.counter, p.mac.hex().upper(), p.tac.hex().upper()]
+                for p in self.proofs
+            ],
+            "blocked": self.blocked,
+            "max_balance": self.max_balance,
+            "social": {
+                "holder": ss.holder.hex().upper(),
+                "pin": ss.pin,
+                "initial_pin": ss.initial_pin,
+                "try_limit": ss.try_limit,
+                "failures": ss.failures,
+                "failure_day": ss.failure_day.isoformat() if ss.failure_day else None,
+                "locked": ss.locked,
+            },
+            "bank_balance": self.bank_balance,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> CardImage:
+        """Rebuild an image; ImageError naming the first bad field."""
+        if not isinstance(doc, dict) or doc.get("format") != IMAGE_FORMAT:
+            raise ImageError(f"not a farelab card image (expected format {IMAGE_FORMAT!r})")
+        p = _Fields(doc, "")
+        keys = p.sub("keys")
+        ss = p.sub("social")
+        try:
+            alg = Alg.from_label(p.text("alg"))
+        except ValueError as exc:
+            raise ImageError(f"field 'alg': {exc}") from None
+        image = cls(
+            alg=alg,
+            ef15=p.hexbytes("ef15", 30),
+            ef16=p.hexbytes("ef16", 55),
+            ef17=p.hexbytes("ef17", 60),
+            keys=CardKeys(
+                dpk=keys.hexbytes("dpk", 16),
+                dlk=keys.hexbytes("dlk", 16),
+                dtk=keys.hexbytes("dtk", 16),
+                damk=keys.hexbytes("damk", 16),
+                version=keys.integer("version", 0, 0xFF),
+            ),
+            balance=p.integer("balance", 0, 0xFFFFFFFF),
+            offline_counter=p.integer("offline_counter", 0, 0xFFFF),
+            online_counter=p.integer("online_counter", 0, 0xFFFF),
+            log=tuple(p.hex_list("log", EF18_LEN)),
+            metro=p.hexbytes("metro", EF1A_LEN),
+            bus=p.hexbytes("bus", EF1A_LEN),
+            trips=tuple(p.hex_list("trips", EF1E_LEN)),
+            proofs=tuple(p.proofs("proofs")),
+            blocked=p.flag("blocked"),
+            max_balance=p.integer("max_balance", 0, 0xFFFFFFFF),
+            social=SocialSecurity(
+                holder=ss.hexbytes("holder", 64),
+                pin=ss.digits("pin"),
+                initial_pin=ss.digits("initial_pin"),
+                try_limit=ss.integer("try_limit", 1, 15),
+                failures=ss.integer("failures", 0, 15),
+                failure_day=ss.day("failure_day"),
+                locked=ss.flag("locked"),
+            ),
+            bank_balance=p.integer("bank_balance", 0, 0xFFFFFFFF),
+        )
+        try:
+            image.public  # noqa: B018 - validates EF15 once, at load
+        except ValueError as exc:
+            raise ImageError(f"field 'ef15': {exc}") from None
+        return image
+
+    def replace(self, **changes: Any) -> CardImage:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+class _Fields:
+    """Typed access to one JSON object, with errors that name the field."""
+
+    def __init__(self, doc: dict[str, Any], prefix: str) -> None:
+        self._doc = doc
+        self._prefix = prefix
+
+    def _get(self, name: str) -> Any:
+        if name not in self._doc:
+            raise ImageError(f"field {self._prefix + name!r} is missing")
+        return self._doc[name]
+
+    def _bad(self, name: str, want: str) -> ImageError:
+        return ImageError(f"field {self._prefix + name!r} must be {want}")
+
+    def sub(self, name: str) -> _Fields:
+        value = self._get(name)
+        if not isinstance(value, dict):
+            raise self._bad(name, "an object")
+        return _Fields(value, f"{self._prefix}{name}.")
+
+    def text(self, name: str) -> str:
+        value = self._get(name)
+        if not isinstance(value, str):
+            raise self._bad(name, "a string")
+        return value
+
+    def digits(self, name: str) -> str:
+        value = self.text(name)
+        if len(value) != 6 or not value.isdigit():
+            raise self._bad(name, "6 digits")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self._get(name)
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false")
+        return value
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        value = self._get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self._bad(name, f"an integer in {low}..{high}")
+        return value
+
+    def _hex_value(self, name: str, value: Any, length: int) -> bytes:
+        try:
+            raw = bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            raw = None
+        if raw is None or len(raw) != length:
+            raise self._bad(name, f"{length} bytes of hex")
+        return raw
+
+    def hexbytes(self, name: str, length: int) -> bytes:
+        return self._hex_value(name, self._get(name), length)
+
+    def hex_list(self, name: str, length: int) -> list[bytes]:
+        value = self._get(name)
+        if not isinstance(value, list):
+            raise self._bad(name, "a list")
+        return [self._hex_value(f"{name}[{i}]", v, length) for i, v in enumerate(value)]
+
+    def day(self, name: str) -> date | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        try:
+            return date.fromisoformat(value)
+        except (TypeError, ValueError):
+            raise self._bad(name, "null or a YYYY-MM-DD date") from None
+
+    def proofs(self, name: str) -> list[Proof]:
+        value = self._get(name)
+        if not isinstance(value, list):
+            raise self._bad(name, "a list")
+        out = []
+        for i, item in enumerate(value):
+            ok = (
+                isinstance(item, list)
+                and len(item) == 4
+                and all(isinstance(x, int) for x in item[:2])
+                and all(isinstance(x, str) for x in item[2:])
+            )
+            if not ok:
+                raise self._bad(f"{name}[{i}]", "[type, counter, mac hex, tac hex]")
+            out.append(
+                Proof(
+                    item[0],
+                    item[1],
+                    self._hex_value(f"{name}[{i}]", item[2], 4),
+                    self._hex_value(f"{name}[{i}]", item[3], 4),
+                )
+            )
+        return out
+
+
+def load_image(path: Path) -> CardImage:
+    """Read a card image file; ImageError with the path and the reason if it is unusable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such card image") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read card image: {exc.strerror}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ImageError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        return CardImage.from_json(doc)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def save_image(path: Path, image: CardImage, *, durable: bool = True) -> None:
+    """Replace the image file atomically; with ``durable`` it is on disk when this returns."""
+    data = json.dumps(image.to_json(), indent=1).encode("utf-8")
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

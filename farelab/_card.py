@@ -1,0 +1,429 @@
+"""``farelab card``: issue, inspect and present simulated cards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import signal
+import sys
+import threading
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from card import (
+    CST,
+    DEMO_ISSUER_ID,
+    DEMO_KEYS,
+    Alg,
+    BusRecord,
+    CardImage,
+    CardType,
+    ImageError,
+    IssuerKeys,
+    KeysFileError,
+    LogRecord,
+    MetroRecord,
+    SimulatedCard,
+    TripRecord,
+    TxType,
+    load_image,
+    load_keys_file,
+    personalise,
+    save_image,
+)
+from card._files import parse_bcd_date
+from card._money import fen_to_yuan, yuan_to_fen
+from farelab._errors import CliError
+
+__all__ = ["card_json", "parse_vpcd", "register"]
+
+DEFAULT_VPCD = "127.0.0.1:35963"
+_TX_NAMES = {TxType.LOAD: "load", TxType.PURCHASE: "purchase", TxType.CAPP_PURCHASE: "composite"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``card`` and its subcommands."""
+    card = sub.add_parser(
+        "card",
+        help="issue, inspect and present simulated T-Union cards",
+        description="Issue, inspect and present simulated T-Union cards. A card is a JSON "
+        "image file; every transaction the card commits is written back to it atomically.",
+    )
+    cmds = card.add_subparsers(dest="card_command", required=True, metavar="SUBCOMMAND")
+
+    new = cmds.add_parser(
+        "new",
+        help="personalise a new card image",
+        description="Write a personalised card image with the demo issuer's keys (SPEC B4), "
+        "or the master keys of --keys FILE.",
+    )
+    new.add_argument("path", type=Path, metavar="PATH", help="card image file to write")
+    new.add_argument(
+        "--balance",
+        default="0",
+        metavar="YUAN",
+        help="initial transit balance in yuan, 0 to 1000 (default 0)",
+    )
+    new.add_argument(
+        "--alg", choices=["3des", "sm4"], default="3des", help="purse algorithm (default 3des)"
+    )
+    new.add_argument(
+        "--type",
+        dest="card_type",
+        default="adult",
+        choices=[t.label for t in CardType],
+        help="card type (default adult)",
+    )
+    new.add_argument(
+        "--serial", metavar="DIGITS", help="card number, up to 20 digits (default: random)"
+    )
+    new.add_argument(
+        "--issued", metavar="YYYY-MM-DD", help="start of validity (default: today, China time)"
+    )
+    new.add_argument(
+        "--expires", metavar="YYYY-MM-DD", help="expiry date (default: 10 years after --issued, R9)"
+    )
+    new.add_argument(
+        "--issuer",
+        metavar="HEX16",
+        default=DEMO_ISSUER_ID.hex().upper(),
+        help="8-byte issuer id in hex (default: the demo issuer 1310000000000000)",
+    )
+    new.add_argument(
+        "--keys",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of issuer master keys: purchase, load, tac, maintenance "
+        "(32 hex digits each) and an optional integer version",
+    )
+    new.add_argument("--force", action="store_true", help="overwrite an existing PATH")
+    new.set_defaults(func=_new)  # fmt: skip
+
+    show = cmds.add_parser("show", help="decode a card image",
+                           description="Decode a card image: public data, balance, EF18 log, "
+                           "EF1A transit records, EF1E trips.")  # fmt: skip
+    show.add_argument("path", type=Path, metavar="PATH", help="card image file")
+    show.add_argument("--json", action="store_true", help="print JSON for scripts")
+    show.set_defaults(func=_show)
+
+    serve = cmds.add_parser(
+        "serve",
+        help="present the card to pcscd's virtual reader until stopped",
+        description="Connect the card to vpcd (pcscd's vsmartcard driver) so that it sits in "
+        "the 'Virtual PCD' reader for any PC/SC program, until Ctrl-C or SIGTERM.",
+    )
+    serve.add_argument("path", type=Path, metavar="PATH", help="card image file")
+    serve.add_argument("--vpcd", default=DEFAULT_VPCD, metavar="HOST:PORT",
+                       help=f"where vpcd listens (default {DEFAULT_VPCD})")  # fmt: skip
+    serve.set_defaults(func=_serve)
+
+    tap = cmds.add_parser(
+        "tap",
+        help="present the card once, then take it away",
+        description="Present the card to vpcd for --hold seconds, as a hand would, then remove "
+        "it. The command reports the card's balance before and after.",
+    )
+    tap.add_argument("path", type=Path, metavar="PATH", help="card image file")
+    tap.add_argument(
+        "--vpcd",
+        default=DEFAULT_VPCD,
+        metavar="HOST:PORT",
+        help=f"where vpcd listens (default {DEFAULT_VPCD})",
+    )
+    tap.add_argument("--hold", type=float, default=1.5, metavar="SECONDS",
+                     help="how long the card stays in the field (default 1.5; pcscd notices a "
+                     "card within about 0.4 s)")  # fmt: skip
+    tap.set_defaults(func=_tap)
+
+
+def _parse_day(text: str | None, what: str) -> date | None:
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _new(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if path.exists() and not args.force:
+        raise CliError(f"{path} already exists; use --force to overwrite it")
+    try:
+        balance = yuan_to_fen(args.balance, what="--balance")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if not 0 <= balance <= 100_000:
+        raise CliError(f"--balance must be 0 to 1000 yuan (R4), got {args.balance}")
+    try:
+        issuer = bytes.fromhex(args.issuer)
+    except ValueError:
+        raise CliError(f"--issuer {args.issuer!r} is not hex") from None
+    if len(issuer) != 8:
+        raise CliError(f"--issuer must be 16 hex digits (8 bytes), got {args.issuer!r}")
+    keys: IssuerKeys = DEMO_KEYS
+    if args.keys is not None:
+        try:
+            keys = load_keys_file(args.keys)
+        except KeysFileError as exc:
+            raise CliError(str(exc)) from None
+    serial = args.serial if args.serial is not None else f"{secrets.randbelow(10**20):020d}"
+    if not serial.isdigit() or not 1 <= len(serial) <= 20:
+        raise CliError(f"--serial must be 1 to 20 digits, got {serial!r}")
+    issued = _parse_day(args.issued, "--issued") or datetime.now(CST).date()
+    expires = _parse_day(args.expires, "--expires")
+    try:
+        image = personalise(
+            serial=serial,
+            issued=issued,
+            alg=Alg.from_label(args.alg),
+            card_type=CardType.from_label(args.card_type),
+            balance=balance,
+            expires=expires,
+            issuer_id=issuer,
+            keys=keys,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        save_image(path, image)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    public = image.public
+    print(
+        f"card {public.serial} ({public.card_type.label}, {image.alg.label}) written to {path}: "
+        f"balance {fen_to_yuan(image.balance)} yuan, valid {public.start} to {public.expiry}"
+    )
+    return 0
+
+
+def _load(path: Path) -> CardImage:
+    try:
+        return load_image(path)
+    except ImageError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _bcd_day(raw: bytes) -> str:
+    try:
+        day = parse_bcd_date(raw)
+    except ValueError:
+        return raw.hex().upper()
+    return day.isoformat() if day else ""
+
+
+def _bcd_clock(raw: bytes) -> str:
+    text = raw.hex()
+    return f"{text[0:2]}:{text[2:4]}:{text[4:6]}" if text.isdigit() else text.upper()
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _hex(raw: bytes) -> str:
+    return raw.hex().upper()
+
+
+def _metro_json(raw: bytes) -> dict[str, Any]:
+    try:
+        rec = MetroRecord.decode(raw)
+    except ValueError as exc:
+        return {"raw": _hex(raw), "error": str(exc)}
+    return {
+        "status": rec.status.name.lower(),
+        "entry_station": _hex(rec.entry_station),
+        "entry_line": rec.entry_line,
+        "entry_terminal": _hex(rec.entry_terminal),
+        "entry_time": _iso(rec.entry_time),
+        "entry_city": rec.entry_city,
+        "exit_station": _hex(rec.exit_station),
+        "exit_line": rec.exit_line,
+        "exit_terminal": _hex(rec.exit_terminal),
+        "exit_time": _iso(rec.exit_time),
+        "marked_amount_fen": rec.marked_amount,
+        "entry_amount_fen": rec.entry_amount,
+        "balance_after_entry_fen": rec.balance_after_entry,
+        "exit_amount_fen": rec.exit_amount,
+        "raw": _hex(raw),
+    }
+
+
+def _bus_json(raw: bytes) -> dict[str, Any]:
+    try:
+        rec = BusRecord.decode(raw)
+    except ValueError as exc:
+        return {"raw": _hex(raw), "error": str(exc)}
+    return {
+        "status": "boarded" if rec.status == BusRecord.BOARDED else "none",
+        "route": _hex(rec.route),
+        "terminal": _hex(rec.terminal),
+        "time": _iso(rec.time),
+        "amount_fen": rec.amount,
+        "balance_after_fen": rec.balance_after,
+        "transfers": rec.transfers,
+        "raw": _hex(raw),
+    }
+
+
+def _trip_json(raw: bytes) -> dict[str, Any]:
+    try:
+        rec = TripRecord.decode(raw)
+    except ValueError as exc:
+        return {"raw": _hex(raw), "error": str(exc)}
+    return {
+        "type": _TX_NAMES.get(TxType(rec.tx_type), f"{rec.tx_type:02X}")
+        if rec.tx_type in TxType._value2member_map_
+        else f"{rec.tx_type:02X}",
+        "industry": rec.industry.name.lower(),
+        "terminal": _hex(rec.terminal),
+        "line": rec.line,
+        "station": _hex(rec.station),
+        "amount_fen": rec.amount,
+        "balance_fen": rec.balance,
+        "time": rec.time.isoformat(),
+        "city": rec.city,
+        "counter": rec.counter,
+    }
+
+
+def card_json(image: CardImage) -> dict[str, Any]:
+    """The decoded card, as ``farelab card show --json`` prints it."""
+    public = image.public
+    log = []
+    for raw in image.log:
+        rec = LogRecord.decode(raw)
+        log.append(
+            {
+                "counter": rec.counter,
+                "type": _TX_NAMES.get(TxType(rec.tx_type), "unknown")
+                if rec.tx_type in TxType._value2member_map_
+                else "unknown",
+                "type_code": f"{rec.tx_type:02X}",
+                "amount_fen": rec.amount,
+                "terminal": _hex(rec.terminal),
+                "date": _bcd_day(rec.day),
+                "time": _bcd_clock(rec.time),
+            }
+        )
+    social = image.social
+    return {
+        "serial": public.serial,
+        "issuer": _hex(public.issuer_id),
+        "city": public.city_code,
+        "type": public.card_type.label,
+        "alg": image.alg.label,
+        "start": public.start.isoformat(),
+        "expires": public.expiry.isoformat(),
+        "balance_fen": image.balance,
+        "balance_yuan": fen_to_yuan(image.balance),
+        "max_balance_fen": image.max_balance,
+        "offline_counter": image.offline_counter,
+        "online_counter": image.online_counter,
+        "blocked": image.blocked,
+        "log": log,
+        "transit": {"metro": _metro_json(image.metro), "bus": _bus_json(image.bus)},
+        "trips": [_trip_json(r) for r in image.trips],
+        "social_security": {
+            "pin_changed": social.pin_changed,
+            "pin_locked": social.locked,
+            "pin_failures": social.failures,
+        },
+    }
+
+
+def _show(args: argparse.Namespace) -> int:
+    doc = card_json(_load(args.path))
+    if args.json:
+        json.dump(doc, sys.stdout, ensure_ascii=False, indent=2)
+        print()
+        return 0
+    flags = "  BLOCKED (hotlisted)" if doc["blocked"] else ""
+    print(f"card {doc['serial']}  {doc['type']}, {doc['alg']}, issuer {doc['issuer']}{flags}")
+    print(f"  valid      {doc['start']} to {doc['expires']}")
+    print(
+        f"  balance    {doc['balance_yuan']} yuan ({doc['balance_fen']} fen); "
+        f"{doc['offline_counter']} purchases, {doc['online_counter']} loads"
+    )
+    metro = doc["transit"]["metro"]
+    if metro.get("status") not in (None, "none"):
+        when = metro["entry_time"] if metro["status"] == "entered" else metro["exit_time"]
+        print(f"  metro      {metro['status']} at {when}")
+    bus = doc["transit"]["bus"]
+    if bus.get("status") == "boarded":
+        print(f"  bus        boarded at {bus['time']}, paid {fen_to_yuan(bus['amount_fen'])}")
+    if doc["log"]:
+        print("  log (EF18, newest first):")
+        print("    ctr  type       amount    terminal      date        time")
+        for rec in doc["log"]:
+            print(
+                f"    {rec['counter']:>3}  {rec['type']:<9}  {fen_to_yuan(rec['amount_fen']):>7}  "
+                f"{rec['terminal']}  {rec['date']:<10}  {rec['time']}"
+            )
+    else:
+        print("  log        empty")
+    return 0
+
+
+def parse_vpcd(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port); CliError when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--vpcd {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from card._vicc import ViccError, serve  # noqa: PLC0415 - socket code only when presenting
+
+    host, port = parse_vpcd(args.vpcd)
+    try:
+        sim = SimulatedCard.from_file(args.path)
+    except ImageError as exc:
+        raise CliError(str(exc)) from None
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    print(
+        f"card {sim.image.public.serial} presented to vpcd at {host}:{port} "
+        "(reader 'Virtual PCD'); Ctrl-C to take it away",
+        flush=True,
+    )
+    try:
+        serve(sim, host=host, port=port, stop=stop)
+    except ViccError as exc:
+        raise CliError(str(exc)) from None
+    print(f"card removed; balance {fen_to_yuan(sim.image.balance)} yuan")
+    return 0
+
+
+def _tap(args: argparse.Namespace) -> int:
+    from card._vicc import ViccError, tap  # noqa: PLC0415 - socket code only when presenting
+
+    host, port = parse_vpcd(args.vpcd)
+    if not 0 < args.hold <= 3600:
+        raise CliError("--hold must be between 0 and 3600 seconds")
+    try:
+        sim = SimulatedCard.from_file(args.path)
+    except ImageError as exc:
+        raise CliError(str(exc)) from None
+    before = sim.image.balance
+    try:
+        tap(sim, host=host, port=port, hold=args.hold)
+    except ViccError as exc:
+        raise CliError(str(exc)) from None
+    after = sim.image.balance
+    print(
+        f"card {sim.image.public.serial} tapped for {args.hold:g} s: {sim.apdus} APDUs, "
+        f"balance {fen_to_yuan(before)} -> {fen_to_yuan(after)} yuan"
+    )
+    return 0
