@@ -1,0 +1,325 @@
+"""The validator's journal: every tap and every card transaction, durably, before the rider sees
+the result — with the outbox row the uplink will send, in the same SQLite transaction.
+
+SQLite in WAL mode.  ``synchronous="normal"`` (the default) survives ``kill -9`` at any instant —
+a committed transaction is in the WAL before ``commit`` returns; ``"full"`` also survives a power
+cut, at the cost of an fsync per commit.  A DEBIT is preceded by an *intent* row (``pending``)
+committed before the command leaves, so that a process killed between the two still knows which
+card may owe a proof.  The outbox is bounded: the journal warns loudly from ``warn_ratio`` of its
+bound on, and at the bound the validator stops accepting taps rather than lose a record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from validator._decision import Accepted, Intent, Pending, Rejected, TapResult
+
+__all__ = ["Journal", "JournalError"]
+
+log = logging.getLogger("farelab.journal")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    next_seq INTEGER NOT NULL DEFAULT 1,
+    next_ttc INTEGER NOT NULL DEFAULT 1,
+    params_version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS transactions (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'completed', 'void')),
+    card_serial TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    alg TEXT NOT NULL,
+    tx_type INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    amount_fen INTEGER NOT NULL,
+    balance_before_fen INTEGER NOT NULL,
+    card_counter INTEGER NOT NULL,
+    ttc INTEGER NOT NULL,
+    terminal TEXT NOT NULL,
+    day TEXT NOT NULL,
+    time TEXT NOT NULL,
+    at TEXT NOT NULL,
+    station TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    tac TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (device, seq)
+);
+CREATE INDEX IF NOT EXISTS transactions_pending ON transactions (card_serial)
+    WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS taps (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    at TEXT NOT NULL,
+    card_serial TEXT NOT NULL,
+    result TEXT NOT NULL,
+    reason TEXT,
+    fare_fen INTEGER NOT NULL,
+    balance_fen INTEGER,
+    tac TEXT NOT NULL,
+    grey INTEGER NOT NULL,
+    seq INTEGER,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot be used (unreadable file, wrong schema) or is full."""
+
+
+class Journal:
+    """One SQLite journal shared by the devices of one validator process."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        max_outbox: int = 1_000_000,
+        warn_ratio: float = 0.8,
+    ) -> None:
+        """
+        Args:
+            path: the SQLite file (created if missing), or ``":memory:"`` for tests.
+            synchronous: ``normal`` survives a killed process, ``full`` also a power cut.
+            max_outbox: the bound on rows waiting for the uplink.
+            warn_ratio: from this share of the bound on, every tap logs a warning.
+        """
+        if max_outbox < 1 or not 0 < warn_ratio <= 1:
+            raise ValueError("max_outbox must be ≥ 1 and warn_ratio in (0, 1]")
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
+                raise JournalError(f"{path}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{path}: not a usable journal: {exc}") from exc
+        self.path = path
+        self.max_outbox = max_outbox
+        self.warn_ratio = warn_ratio
+        self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    def close(self) -> None:
+        """Close the database (a checkpoint folds the WAL back in)."""
+        self._db.close()
+
+    # --- device state --------------------------------------------------------------------
+
+    def _device(self, device: str) -> tuple[int, int]:
+        row = self._db.execute(
+            "SELECT next_seq, next_ttc FROM devices WHERE device=?", (device,)
+        ).fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO devices (device) VALUES (?)", (device,))
+            return 1, 1
+        return int(row[0]), int(row[1])
+
+    def next_ttc(self, device: str) -> int:
+        """The PSAM TTC the device must use next (TTCs never repeat across restarts)."""
+        return self._device(device)[1]
+
+    def pending(self) -> dict[str, Pending]:
+        """Transactions whose DEBIT answer never arrived, by card serial."""
+        rows = self._db.execute(
+            "SELECT * FROM transactions WHERE status='pending' ORDER BY device, seq"
+        )
+        names = [d[0] for d in rows.description]
+        out: dict[str, Pending] = {}
+        for row in rows.fetchall():
+            rec = dict(zip(names, row, strict=True))
+            intent = Intent(
+                device=rec["device"],
+                card_serial=rec["card_serial"],
+                issuer=rec["issuer"],
+                alg=rec["alg"],
+                tx_type=rec["tx_type"],
+                kind=rec["kind"],
+                amount=rec["amount_fen"],
+                balance_before=rec["balance_before_fen"],
+                card_counter=rec["card_counter"],
+                ttc=rec["ttc"],
+                terminal=rec["terminal"],
+                day=rec["day"],
+                time=rec["time"],
+                at=rec["at"],
+                station=rec["station"],
+                line=rec["line"],
+            )
+            out[intent.card_serial] = Pending(rec["device"], rec["seq"], intent)
+        return out
+
+    # --- writing -------------------------------------------------------------------------
+
+    @property
+    def outbox_rows(self) -> int:
+        """Rows waiting for the uplink."""
+        return int(self._outbox)
+
+    def has_room(self) -> bool:
+        """False when the outbox is at its bound: taps must stop until the uplink drains it."""
+        used = self._outbox / self.max_outbox
+        if used >= self.warn_ratio:
+            log.warning(
+                "journal outbox at %.0f%% of its bound (%d of %d rows): the uplink is not "
+                "draining; at 100%% this validator stops accepting taps",
+                used * 100,
+                self._outbox,
+                self.max_outbox,
+            )
+        return bool(self._outbox < self.max_outbox)
+
+    def record_intent(self, intent: Intent) -> Pending:
+        """Journal a DEBIT about to be sent (committed when this returns)."""
+        with self._tx():
+            seq, _ = self._device(intent.device)
+            self._db.execute(
+                "INSERT INTO transactions (device, seq, status, card_serial, issuer, alg, tx_type,"
+                " kind, amount_fen, balance_before_fen, card_counter, ttc, terminal, day, time,"
+                " at, station, line) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?)",
+                (
+                    intent.device,
+                    seq,
+                    intent.card_serial,
+                    intent.issuer,
+                    intent.alg,
+                    intent.tx_type,
+                    intent.kind,
+                    intent.amount,
+                    intent.balance_before,
+                    intent.card_counter,
+                    intent.ttc,
+                    intent.terminal,
+                    intent.day,
+                    intent.time,
+                    intent.at,
+                    intent.station,
+                    intent.line,
+                ),
+            )
+            self._db.execute(
+                "UPDATE devices SET next_seq=?, next_ttc=max(next_ttc, ?) WHERE device=?",
+                (seq + 1, intent.ttc + 1, intent.device),
+            )
+        return Pending(intent.device, seq, intent)
+
+    def record_tap(self, result: TapResult, *, at: str, pending: Pending | None) -> None:
+        """Journal a tap's result, its transaction and any resolution, with their outbox rows,
+        in one SQLite transaction.  ``pending``: this tap's own journalled intent, if any."""
+        with self._tx():
+            resolution = result.resolution
+            if resolution is not None:
+                self._settle(resolution.pending, completed=resolution.completed, tac=resolution.tac)
+            seq = None
+            if pending is not None:
+                seq = pending.seq
+                if isinstance(result, Accepted):
+                    self._settle(pending, completed=True, tac=result.tac)
+                elif not result.grey:
+                    self._settle(pending, completed=False, tac="")
+                else:
+                    self._enqueue(pending, "grey", "")
+            self._db.execute(
+                "INSERT INTO taps (device, at, card_serial, result, reason, fare_fen, balance_fen,"
+                " tac, grey, seq, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    result.device,
+                    at,
+                    result.card_serial,
+                    result.result,
+                    result.reason,
+                    result.fare_fen,
+                    result.balance_fen,
+                    result.tac,
+                    int(result.grey),
+                    seq,
+                    result.detail if isinstance(result, Rejected) else ",".join(result.notes),
+                ),
+            )
+
+    def _settle(self, pending: Pending, *, completed: bool, tac: str) -> None:
+        status = "completed" if completed else "void"
+        self._db.execute(
+            "UPDATE transactions SET status=?, tac=? WHERE device=? AND seq=?",
+            (status, tac, pending.device, pending.seq),
+        )
+        self._enqueue(pending, status, tac)
+
+    def _enqueue(self, pending: Pending, status: str, tac: str) -> None:
+        payload: dict[str, Any] = {**asdict(pending.intent), "seq": pending.seq}
+        payload.update(status=status, tac=tac)
+        self._db.execute(
+            "INSERT INTO outbox (device, payload) VALUES (?, ?)",
+            (pending.device, json.dumps(payload, separators=(",", ":"))),
+        )
+        self._outbox += 1
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def transactions(self, *, card_serial: str | None = None) -> list[dict[str, Any]]:
+        """Journalled transactions (oldest first), optionally of one card."""
+        query = "SELECT * FROM transactions"
+        args: tuple[str, ...] = ()
+        if card_serial is not None:
+            query += " WHERE card_serial=?"
+            args = (card_serial,)
+        cur = self._db.execute(query + " ORDER BY at, device, seq", args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def taps(self) -> list[dict[str, Any]]:
+        """Journalled taps, oldest first."""
+        cur = self._db.execute("SELECT * FROM taps ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def outbox(self, limit: int = 500) -> list[tuple[int, str, dict[str, Any]]]:
+        """The oldest outbox rows: (id, device, payload)."""
+        cur = self._db.execute(
+            "SELECT id, device, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+        )
+        return [(row[0], row[1], json.loads(row[2])) for row in cur.fetchall()]
+
+    def acknowledge(self, ids: list[int]) -> None:
+        """Remove rows the backend has committed."""
+        with self._tx():
+            self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+        self._outbox = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on an exception)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

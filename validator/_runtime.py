@@ -1,0 +1,91 @@
+"""A device at run time: the decision core driven on a reader, with its PSAM and journal.
+
+:meth:`Validator.tap` is synchronous and runs a whole tap — every APDU, both journal commits — on
+the calling thread, which for a PC/SC reader is the reader's own thread (one hop per tap).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import datetime
+
+from card import CardRemovedError, Psam, PsamKeys, Reader, ReaderError, Transmit
+from validator._config import DeviceConfig
+from validator._decision import Intent, Pending, Rejected, Tap, TapResult
+from validator._device import Parameters
+from validator._journal import Journal
+
+__all__ = ["Validator"]
+
+
+class Validator:
+    """One device: its configuration, current parameters, PSAM and the shared journal."""
+
+    def __init__(self, *, config: DeviceConfig, journal: Journal) -> None:
+        """``journal`` may be shared by several devices of one process."""
+        self.device = config.device
+        self._params = config.params
+        self._journal = journal
+        keys = {issuer: PsamKeys.of(k) for issuer, k in config.keys.items()}
+        self.psam = Psam(
+            terminal_id=self.device.terminal_id,
+            issuers=keys,
+            ttc=journal.next_ttc(self.device.id),
+        )
+        self._lock = threading.Lock()
+        self.last: TapResult | None = None
+
+    @property
+    def params(self) -> Parameters:
+        """The parameters in force."""
+        return self._params
+
+    def apply(self, params: Parameters) -> None:
+        """Replace hotlist/whitelist atomically; a tap in progress keeps the ones it began with."""
+        if params.version < self._params.version:
+            raise ValueError(
+                f"parameter version {params.version} is older than {self._params.version}"
+            )
+        self._params = params
+
+    def tap(self, reader: Reader, now: datetime) -> TapResult:
+        """Run one tap on the card in ``reader``; the result is journalled when this returns."""
+        with self._lock:
+            if not self._journal.has_room():
+                result: TapResult = Rejected(
+                    self.device.id, "", "out_of_service", detail="journal full"
+                )
+                self._journal.record_tap(result, at=now.isoformat(), pending=None)
+                return result
+            tap = Tap(
+                device=self.device,
+                params=self._params,
+                psam=self.psam,
+                now=now,
+                pending=self._journal.pending(),
+            )
+            result, pending = self._drive(reader, tap)
+            self._journal.record_tap(result, at=now.isoformat(), pending=pending)
+            self.last = result
+            return result
+
+    def _drive(self, reader: Reader, tap: Tap) -> tuple[TapResult, Pending | None]:
+        pending: Pending | None = None
+        event: Transmit | Intent | TapResult = tap.start()
+        while True:
+            if isinstance(event, Transmit):
+                try:
+                    answer = reader.transmit(event.apdu)
+                except (CardRemovedError, ReaderError):
+                    return tap.card_lost(), pending
+                event = tap.receive(answer)
+            elif isinstance(event, Intent):
+                pending = self._journal.record_intent(event)
+                event = tap.proceed()
+            else:
+                return event, pending
+
+    def with_params(self, **changes: object) -> Parameters:
+        """The current parameters with some fields changed (a new version)."""
+        return replace(self._params, version=self._params.version + 1, **changes)  # type: ignore[arg-type]
