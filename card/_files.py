@@ -383,10 +383,29 @@ class MetroRecord:
         entry_line, exit_line = cur.take(1)[0], cur.take(1)[0]
         entry_amount, balance_after, exit_amount = cur.int(4), cur.int(4), cur.int(4)
         return cls(
-            status, journey, entry_city, exit_city, entry_op, exit_op, entry_st, exit_st,
-            entry_term, exit_term, entry_time, exit_time, marked, entry_line, exit_line,
-            entry_amount, balance_after, exit_amount, valid, interop, lock, cur.take(29),
-        )  # fmt: skip
+            status,
+            journey,
+            entry_city,
+            exit_city,
+            entry_op,
+            exit_op,
+            entry_st,
+            exit_st,
+            entry_term,
+            exit_term,
+            entry_time,
+            exit_time,
+            marked,
+            entry_line,
+            exit_line,
+            entry_amount,
+            balance_after,
+            exit_amount,
+            valid,
+            interop,
+            lock,
+            cur.take(29),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,9 +471,20 @@ class BusRecord:
         amount, balance_after = cur.int(4), cur.int(4)
         transfers = cur.take(1)[0]
         return cls(
-            status, journey, city, operator, route, terminal, moment, amount, balance_after,
-            transfers, valid, interop, lock,
-        )  # fmt: skip
+            status,
+            journey,
+            city,
+            operator,
+            route,
+            terminal,
+            moment,
+            amount,
+            balance_after,
+            transfers,
+            valid,
+            interop,
+            lock,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,5 +538,6 @@ class TripRecord:
         if moment is None:
             raise ValueError("EF1E record has no time")
         city = from_bcd(cur.take(2))
-        return cls(tx_type, terminal, industry, line, station, amount, balance, moment, city,
-                   cur.int(2))  # fmt: skip
+        return cls(
+            tx_type, terminal, industry, line, station, amount, balance, moment, city, cur.int(2)
+        )

@@ -67,9 +67,10 @@ class LoadAuthority:
         if req.balance + req.amount > self._cap:
             room = max(self._cap - req.balance, 0)
             return LoadRefusal(
-                "cap_exceeded", f"balance {req.balance} + {req.amount} fen passes {self._cap}; "
+                "cap_exceeded",
+                f"balance {req.balance} + {req.amount} fen passes {self._cap}; "
                 f"at most {room} fen may be added",
-            )  # fmt: skip
+            )
         day, time = bcd_date(when.astimezone(CST).date()), bcd_time(when)
         mac2 = mac(req.alg, seslk, amount + b"\x02" + req.terminal + day + time)
         return LoadAuthorization(mac2, day, time)
@@ -102,29 +103,56 @@ class TacVerifier:
         return key
 
     def purchase_tac(
-        self, *, alg: Alg, issuer_id: bytes, serial8: bytes, amount: int, tx_type: int,
-        terminal: bytes, ttc: int, day: bytes, time: bytes,
-    ) -> bytes | None:  # fmt: skip
+        self,
+        *,
+        alg: Alg,
+        issuer_id: bytes,
+        serial8: bytes,
+        amount: int,
+        tx_type: int,
+        terminal: bytes,
+        ttc: int,
+        day: bytes,
+        time: bytes,
+    ) -> bytes | None:
         """The TAC a genuine card computes for a purchase; None for an unknown issuer."""
         key = self._key(alg, issuer_id, serial8)
         if key is None:
             return None
         body = (
-            amount.to_bytes(4, "big") + bytes((tx_type,)) + terminal + ttc.to_bytes(4, "big")
-            + day + time
-        )  # fmt: skip
+            amount.to_bytes(4, "big")
+            + bytes((tx_type,))
+            + terminal
+            + ttc.to_bytes(4, "big")
+            + day
+            + time
+        )
         return mac(alg, key, body)
 
     def load_tac(
-        self, *, alg: Alg, issuer_id: bytes, serial8: bytes, balance_after: int, counter: int,
-        amount: int, terminal: bytes, day: bytes, time: bytes,
-    ) -> bytes | None:  # fmt: skip
+        self,
+        *,
+        alg: Alg,
+        issuer_id: bytes,
+        serial8: bytes,
+        balance_after: int,
+        counter: int,
+        amount: int,
+        terminal: bytes,
+        day: bytes,
+        time: bytes,
+    ) -> bytes | None:
         """The TAC a genuine card computes for a load (``counter``: INITIALIZE's)."""
         key = self._key(alg, issuer_id, serial8)
         if key is None:
             return None
         body = (
-            balance_after.to_bytes(4, "big") + counter.to_bytes(2, "big")
-            + amount.to_bytes(4, "big") + bytes((TxType.LOAD,)) + terminal + day + time
-        )  # fmt: skip
+            balance_after.to_bytes(4, "big")
+            + counter.to_bytes(2, "big")
+            + amount.to_bytes(4, "big")
+            + bytes((TxType.LOAD,))
+            + terminal
+            + day
+            + time
+        )
         return mac(alg, key, body)

@@ -353,9 +353,14 @@ class Purchase:
         self._ticket = ticket
         self._state = "debit"
         self.in_flight = InFlight(
-            self._type, self._amount, init.counter + 1, init.balance, ticket.ttc, ticket.day,
+            self._type,
+            self._amount,
+            init.counter + 1,
+            init.balance,
+            ticket.ttc,
+            ticket.day,
             ticket.time,
-        )  # fmt: skip
+        )
         return Transmit(
             Command(0x80, 0x54, 0x01, 0x00, ticket.debit_data, 0x08).encode(), Step.DEBIT
         )

@@ -99,11 +99,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(32 hex digits each) and an optional integer version",
     )
     new.add_argument("--force", action="store_true", help="overwrite an existing PATH")
-    new.set_defaults(func=_new)  # fmt: skip
+    new.set_defaults(func=_new)
 
-    show = cmds.add_parser("show", help="decode a card image",
-                           description="Decode a card image: public data, balance, EF18 log, "
-                           "EF1A transit records, EF1E trips.")  # fmt: skip
+    show = cmds.add_parser(
+        "show",
+        help="decode a card image",
+        description="Decode a card image: public data, balance, EF18 log, "
+        "EF1A transit records, EF1E trips.",
+    )
     show.add_argument("path", type=Path, metavar="PATH", help="card image file")
     show.add_argument("--json", action="store_true", help="print JSON for scripts")
     show.set_defaults(func=_show)
@@ -115,8 +118,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the 'Virtual PCD' reader for any PC/SC program, until Ctrl-C or SIGTERM.",
     )
     serve.add_argument("path", type=Path, metavar="PATH", help="card image file")
-    serve.add_argument("--vpcd", default=DEFAULT_VPCD, metavar="HOST:PORT",
-                       help=f"where vpcd listens (default {DEFAULT_VPCD})")  # fmt: skip
+    serve.add_argument(
+        "--vpcd",
+        default=DEFAULT_VPCD,
+        metavar="HOST:PORT",
+        help=f"where vpcd listens (default {DEFAULT_VPCD})",
+    )
     serve.set_defaults(func=_serve)
 
     tap = cmds.add_parser(
@@ -132,9 +139,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="HOST:PORT",
         help=f"where vpcd listens (default {DEFAULT_VPCD})",
     )
-    tap.add_argument("--hold", type=float, default=1.5, metavar="SECONDS",
-                     help="how long the card stays in the field (default 1.5; pcscd notices a "
-                     "card within about 0.4 s)")  # fmt: skip
+    tap.add_argument(
+        "--hold",
+        type=float,
+        default=1.5,
+        metavar="SECONDS",
+        help="how long the card stays in the field (default 1.5; pcscd notices a "
+        "card within about 0.4 s)",
+    )
     tap.set_defaults(func=_tap)
 
 

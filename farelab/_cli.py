@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from farelab import __version__
 from farelab import _card as card_cli
 from farelab import _demo as demo
+from farelab import _validator as validator_cli
 from farelab._errors import CliError
 
 __all__ = ["main"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(sub)
     card_cli.register(sub)
+    validator_cli.register(sub)
     return parser
 
 

@@ -55,10 +55,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Issue a card, then ride a bus and top up with it: in-process, and through "
         "a real pcscd with the card in the 'Virtual PCD' reader.",
     )
-    demo.add_argument("--dir", type=Path, metavar="DIR",
-                      help="keep the demo's card images in DIR (default: a temporary folder)")
-    demo.add_argument("--no-pcsc", action="store_true",
-                      help="skip the part that goes through pcscd")  # fmt: skip
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the demo's card images in DIR (default: a temporary folder)",
+    )
+    demo.add_argument(
+        "--no-pcsc", action="store_true", help="skip the part that goes through pcscd"
+    )
     demo.set_defaults(func=_run)
 
 
@@ -107,10 +112,16 @@ def _ride_and_top_up(reader: Reader, label: str, now: Callable[[], datetime]) ->
     assert snapshot.alg is not None
     tac_ok = (
         verifier.purchase_tac(
-            alg=snapshot.alg, issuer_id=snapshot.issuer_id, serial8=snapshot.public.serial8,
-            amount=done.amount, tx_type=done.tx_type, terminal=BUS_TERMINAL, ttc=done.ttc,
-            day=done.day, time=done.time,
-        )  # fmt: skip
+            alg=snapshot.alg,
+            issuer_id=snapshot.issuer_id,
+            serial8=snapshot.public.serial8,
+            amount=done.amount,
+            tx_type=done.tx_type,
+            terminal=BUS_TERMINAL,
+            ttc=done.ttc,
+            day=done.day,
+            time=done.time,
+        )
         == done.tac
     )
     _say(
@@ -132,8 +143,10 @@ def _ride_and_top_up(reader: Reader, label: str, now: Callable[[], datetime]) ->
         assert isinstance(event, NeedAuthorization)
         answer = host.authorize(event.request, when=now())
         if not isinstance(answer, LoadAuthorization):
-            _say(f"  [{label}] top-up {fen_to_yuan(amount)} yuan refused by the host: "
-                 f"{answer.reason} ({answer.detail})")  # fmt: skip
+            _say(
+                f"  [{label}] top-up {fen_to_yuan(amount)} yuan refused by the host: "
+                f"{answer.reason} ({answer.detail})"
+            )
             continue
         credit = load.authorize(mac2=answer.mac2, day=answer.day, time=answer.time)
         result = load.receive(counting.transmit(credit.apdu))
@@ -155,11 +168,14 @@ def run_demo(folder: Path, *, pcsc: bool) -> None:
         return datetime.now(CST)
 
     path = folder / "demo-card.json"
-    image = personalise(serial="31000000000000000001", issued=now().date(), balance=5000,
-                        alg=Alg.TDES)  # fmt: skip
+    image = personalise(
+        serial="31000000000000000001", issued=now().date(), balance=5000, alg=Alg.TDES
+    )
     save_image(path, image)
-    _say(f"1. Issued card {image.public.serial} with 50.00 yuan (3DES keys of the demo issuer): "
-         f"{path}")  # fmt: skip
+    _say(
+        f"1. Issued card {image.public.serial} with 50.00 yuan (3DES keys of the demo issuer): "
+        f"{path}"
+    )
 
     _say("2. In-process: the card object and the terminal in one process")
     reader = InProcessReader()

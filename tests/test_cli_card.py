@@ -24,9 +24,23 @@ def test_card_new_writes_a_personalised_image(
 ) -> None:
     path = tmp_path / "c.json"
     status, out, _ = run(
-        capsys, "card", "new", str(path), "--balance", "12.34", "--alg", "sm4", "--type",
-        "student", "--serial", "123", "--issued", "2026-01-01", "--expires", "2030-06-30",
-    )  # fmt: skip
+        capsys,
+        "card",
+        "new",
+        str(path),
+        "--balance",
+        "12.34",
+        "--alg",
+        "sm4",
+        "--type",
+        "student",
+        "--serial",
+        "123",
+        "--issued",
+        "2026-01-01",
+        "--expires",
+        "2030-06-30",
+    )
     assert status == 0
     assert "00000000000000000123" in out
     image = load_image(path)

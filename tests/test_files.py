@@ -23,9 +23,12 @@ from card import (
 
 def test_ef15_layout_matches_spec_b2() -> None:
     info = PublicInfo(
-        bytes.fromhex("1310000000000000"), "00000000000012345678", date(2026, 1, 2),
-        date(2036, 1, 2), CardType.STUDENT,
-    )  # fmt: skip
+        bytes.fromhex("1310000000000000"),
+        "00000000000012345678",
+        date(2026, 1, 2),
+        date(2036, 1, 2),
+        CardType.STUDENT,
+    )
     raw = info.encode()
     assert len(raw) == 30
     assert raw[0:8].hex() == "1310000000000000"
@@ -48,8 +51,14 @@ def test_ef15_decode_rejects_non_bcd_serial() -> None:
 
 
 def test_log_record_is_23_bytes_in_spec_order() -> None:
-    rec = LogRecord(7, 200, TxType.PURCHASE, bytes.fromhex("001122334455"),
-                    bytes.fromhex("20261123"), bytes.fromhex("083000"))  # fmt: skip
+    rec = LogRecord(
+        7,
+        200,
+        TxType.PURCHASE,
+        bytes.fromhex("001122334455"),
+        bytes.fromhex("20261123"),
+        bytes.fromhex("083000"),
+    )
     raw = rec.encode()
     assert raw.hex() == "0007000000000000c80600112233445520261123083000"
     assert LogRecord.decode(raw) == rec

@@ -88,10 +88,16 @@ def test_tac_verifier_tells_a_genuine_tac_from_a_forged_one(alg: Alg) -> None:
     verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
     image = personalise(serial="77", issued=date(2026, 1, 1), alg=alg)
     fields = {
-        "alg": alg, "issuer_id": DEMO_ISSUER_ID, "serial8": image.public.serial8, "amount": 200,
-        "tx_type": 6, "terminal": KIOSK, "ttc": 9, "day": bytes.fromhex("20261123"),
+        "alg": alg,
+        "issuer_id": DEMO_ISSUER_ID,
+        "serial8": image.public.serial8,
+        "amount": 200,
+        "tx_type": 6,
+        "terminal": KIOSK,
+        "ttc": 9,
+        "day": bytes.fromhex("20261123"),
         "time": bytes.fromhex("093000"),
-    }  # fmt: skip
+    }
     genuine = verifier.purchase_tac(**fields)  # type: ignore[arg-type]
     assert genuine is not None
     assert verifier.purchase_tac(**{**fields, "amount": 201}) != genuine  # type: ignore[arg-type]

@@ -12,8 +12,9 @@ from card import Alg, CardType, ImageError, SimulatedCard, load_image, personali
 
 
 def _image(alg: Alg = Alg.TDES) -> object:
-    return personalise(serial="42", issued=date(2026, 1, 1), balance=1234, alg=alg,
-                       card_type=CardType.ELDERLY)  # fmt: skip
+    return personalise(
+        serial="42", issued=date(2026, 1, 1), balance=1234, alg=alg, card_type=CardType.ELDERLY
+    )
 
 
 @pytest.mark.parametrize("alg", [Alg.TDES, Alg.SM4])

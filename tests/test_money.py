@@ -22,5 +22,9 @@ def test_yuan_to_fen_refuses_what_is_not_whole_fen(text: str) -> None:
 
 def test_fen_to_yuan() -> None:
     assert [fen_to_yuan(x) for x in (0, 1, 250, 100_000, -5)] == [
-        "0.00", "0.01", "2.50", "1000.00", "-0.05",
-    ]  # fmt: skip
+        "0.00",
+        "0.01",
+        "2.50",
+        "1000.00",
+        "-0.05",
+    ]

@@ -131,7 +131,7 @@ def metro_trip_fare(
         previous is not None
         and previous.industry is Industry.BUS
         and _in_window(net, previous, now)
-    )  # fmt: skip
+    )
     off = net.rules.transfer_off_to_metro_fen if transfer else 0
     quote = _priced(base, off, metro_share(net, rider), notes)
     rules = net.rules
@@ -140,7 +140,7 @@ def metro_trip_fare(
         and rules.overtime is not None
         and entered_at is not None
         and (now - entered_at).total_seconds() > rules.overtime_s
-    )  # fmt: skip
+    )
     if overtime and rules.overtime is not None:
         penalty = rules.overtime.amount(net.max_fare_fen)
         fare = max(quote.fare_fen, penalty) if rules.overtime.max_fare else quote.fare_fen + penalty

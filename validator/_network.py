@@ -334,9 +334,7 @@ def _lines(t: _Table) -> tuple[tuple[Station, ...], dict[str, Line]]:
         name = raw.get("name", line_key)
         length = raw.get("length_km", stops[-1][1] / 1000)
         lines[line_key] = Line(line_key, int(digits), str(name), float(length), tuple(stops))
-    stations = tuple(
-        Station(i, zh, en, tuple(on_lines[i])) for i, (zh, en) in enumerate(names)
-    )  # fmt: skip
+    stations = tuple(Station(i, zh, en, tuple(on_lines[i])) for i, (zh, en) in enumerate(names))
     return stations, lines
 
 

@@ -1,0 +1,122 @@
+"""Deterministic, in-process replay of a taps file (``farelab validator replay``).
+
+Each input line: ``{"device": ID, "card": PATH, "at": ISO-8601 with offset, "pull_after":
+optional step}``; each output line: ``{"device", "card_serial", "result", "reason", "fare_fen",
+"balance_fen", "tac", "grey"}``.  The whole file is checked before the first tap runs, so a typo
+on line 900 does not leave 899 taps applied and the rest not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from card import ImageError, InProcessReader, SimulatedCard, step_of
+from validator._config import Config
+from validator._decision import TapResult
+from validator._journal import Journal
+from validator._runtime import Validator
+
+__all__ = ["PULL_STEPS", "ReplayError", "TapLine", "parse_taps", "replay", "result_json"]
+
+PULL_STEPS = ("SELECT", "READ", "INIT", "UPDATE_CAPP", "DEBIT")
+
+
+class ReplayError(ValueError):
+    """A taps file that cannot be replayed; the message lists the bad lines."""
+
+
+@dataclass(frozen=True, slots=True)
+class TapLine:
+    """One checked input line."""
+
+    line: int
+    device: str
+    card: Path
+    at: datetime
+    pull_after: str | None
+
+
+def _check(number: int, text: str, config: Config) -> TapLine:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    device, card, at, pull = (
+        doc.get("device"),
+        doc.get("card"),
+        doc.get("at"),
+        doc.get("pull_after"),
+    )
+    if not isinstance(device, str):
+        raise ValueError('"device" must be a device id')
+    config.device(device)
+    if not isinstance(card, str) or not card:
+        raise ValueError('"card" must be a card image path')
+    if not isinstance(at, str):
+        raise ValueError('"at" must be an ISO-8601 time with offset')
+    try:
+        moment = datetime.fromisoformat(at)
+    except ValueError:
+        raise ValueError(f'"at" {at!r} is not ISO-8601') from None
+    if moment.tzinfo is None:
+        raise ValueError(f'"at" {at!r} has no UTC offset')
+    if pull is not None and pull not in PULL_STEPS:
+        raise ValueError(f'"pull_after" must be one of {", ".join(PULL_STEPS)}')
+    unknown = set(doc) - {"device", "card", "at", "pull_after"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    return TapLine(number, device, Path(card), moment, pull)
+
+
+def parse_taps(lines: Iterator[str], config: Config) -> list[TapLine]:
+    """Check every line; ReplayError listing the first problems."""
+    taps: list[TapLine] = []
+    problems: list[str] = []
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            taps.append(_check(number, text, config))
+        except ValueError as exc:
+            problems.append(f"line {number}: {exc}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ReplayError("; ".join(problems[:10]) + more)
+    return taps
+
+
+def result_json(result: TapResult) -> dict[str, Any]:
+    """A tap result as the replay (and the run loop) prints it."""
+    return {
+        "device": result.device,
+        "card_serial": result.card_serial,
+        "result": result.result,
+        "reason": result.reason,
+        "fare_fen": result.fare_fen,
+        "balance_fen": result.balance_fen,
+        "tac": result.tac or None,
+        "grey": result.grey,
+    }
+
+
+def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[TapResult]:
+    """Run the taps in order; yields each result once it is journalled and the card written."""
+    devices = {dc.device.id: Validator(config=dc, journal=journal) for dc in config.devices}
+    for tap in taps:
+        try:
+            card = SimulatedCard.from_file(tap.card)
+        except ImageError as exc:
+            raise ReplayError(f"line {tap.line}: {exc}") from None
+        reader = InProcessReader()
+        reader.insert(card)
+        if tap.pull_after is not None:
+            step = tap.pull_after
+            reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
+        yield devices[tap.device].tap(reader, tap.at)
