@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 
 from farelab._errors import CliError
 from validator._config import ConfigError, load_config
 from validator._journal import Journal, JournalError
+from validator._loop import run as run_loop
 from validator._replay import PULL_STEPS, ReplayError, parse_taps, replay, result_json
 
 __all__ = ["register"]
@@ -52,6 +56,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmds = validator.add_subparsers(dest="validator_command", required=True, metavar="SUBCOMMAND")
+    run = cmds.add_parser(
+        "run",
+        help="run the validators of a config on their readers",
+        description="Run every device of the config: PC/SC readers are watched for cards; "
+        'devices with reader = "sim" take tap requests on stdin, one JSON object a line: '
+        '{"device": ID, "card": PATH}. Each tap prints one JSON line (as replay does, plus '
+        '"at"). With only sim readers the command ends when stdin ends; otherwise on Ctrl-C or '
+        "SIGTERM.",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, required=True, metavar="FILE", help="device config")
+    run.add_argument(
+        "--journal",
+        type=Path,
+        metavar="DB",
+        help="journal file (default: the config's [journal] path, else "
+        "validator-journal.db beside the config)",
+    )
+    run.add_argument(
+        "--params",
+        type=Path,
+        metavar="FILE",
+        help='parameters file, applied whenever it changes: {"version": N, '
+        '"hotlist": [...], "whitelist": [...]}',
+    )
+    run.set_defaults(func=_run)
+
     rp = cmds.add_parser(
         "replay",
         help="replay a taps file deterministically, in-process",
@@ -79,6 +111,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="journal file (default: the config's [journal] path, else memory)",
     )
     rp.set_defaults(func=_replay)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    path = args.journal or config.journal or args.config.parent / "validator-journal.db"
+    try:
+        journal = Journal(path, synchronous=config.synchronous, max_outbox=config.max_outbox)
+    except JournalError as exc:
+        raise CliError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="farelab validator: %(message)s")
+    names = ", ".join(f"{dc.device.id} ({dc.device.reader})" for dc in config.devices)
+    print(f"farelab validator: running {names}; journal {path}", file=sys.stderr, flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_loop(
+            config, journal, source=sys.stdin, out=sys.stdout, params_file=args.params, stop=stop
+        )
+
+    try:
+        asyncio.run(main())
+    finally:
+        journal.close()
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:

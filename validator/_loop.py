@@ -1,0 +1,275 @@
+"""The validator's asyncio shell (``farelab validator run``).
+
+Small named tasks under one TaskGroup: a watcher per reader (card arrival → one tap → wait for
+removal; an unplugged reader is retried with capped backoff and reported once), the feeder of
+simulated readers (tap requests as JSON lines on stdin), the display, the parameter updater and
+the uplink seam.  A tap never waits for anything but its reader and the journal: it runs whole on
+the reader's own thread, so a slow or absent network cannot delay it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from card import CST, ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
+from validator._config import Config
+from validator._decision import TapResult
+from validator._device import Parameters
+from validator._journal import Journal
+from validator._replay import result_json
+from validator._runtime import Validator
+
+__all__ = ["ParamsError", "Uplink", "load_params", "run"]
+
+log = logging.getLogger("farelab.validator")
+
+
+class Uplink(Protocol):
+    """The seam the uplink fills: started with the loop, cancelled when it stops."""
+
+    async def run(self, journal: Journal) -> None:
+        """Send the journal's outbox for as long as the loop runs."""
+        ...
+
+
+class ParamsError(ValueError):
+    """A parameters file that cannot be applied."""
+
+
+def load_params(path: Path, current: Parameters) -> Parameters:
+    """``{"version": n, "hotlist": [...], "whitelist": [...]}``; omitted lists are kept."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ParamsError(f"{path}: not JSON ({exc.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
+        raise ParamsError(f"{path}: expected an object with an integer 'version'")
+    hotlist, whitelist = current.hotlist, current.whitelist
+    if "hotlist" in doc:
+        raw = doc["hotlist"]
+        if not isinstance(raw, list) or not all(isinstance(s, str) and s.isdigit() for s in raw):
+            raise ParamsError(f"{path}: 'hotlist' must be a list of card serials")
+        hotlist = frozenset(s.rjust(20, "0") for s in raw)
+    if "whitelist" in doc:
+        raw = doc["whitelist"]
+        try:
+            whitelist = frozenset(bytes.fromhex(s) for s in raw)
+        except (TypeError, ValueError):
+            raise ParamsError(f"{path}: 'whitelist' must be a list of hex issuer ids") from None
+    return Parameters(doc["version"], hotlist, whitelist)
+
+
+@dataclass
+class _Station:
+    """A device at run time with its reader and the one thread that drives it."""
+
+    validator: Validator
+    reader: Reader
+    thread: ThreadPoolExecutor
+
+
+def _now() -> datetime:
+    return datetime.now(CST)
+
+
+async def _in_thread(station: _Station, fn: Callable[[], Any]) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(station.thread, fn)
+
+
+def _tap_once(station: _Station) -> TapResult:
+    reader = station.reader
+    try:
+        reader.connect()
+    except ReaderError:
+        return station.validator.tap(reader, _now())
+    try:
+        return station.validator.tap(reader, _now())
+    finally:
+        with contextlib.suppress(ReaderError):
+            reader.disconnect()
+
+
+async def _watch(
+    station: _Station, results: asyncio.Queue[TapResult | str], make_reader: Callable[[], Reader]
+) -> None:
+    """Wait for a card, tap it once, wait for it to leave; survive the reader going away."""
+    failures = 0
+    while True:
+        try:
+            present = await _in_thread(station, lambda: station.reader.wait_for_card(0.5))
+            if not present:
+                continue
+            results.put_nowait(await _in_thread(station, lambda: _tap_once(station)))
+            while not await _in_thread(station, lambda: station.reader.wait_for_removal(0.5)):
+                pass
+            failures = 0
+        except ReaderError as exc:
+            failures += 1
+            if failures == 1:
+                results.put_nowait(f"reader {station.reader.name!r} unavailable: {exc}")
+                log.warning("device %s: reader unavailable: %s", station.validator.device.id, exc)
+            delay = min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+            await asyncio.sleep(delay)
+            with contextlib.suppress(ReaderError):
+                station.reader = await _in_thread(station, make_reader)
+
+
+async def _feed(
+    stations: dict[str, _Station], source: TextIO, results: asyncio.Queue[TapResult | str]
+) -> None:
+    """Tap requests for ``sim`` readers, one JSON object a line: {"device": ID, "card": PATH}."""
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, source.readline)
+        if not line:
+            return
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+            station = stations[doc["device"]]
+            card = SimulatedCard.from_file(Path(doc["card"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            results.put_nowait(f"ignored tap request {line.strip()!r}: {exc!r}")
+            continue
+        except ImageError as exc:
+            results.put_nowait(f"ignored tap request: {exc}")
+            continue
+        reader = station.reader
+        if not isinstance(reader, InProcessReader):
+            results.put_nowait(f"device {doc['device']!r} has no sim reader")
+            continue
+
+        def tap(
+            reader: InProcessReader = reader,
+            card: SimulatedCard = card,
+            station: _Station = station,
+        ) -> TapResult:
+            reader.insert(card)
+            try:
+                return _tap_once(station)
+            finally:
+                reader.remove()
+
+        results.put_nowait(await _in_thread(station, tap))
+
+
+async def _display(results: asyncio.Queue[TapResult | str], out: TextIO) -> None:
+    """Show each result: one JSON line per tap on ``out``, notices on stderr."""
+    while True:
+        item = await results.get()
+        if isinstance(item, str):
+            print(f"farelab validator: {item}", file=sys.stderr, flush=True)
+            continue
+        doc = result_json(item)
+        doc["at"] = _now().isoformat(timespec="milliseconds")
+        print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
+
+
+async def _update_params(
+    path: Path, stations: dict[str, _Station], results: asyncio.Queue[TapResult | str]
+) -> None:
+    """Apply a new parameters file to every device atomically whenever it changes."""
+    seen: float | None = None
+    while True:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = None
+        if mtime is not None and mtime != seen:
+            seen = mtime
+            try:
+                for station in stations.values():
+                    params = load_params(path, station.validator.params)
+                    if params.version > station.validator.params.version:
+                        station.validator.apply(params)
+                results.put_nowait(f"parameters version {params.version} in force")
+            except (ParamsError, ValueError) as exc:
+                results.put_nowait(f"parameters not applied: {exc}")
+        await asyncio.sleep(1.0)
+
+
+def _reader_factory(spec: str) -> Callable[[], Reader]:
+    if spec == "sim":
+        return InProcessReader
+    name = spec.removeprefix("pcsc:")
+
+    def make() -> Reader:
+        from card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC devices
+
+        reader: Reader = PcscReader(name)
+        return reader
+
+    return make
+
+
+async def run(
+    config: Config,
+    journal: Journal,
+    *,
+    source: TextIO | None,
+    out: TextIO,
+    params_file: Path | None = None,
+    uplink: Uplink | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run every configured device until ``stop`` is set (or, with only sim readers, until
+    ``source`` ends)."""
+    stop = stop or asyncio.Event()
+    results: asyncio.Queue[TapResult | str] = asyncio.Queue()
+    stations: dict[str, _Station] = {}
+    factories: dict[str, Callable[[], Reader]] = {}
+    for dc in config.devices:
+        factory = _reader_factory(dc.device.reader)
+        factories[dc.device.id] = factory
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reader-{dc.device.id}")
+        try:
+            reader = await asyncio.get_running_loop().run_in_executor(thread, factory)
+        except ReaderError as exc:
+            results.put_nowait(f"device {dc.device.id}: reader not available yet: {exc}")
+            reader = InProcessReader(dc.device.reader)
+        stations[dc.device.id] = _Station(Validator(config=dc, journal=journal), reader, thread)
+    only_sim = all(dc.device.reader == "sim" for dc in config.devices)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks.append(group.create_task(_display(results, out), name="display"))
+            if params_file is not None:
+                tasks.append(
+                    group.create_task(_update_params(params_file, stations, results), name="params")
+                )
+            if uplink is not None:
+                tasks.append(group.create_task(uplink.run(journal), name="uplink"))
+            for device_id, station in stations.items():
+                if not isinstance(station.reader, InProcessReader):
+                    watch = _watch(station, results, factories[device_id])
+                    tasks.append(group.create_task(watch, name=f"watch-{device_id}"))
+            feeder = None
+            if source is not None:
+                feeder = group.create_task(_feed(stations, source, results), name="sim-feeder")
+                tasks.append(feeder)
+            waiter = group.create_task(stop.wait(), name="stop")
+            if only_sim and feeder is not None:
+                await asyncio.wait({feeder, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await waiter
+            while not results.empty():
+                await asyncio.sleep(0.01)
+            for task in (*tasks, waiter):
+                task.cancel()
+    finally:
+        for station in stations.values():
+            station.thread.shutdown(wait=False, cancel_futures=True)
