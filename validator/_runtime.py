@@ -10,13 +10,20 @@ import threading
 from dataclasses import replace
 from datetime import datetime
 
-from card import CardRemovedError, Psam, PsamKeys, Reader, ReaderError, Transmit
+from card import CardRemovedError, Psam, PsamKeys, Reader, ReaderError, Step, Transmit
 from validator._config import DeviceConfig
 from validator._decision import Intent, Pending, Rejected, Tap, TapResult
 from validator._device import Parameters
+from validator._faults import checkpoint
 from validator._journal import Journal
 
 __all__ = ["Validator"]
+
+_AFTER = {
+    Step.INIT: "after_init",
+    Step.UPDATE_CAPP: "after_update_capp",
+    Step.DEBIT: "after_debit_sent",
+}
 
 
 class Validator:
@@ -66,7 +73,10 @@ class Validator:
                 pending=self._journal.pending(),
             )
             result, pending = self._drive(reader, tap)
+            if pending is not None:
+                checkpoint("after_debit_answered")
             self._journal.record_tap(result, at=now.isoformat(), pending=pending)
+            checkpoint("after_journal")
             self.last = result
             return result
 
@@ -75,10 +85,14 @@ class Validator:
         event: Transmit | Intent | TapResult = tap.start()
         while True:
             if isinstance(event, Transmit):
+                if event.step is Step.INIT:
+                    checkpoint("before_init")
                 try:
                     answer = reader.transmit(event.apdu)
                 except (CardRemovedError, ReaderError):
                     return tap.card_lost(), pending
+                if event.step in _AFTER:
+                    checkpoint(_AFTER[event.step])
                 event = tap.receive(answer)
             elif isinstance(event, Intent):
                 pending = self._journal.record_intent(event)
