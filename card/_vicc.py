@@ -1,0 +1,201 @@
+"""Our vicc client: presents a card (any :class:`CardEndpoint`) in pcscd's "Virtual PCD" reader.
+
+The vpcd protocol is tiny: vpcd (inside pcscd) listens on TCP (35963 for reader "Virtual PCD 00
+00"); the virtual card connects.  Each message either way is a 2-byte big-endian length and that
+many bytes.  From vpcd, a 1-byte message is a control — 00 power off, 01 power on, 02 reset, 04
+"send your ATR" (answered with the ATR); anything longer is a C-APDU, answered with the R-APDU.
+pcscd polls for the ATR about every 400 ms to see that the card is still there; closing the
+socket takes the card out of the field.
+
+The socket is blocking and served on one thread: a tap is a strict request/response exchange, and
+the blocking loop costs less per APDU than an event loop would.  ``TCP_NODELAY`` plus
+``TCP_QUICKACK`` re-armed before every ``recv`` are what make it fast: without them every APDU waits
+~40 ms for a delayed ACK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from card._reader import CardEndpoint, ReaderError
+
+__all__ = ["DEFAULT_PORT", "ViccClient", "ViccError", "serve", "tap"]
+
+log = logging.getLogger("farelab.vicc")
+
+DEFAULT_PORT = 35963
+_CTRL_OFF, _CTRL_ON, _CTRL_RESET, _CTRL_ATR = 0, 1, 2, 4
+_POLL = 0.2
+
+
+class ViccError(ReaderError):
+    """vpcd cannot be reached, or it broke the protocol."""
+
+
+class _PeerClosedError(Exception):
+    """The peer closed the connection."""
+
+
+class ViccClient:
+    """One card in one vpcd slot."""
+
+    def __init__(
+        self,
+        card: CardEndpoint,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        drop_after: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        """
+        Args:
+            card: the card to present.
+            host, port: where vpcd listens.
+            drop_after: test hook — leave the field right after the first C-APDU for which this
+                returns True has been processed by the card, before its answer is sent (a card
+                pulled mid-write).
+        """
+        self.card = card
+        self.host = host
+        self.port = port
+        self._drop_after = drop_after
+        self._sock: socket.socket | None = None
+        self.apdus = 0
+
+    def connect(self, *, timeout: float = 0.0) -> None:
+        """Connect to vpcd, retrying until ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=2.0)
+                break
+            except OSError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ViccError(
+                        f"cannot reach vpcd at {self.host}:{self.port} ({exc.strerror or exc}); "
+                        "is pcscd running with the vsmartcard-vpcd driver?"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+
+    def close(self) -> None:
+        """Take the card out of the field."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.card.power_off()
+
+    def _recv_exact(self, sock: socket.socket, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise _PeerClosedError
+            buf += chunk
+        return bytes(buf)
+
+    def _send(self, sock: socket.socket, payload: bytes) -> None:
+        sock.sendall(len(payload).to_bytes(2, "big") + payload)
+
+    def serve(self, *, stop: threading.Event | None = None, until: float | None = None) -> bool:
+        """Answer vpcd until ``stop`` is set, the monotonic time ``until`` passes, or vpcd hangs
+        up. Returns False if the card left because of ``drop_after`` or vpcd closed."""
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("serve() before connect()")
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    return True
+                if until is not None and time.monotonic() >= until:
+                    return True
+                sock.settimeout(_POLL)
+                try:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                    first = sock.recv(2)
+                except TimeoutError:
+                    continue
+                if not first:
+                    return False
+                sock.settimeout(5.0)
+                header = first if len(first) == 2 else first + self._recv_exact(sock, 1)
+                length = int.from_bytes(header, "big")
+                if length == 0:
+                    log.warning("vpcd sent an empty message; leaving the field")
+                    return False
+                message = self._recv_exact(sock, length)
+                if not self._handle(sock, message):
+                    return False
+        except (_PeerClosedError, ConnectionError):
+            return False
+        except TimeoutError:
+            log.warning("vpcd stopped mid-message; leaving the field")
+            return False
+        finally:
+            self.close()
+
+    def _handle(self, sock: socket.socket, message: bytes) -> bool:
+        if len(message) == 1:
+            ctrl = message[0]
+            if ctrl == _CTRL_ATR:
+                self._send(sock, self.card.atr())
+            elif ctrl in (_CTRL_ON, _CTRL_RESET):
+                self.card.power_on()
+            elif ctrl == _CTRL_OFF:
+                self.card.power_off()
+            else:
+                log.warning("vpcd sent unknown control %02X; ignored", ctrl)
+            return True
+        answer = self.card.transmit(message)
+        self.apdus += 1
+        drop = self._drop_after
+        if drop is not None and drop(message):
+            self._drop_after = None
+            return False
+        self._send(sock, answer)
+        return True
+
+
+def serve(
+    card: CardEndpoint,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    stop: threading.Event | None = None,
+    connect_timeout: float = 5.0,
+) -> None:
+    """Present ``card`` until ``stop`` is set (reconnecting if vpcd restarts)."""
+    while stop is None or not stop.is_set():
+        client = ViccClient(card, host=host, port=port)
+        client.connect(timeout=connect_timeout)
+        client.serve(stop=stop)
+
+
+def tap(
+    card: CardEndpoint,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    hold: float = 1.5,
+    connect_timeout: float = 5.0,
+    drop_after: Callable[[bytes], bool] | None = None,
+) -> ViccClient:
+    """Present ``card`` once for ``hold`` seconds, then take it away; returns the client (its
+    ``apdus`` count what the card answered)."""
+    client = ViccClient(card, host=host, port=port, drop_after=drop_after)
+    client.connect(timeout=connect_timeout)
+    client.serve(until=time.monotonic() + hold)
+    return client
