@@ -8,6 +8,7 @@ one thread: run it through :class:`ReaderThread`, one hop per whole tap.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -93,19 +94,22 @@ class PcscReader:
         return self._name
 
     def _present(self, timeout: float, *, want: bool) -> bool:
+        deadline = time.monotonic() + timeout
         state = scard.SCARD_STATE_UNAWARE
-        hresult, states = scard.SCardGetStatusChange(self._context, 0, [(self._name, state)])
-        _check(hresult, "SCardGetStatusChange")
-        state = states[0][1]
-        if bool(state & scard.SCARD_STATE_PRESENT) == want:
-            return True
-        hresult, states = scard.SCardGetStatusChange(
-            self._context, max(int(timeout * 1000), 0), [(self._name, state)]
-        )
-        if hresult == scard.SCARD_E_TIMEOUT:
-            return False
-        _check(hresult, "SCardGetStatusChange")
-        return bool(states[0][1] & scard.SCARD_STATE_PRESENT) == want
+        wait_ms = 0
+        while True:
+            hresult, states = scard.SCardGetStatusChange(
+                self._context, wait_ms, [(self._name, state)]
+            )
+            if hresult != scard.SCARD_E_TIMEOUT:
+                _check(hresult, "SCardGetStatusChange")
+                state = states[0][1] & ~scard.SCARD_STATE_CHANGED
+                if bool(state & scard.SCARD_STATE_PRESENT) == want:
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait_ms = max(int(left * 1000), 1)
 
     def wait_for_card(self, timeout: float) -> bool:
         """True once a card is in the field."""
@@ -138,6 +142,11 @@ class PcscReader:
         if hresult != scard.SCARD_S_SUCCESS:
             self._card = None
         _check(hresult, "SCardTransmit")
+        if len(response) < 2:
+            # vpcd answers an empty response when the card leaves mid-command; a real reader
+            # reports an error. Either way no status word came back: the card is gone.
+            self._card = None
+            raise CardRemovedError("the card left before it answered")
         return bytes(response)
 
     def disconnect(self) -> None:

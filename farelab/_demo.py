@@ -94,9 +94,8 @@ def _run_flow(reader: _Counting, flow: ReadCard | Purchase) -> object:
     return event
 
 
-def _ride_and_top_up(reader: Reader, label: str, now: Callable[[], datetime]) -> None:
+def _ride_and_top_up(reader: Reader, label: str, now: Callable[[], datetime], psam: Psam) -> None:
     counting = _Counting(reader)
-    psam = Psam(terminal_id=BUS_TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
     host = LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS})
     verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
 
@@ -181,14 +180,15 @@ def run_demo(folder: Path, *, pcsc: bool) -> None:
     reader = InProcessReader()
     reader.insert(SimulatedCard.from_file(path))
     reader.connect()
-    _ride_and_top_up(reader, "in-process", now)
+    psam = Psam(terminal_id=BUS_TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
+    _ride_and_top_up(reader, "in-process", now, psam)
     reader.remove()
 
     if pcsc:
         from farelab._pcsc_demo import through_pcscd  # noqa: PLC0415 - needs pcscd
 
         _say("3. Through pcscd: the card in the 'Virtual PCD' reader, the terminal on pyscard")
-        through_pcscd(path, lambda r: _ride_and_top_up(r, "pcscd", now))
+        through_pcscd(path, lambda r: _ride_and_top_up(r, "pcscd", now, psam))
     _say("Done. Inspect the card with: farelab card show " + str(path))
 
 
