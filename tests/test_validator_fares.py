@@ -22,11 +22,13 @@ DATA = tomllib.loads((resources.files("validator") / "networks.toml").read_text(
 def published_fare_fen(city: str, km: float) -> int:
     """The fare of SPEC's band rule, straight from the data file."""
     doc = DATA[city]
-    for max_km, yuan in doc["fare_bands"]:
+    bands: list[list[float]] = doc["fare_bands"]
+    for max_km, yuan in bands:
         if km <= max_km + 1e-9:
-            return int(round(yuan * 100))
-    last_km, last_yuan = doc["fare_bands"][-1]
-    return int(round((last_yuan + math.ceil((km - last_km) / doc["extra_km_per_yuan"] - 1e-9)) * 100))
+            return round(yuan * 100)
+    last_km, last_yuan = bands[-1]
+    extra: float = doc["extra_km_per_yuan"]
+    return round((last_yuan + math.ceil((km - last_km) / extra - 1e-9)) * 100)
 
 
 def share(fen: int, factor: float) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from card import Alg, CardType, MetroRecord, MetroStatus, SimulatedCard
 from tests.validator_support import NON_LOCAL_ISSUER, Lab, bus, gate, new_card
-from validator._device import Direction
+from validator._device import Device, Direction
 
 
 def conserved(lab: Lab, card: SimulatedCard, initial: int) -> None:
@@ -239,7 +239,15 @@ def test_money_is_conserved_across_a_day_of_mixed_taps() -> None:
     )
     lab = Lab([g1, g2, g3, bus("changzhou")])
     cards = [new_card(balance=b, serial=str(i)) for i, b in enumerate([3000, 800, 150, 10_000])]
-    plan = [("bus", 0), (g1, 300), (g3, 2400), (g3, 2500), ("bus", 3000), (g2, 5000), (g1, 9000)]
+    plan: list[tuple[str | Device, int]] = [
+        ("bus", 0),
+        (g1, 300),
+        (g3, 2400),
+        (g3, 2500),
+        ("bus", 3000),
+        (g2, 5000),
+        (g1, 9000),
+    ]
     for card in cards:
         for i, (device, t) in enumerate(plan):
             pull = "DEBIT" if i == 3 else None
