@@ -119,6 +119,15 @@ class SimulatedCard:
         """The card's ATR."""
         return ATR
 
+    def reissue(self, image: CardImage) -> None:
+        """Replace the whole persistent state, as a personalisation bureau would (tests use it
+        to reset a card that stays in a reader's field)."""
+        with self._lock:
+            self._image = image
+            self._session = None
+            if self._store is not None:
+                self._store.save(image)
+
     def power_on(self) -> bytes:
         """Cold reset: a new session; returns the ATR."""
         with self._lock:
