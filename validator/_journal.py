@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+_INTENT_FIELDS = tuple(f.name for f in fields(Intent))
+
+
 class JournalError(Exception):
     """The journal cannot be used (unreadable file, wrong schema) or is full."""
 
@@ -120,6 +123,8 @@ class Journal:
         self.max_outbox = max_outbox
         self.warn_ratio = warn_ratio
         self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        # One process owns a journal, so the pending set is kept in memory: every tap consults it.
+        self._pending = self._load_pending()
 
     def close(self) -> None:
         """Close the database (a checkpoint folds the WAL back in)."""
@@ -142,6 +147,9 @@ class Journal:
 
     def pending(self) -> dict[str, Pending]:
         """Transactions whose DEBIT answer never arrived, by card serial."""
+        return dict(self._pending)
+
+    def _load_pending(self) -> dict[str, Pending]:
         rows = self._db.execute(
             "SELECT * FROM transactions WHERE status='pending' ORDER BY device, seq"
         )
@@ -223,7 +231,9 @@ class Journal:
                 "UPDATE devices SET next_seq=?, next_ttc=max(next_ttc, ?) WHERE device=?",
                 (seq + 1, intent.ttc + 1, intent.device),
             )
-        return Pending(intent.device, seq, intent)
+        pending = Pending(intent.device, seq, intent)
+        self._pending[intent.card_serial] = pending
+        return pending
 
     def record_tap(self, result: TapResult, *, at: str, pending: Pending | None) -> None:
         """Journal a tap's result, its transaction and any resolution, with their outbox rows,
@@ -261,6 +271,8 @@ class Journal:
 
     def _settle(self, pending: Pending, *, completed: bool, tac: str) -> None:
         status = "completed" if completed else "void"
+        if self._pending.get(pending.intent.card_serial) == pending:
+            del self._pending[pending.intent.card_serial]
         self._db.execute(
             "UPDATE transactions SET status=?, tac=? WHERE device=? AND seq=?",
             (status, tac, pending.device, pending.seq),
@@ -268,8 +280,9 @@ class Journal:
         self._enqueue(pending, status, tac)
 
     def _enqueue(self, pending: Pending, status: str, tac: str) -> None:
-        payload: dict[str, Any] = {**asdict(pending.intent), "seq": pending.seq}
-        payload.update(status=status, tac=tac)
+        intent = pending.intent
+        payload: dict[str, Any] = {name: getattr(intent, name) for name in _INTENT_FIELDS}
+        payload.update(seq=pending.seq, status=status, tac=tac)
         self._db.execute(
             "INSERT INTO outbox (device, payload) VALUES (?, ?)",
             (pending.device, json.dumps(payload, separators=(",", ":"))),
