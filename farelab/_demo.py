@@ -1,7 +1,8 @@
 """``farelab demo``: the system end to end, narrated, on this machine.
 
-The demo grows with the project.  Today it issues a card and runs a bus purchase and a top-up
-through it twice: in-process, and through a real pcscd with the card in the "Virtual PCD" reader.
+The demo grows with the project.  Today it issues a card, runs a bus purchase and a top-up through
+it twice — in-process, and through a real pcscd with the card in the "Virtual PCD" reader — and
+then rides Taiyuan's validators with it, tearing one tap on purpose.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from card import (
@@ -189,7 +190,78 @@ def run_demo(folder: Path, *, pcsc: bool) -> None:
 
         _say("3. Through pcscd: the card in the 'Virtual PCD' reader, the terminal on pyscard")
         through_pcscd(path, lambda r: _ride_and_top_up(r, "pcscd", now, psam))
+    _say("4. Validators of Taiyuan (bus and Line 2 gates), the journal beside the card")
+    _validators(folder, path, now)
     _say("Done. Inspect the card with: farelab card show " + str(path))
+
+
+def _validators(folder: Path, card_path: Path, now: Callable[[], datetime]) -> None:
+    from validator._config import load_config  # noqa: PLC0415
+    from validator._journal import Journal  # noqa: PLC0415
+    from validator._replay import TapLine, replay  # noqa: PLC0415
+
+    config_path = folder / "taiyuan.toml"
+    config_path.write_text(DEMO_DEVICES, encoding="utf-8")
+    config = load_config(config_path)
+    journal = Journal(folder / "journal.db")
+    start = now()
+    steps = [
+        ("bus-1", 0, None, "bus ride"),
+        ("jiancaoping-in", 600, None, "metro entry at 尖草坪 Jiancaoping"),
+        ("dananmen-out", 1500, "DEBIT", "exit at 大南门 Dananmen, card pulled right after DEBIT"),
+        ("dananmen-out", 1504, None, "the rider taps again"),
+    ]
+    taps = [
+        TapLine(i, device, card_path, start + timedelta(seconds=dt), pull)
+        for i, (device, dt, pull, _) in enumerate(steps, 1)
+    ]
+    for (_, _, _, what), result in zip(steps, replay(config, taps, journal), strict=True):
+        parts = [result.result]
+        if result.reason:
+            parts.append(result.reason)
+        if result.result == "accepted":
+            parts.append(f"fare {fen_to_yuan(result.fare_fen)}")
+        if result.balance_fen is not None:
+            parts.append(f"balance {fen_to_yuan(result.balance_fen)}")
+        if result.grey:
+            parts.append("(grey: outcome unknown until the card returns)")
+        _say(f"  {what}: " + ", ".join(parts))
+    rows = journal.transactions()
+    done = [r for r in rows if r["status"] == "completed"]
+    _say(
+        f"  journal: {len(done)} completed transactions, {journal.outbox_rows} outbox rows "
+        f"waiting for the uplink, {sum(r['status'] == 'pending' for r in rows)} pending"
+    )
+    journal.close()
+
+
+DEMO_DEVICES = """\
+[[validator]]
+id = "bus-1"
+kind = "bus"
+network = "taiyuan"
+route = "1"
+terminal_id = "000000000B01"
+whitelist = ["1310000000000000"]
+
+[[validator]]
+id = "jiancaoping-in"
+kind = "metro-gate"
+network = "taiyuan"
+line = "L2"
+station = "尖草坪"
+terminal_id = "000000020001"
+whitelist = ["1310000000000000"]
+
+[[validator]]
+id = "dananmen-out"
+kind = "metro-gate"
+network = "taiyuan"
+line = "L2"
+station = "Dananmen"
+terminal_id = "000000020701"
+whitelist = ["1310000000000000"]
+"""
 
 
 def _run(args: argparse.Namespace) -> int:
