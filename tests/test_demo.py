@@ -1,0 +1,33 @@
+"""``farelab demo`` runs end to end, through pcscd too, and tells the story it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.pcsc
+@pytest.mark.usefixtures("pcscd")
+def test_demo_runs_in_process_through_pcscd_and_on_the_validators(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "farelab", "demo", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[in-process] bus fare 2.00 yuan: balance 50.00 -> 48.00" in out
+    assert "[pcscd] bus fare 2.00 yuan" in out
+    assert out.count("verified with the TAC key") == 2
+    assert out.count("refused by the card (6985 cap_exceeded)") == 2
+    assert "the rider taps again: accepted, recovered, fare 2.70" in out
+    assert "0 pending" in out
+    assert (tmp_path / "demo-card.json").exists()

@@ -1,0 +1,117 @@
+"""The asyncio shell: a reader that goes away and comes back, the uplink seam, a slow uplink
+that never delays a tap."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from card import InProcessReader, ReaderUnavailableError
+from tests.validator_support import new_card
+from validator._config import load_config
+from validator._journal import Journal
+from validator._loop import run
+
+CONFIG = """
+[[validator]]
+id = "bus-1"
+kind = "bus"
+network = "taiyuan"
+terminal_id = "000000000B01"
+whitelist = ["1310000000000000"]
+reader = "pcsc:Unplugged Reader"
+"""
+
+
+class Unplugged:
+    """A reader whose every call fails, as one that was pulled out of its USB port."""
+
+    name = "Unplugged Reader"
+
+    def _gone(self, *args: object) -> bool:
+        raise ReaderUnavailableError("the reader is gone")
+
+    wait_for_card = wait_for_removal = _gone
+
+    def connect(self) -> bytes:
+        raise ReaderUnavailableError("the reader is gone")
+
+    def transmit(self, apdu: bytes) -> bytes:
+        raise ReaderUnavailableError("the reader is gone")
+
+    def disconnect(self) -> None:
+        return None
+
+
+def test_reader_unplugged_and_back_is_reported_once_then_taps_resume(
+    tmp_path: Path, monkeypatch: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tmp_path / "devices.toml"
+    config_path.write_text(CONFIG)
+    config = load_config(config_path)
+    replugged = InProcessReader("Unplugged Reader")
+    replugged.insert(new_card(balance=500))
+    attempts = {"n": 0}
+
+    def factory(spec: str) -> object:
+        def make() -> object:
+            attempts["n"] += 1
+            return Unplugged() if attempts["n"] < 4 else replugged
+
+        return make
+
+    import validator._loop as loop_module  # noqa: PLC0415
+
+    monkeypatch.setattr(loop_module, "_reader_factory", factory)  # type: ignore[attr-defined]
+    out = io.StringIO()
+    journal = Journal(":memory:")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(config, journal, source=None, out=out, stop=stop))
+        deadline = time.monotonic() + 20
+        while not out.getvalue() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert lines
+    assert (lines[0]["result"], lines[0]["fare_fen"]) == ("accepted", 50)
+    assert attempts["n"] >= 4
+    assert capsys.readouterr().err.count("unavailable") == 1
+
+
+class SlowUplink:
+    """An uplink stuck on a dead network: it must not delay any tap."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    async def run(self, journal: Journal) -> None:
+        self.started = True
+        await asyncio.sleep(3600)
+
+
+def test_a_stuck_uplink_never_delays_a_tap(tmp_path: Path) -> None:
+    config_path = tmp_path / "devices.toml"
+    config_path.write_text(CONFIG.replace("pcsc:Unplugged Reader", "sim"))
+    config = load_config(config_path)
+    path = tmp_path / "c.json"
+    from card import save_image  # noqa: PLC0415
+
+    save_image(path, new_card(balance=500).image)
+    source = io.StringIO(json.dumps({"device": "bus-1", "card": str(path)}) + "\n")
+    out = io.StringIO()
+    uplink = SlowUplink()
+    started = time.monotonic()
+    asyncio.run(run(config, Journal(":memory:"), source=source, out=out, uplink=uplink))
+    assert uplink.started
+    assert json.loads(out.getvalue())["result"] == "accepted"
+    assert time.monotonic() - started < 10
