@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run every device of the config: PC/SC readers are watched for cards; "
         'devices with reader = "sim" take tap requests on stdin, one JSON object a line: '
         '{"device": ID, "card": PATH}. Each tap prints one JSON line (as replay does, plus '
-        '"at"). With only sim readers the command ends when stdin ends; otherwise on Ctrl-C or '
-        "SIGTERM.",
+        '"at" and "beep": pass|stop). With only sim readers the command ends when stdin '
+        "ends; otherwise on Ctrl-C or SIGTERM.",
         epilog=CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -176,6 +176,8 @@ async def _display(results: asyncio.Queue[TapResult | str], out: TextIO) -> None
             continue
         doc = result_json(item)
         doc["at"] = _now().isoformat(timespec="milliseconds")
+        # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
+        doc["beep"] = "pass" if item.result == "accepted" else "stop"
         print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
 
 
