@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from farelab import __version__
+from farelab import _backend as backend_cli
 from farelab import _card as card_cli
 from farelab import _demo as demo
 from farelab import _validator as validator_cli
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     card_cli.register(sub)
     validator_cli.register(sub)
+    backend_cli.register(sub)
     return parser
 
 

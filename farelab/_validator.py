@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
+from backend._broker import BrokerURL
 from farelab._errors import CliError
-from validator._config import ConfigError, load_config
+from validator._config import Config, ConfigError, load_config
 from validator._journal import Journal, JournalError
 from validator._loop import run as run_loop
 from validator._replay import PULL_STEPS, ReplayError, parse_taps, replay, result_json
+from validator._uplink import MqttUplink
 
 __all__ = ["register"]
 
@@ -110,6 +113,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DB",
         help="journal file (default: the config's [journal] path, else memory)",
     )
+    rp.add_argument(
+        "--broker",
+        metavar="URL",
+        help="after the taps, upload the outbox to this MQTT broker and return once "
+        "the backend has acknowledged all of it",
+    )
+    rp.add_argument(
+        "--upload-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up waiting for acknowledgements after this long (default 30); "
+        "what is still pending is sent by the next run with the same journal",
+    )
     rp.set_defaults(func=_replay)
 
 
@@ -163,11 +180,59 @@ def _replay(args: argparse.Namespace) -> int:
         journal = Journal(path, synchronous=config.synchronous, max_outbox=config.max_outbox)
     except JournalError as exc:
         raise CliError(str(exc)) from None
+    uplink = _uplink(args.broker, config)
+    if uplink is not None and path == ":memory:":
+        raise CliError(
+            "--broker needs a journal file (--journal DB or [journal] path), so "
+            "that what is not yet acknowledged survives this run"
+        )
     try:
         for result in replay(config, taps, journal):
             print(json.dumps(result_json(result), ensure_ascii=False), flush=True)
+        if uplink is not None:
+            return asyncio.run(_drain(uplink, journal, args.upload_timeout))
     except ReplayError as exc:
         raise CliError(f"{args.taps}: {exc}") from None
     finally:
         journal.close()
     return 0
+
+
+def _uplink(url: str | None, config: Config) -> MqttUplink | None:
+    if url is None:
+        return None
+    try:
+        broker = BrokerURL.parse(url)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return MqttUplink(broker, [dc.device.id for dc in config.devices])
+
+
+async def _drain(uplink: MqttUplink, journal: Journal, timeout: float) -> int:
+    """Upload until the backend has acknowledged the whole outbox, or time out saying so."""
+    task = asyncio.create_task(uplink.run(journal))
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while True:
+            pending = await asyncio.to_thread(uplink.pending, journal)
+            if pending == 0:
+                acked = sum(s.records_acked for s in uplink.stats.values())
+                print(
+                    f"farelab validator: uploaded; the backend acknowledged {acked} records",
+                    file=sys.stderr,
+                )
+                return 0
+            if asyncio.get_running_loop().time() > deadline:
+                states = ", ".join(f"{d}: {s.state.value}" for d, s in uplink.stats.items())
+                print(
+                    f"farelab validator: upload timed out after {timeout:g} s; {pending} "
+                    f"records still pending in {journal.path} ({states}); the next run with "
+                    "this journal sends them",
+                    file=sys.stderr,
+                )
+                return 3
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.mosquitto import BrokerError, Mosquitto
 from tests.pcscd import PcscdError, running_pcscd
 
 
@@ -17,3 +18,15 @@ def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             yield
     except PcscdError as exc:
         pytest.fail(f"pcscd is needed and could not be had: {exc}")
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A Mosquitto of our own on a free loopback port; fails the test loudly if it cannot."""
+    try:
+        mosquitto = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+        mosquitto.start()
+    except BrokerError as exc:
+        pytest.fail(f"a Mosquitto broker is needed and could not be started: {exc}")
+    yield mosquitto
+    mosquitto.stop()

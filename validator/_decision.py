@@ -73,6 +73,7 @@ class Intent:
     at: str
     station: str
     line: int
+    operator: str = ""
 
     @property
     def proof_counter(self) -> int:
@@ -542,6 +543,7 @@ class Tap:
             time=flight.time.hex(),
             at=self.now.isoformat(),
             station=device.station_code.hex(),
+            operator=device.operator_id.rstrip(b"\x00").decode(errors="replace"),
             line=device.line.number if device.line is not None else 0,
         )
 

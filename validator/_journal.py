@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS transactions (
     at TEXT NOT NULL,
     station TEXT NOT NULL,
     line INTEGER NOT NULL,
+    operator TEXT NOT NULL DEFAULT '',
     tac TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (device, seq)
 );
@@ -120,6 +122,8 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path}: not a usable journal: {exc}") from exc
         self.path = path
+        # The tap threads and the uplink share this connection: one statement group at a time.
+        self._lock = threading.RLock()
         self.max_outbox = max_outbox
         self.warn_ratio = warn_ratio
         self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
@@ -143,7 +147,8 @@ class Journal:
 
     def next_ttc(self, device: str) -> int:
         """The PSAM TTC the device must use next (TTCs never repeat across restarts)."""
-        return self._device(device)[1]
+        with self._lock:
+            return self._device(device)[1]
 
     def pending(self) -> dict[str, Pending]:
         """Transactions whose DEBIT answer never arrived, by card serial."""
@@ -174,6 +179,7 @@ class Journal:
                 at=rec["at"],
                 station=rec["station"],
                 line=rec["line"],
+                operator=rec["operator"],
             )
             out[intent.card_serial] = Pending(rec["device"], rec["seq"], intent)
         return out
@@ -205,8 +211,8 @@ class Journal:
             self._db.execute(
                 "INSERT INTO transactions (device, seq, status, card_serial, issuer, alg, tx_type,"
                 " kind, amount_fen, balance_before_fen, card_counter, ttc, terminal, day, time,"
-                " at, station, line) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?)",
+                " at, station, line, operator) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     intent.device,
                     seq,
@@ -225,6 +231,7 @@ class Journal:
                     intent.at,
                     intent.station,
                     intent.line,
+                    intent.operator,
                 ),
             )
             self._db.execute(
@@ -290,7 +297,7 @@ class Journal:
         self._outbox += 1
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._lock)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -301,38 +308,55 @@ class Journal:
         if card_serial is not None:
             query += " WHERE card_serial=?"
             args = (card_serial,)
-        cur = self._db.execute(query + " ORDER BY at, device, seq", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        with self._lock:
+            cur = self._db.execute(query + " ORDER BY at, device, seq", args)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def taps(self) -> list[dict[str, Any]]:
         """Journalled taps, oldest first."""
-        cur = self._db.execute("SELECT * FROM taps ORDER BY id")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM taps ORDER BY id")
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-    def outbox(self, limit: int = 500) -> list[tuple[int, str, dict[str, Any]]]:
-        """The oldest outbox rows: (id, device, payload)."""
-        cur = self._db.execute(
-            "SELECT id, device, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
-        )
-        return [(row[0], row[1], json.loads(row[2])) for row in cur.fetchall()]
+    def outbox(
+        self, limit: int = 500, *, device: str | None = None, after: int = 0
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        """The oldest outbox rows (of one device, after an id): (id, device, payload)."""
+        query = "SELECT id, device, payload FROM outbox WHERE id > ?"
+        args: tuple[Any, ...] = (after,)
+        if device is not None:
+            query += " AND device = ?"
+            args += (device,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        return [(row[0], row[1], json.loads(row[2])) for row in rows]
 
     def acknowledge(self, ids: list[int]) -> None:
         """Remove rows the backend has committed."""
         with self._tx():
             self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
-        self._outbox = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            self._outbox = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on an exception)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
         self._db = db
+        self._lock = lock
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self._lock.release()

@@ -1,0 +1,92 @@
+"""Broker addresses, topics, and the capped jittered backoff both ends reconnect with."""
+
+from __future__ import annotations
+
+import enum
+import random
+import ssl
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "ACK_TOPIC",
+    "PARAMS_TOPIC",
+    "SHARED_TX",
+    "TX_TOPIC",
+    "Backoff",
+    "BrokerURL",
+    "LinkState",
+]
+
+TX_TOPIC = "farelab/v1/dev/{device}/tx"
+ACK_TOPIC = "farelab/v1/dev/{device}/ack"
+PARAMS_TOPIC = "farelab/v1/dev/{device}/params"
+SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerURL:
+    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…`` (TLS, default port 8883)."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        """ValueError naming what is wrong with the URL."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ValueError(f"broker URL {url!r} has a bad port") from None
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, port, user, password, tls)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The system's default TLS context for ``mqtts://``."""
+        return ssl.create_default_context() if self.tls else None
+
+    def __str__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+class LinkState(enum.Enum):
+    """The uplink's connection, as an explicit state."""
+
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; reset on success."""
+
+    def __init__(
+        self, *, base: float = 0.2, cap: float = 10.0, rng: random.Random | None = None
+    ) -> None:
+        """``base``: the first delay's ceiling; ``cap``: the longest delay."""
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        """Count a failure; the delay before the next attempt."""
+        self.failures += 1
+        ceiling = min(self.cap, self.base * 2 ** (self.failures - 1))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """The link works again."""
+        self.failures = 0

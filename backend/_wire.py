@@ -1,0 +1,275 @@
+"""The uplink's wire format: versioned, compact, binary batches of journalled transactions, and
+the backend's acknowledgements.  Pure encode/decode; every malformed input is a :class:`WireError`
+with a reason, never another exception.
+
+Batch v1 (big-endian)::
+
+    "FLB" version=1 (1) · batch id (8) · device id length (1) · device id (UTF-8) · count (2) ·
+    count × record (82 bytes)
+
+    record: seq 4 · status 1 (0 completed, 1 void, 2 grey) · tx type 1 · kind 1 · alg 1 ·
+            card serial 10 (BCD) · issuer 8 · card counter 2 · TTC 4 · amount 4 ·
+            balance before 4 · terminal 6 · date 4 (BCD) · time 3 (BCD) · at (ms since the
+            epoch) 8 · station 8 · line 1 · operator 8 (ASCII, zero-padded) · TAC 4
+
+Ack v1: "FLA" version=1 · batch id (8) · count (2) · status 1 (0 committed, 1 rejected).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "BATCH_MAX",
+    "KINDS",
+    "STATUSES",
+    "Ack",
+    "Batch",
+    "Record",
+    "WireError",
+    "decode_ack",
+    "decode_batch",
+    "encode_ack",
+    "encode_batch",
+    "record_from_outbox",
+]
+
+VERSION = 1
+BATCH_MAX = 500
+_MAGIC, _ACK_MAGIC = b"FLB", b"FLA"
+_RECORD = struct.Struct(">IBBBB10s8sHIII6s4s3sq8sB8s4s")
+STATUSES = ("completed", "void", "grey")
+KINDS = ("bus", "entry", "exit", "load", "refund")
+ALGS = ("3des", "sm4")
+
+
+class WireError(ValueError):
+    """A payload that is not a valid message; ``reason`` is a short word for the quarantine."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One journalled transaction as it travels."""
+
+    seq: int
+    status: str
+    tx_type: int
+    kind: str
+    alg: str
+    card_serial: str
+    issuer: str
+    card_counter: int
+    ttc: int
+    amount: int
+    balance_before: int
+    terminal: str
+    day: str
+    time: str
+    at_ms: int
+    station: str
+    line: int
+    operator: str
+    tac: str
+
+    @property
+    def at(self) -> datetime:
+        """When the tap happened."""
+        return datetime.fromtimestamp(self.at_ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A device's batch of records."""
+
+    batch_id: int
+    device: str
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The backend's word on a batch, published after its own commit."""
+
+    batch_id: int
+    count: int
+    committed: bool
+
+
+def record_from_outbox(seq: int, payload: dict[str, Any]) -> Record:
+    """An outbox row's payload (the journal's JSON) as a wire record."""
+    return Record(
+        seq=seq,
+        status=payload["status"],
+        tx_type=payload["tx_type"],
+        kind=payload["kind"],
+        alg=payload["alg"],
+        card_serial=payload["card_serial"],
+        issuer=payload["issuer"],
+        card_counter=payload["card_counter"],
+        ttc=payload["ttc"],
+        amount=payload["amount"],
+        balance_before=payload["balance_before"],
+        terminal=payload["terminal"],
+        day=payload["day"],
+        time=payload["time"],
+        at_ms=int(datetime.fromisoformat(payload["at"]).timestamp() * 1000),
+        station=payload["station"],
+        line=payload["line"],
+        operator=payload.get("operator", ""),
+        tac=payload["tac"],
+    )
+
+
+def _hex(value: str, size: int, what: str) -> bytes:
+    raw = bytes.fromhex(value) if value else bytes(size)
+    if len(raw) != size:
+        raise ValueError(f"{what} must be {size} bytes")
+    return raw
+
+
+def _operator(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > 8:
+        raise ValueError(f"operator {name!r} is longer than 8 bytes")
+    return raw.ljust(8, b"\x00")
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Encode a batch; ValueError if it is empty, too large or holds an unencodable record."""
+    if not 1 <= len(batch.records) <= BATCH_MAX:
+        raise ValueError(f"a batch holds 1 to {BATCH_MAX} records, not {len(batch.records)}")
+    device = batch.device.encode()
+    if not 1 <= len(device) <= 64:
+        raise ValueError("device ids are 1 to 64 bytes")
+    out = bytearray(_MAGIC + bytes((VERSION,)) + batch.batch_id.to_bytes(8, "big"))
+    out += bytes((len(device),)) + device + len(batch.records).to_bytes(2, "big")
+    for r in batch.records:
+        out += _RECORD.pack(
+            r.seq,
+            STATUSES.index(r.status),
+            r.tx_type,
+            KINDS.index(r.kind),
+            ALGS.index(r.alg),
+            bytes.fromhex(r.card_serial.rjust(20, "0")),
+            _hex(r.issuer, 8, "issuer"),
+            r.card_counter,
+            r.ttc,
+            r.amount,
+            r.balance_before,
+            _hex(r.terminal, 6, "terminal"),
+            _hex(r.day, 4, "date"),
+            _hex(r.time, 3, "time"),
+            r.at_ms,
+            _hex(r.station, 8, "station"),
+            r.line,
+            _operator(r.operator),
+            _hex(r.tac, 4, "TAC"),
+        )
+    return bytes(out)
+
+
+def decode_batch(payload: bytes, *, max_bytes: int = 64 * 1024) -> Batch:
+    """Decode and check a batch; WireError names what is wrong."""
+    if len(payload) > max_bytes:
+        raise WireError("oversize", f"{len(payload)} bytes, at most {max_bytes}")
+    if len(payload) < 15 or payload[:3] != _MAGIC:
+        raise WireError("malformed", "not a farelab batch")
+    if payload[3] != VERSION:
+        raise WireError("unknown_version", f"version {payload[3]}, this backend speaks {VERSION}")
+    batch_id = int.from_bytes(payload[4:12], "big")
+    n = payload[12]
+    end = 13 + n
+    if n == 0 or len(payload) < end + 2:
+        raise WireError("truncated", "the header ends early")
+    try:
+        device = payload[13:end].decode()
+    except UnicodeDecodeError:
+        raise WireError("malformed", "the device id is not UTF-8") from None
+    count = int.from_bytes(payload[end : end + 2], "big")
+    body = payload[end + 2 :]
+    if not 1 <= count <= BATCH_MAX:
+        raise WireError("malformed", f"{count} records, expected 1 to {BATCH_MAX}")
+    if len(body) != count * _RECORD.size:
+        reason = "truncated" if len(body) < count * _RECORD.size else "malformed"
+        raise WireError(reason, f"{len(body)} record bytes for {count} records")
+    records = []
+    for i, fields in enumerate(_RECORD.iter_unpack(body)):
+        (
+            seq,
+            status,
+            tx_type,
+            kind,
+            alg,
+            serial,
+            issuer,
+            counter,
+            ttc,
+            amount,
+            before,
+            terminal,
+            day,
+            time,
+            at_ms,
+            station,
+            line,
+            operator,
+            tac,
+        ) = fields
+        if status >= len(STATUSES) or kind >= len(KINDS) or alg >= len(ALGS):
+            raise WireError("malformed", f"record {i}: unknown status, kind or algorithm")
+        serial_digits = serial.hex()
+        if not serial_digits.isdigit():
+            raise WireError("malformed", f"record {i}: card serial is not BCD")
+        records.append(
+            Record(
+                seq,
+                STATUSES[status],
+                tx_type,
+                KINDS[kind],
+                ALGS[alg],
+                serial_digits,
+                issuer.hex().upper(),
+                counter,
+                ttc,
+                amount,
+                before,
+                terminal.hex().upper(),
+                day.hex(),
+                time.hex(),
+                at_ms,
+                station.hex(),
+                line,
+                operator.rstrip(b"\x00").decode(errors="replace"),
+                tac.hex().upper(),
+            )
+        )
+    return Batch(batch_id, device, tuple(records))
+
+
+def encode_ack(ack: Ack) -> bytes:
+    """Encode an acknowledgement."""
+    return (
+        _ACK_MAGIC
+        + bytes((VERSION,))
+        + ack.batch_id.to_bytes(8, "big")
+        + ack.count.to_bytes(2, "big")
+        + bytes((0 if ack.committed else 1,))
+    )
+
+
+def decode_ack(payload: bytes) -> Ack:
+    """Decode an acknowledgement; WireError if it is not one."""
+    if len(payload) != 15 or payload[:3] != _ACK_MAGIC or payload[3] != VERSION:
+        raise WireError("malformed", "not a farelab ack")
+    return Ack(
+        int.from_bytes(payload[4:12], "big"),
+        int.from_bytes(payload[12:14], "big"),
+        payload[14] == 0,
+    )

@@ -1,0 +1,138 @@
+"""``farelab backend``: ingest uploads over MQTT, and report on the ledger."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from backend._broker import BrokerURL
+from backend._report import report
+from backend._service import run_workers
+from backend._store import Store, StoreError
+from card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
+from card._money import fen_to_yuan
+from farelab._errors import CliError
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``backend`` and its subcommands."""
+    backend = sub.add_parser(
+        "backend",
+        help="the clearing backend: ingest uploads, report on the ledger",
+        description="The backend ingests validators' batches from an MQTT broker (MQTT 5 shared "
+        "subscription, so several workers split the load), verifies every TAC, de-duplicates, "
+        "commits, then acknowledges.",
+    )
+    cmds = backend.add_subparsers(dest="backend_command", required=True, metavar="SUBCOMMAND")
+    run = cmds.add_parser("run", help="ingest until stopped (Ctrl-C, SIGTERM)")
+    run.add_argument(
+        "--broker",
+        required=True,
+        metavar="URL",
+        help="mqtt://[user:password@]host[:port] or mqtts://… (TLS)",
+    )
+    run.add_argument(
+        "--db", required=True, metavar="URL", help="sqlite:///PATH or postgresql://user@host/dbname"
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on the shared subscription (default 1)",
+    )
+    run.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="TOML issuer master keys (default: the demo issuer's test keys)",
+    )
+    run.add_argument(
+        "--issuer",
+        default=DEMO_ISSUER_ID.hex().upper(),
+        metavar="HEX16",
+        help="the issuer id the --keys belong to (default: the demo issuer)",
+    )
+    run.add_argument(
+        "--group",
+        default="farelab-backend",
+        help="shared-subscription group name (default farelab-backend)",
+    )
+    run.set_defaults(func=_run)
+    rep = cmds.add_parser("report", help="totals, anomalies and breakdowns of the ledger")
+    rep.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
+    rep.add_argument("--json", action="store_true", help="print JSON for scripts")
+    rep.set_defaults(func=_report)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        broker = BrokerURL.parse(args.broker)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if not 1 <= args.workers <= 64:
+        raise CliError("--workers must be 1 to 64")
+    keys = DEMO_KEYS
+    if args.keys:
+        try:
+            keys = load_keys_file(Path(args.keys))
+        except KeysFileError as exc:
+            raise CliError(str(exc)) from None
+    try:
+        issuer = bytes.fromhex(args.issuer)
+    except ValueError:
+        raise CliError(f"--issuer {args.issuer!r} is not hex") from None
+    try:
+        Store(args.db).close()
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run_workers(
+        str(args.broker),
+        args.db,
+        tac_keys={issuer: keys.tac},
+        workers=args.workers,
+        group=args.group,
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        store = Store(args.db)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        doc = report(store)
+    finally:
+        store.close()
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return 0
+    print(
+        f"transactions  {doc['transactions']}  (purchases {fen_to_yuan(doc['purchase_fen'])} "
+        f"yuan, loads {fen_to_yuan(doc['load_fen'])} yuan)"
+    )
+    for key in (
+        "duplicates",
+        "forged",
+        "grey",
+        "void",
+        "gaps",
+        "clones",
+        "quarantined",
+        "balance_anomalies",
+    ):
+        print(f"{key:<13} {doc[key]}")
+    for title, table in (("operator", doc["by_operator"]), ("issuer", doc["by_issuer"])):
+        print(f"by {title}:")
+        for name, row in sorted(table.items()):
+            print(f"  {name:<20} {row['transactions']:>8}  {fen_to_yuan(row['amount_fen']):>12}")
+    return 0

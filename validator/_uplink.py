@@ -1,0 +1,207 @@
+"""The uplink: the journal's outbox to the backend over MQTT, in batches, until acknowledged.
+
+One MQTT client per device (its own credentials and a stable client id, ``farelab-dev-<id>``,
+with a persistent MQTT 5 session), QoS 1.  A batch leaves the outbox only when the backend's
+*application* ack for it arrives — the backend publishes that after its own database commit — so
+the journal stays the durable store whatever the broker or the network do.  Unacknowledged
+batches are sent again after ``ack_timeout``; the backend's de-duplication makes that harmless.
+The connection is an explicit state (:class:`backend.LinkState`) with capped jittered backoff;
+the first failure is logged loudly, repeats quietly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from backend._broker import ACK_TOPIC, TX_TOPIC, Backoff, BrokerURL, LinkState
+from backend._wire import BATCH_MAX, Batch, WireError, decode_ack, encode_batch, record_from_outbox
+from validator._journal import Journal
+
+__all__ = ["MqttUplink", "UplinkStats"]
+
+log = logging.getLogger("farelab.uplink")
+
+
+@dataclass
+class UplinkStats:
+    """Counters a caller (or a test) can watch."""
+
+    state: LinkState = LinkState.DISCONNECTED
+    batches_sent: int = 0
+    records_acked: int = 0
+    resends: int = 0
+    connects: int = 0
+    ack_latency_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    ids: list[int]
+    payload: bytes
+    sent_at: float
+
+
+class MqttUplink:
+    """Sends the outbox of the given devices; ``run()`` is the loop's uplink task."""
+
+    def __init__(
+        self,
+        broker: BrokerURL,
+        devices: Iterable[str],
+        *,
+        batch_size: int = 200,
+        window: int = 4,
+        ack_timeout: float = 10.0,
+        passwords: dict[str, str] | None = None,
+    ) -> None:
+        """
+        Args:
+            broker: where the broker is; its user/password serve devices without their own.
+            devices: the device ids whose outbox rows this uplink sends.
+            batch_size: records per message (1 to 500).
+            window: batches in flight per device before waiting for acks.
+            ack_timeout: seconds before an unacknowledged batch is sent again.
+            passwords: per-device MQTT passwords (the username is the device id).
+        """
+        if not 1 <= batch_size <= BATCH_MAX:
+            raise ValueError(f"batch_size must be 1 to {BATCH_MAX}")
+        self.broker = broker
+        self.devices = list(devices)
+        self.batch_size = batch_size
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.passwords = passwords or {}
+        self.stats: dict[str, UplinkStats] = {d: UplinkStats() for d in self.devices}
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """New outbox rows: send without waiting for the next poll."""
+        self._wake.set()
+
+    async def run(self, journal: Journal) -> None:
+        """One task per device until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for device in self.devices:
+                group.create_task(self._device_loop(journal, device), name=f"uplink-{device}")
+
+    def _client(self, device: str) -> aiomqtt.Client:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 3600
+        password = self.passwords.get(device, self.broker.password)
+        username = device if device in self.passwords else self.broker.username
+        return aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=f"farelab-dev-{device}",
+            username=username,
+            password=password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+            tls_context=self.broker.tls_context(),
+            keepalive=15,
+            timeout=5,
+        )
+
+    async def _device_loop(self, journal: Journal, device: str) -> None:
+        stats = self.stats[device]
+        backoff = Backoff()
+        while True:
+            stats.state = LinkState.CONNECTING
+            try:
+                async with self._client(device) as client:
+                    stats.state = LinkState.CONNECTED
+                    stats.connects += 1
+                    if backoff.failures:
+                        log.info("device %s: uplink to %s is back", device, self.broker)
+                    backoff.reset()
+                    await client.subscribe(ACK_TOPIC.format(device=device), qos=1)
+                    await self._session(client, journal, device, stats)
+            except aiomqtt.MqttError as exc:
+                stats.state = LinkState.BACKOFF
+                delay = backoff.next_delay()
+                level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "device %s: uplink to %s failed (%s); retrying in %.1f s",
+                    device,
+                    self.broker,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _session(
+        self, client: aiomqtt.Client, journal: Journal, device: str, stats: UplinkStats
+    ) -> None:
+        in_flight: dict[int, _InFlight] = {}
+        last_id = 0
+        topic = TX_TOPIC.format(device=device)
+
+        async def fill() -> None:
+            nonlocal last_id
+            now = time.monotonic()
+            for batch_id, flight in in_flight.items():
+                if now - flight.sent_at > self.ack_timeout:
+                    flight.sent_at = now
+                    stats.resends += 1
+                    await client.publish(topic, flight.payload, qos=1)
+                    log.debug("device %s: batch %d sent again", device, batch_id)
+            while len(in_flight) < self.window:
+                rows = await asyncio.to_thread(
+                    journal.outbox, self.batch_size, device=device, after=last_id
+                )
+                if not rows:
+                    return
+                records = tuple(record_from_outbox(p["seq"], p) for _, _, p in rows)
+                batch_id = rows[0][0]
+                payload = encode_batch(Batch(batch_id, device, records))
+                in_flight[batch_id] = _InFlight([r[0] for r in rows], payload, time.monotonic())
+                last_id = rows[-1][0]
+                await client.publish(topic, payload, qos=1)
+                stats.batches_sent += 1
+
+        async def acks() -> None:
+            async for message in client.messages:
+                try:
+                    ack = decode_ack(bytes(message.payload))
+                except (WireError, TypeError):
+                    log.warning("device %s: ignored a malformed ack", device)
+                    continue
+                flight = in_flight.pop(ack.batch_id, None)
+                if flight is None:
+                    continue
+                stats.ack_latency_s.append(time.monotonic() - flight.sent_at)
+                if len(stats.ack_latency_s) > 10_000:
+                    del stats.ack_latency_s[:5_000]
+                await asyncio.to_thread(journal.acknowledge, flight.ids)
+                stats.records_acked += len(flight.ids)
+                self._wake.set()
+
+        ack_task = asyncio.create_task(acks(), name=f"uplink-acks-{device}")
+        try:
+            while True:
+                if ack_task.done():
+                    ack_task.result()
+                    raise aiomqtt.MqttError("the ack stream ended")
+                await fill()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+        finally:
+            ack_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await ack_task
+
+    def pending(self, journal: Journal) -> int:
+        """Outbox rows of these devices not yet acknowledged."""
+        return sum(len(journal.outbox(10**9, device=d)) for d in self.devices)
