@@ -46,6 +46,7 @@ async def _handle(
     topic: str,
     payload: bytes,
     stats: WorkerStats,
+    name: str,
 ) -> None:
     parts = topic.split("/")
     device = parts[3] if len(parts) == 5 else ""
@@ -61,7 +62,7 @@ async def _handle(
         stats.quarantined += 1
         return
     rows = classify(batch, verifier)
-    await asyncio.to_thread(store.ingest, device, batch.batch_id, rows)
+    await asyncio.to_thread(store.ingest, device, batch.batch_id, rows, worker=name)
     ack = encode_ack(Ack(batch.batch_id, len(rows), committed=True))
     await client.publish(ACK_TOPIC.format(device=device), ack, qos=1)
     stats.batches += 1
@@ -101,7 +102,7 @@ async def run_worker(
                     await client.subscribe(SHARED_TX.format(group=group), qos=1)
                     backoff.reset()
                     log.info("%s: ingesting from %s", name, broker)
-                    reader = asyncio.create_task(_consume(client, store, verifier, stats))
+                    reader = asyncio.create_task(_consume(client, store, verifier, stats, name))
                     stopper = asyncio.create_task(stop.wait())
                     done, _ = await asyncio.wait(
                         {reader, stopper}, return_when=asyncio.FIRST_COMPLETED
@@ -127,13 +128,19 @@ async def run_worker(
 
 
 async def _consume(
-    client: aiomqtt.Client, store: Store, verifier: TacVerifier, stats: WorkerStats
+    client: aiomqtt.Client, store: Store, verifier: TacVerifier, stats: WorkerStats, name: str
 ) -> None:
     async for message in client.messages:
         payload = message.payload
         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
         await _handle(
-            client, store, verifier, topic=str(message.topic), payload=bytes(raw), stats=stats
+            client,
+            store,
+            verifier,
+            topic=str(message.topic),
+            payload=bytes(raw),
+            stats=stats,
+            name=name,
         )
 
 

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS batches (
     device TEXT NOT NULL,
     batch_id BIGINT NOT NULL,
     records INTEGER NOT NULL,
+    worker TEXT NOT NULL,
     received_ms BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -175,20 +176,24 @@ class Store:
 
     # --- ingest --------------------------------------------------------------------------
 
-    def ingest(self, device: str, batch_id: int, rows: Sequence[Classified]) -> IngestResult:
+    def ingest(
+        self, device: str, batch_id: int, rows: Sequence[Classified], *, worker: str = ""
+    ) -> IngestResult:
         """Store a classified batch in one transaction, retrying once if another worker raced
         us to the same records."""
         for attempt in range(5):
             try:
                 with self.transaction():
-                    return self._ingest(device, batch_id, rows)
+                    return self._ingest(device, batch_id, rows, worker)
             except self._integrity:
                 if attempt == 4:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise RuntimeError("unreachable")
 
-    def _ingest(self, device: str, batch_id: int, rows: Sequence[Classified]) -> IngestResult:
+    def _ingest(
+        self, device: str, batch_id: int, rows: Sequence[Classified], worker: str
+    ) -> IngestResult:
         result = IngestResult()
         now = _now_ms()
         seqs = [c.record.seq for c in rows]
@@ -288,8 +293,9 @@ class Store:
                 (serial, now),
             )
         self.execute(
-            "INSERT INTO batches (device, batch_id, records, received_ms) VALUES (?, ?, ?, ?)",
-            (device, batch_id, len(rows), now),
+            "INSERT INTO batches (device, batch_id, records, worker, received_ms) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (device, batch_id, len(rows), worker, now),
         )
         self._bump("duplicates", result.duplicates)
         result.inserted = len(inserts)

@@ -91,12 +91,16 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-def make_taps(tmp_path: Path, cards: int, rounds: int) -> tuple[Path, list[Path]]:
+def make_taps(
+    tmp_path: Path, cards: int, rounds: int, first_serial: int = 100
+) -> tuple[Path, list[Path]]:
     paths = []
     lines = []
     for c in range(cards):
         path = tmp_path / f"card{c}.json"
-        save_image(path, personalise(serial=str(100 + c), issued=date(2026, 1, 1), balance=50_000))
+        save_image(
+            path, personalise(serial=str(first_serial + c), issued=date(2026, 1, 1), balance=50_000)
+        )
         paths.append(path)
     for r in range(rounds):
         for c, path in enumerate(paths):
