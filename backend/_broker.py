@@ -6,12 +6,13 @@ import enum
 import random
 import ssl
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
     "ACK_TOPIC",
     "PARAMS_TOPIC",
     "SHARED_TX",
+    "STATUS_TOPIC",
     "TX_TOPIC",
     "Backoff",
     "BrokerURL",
@@ -21,18 +22,21 @@ __all__ = [
 TX_TOPIC = "farelab/v1/dev/{device}/tx"
 ACK_TOPIC = "farelab/v1/dev/{device}/ack"
 PARAMS_TOPIC = "farelab/v1/dev/{device}/params"
+STATUS_TOPIC = "farelab/v1/dev/{device}/status"
 SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerURL:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…`` (TLS, default port 8883)."""
+    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…[?ca=/path/ca.pem]`` (TLS, default
+    port 8883; ``ca`` names a CA bundle for a private broker certificate)."""
 
     host: str
     port: int
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    ca_file: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
@@ -49,11 +53,20 @@ class BrokerURL:
             raise ValueError(f"broker URL {url!r} has a bad port") from None
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
-        return cls(parts.hostname, port, user, password, tls)
+        query = parse_qs(parts.query)
+        unknown = set(query) - {"ca"}
+        if unknown:
+            raise ValueError(f"broker URL {url!r}: unknown option(s) {sorted(unknown)}")
+        ca = query.get("ca", [None])[0]
+        if ca is not None and not tls:
+            raise ValueError(f"broker URL {url!r}: 'ca' needs mqtts://")
+        return cls(parts.hostname, port, user, password, tls, ca)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The system's default TLS context for ``mqtts://``."""
-        return ssl.create_default_context() if self.tls else None
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
 
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""

@@ -9,6 +9,7 @@ payloads go to the quarantine table with their reason; nothing here raises on in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import signal
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 
 import aiomqtt
 
-from backend._broker import ACK_TOPIC, SHARED_TX, Backoff, BrokerURL
+from backend._broker import ACK_TOPIC, PARAMS_TOPIC, SHARED_TX, Backoff, BrokerURL
 from backend._ingest import classify
+from backend._params import devices_in, next_params
 from backend._store import Store
 from backend._wire import Ack, WireError, decode_batch, encode_ack
 from card import TacVerifier
@@ -62,9 +64,21 @@ async def _handle(
         stats.quarantined += 1
         return
     rows = classify(batch, verifier)
-    await asyncio.to_thread(store.ingest, device, batch.batch_id, rows, worker=name)
+    result = await asyncio.to_thread(store.ingest, device, batch.batch_id, rows, worker=name)
     ack = encode_ack(Ack(batch.batch_id, len(rows), committed=True))
     await client.publish(ACK_TOPIC.format(device=device), ack, qos=1)
+    if result.clones:
+        # A cloned card rides until every device refuses it: hotlist it everywhere at once.
+        params = await asyncio.to_thread(next_params, store)
+        message = json.dumps(params)
+        for target in await asyncio.to_thread(devices_in, store):
+            await client.publish(PARAMS_TOPIC.format(device=target), message, qos=1, retain=True)
+        log.warning(
+            "%s: cloned card(s) %s hotlisted (parameters version %s)",
+            name,
+            ", ".join(result.clones),
+            params["version"],
+        )
     stats.batches += 1
     stats.records += len(rows)
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 
+from aiomqtt import MqttError
+
 from backend._broker import BrokerURL
+from backend._params import devices_in, next_params, publish_params, read_status
 from backend._report import report
 from backend._service import run_workers
 from backend._store import Store, StoreError
@@ -62,6 +66,44 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="shared-subscription group name (default farelab-backend)",
     )
     run.set_defaults(func=_run)
+    par = cmds.add_parser(
+        "params",
+        help="publish a new parameters version (hotlist, whitelist) to devices",
+        description="Publish the ledger's hotlist (cloned cards) plus --hotlist serials, and "
+        "optionally a --whitelist, as a new version, retained, on each device's parameters "
+        "topic. Devices apply it atomically and report the version they run.",
+    )
+    par.add_argument("--broker", required=True, metavar="URL", help="the MQTT broker")
+    par.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
+    par.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a device to publish to (repeatable; default: every device in the ledger)",
+    )
+    par.add_argument(
+        "--hotlist",
+        action="append",
+        default=[],
+        metavar="SERIAL",
+        help="a card serial to refuse (repeatable)",
+    )
+    par.add_argument(
+        "--whitelist",
+        action="append",
+        metavar="HEX16",
+        help="an accepted issuer id (repeatable; omitted: devices keep theirs)",
+    )
+    par.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then wait this long for the devices to report the version they run",
+    )
+    par.set_defaults(func=_params)
+
     rep = cmds.add_parser("report", help="totals, anomalies and breakdowns of the ledger")
     rep.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
     rep.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -101,6 +143,41 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         group=args.group,
     )
+
+
+def _params(args: argparse.Namespace) -> int:
+    try:
+        broker = BrokerURL.parse(args.broker)
+        store = Store(args.db)
+    except (ValueError, StoreError) as exc:
+        raise CliError(str(exc)) from None
+    bad = [s for s in args.hotlist if not s.isdigit() or len(s) > 20]
+    if bad:
+        raise CliError(f"--hotlist takes card serials (up to 20 digits), not {bad}")
+    for issuer in args.whitelist or []:
+        try:
+            ok = len(bytes.fromhex(issuer)) == 8
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CliError(f"--whitelist takes 16-digit hex issuer ids, not {issuer!r}")
+    try:
+        devices = args.device or devices_in(store)
+        if not devices:
+            raise CliError("no devices: the ledger has none yet; name them with --device")
+        params = next_params(store, hotlist=args.hotlist, whitelist=args.whitelist)
+    finally:
+        store.close()
+    try:
+        n = asyncio.run(publish_params(broker, params, devices))
+        print(f"published parameters version {params['version']} to {n} device(s)")
+        if args.wait > 0:
+            running = asyncio.run(read_status(broker, devices, wait=args.wait))
+            for device in devices:
+                print(f"  {device}: running version {running.get(device, 'unknown')}")
+    except MqttError as exc:
+        raise CliError(f"broker {broker}: {exc}") from None
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

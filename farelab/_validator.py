@@ -45,6 +45,7 @@ The configuration is one TOML file describing one or more devices:
   whitelist = ["1310000000000000"]  # accepted issuer ids (R10)
   hotlist = []                    # card serials to refuse and block
   reader = "sim"                  # or "pcsc:<reader name>", e.g. "pcsc:Virtual PCD 00 00"
+  mqtt_password = "…"             # the device's own broker password (its username is its id)
 """
 
 
@@ -205,7 +206,8 @@ def _uplink(url: str | None, config: Config) -> MqttUplink | None:
         broker = BrokerURL.parse(url)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    return MqttUplink(broker, [dc.device.id for dc in config.devices])
+    passwords = {dc.device.id: dc.mqtt_password for dc in config.devices if dc.mqtt_password}
+    return MqttUplink(broker, [dc.device.id for dc in config.devices], passwords=passwords)
 
 
 async def _drain(uplink: MqttUplink, journal: Journal, timeout: float) -> int:

@@ -94,6 +94,9 @@ class SlowUplink:
     def __init__(self) -> None:
         self.started = False
 
+    def attach_params(self, handler: object) -> None:
+        self.handler = handler
+
     async def run(self, journal: Journal) -> None:
         self.started = True
         await asyncio.sleep(3600)

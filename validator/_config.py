@@ -32,6 +32,7 @@ class DeviceConfig:
     device: Device
     params: Parameters
     keys: Mapping[bytes, IssuerKeys]
+    mqtt_password: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +234,10 @@ def load_config(path: Path) -> Config:
         seen.add(device.id)
         whitelist = where.hex_list("whitelist", 8)
         params = Parameters(0, where.serials("hotlist"), whitelist)
-        devices.append(DeviceConfig(device, params, dict.fromkeys(whitelist, keys)))
+        password = table.get("mqtt_password")
+        if password is not None and (not isinstance(password, str) or not password):
+            raise where.error("mqtt_password", "must be a non-empty string")
+        devices.append(DeviceConfig(device, params, dict.fromkeys(whitelist, keys), password))
     journal_table = doc.get("journal", {})
     if not isinstance(journal_table, dict):
         raise ConfigError(f"{path}: [journal] must be a table")

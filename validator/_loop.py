@@ -30,9 +30,13 @@ from validator._journal import Journal
 from validator._replay import result_json
 from validator._runtime import Validator
 
-__all__ = ["ParamsError", "Uplink", "load_params", "run"]
+__all__ = ["ParamsError", "ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
 
 log = logging.getLogger("farelab.validator")
+
+
+ParamsHandler = Callable[[str, bytes], int | None]
+"""Called with (device id, the backend's parameters message); returns the version in force."""
 
 
 class Uplink(Protocol):
@@ -40,6 +44,10 @@ class Uplink(Protocol):
 
     async def run(self, journal: Journal) -> None:
         """Send the journal's outbox for as long as the loop runs."""
+        ...
+
+    def attach_params(self, handler: ParamsHandler) -> None:
+        """Where parameters received from the backend go."""
         ...
 
 
@@ -50,25 +58,35 @@ class ParamsError(ValueError):
 def load_params(path: Path, current: Parameters) -> Parameters:
     """``{"version": n, "hotlist": [...], "whitelist": [...]}``; omitted lists are kept."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ParamsError(f"{path}: not JSON ({exc.msg})") from None
+    try:
+        return parse_params(text, current)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def parse_params(text: str | bytes, current: Parameters) -> Parameters:
+    """Parameters from their JSON form (a file, or the backend's retained message)."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"not JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
-        raise ParamsError(f"{path}: expected an object with an integer 'version'")
+        raise ParamsError("expected an object with an integer 'version'")
     hotlist, whitelist = current.hotlist, current.whitelist
     if "hotlist" in doc:
         raw = doc["hotlist"]
         if not isinstance(raw, list) or not all(isinstance(s, str) and s.isdigit() for s in raw):
-            raise ParamsError(f"{path}: 'hotlist' must be a list of card serials")
+            raise ParamsError("'hotlist' must be a list of card serials")
         hotlist = frozenset(s.rjust(20, "0") for s in raw)
     if "whitelist" in doc:
         raw = doc["whitelist"]
         try:
             whitelist = frozenset(bytes.fromhex(s) for s in raw)
         except (TypeError, ValueError):
-            raise ParamsError(f"{path}: 'whitelist' must be a list of hex issuer ids") from None
+            raise ParamsError("'whitelist' must be a list of hex issuer ids") from None
     return Parameters(doc["version"], hotlist, whitelist)
 
 
@@ -204,6 +222,26 @@ async def _update_params(
         await asyncio.sleep(1.0)
 
 
+def _params_handler(
+    stations: dict[str, _Station], results: asyncio.Queue[TapResult | str]
+) -> ParamsHandler:
+    def handle(device: str, payload: bytes) -> int | None:
+        station = stations.get(device)
+        if station is None:
+            return None
+        current = station.validator.params
+        try:
+            params = parse_params(payload, current)
+            if params.version > current.version:
+                station.validator.apply(params)
+                results.put_nowait(f"device {device}: parameters version {params.version} in force")
+        except (ParamsError, ValueError) as exc:
+            results.put_nowait(f"device {device}: parameters from the backend refused: {exc}")
+        return station.validator.params.version
+
+    return handle
+
+
 def _reader_factory(spec: str) -> Callable[[], Reader]:
     if spec == "sim":
         return InProcessReader
@@ -254,6 +292,7 @@ async def run(
                     group.create_task(_update_params(params_file, stations, results), name="params")
                 )
             if uplink is not None:
+                uplink.attach_params(_params_handler(stations, results))
                 tasks.append(group.create_task(uplink.run(journal), name="uplink"))
             for device_id, station in stations.items():
                 if not isinstance(station.reader, InProcessReader):

@@ -13,16 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from backend._broker import ACK_TOPIC, TX_TOPIC, Backoff, BrokerURL, LinkState
+from backend._broker import (
+    ACK_TOPIC,
+    PARAMS_TOPIC,
+    STATUS_TOPIC,
+    TX_TOPIC,
+    Backoff,
+    BrokerURL,
+    LinkState,
+)
 from backend._wire import BATCH_MAX, Batch, WireError, decode_ack, encode_batch, record_from_outbox
 from validator._journal import Journal
 
@@ -82,6 +91,11 @@ class MqttUplink:
         self.passwords = passwords or {}
         self.stats: dict[str, UplinkStats] = {d: UplinkStats() for d in self.devices}
         self._wake = asyncio.Event()
+        self._on_params: Callable[[str, bytes], int | None] | None = None
+
+    def attach_params(self, handler: Callable[[str, bytes], int | None]) -> None:
+        """Apply parameters the backend publishes for these devices with ``handler``."""
+        self._on_params = handler
 
     def poke(self) -> None:
         """New outbox rows: send without waiting for the next poll."""
@@ -125,6 +139,8 @@ class MqttUplink:
                         log.info("device %s: uplink to %s is back", device, self.broker)
                     backoff.reset()
                     await client.subscribe(ACK_TOPIC.format(device=device), qos=1)
+                    if self._on_params is not None:
+                        await client.subscribe(PARAMS_TOPIC.format(device=device), qos=1)
                     await self._session(client, journal, device, stats)
             except aiomqtt.MqttError as exc:
                 stats.state = LinkState.BACKOFF
@@ -172,6 +188,9 @@ class MqttUplink:
 
         async def acks() -> None:
             async for message in client.messages:
+                if str(message.topic).endswith("/params"):
+                    await on_params(bytes(message.payload))
+                    continue
                 try:
                     ack = decode_ack(bytes(message.payload))
                 except (WireError, TypeError):
@@ -186,6 +205,14 @@ class MqttUplink:
                 await asyncio.to_thread(journal.acknowledge, flight.ids)
                 stats.records_acked += len(flight.ids)
                 self._wake.set()
+
+        async def on_params(payload: bytes) -> None:
+            if self._on_params is None:
+                return
+            version = self._on_params(device, payload)
+            if version is not None:
+                status = json.dumps({"device": device, "params_version": version})
+                await client.publish(STATUS_TOPIC.format(device=device), status, qos=1, retain=True)
 
         ack_task = asyncio.create_task(acks(), name=f"uplink-acks-{device}")
         try:
