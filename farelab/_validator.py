@@ -80,6 +80,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "validator-journal.db beside the config)",
     )
     run.add_argument(
+        "--broker",
+        metavar="URL",
+        help="upload the journal's outbox to this MQTT broker and take parameters from it "
+        "(mqtt://[user:password@]host[:port], mqtts:// for TLS)",
+    )
+    run.add_argument(
         "--params",
         type=Path,
         metavar="FILE",
@@ -145,13 +151,21 @@ def _run(args: argparse.Namespace) -> int:
     names = ", ".join(f"{dc.device.id} ({dc.device.reader})" for dc in config.devices)
     print(f"farelab validator: running {names}; journal {path}", file=sys.stderr, flush=True)
 
+    uplink = _uplink(args.broker, config)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await run_loop(
-            config, journal, source=sys.stdin, out=sys.stdout, params_file=args.params, stop=stop
+            config,
+            journal,
+            source=sys.stdin,
+            out=sys.stdout,
+            params_file=args.params,
+            uplink=uplink,
+            stop=stop,
         )
 
     try:

@@ -1,0 +1,98 @@
+"""Parameters from the backend reach a running validator over MQTT, are applied atomically, and
+the validator reports the version it runs."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from card import load_image, personalise, save_image
+from tests.mosquitto import Mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = """
+[[validator]]
+id = "bus-7"
+kind = "bus"
+network = "taiyuan"
+terminal_id = "000000000B07"
+whitelist = ["1310000000000000"]
+"""
+
+
+def test_hotlist_published_by_the_backend_reaches_a_running_validator(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    config = tmp_path / "devices.toml"
+    config.write_text(CONFIG)
+    card = tmp_path / "card.json"
+    save_image(card, personalise(serial="55", issued=date(2026, 1, 1), balance=1000))
+    validator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "farelab",
+            "validator",
+            "run",
+            "--config",
+            str(config),
+            "--journal",
+            str(tmp_path / "j.db"),
+            "--broker",
+            broker.url,
+        ],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert validator.stdin is not None
+    assert validator.stdout is not None
+    try:
+        time.sleep(1.5)
+        published = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "farelab",
+                "backend",
+                "params",
+                "--broker",
+                broker.url,
+                "--db",
+                f"sqlite:///{tmp_path / 'ledger.db'}",
+                "--device",
+                "bus-7",
+                "--hotlist",
+                "55",
+                "--wait",
+                "5",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert published.returncode == 0, published.stderr
+        assert "published parameters version 1 to 1 device(s)" in published.stdout
+        assert "bus-7: running version 1" in published.stdout
+        validator.stdin.write(json.dumps({"device": "bus-7", "card": str(card)}) + "\n")
+        validator.stdin.flush()
+        ready, _, _ = select.select([validator.stdout], [], [], 10)
+        assert ready
+        result = json.loads(validator.stdout.readline())
+        assert (result["result"], result["reason"]) == ("rejected", "hotlisted")
+    finally:
+        validator.stdin.close()
+        validator.send_signal(signal.SIGTERM)
+        validator.wait(15)
+    assert load_image(card).blocked
+    assert load_image(card).balance == 1000
