@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -34,6 +35,8 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "max_queued_messages 100000\nmax_inflight_messages 1000\n"
             f"log_dest file {folder / 'mosquitto.log'}\n{extra}"
+            # As root, Mosquitto drops to user "mosquitto", who cannot read pytest's folders.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
