@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import date
 from pathlib import Path
 
 from aiomqtt import MqttError
 
 from backend._broker import BrokerURL
+from backend._clearing import clear_ledger
 from backend._params import devices_in, next_params, publish_params, read_status
 from backend._report import report
 from backend._service import run_workers
@@ -104,6 +106,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     par.set_defaults(func=_params)
 
+    clr = cmds.add_parser(
+        "clear",
+        help="clearing and settlement between operators and issuers",
+        description="Clear the counted transactions: rides are owed by the card's issuer to "
+        "the operator, top-ups by the kiosk's operator to the issuer. Prints each party's net "
+        "position and the payments that settle them.",
+    )
+    clr.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
+    clr.add_argument("--day", metavar="YYYY-MM-DD", help="one day (China time) only")
+    clr.add_argument("--csv", type=Path, metavar="FILE", help="write positions as CSV")
+    clr.add_argument("--json", type=Path, metavar="FILE", help="write everything as JSON")
+    clr.set_defaults(func=_clear)
+
     rep = cmds.add_parser("report", help="totals, anomalies and breakdowns of the ledger")
     rep.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
     rep.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -177,6 +192,38 @@ def _params(args: argparse.Namespace) -> int:
                 print(f"  {device}: running version {running.get(device, 'unknown')}")
     except MqttError as exc:
         raise CliError(f"broker {broker}: {exc}") from None
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    if args.day is not None:
+        try:
+            date.fromisoformat(args.day)
+        except ValueError:
+            raise CliError(f"--day {args.day!r} is not a date (YYYY-MM-DD)") from None
+    try:
+        store = Store(args.db)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        result = clear_ledger(store, day=args.day)
+    finally:
+        store.close()
+    try:
+        if args.csv is not None:
+            args.csv.write_text(result.to_csv(), encoding="utf-8")
+        if args.json is not None:
+            args.json.write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write: {exc}") from None
+    doc = result.to_json()
+    print(f"{doc['transactions']} transactions over {len(doc['days'])} day(s)")
+    print("net positions (receivable − payable):")
+    for party, net in sorted(doc["net_positions"].items(), key=lambda kv: kv[1]):
+        print(f"  {party:<32} {fen_to_yuan(net):>14}")
+    print("settlement:")
+    for row in doc["settlements"]:
+        print(f"  {row['payer']:<28} pays {row['payee']:<28} {fen_to_yuan(row['amount_fen']):>12}")
     return 0
 
 

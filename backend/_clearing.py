@@ -1,0 +1,142 @@
+"""Clearing and settlement between operators and issuers, with numpy.
+
+Every counted transaction is a flow of money between two parties: a ride (purchase) is owed by
+the card's issuer — who holds the rider's prepaid float — to the operator who carried the rider;
+a top-up (load) is owed by the operator whose kiosk took the cash to the card's issuer.  The
+flows are summed per day into a payer × payee matrix (one ``bincount``), bilateral amounts are
+netted (``F − Fᵀ``), and each party's net position is what it receives less what it pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from backend._store import Store
+
+__all__ = ["Clearing", "clear", "clear_ledger"]
+
+CST = timezone(timedelta(hours=8))
+DAY_MS = 86_400_000
+_CST_OFFSET_MS = 8 * 3_600_000
+
+
+@dataclass(frozen=True)
+class Clearing:
+    """The result: parties, days, the flow matrix and the net positions."""
+
+    parties: list[str]
+    days: list[str]
+    flows: npt.NDArray[np.int64]  # [day, payer, payee], fen
+    transactions: int
+
+    @property
+    def bilateral(self) -> npt.NDArray[np.int64]:
+        """Netted bilateral amounts over all days: [i, j] > 0 means i pays j."""
+        total = self.flows.sum(axis=0)
+        net: npt.NDArray[np.int64] = np.maximum(total - total.T, 0)
+        return net
+
+    @property
+    def positions(self) -> npt.NDArray[np.int64]:
+        """Net position per day and party: receivable − payable, fen. Each day sums to 0."""
+        net: npt.NDArray[np.int64] = self.flows.sum(axis=1) - self.flows.sum(axis=2)
+        return net
+
+    def settlements(self) -> list[dict[str, Any]]:
+        """The payments that settle all days: payer, payee, amount."""
+        out = []
+        net = self.bilateral
+        for i, j in zip(*np.nonzero(net), strict=True):
+            out.append(
+                {"payer": self.parties[i], "payee": self.parties[j], "amount_fen": int(net[i, j])}
+            )
+        return sorted(out, key=lambda r: (-r["amount_fen"], r["payer"], r["payee"]))
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, JSON-able."""
+        positions = self.positions
+        return {
+            "transactions": self.transactions,
+            "days": self.days,
+            "parties": self.parties,
+            "positions": {
+                day: {p: int(positions[d, k]) for k, p in enumerate(self.parties)}
+                for d, day in enumerate(self.days)
+            },
+            "net_positions": {
+                p: int(v) for p, v in zip(self.parties, positions.sum(axis=0), strict=True)
+            },
+            "settlements": self.settlements(),
+        }
+
+    def to_csv(self) -> str:
+        """One row per day and party: day, party, receivable, payable, net (fen)."""
+        lines = ["day,party,receivable_fen,payable_fen,net_fen"]
+        receivable = self.flows.sum(axis=1)
+        payable = self.flows.sum(axis=2)
+        for d, day in enumerate(self.days):
+            for k, party in enumerate(self.parties):
+                r, p = int(receivable[d, k]), int(payable[d, k])
+                if r or p:
+                    lines.append(f"{day},{party},{r},{p},{r - p}")
+        return "\n".join(lines) + "\n"
+
+
+def clear(
+    *,
+    issuers: npt.NDArray[np.int64],
+    operators: npt.NDArray[np.int64],
+    days: npt.NDArray[np.int64],
+    loads: npt.NDArray[np.bool_],
+    amounts: npt.NDArray[np.int64],
+    issuer_names: list[str],
+    operator_names: list[str],
+    day_names: list[str],
+) -> Clearing:
+    """Clear coded transactions: ``issuers``/``operators``/``days`` index the name lists."""
+    n_issuers = len(issuer_names)
+    parties = [f"issuer:{n}" for n in issuer_names] + [f"operator:{n}" for n in operator_names]
+    p = len(parties)
+    operator_party = operators + n_issuers
+    payer = np.where(loads, operator_party, issuers)
+    payee = np.where(loads, issuers, operator_party)
+    index = (days * p + payer) * p + payee
+    size = max(len(day_names), 1) * p * p
+    summed = np.bincount(index, weights=amounts, minlength=size)
+    flows = np.rint(summed).astype(np.int64).reshape(max(len(day_names), 1), p, p)
+    return Clearing(parties, day_names, flows[: len(day_names)], len(amounts))
+
+
+def clear_ledger(store: Store, *, day: str | None = None) -> Clearing:
+    """Clear what the ledger counts (optionally one CST day, YYYY-MM-DD)."""
+    query = "SELECT issuer, operator, at_ms, tx_type, amount FROM transactions WHERE verdict = 'ok'"
+    args: tuple[Any, ...] = ()
+    if day is not None:
+        start = datetime.fromisoformat(day).replace(tzinfo=CST)
+        start_ms = int(start.timestamp() * 1000)
+        query += " AND at_ms >= ? AND at_ms < ?"
+        args = (start_ms, start_ms + DAY_MS)
+    rows = store.execute(query, args).fetchall()
+    if not rows:
+        return Clearing([], [], np.zeros((0, 0, 0), dtype=np.int64), 0)
+    issuer_col, operator_col, at, tx_type, amount = (np.array(c) for c in zip(*rows, strict=True))
+    issuer_names, issuers = np.unique(issuer_col.astype(str), return_inverse=True)
+    operator_names, operators = np.unique(operator_col.astype(str), return_inverse=True)
+    day_index = (at.astype(np.int64) + _CST_OFFSET_MS) // DAY_MS
+    day_codes, days = np.unique(day_index, return_inverse=True)
+    day_names = [datetime.fromtimestamp(int(d) * 86_400, UTC).date().isoformat() for d in day_codes]
+    return clear(
+        issuers=issuers.astype(np.int64),
+        operators=operators.astype(np.int64),
+        days=days.astype(np.int64),
+        loads=tx_type.astype(np.int64) == 2,
+        amounts=amount.astype(np.int64),
+        issuer_names=[str(x) for x in issuer_names],
+        operator_names=[str(x) or "unknown" for x in operator_names],
+        day_names=day_names,
+    )
