@@ -21,10 +21,11 @@ import aiomqtt
 
 from backend._broker import ACK_TOPIC, PARAMS_TOPIC, SHARED_TX, Backoff, BrokerURL
 from backend._ingest import classify
+from backend._loads import LOAD_RESP, SHARED_LOAD_REQ, ensure_schema, handle_load_message
 from backend._params import devices_in, next_params
 from backend._store import Store
 from backend._wire import Ack, WireError, decode_batch, encode_ack
-from card import TacVerifier
+from card import IssuerKeys, LoadAuthority, TacVerifier
 
 __all__ = ["WorkerStats", "run_worker", "run_workers"]
 
@@ -87,7 +88,7 @@ async def run_worker(
     broker: BrokerURL,
     db_url: str,
     *,
-    tac_keys: Mapping[bytes, bytes],
+    issuers: Mapping[bytes, IssuerKeys],
     group: str = "farelab-backend",
     name: str = "backend-1",
     stop: asyncio.Event | None = None,
@@ -97,7 +98,9 @@ async def run_worker(
     stop = stop or asyncio.Event()
     stats = stats or WorkerStats()
     store = Store(db_url)
-    verifier = TacVerifier(issuers=tac_keys)
+    verifier = TacVerifier.of(issuers)
+    authority = LoadAuthority(issuers=issuers)
+    ensure_schema(store)
     backoff = Backoff()
     try:
         while not stop.is_set():
@@ -114,9 +117,12 @@ async def run_worker(
                     timeout=5,
                 ) as client:
                     await client.subscribe(SHARED_TX.format(group=group), qos=1)
+                    await client.subscribe(SHARED_LOAD_REQ.format(group=group), qos=1)
                     backoff.reset()
                     log.info("%s: ingesting from %s", name, broker)
-                    reader = asyncio.create_task(_consume(client, store, verifier, stats, name))
+                    reader = asyncio.create_task(
+                        _consume(client, store, verifier, authority, stats=stats, name=name)
+                    )
                     stopper = asyncio.create_task(stop.wait())
                     done, _ = await asyncio.wait(
                         {reader, stopper}, return_when=asyncio.FIRST_COMPLETED
@@ -142,11 +148,25 @@ async def run_worker(
 
 
 async def _consume(
-    client: aiomqtt.Client, store: Store, verifier: TacVerifier, stats: WorkerStats, name: str
+    client: aiomqtt.Client,
+    store: Store,
+    verifier: TacVerifier,
+    authority: LoadAuthority,
+    *,
+    stats: WorkerStats,
+    name: str,
 ) -> None:
     async for message in client.messages:
         payload = message.payload
         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        topic = str(message.topic)
+        if topic.endswith("/load/req"):
+            kiosk = topic.split("/")[3]
+            answer = await asyncio.to_thread(
+                handle_load_message, store, authority, verifier, kiosk, bytes(raw)
+            )
+            await client.publish(LOAD_RESP.format(kiosk=kiosk), json.dumps(answer), qos=1)
+            continue
         await _handle(
             client,
             store,
@@ -159,7 +179,7 @@ async def _consume(
 
 
 def _worker_main(
-    broker: str, db_url: str, tac_keys: dict[bytes, bytes], group: str, name: str
+    broker: str, db_url: str, issuers: dict[bytes, IssuerKeys], group: str, name: str
 ) -> None:
     logging.basicConfig(level=logging.INFO, format=f"farelab backend {name}: %(message)s")
     stop = asyncio.Event()
@@ -169,7 +189,7 @@ def _worker_main(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await run_worker(
-            BrokerURL.parse(broker), db_url, tac_keys=tac_keys, group=group, name=name, stop=stop
+            BrokerURL.parse(broker), db_url, issuers=issuers, group=group, name=name, stop=stop
         )
 
     asyncio.run(main())
@@ -179,7 +199,7 @@ def run_workers(
     broker: str,
     db_url: str,
     *,
-    tac_keys: dict[bytes, bytes],
+    issuers: dict[bytes, IssuerKeys],
     workers: int,
     group: str = "farelab-backend",
 ) -> int:
@@ -189,7 +209,7 @@ def run_workers(
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(broker, db_url, tac_keys, group, f"worker-{i}"),
+            args=(broker, db_url, issuers, group, f"worker-{i}"),
             name=f"farelab-backend-{i}",
         )
         for i in range(1, workers + 1)
@@ -212,7 +232,7 @@ def run_workers(
             if not proc.is_alive() and not stopping:
                 log.warning("worker %d exited (%s); starting it again", i + 1, proc.exitcode)
                 procs[i] = ctx.Process(
-                    target=_worker_main, args=(broker, db_url, tac_keys, group, f"worker-{i + 1}")
+                    target=_worker_main, args=(broker, db_url, issuers, group, f"worker-{i + 1}")
                 )
                 procs[i].start()
         time.sleep(0.5)

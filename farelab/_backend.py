@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     return run_workers(
         str(args.broker),
         args.db,
-        tac_keys={issuer: keys.tac},
+        issuers={issuer: keys},
         workers=args.workers,
         group=args.group,
     )

@@ -1,0 +1,224 @@
+"""Load authorization for kiosks: request/response over MQTT, the load key only here (SPEC B4).
+
+A kiosk sends ``{"id", "op": "authorize", …the card's INITIALIZE FOR LOAD answer…}`` on
+``farelab/v1/kiosk/<id>/load/req``; the backend checks MAC1, the amount and the 1000-yuan cap
+(R4), records the load as *authorized* and answers MAC2 on ``…/load/resp``.  After CREDIT the
+kiosk sends ``{"id", "op": "confirm", "tac"}``: a verified TAC makes the load *confirmed* and
+counted in the ledger; a card that never took it is ``{"id", "op": "void"}``.  Every operation
+is idempotent by request id: a repeated message gets the same answer and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from backend._store import Store
+from card import Alg, LoadAuthority, LoadAuthorization, LoadRequest, TacVerifier
+
+__all__ = ["LOAD_REQ", "LOAD_RESP", "SHARED_LOAD_REQ", "handle_load_message"]
+
+LOAD_REQ = "farelab/v1/kiosk/{kiosk}/load/req"
+LOAD_RESP = "farelab/v1/kiosk/{kiosk}/load/resp"
+SHARED_LOAD_REQ = "$share/{group}/farelab/v1/kiosk/+/load/req"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS loads (
+    id TEXT PRIMARY KEY,
+    kiosk TEXT NOT NULL,
+    card_serial TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    alg TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    balance_before BIGINT NOT NULL,
+    card_counter INTEGER NOT NULL,
+    terminal TEXT NOT NULL,
+    day TEXT NOT NULL,
+    time TEXT NOT NULL,
+    status TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    tac TEXT NOT NULL DEFAULT '',
+    created_ms BIGINT NOT NULL
+)
+"""
+
+
+def ensure_schema(store: Store) -> None:
+    """Create the loads table if needed."""
+    store.execute(_SCHEMA)
+
+
+def _request(doc: dict[str, Any]) -> LoadRequest:
+    serial = str(doc["card_serial"]).rjust(20, "0")
+    return LoadRequest(
+        issuer_id=bytes.fromhex(doc["issuer"]),
+        serial=serial,
+        serial8=bytes.fromhex(serial)[2:],
+        alg=Alg.from_label(doc["alg"]),
+        key_version=int(doc.get("key_version", 1)),
+        balance=int(doc["balance"]),
+        counter=int(doc["counter"]),
+        random=bytes.fromhex(doc["random"]),
+        mac1=bytes.fromhex(doc["mac1"]),
+        amount=int(doc["amount"]),
+        terminal=bytes.fromhex(doc["terminal"]),
+    )
+
+
+def handle_load_message(
+    store: Store,
+    authority: LoadAuthority,
+    verifier: TacVerifier,
+    kiosk: str,
+    payload: bytes,
+    *,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """One kiosk message → the answer to publish (already stored when this returns)."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {"id": None, "result": "error", "reason": "malformed", "detail": str(exc)[:200]}
+    if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not doc["id"]:
+        return {"id": None, "result": "error", "reason": "malformed", "detail": "no string 'id'"}
+    op = doc.get("op")
+    request_id: str = doc["id"]
+    try:
+        with store.transaction():
+            ensure_schema(store)
+            row = store.execute(
+                "SELECT status, answer, kiosk FROM loads WHERE id = ?", (request_id,)
+            ).fetchone()
+            if op == "authorize":
+                if row is not None:
+                    answer: dict[str, Any] = json.loads(row[1])
+                    return answer
+                return _authorize(store, authority, kiosk, request_id, doc, now=now)
+            if row is None or row[2] != kiosk:
+                return {"id": request_id, "result": "error", "reason": "unknown_request"}
+            if op == "confirm":
+                return _confirm(store, verifier, request_id, row[0], doc)
+            if op == "void":
+                if row[0] == "authorized":
+                    store.execute("UPDATE loads SET status = 'void' WHERE id = ?", (request_id,))
+                    return {"id": request_id, "result": "void"}
+                return {"id": request_id, "result": row[0]}
+            return {"id": request_id, "result": "error", "reason": "unknown_op"}
+    except (KeyError, ValueError, TypeError) as exc:
+        return {
+            "id": request_id,
+            "result": "error",
+            "reason": "malformed",
+            "detail": f"{type(exc).__name__}: {exc}"[:200],
+        }
+
+
+def _authorize(
+    store: Store,
+    authority: LoadAuthority,
+    kiosk: str,
+    request_id: str,
+    doc: dict[str, Any],
+    *,
+    now: datetime | None,
+) -> dict[str, Any]:
+    req = _request(doc)
+    decision = authority.authorize(req, when=now or datetime.now(UTC))
+    if isinstance(decision, LoadAuthorization):
+        answer: dict[str, Any] = {
+            "id": request_id,
+            "result": "authorized",
+            "mac2": decision.mac2.hex().upper(),
+            "day": decision.day.hex(),
+            "time": decision.time.hex(),
+        }
+        status, day, clock = "authorized", decision.day.hex(), decision.time.hex()
+    else:
+        answer = {
+            "id": request_id,
+            "result": "refused",
+            "reason": decision.reason,
+            "detail": decision.detail,
+        }
+        status, day, clock = "refused", "", ""
+    store.execute(
+        "INSERT INTO loads (id, kiosk, card_serial, issuer, alg, amount, balance_before, "
+        "card_counter, terminal, day, time, status, answer, created_ms) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            request_id,
+            kiosk,
+            req.serial,
+            req.issuer_id.hex().upper(),
+            req.alg.label,
+            req.amount,
+            req.balance,
+            req.counter,
+            req.terminal.hex().upper(),
+            day,
+            clock,
+            status,
+            json.dumps(answer),
+            int(time.time() * 1000),
+        ),
+    )
+    return answer
+
+
+def _confirm(
+    store: Store, verifier: TacVerifier, request_id: str, status: str, doc: dict[str, Any]
+) -> dict[str, Any]:
+    if status == "confirmed":
+        return {"id": request_id, "result": "confirmed"}
+    if status != "authorized":
+        return {"id": request_id, "result": "error", "reason": f"load is {status}"}
+    (serial, issuer, alg, amount, before, counter, terminal, day, clock, kiosk) = store.execute(
+        "SELECT card_serial, issuer, alg, amount, balance_before, card_counter, terminal, day, "
+        "time, kiosk FROM loads WHERE id = ?",
+        (request_id,),
+    ).fetchone()
+    tac = str(doc["tac"]).upper()
+    expected = verifier.load_tac(
+        alg=Alg.from_label(alg),
+        issuer_id=bytes.fromhex(issuer),
+        serial8=bytes.fromhex(serial)[2:],
+        balance_after=before + amount,
+        counter=counter,
+        amount=amount,
+        terminal=bytes.fromhex(terminal),
+        day=bytes.fromhex(day),
+        time=bytes.fromhex(clock),
+    )
+    if expected is None or expected.hex().upper() != tac:
+        return {"id": request_id, "result": "error", "reason": "tac_invalid"}
+    store.execute("UPDATE loads SET status = 'confirmed', tac = ? WHERE id = ?", (tac, request_id))
+    seq = store.execute(
+        "SELECT coalesce(max(seq), 0) + 1 FROM transactions WHERE device = ?", (kiosk,)
+    ).fetchone()[0]
+    at_ms = int(time.time() * 1000)
+    store.execute(
+        "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
+        "issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, "
+        "line, operator, tac, received_ms) VALUES (?, ?, 'completed', 'ok', 2, 'load', ?, ?, ?, ?, "
+        "0, ?, ?, ?, ?, ?, ?, '0000000000000000', 0, ?, ?, ?)",
+        (
+            kiosk,
+            seq,
+            alg,
+            serial,
+            issuer,
+            counter,
+            amount,
+            before,
+            terminal,
+            day,
+            clock,
+            at_ms,
+            kiosk[:8],
+            tac,
+            at_ms,
+        ),
+    )
+    return {"id": request_id, "result": "confirmed"}
