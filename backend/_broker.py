@@ -8,6 +8,8 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import aiomqtt
+
 __all__ = [
     "ACK_TOPIC",
     "PARAMS_TOPIC",
@@ -28,8 +30,9 @@ SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
 
 @dataclass(frozen=True, slots=True)
 class BrokerURL:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…[?ca=/path/ca.pem]`` (TLS, default
-    port 8883; ``ca`` names a CA bundle for a private broker certificate)."""
+    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…`` (TLS, default port 8883).
+    Options: ``?ca=/path/ca.pem`` (a CA bundle for a private broker certificate),
+    ``?protocol=3.1.1`` (for brokers without MQTT 5; no shared subscriptions, one worker)."""
 
     host: str
     port: int
@@ -37,6 +40,17 @@ class BrokerURL:
     password: str | None = None
     tls: bool = False
     ca_file: str | None = None
+    protocol: str = "5"
+
+    @property
+    def mqtt5(self) -> bool:
+        """False for ``?protocol=3.1.1`` (brokers without MQTT 5, such as amqtt)."""
+        return self.protocol == "5"
+
+    @property
+    def version(self) -> aiomqtt.ProtocolVersion:
+        """The MQTT protocol version to speak."""
+        return aiomqtt.ProtocolVersion.V5 if self.mqtt5 else aiomqtt.ProtocolVersion.V311
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
@@ -54,13 +68,16 @@ class BrokerURL:
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
         query = parse_qs(parts.query)
-        unknown = set(query) - {"ca"}
+        unknown = set(query) - {"ca", "protocol"}
         if unknown:
             raise ValueError(f"broker URL {url!r}: unknown option(s) {sorted(unknown)}")
         ca = query.get("ca", [None])[0]
         if ca is not None and not tls:
             raise ValueError(f"broker URL {url!r}: 'ca' needs mqtts://")
-        return cls(parts.hostname, port, user, password, tls, ca)
+        protocol = query.get("protocol", ["5"])[0]
+        if protocol not in ("5", "3.1.1"):
+            raise ValueError(f"broker URL {url!r}: protocol must be 5 or 3.1.1")
+        return cls(parts.hostname, port, user, password, tls, ca, protocol)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The system's default TLS context for ``mqtts://``."""

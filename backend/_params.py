@@ -56,7 +56,7 @@ async def publish_params(
         broker.port,
         username=broker.username,
         password=broker.password,
-        protocol=aiomqtt.ProtocolVersion.V5,
+        protocol=broker.version,
         tls_context=broker.tls_context(),
         timeout=10,
     ) as client:
@@ -77,7 +77,7 @@ async def read_status(
         broker.port,
         username=broker.username,
         password=broker.password,
-        protocol=aiomqtt.ProtocolVersion.V5,
+        protocol=broker.version,
         tls_context=broker.tls_context(),
         timeout=10,
     ) as client:

@@ -111,13 +111,17 @@ async def run_worker(
                     identifier=f"farelab-{name}",
                     username=broker.username,
                     password=broker.password,
-                    protocol=aiomqtt.ProtocolVersion.V5,
+                    protocol=broker.version,
                     tls_context=broker.tls_context(),
                     keepalive=15,
                     timeout=5,
                 ) as client:
-                    await client.subscribe(SHARED_TX.format(group=group), qos=1)
-                    await client.subscribe(SHARED_LOAD_REQ.format(group=group), qos=1)
+                    if broker.mqtt5:
+                        await client.subscribe(SHARED_TX.format(group=group), qos=1)
+                        await client.subscribe(SHARED_LOAD_REQ.format(group=group), qos=1)
+                    else:  # no shared subscriptions before MQTT 5: one worker takes all
+                        await client.subscribe(SHARED_TX.split("/", 2)[2], qos=1)
+                        await client.subscribe(SHARED_LOAD_REQ.split("/", 2)[2], qos=1)
                     backoff.reset()
                     log.info("%s: ingesting from %s", name, broker)
                     reader = asyncio.create_task(

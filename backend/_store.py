@@ -214,7 +214,7 @@ class Store:
                 chunk,
             ).fetchall():
                 counted[(serial, counter, tx_type)] = (dev, seq)
-        inserts: list[tuple[Any, ...]] = []
+        inserts: dict[int, tuple[Any, ...]] = {}
         updates: list[tuple[Any, ...]] = []
         anomalies: list[tuple[Any, ...]] = []
         for c in rows:
@@ -244,35 +244,35 @@ class Store:
                     )
                 else:
                     counted[key] = (device, r.seq)
-            if old is not None:
+            if old is not None and r.seq not in inserts:
                 updates.append((r.status, verdict, r.tac, device, r.seq))
                 result.resolved += 1
                 continue
-            inserts.append(
-                (
-                    device,
-                    r.seq,
-                    r.status,
-                    verdict,
-                    r.tx_type,
-                    r.kind,
-                    r.alg,
-                    r.card_serial,
-                    r.issuer,
-                    r.card_counter,
-                    r.ttc,
-                    r.amount,
-                    r.balance_before,
-                    r.terminal,
-                    r.day,
-                    r.time,
-                    r.at_ms,
-                    r.station,
-                    r.line,
-                    r.operator,
-                    r.tac,
-                    now,
-                )
+            if old is not None:
+                result.resolved += 1  # a grey record resolved within this very batch
+            inserts[r.seq] = (
+                device,
+                r.seq,
+                r.status,
+                verdict,
+                r.tx_type,
+                r.kind,
+                r.alg,
+                r.card_serial,
+                r.issuer,
+                r.card_counter,
+                r.ttc,
+                r.amount,
+                r.balance_before,
+                r.terminal,
+                r.day,
+                r.time,
+                r.at_ms,
+                r.station,
+                r.line,
+                r.operator,
+                r.tac,
+                now,
             )
             have[r.seq] = r.status
         self.executemany(
@@ -280,7 +280,9 @@ class Store:
             updates,
         )
         marks = ",".join("?" * 22)
-        self.executemany(f"INSERT INTO transactions ({_COLUMNS}) VALUES ({marks})", inserts)
+        self.executemany(
+            f"INSERT INTO transactions ({_COLUMNS}) VALUES ({marks})", list(inserts.values())
+        )
         self.executemany(
             "INSERT INTO anomalies (kind, card_serial, device, seq, detail, found_ms) "
             "VALUES (?, ?, ?, ?, ?, ?)",

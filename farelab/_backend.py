@@ -132,6 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if not 1 <= args.workers <= 64:
         raise CliError("--workers must be 1 to 64")
+    if args.workers > 1 and not broker.mqtt5:
+        raise CliError(
+            "several --workers need MQTT 5 shared subscriptions; the broker URL says protocol=3.1.1"
+        )
     keys = DEMO_KEYS
     if args.keys:
         try:

@@ -2,12 +2,14 @@
 
 The demo grows with the project.  Today it issues a card, runs a bus purchase and a top-up through
 it twice — in-process, and through a real pcscd with the card in the "Virtual PCD" reader — and
-then rides Taiyuan's validators with it, tearing one tap on purpose.
+then rides Taiyuan's validators with it, tearing one tap on purpose, and uploads their journal
+through an embedded broker to the backend, which verifies, counts and clears it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
 import time
 from collections.abc import Callable
@@ -192,6 +194,8 @@ def run_demo(folder: Path, *, pcsc: bool) -> None:
         through_pcscd(path, lambda r: _ride_and_top_up(r, "pcscd", now, psam))
     _say("4. Validators of Taiyuan (bus and Line 2 gates), the journal beside the card")
     _validators(folder, path, now)
+    _say("5. Uplink and backend: an embedded MQTT broker, the backend verifying every TAC")
+    asyncio.run(_backend(folder))
     _say("Done. Inspect the card with: farelab card show " + str(path))
 
 
@@ -233,6 +237,51 @@ def _validators(folder: Path, card_path: Path, now: Callable[[], datetime]) -> N
         f"waiting for the uplink, {sum(r['status'] == 'pending' for r in rows)} pending"
     )
     journal.close()
+
+
+async def _backend(folder: Path) -> None:
+    from backend._clearing import clear_ledger  # noqa: PLC0415
+    from backend._embedded import embedded_broker  # noqa: PLC0415
+    from backend._report import report  # noqa: PLC0415
+    from backend._service import run_worker  # noqa: PLC0415
+    from backend._store import Store  # noqa: PLC0415
+    from validator._journal import Journal  # noqa: PLC0415
+    from validator._uplink import MqttUplink  # noqa: PLC0415
+
+    db = f"sqlite:///{folder / 'ledger.db'}"
+    journal = Journal(folder / "journal.db")
+    devices = sorted({payload["device"] for _, _, payload in journal.outbox(10_000)})
+    async with embedded_broker() as broker:
+        _say(f"  embedded broker (amqtt, MQTT 3.1.1) on {broker}")
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(broker, db, issuers={DEMO_ISSUER_ID: DEMO_KEYS}, stop=stop)
+        )
+        uplink = MqttUplink(broker, devices)
+        sender = asyncio.create_task(uplink.run(journal))
+        started = time.monotonic()
+        while journal.outbox_rows and time.monotonic() - started < 30:
+            await asyncio.sleep(0.05)
+        sender.cancel()
+        stop.set()
+        await asyncio.gather(sender, worker, return_exceptions=True)
+    acked = sum(s.records_acked for s in uplink.stats.values())
+    _say(f"  uploaded {acked} records; {journal.outbox_rows} left in the outbox")
+    journal.close()
+    store = Store(db)
+    doc = report(store)
+    cleared = clear_ledger(store).to_json()
+    store.close()
+    _say(
+        f"  ledger: {doc['transactions']} transactions, purchases "
+        f"{fen_to_yuan(doc['purchase_fen'])} yuan, {doc['forged']} forged, "
+        f"{doc['duplicates']} duplicates, {doc['gaps']} gaps"
+    )
+    for row in cleared["settlements"]:
+        _say(
+            f"  settlement: {row['payer']} pays {row['payee']} "
+            f"{fen_to_yuan(row['amount_fen'])} yuan"
+        )
 
 
 DEMO_DEVICES = """\

@@ -131,3 +131,12 @@ def test_grey_then_completed_counts_once(store: Store) -> None:
     assert (doc["grey"], doc["transactions"]) == (0, 1)
     ingest(store, Batch(3, batch.device, (record,)))
     assert report(store)["transactions"] == 1
+
+
+def test_grey_and_its_resolution_in_one_batch_count_once(store: Store) -> None:
+    batch = journal_batches()[0]
+    record = batch.records[0]
+    grey = replace(record, status="grey", tac="")
+    ingest(store, Batch(1, batch.device, (grey, record)))
+    doc = report(store)
+    assert (doc["grey"], doc["transactions"], doc["purchase_fen"]) == (0, 1, record.amount)

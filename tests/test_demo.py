@@ -30,4 +30,7 @@ def test_demo_runs_in_process_through_pcscd_and_on_the_validators(tmp_path: Path
     assert out.count("refused by the card (6985 cap_exceeded)") == 2
     assert "the rider taps again: accepted, recovered, fare 2.70" in out
     assert "0 pending" in out
+    assert "uploaded 4 records; 0 left in the outbox" in out
+    assert "ledger: 3 transactions, purchases 3.20 yuan, 0 forged" in out
+    assert "settlement: issuer:1310000000000000 pays operator:TAIYUAN 3.20 yuan" in out
     assert (tmp_path / "demo-card.json").exists()

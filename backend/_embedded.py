@@ -1,0 +1,46 @@
+"""An in-process MQTT broker (amqtt) for the one-command demo.
+
+amqtt speaks MQTT 3.1.1 only and has no shared subscriptions, so it serves one backend worker;
+tests and deployments use Mosquitto (or EMQX) with MQTT 5.  It binds a free loopback port, never
+assuming 1883 is free.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from amqtt.broker import Broker
+
+from backend._broker import BrokerURL
+
+__all__ = ["embedded_broker"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def embedded_broker() -> AsyncIterator[BrokerURL]:
+    """A running amqtt broker on a free loopback port, for the duration of the block."""
+    port = _free_port()
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        yield BrokerURL("127.0.0.1", port, protocol="3.1.1")
+    finally:
+        await broker.shutdown()
