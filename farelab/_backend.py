@@ -20,6 +20,7 @@ from backend._store import Store, StoreError
 from card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
 from card._money import fen_to_yuan
 from farelab._errors import CliError
+from validator._network import NetworkError, parse_networks
 
 __all__ = ["register"]
 
@@ -96,6 +97,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         metavar="HEX16",
         help="an accepted issuer id (repeatable; omitted: devices keep theirs)",
+    )
+    par.add_argument(
+        "--networks",
+        type=Path,
+        metavar="FILE",
+        help="fare tables (a networks TOML file, as validator/networks.toml) that supersede the "
+        "devices' own for the networks it defines",
     )
     par.add_argument(
         "--wait",
@@ -184,7 +192,18 @@ def _params(args: argparse.Namespace) -> int:
         devices = args.device or devices_in(store)
         if not devices:
             raise CliError("no devices: the ledger has none yet; name them with --device")
+        tables = None
+        if args.networks is not None:
+            try:
+                tables = args.networks.read_text(encoding="utf-8")
+                parse_networks(tables)
+            except OSError as exc:
+                raise CliError(f"{args.networks}: cannot read: {exc.strerror}") from None
+            except NetworkError as exc:
+                raise CliError(f"{args.networks}: {exc}") from None
         params = next_params(store, hotlist=args.hotlist, whitelist=args.whitelist)
+        if tables is not None:
+            params["networks"] = tables
     finally:
         store.close()
     try:

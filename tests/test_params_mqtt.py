@@ -96,3 +96,85 @@ def test_hotlist_published_by_the_backend_reaches_a_running_validator(
         validator.wait(15)
     assert load_image(card).blocked
     assert load_image(card).balance == 1000
+
+
+def test_new_fare_table_from_the_backend_applies_at_the_next_tap(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    from importlib import resources  # noqa: PLC0415
+
+    config = tmp_path / "devices.toml"
+    config.write_text(CONFIG)
+    cards = {}
+    for step, serial in (("before", "56"), ("after", "57")):  # two riders: no anti-passback
+        cards[step] = tmp_path / f"{step}.json"
+        save_image(cards[step], personalise(serial=serial, issued=date(2026, 1, 1), balance=1000))
+    shipped = (resources.files("validator") / "networks.toml").read_text(encoding="utf-8")
+    tables = tmp_path / "fares.toml"
+    tables.write_text(
+        shipped.replace("bus_flat_fare_cash_yuan = 1.0", "bus_flat_fare_cash_yuan = 2.0")
+    )
+    validator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "farelab",
+            "validator",
+            "run",
+            "--config",
+            str(config),
+            "--journal",
+            str(tmp_path / "j.db"),
+            "--broker",
+            broker.url,
+        ],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert validator.stdin is not None
+    assert validator.stdout is not None
+    fares = []
+    try:
+        time.sleep(1.5)
+        for step in ("before", "after"):
+            if step == "after":
+                published = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "farelab",
+                        "backend",
+                        "params",
+                        "--broker",
+                        broker.url,
+                        "--db",
+                        f"sqlite:///{tmp_path / 'ledger.db'}",
+                        "--device",
+                        "bus-7",
+                        "--networks",
+                        str(tables),
+                        "--wait",
+                        "5",
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+                assert "bus-7: running version 1" in published.stdout, published.stderr
+            request = {"device": "bus-7", "card": str(cards[step])}
+            validator.stdin.write(json.dumps(request) + "\n")
+            validator.stdin.flush()
+            ready, _, _ = select.select([validator.stdout], [], [], 10)
+            assert ready
+            fares.append(json.loads(validator.stdout.readline())["fare_fen"])
+            time.sleep(0.1)
+    finally:
+        validator.stdin.close()
+        validator.send_signal(signal.SIGTERM)
+        validator.wait(15)
+    assert fares == [50, 100]  # local adult card: 50% of 1 yuan, then 50% of 2 yuan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from validator._network import Line, Network, Station
@@ -27,11 +28,14 @@ class Direction(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Parameters:
-    """Lists the backend can replace at run time, applied atomically as one versioned value."""
+    """What the backend can replace at run time, applied atomically as one versioned value:
+    hotlist, issuer whitelist, and fare tables (networks by key) that supersede the shipped
+    ones for the devices on them."""
 
     version: int = 0
     hotlist: frozenset[str] = frozenset()
     whitelist: frozenset[bytes] = frozenset()
+    networks: Mapping[str, Network] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

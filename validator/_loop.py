@@ -27,6 +27,7 @@ from validator._config import Config
 from validator._decision import TapResult
 from validator._device import Parameters
 from validator._journal import Journal
+from validator._network import NetworkError, parse_networks
 from validator._replay import result_json
 from validator._runtime import Validator
 
@@ -87,7 +88,15 @@ def parse_params(text: str | bytes, current: Parameters) -> Parameters:
             whitelist = frozenset(bytes.fromhex(s) for s in raw)
         except (TypeError, ValueError):
             raise ParamsError("'whitelist' must be a list of hex issuer ids") from None
-    return Parameters(doc["version"], hotlist, whitelist)
+    networks = current.networks
+    if "networks" in doc:
+        if not isinstance(doc["networks"], str):
+            raise ParamsError("'networks' must be the fare tables as TOML text")
+        try:
+            networks = parse_networks(doc["networks"])
+        except NetworkError as exc:
+            raise ParamsError(str(exc)) from None
+    return Parameters(doc["version"], hotlist, whitelist, networks)
 
 
 @dataclass

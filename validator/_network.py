@@ -34,6 +34,7 @@ __all__ = [
     "apply_share",
     "band_fare_fen",
     "load_networks",
+    "parse_networks",
     "shipped_networks",
 ]
 
@@ -393,6 +394,15 @@ def load_networks(path: Path) -> dict[str, Network]:
         raise NetworkError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise NetworkError(f"{path}: not valid TOML: {exc}") from exc
+    return {key: _network(key, value) for key, value in doc.items()}
+
+
+def parse_networks(text: str) -> dict[str, Network]:
+    """Every network of a TOML document (a fare table sent as parameters)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise NetworkError(f"fare tables are not valid TOML: {exc}") from None
     return {key: _network(key, value) for key, value in doc.items()}
 
 

@@ -16,6 +16,7 @@ from validator._decision import Intent, Pending, Rejected, Tap, TapResult
 from validator._device import Parameters
 from validator._faults import checkpoint
 from validator._journal import Journal
+from validator._network import NetworkError
 
 __all__ = ["Validator"]
 
@@ -49,12 +50,27 @@ class Validator:
         return self._params
 
     def apply(self, params: Parameters) -> None:
-        """Replace hotlist/whitelist atomically; a tap in progress keeps the ones it began with."""
+        """Replace hotlist, whitelist and fare table at once; a tap in progress keeps what it
+        began with.  ValueError (and nothing changed) if the new fare table lacks this
+        device's line or station."""
         if params.version < self._params.version:
             raise ValueError(
                 f"parameter version {params.version} is older than {self._params.version}"
             )
-        self._params = params
+        device = self.device
+        network = params.networks.get(device.network.key)
+        if network is not None:
+            try:
+                line = network.line(device.line.key) if device.line is not None else None
+                station = (
+                    network.station(device.station.name_zh) if device.station is not None else None
+                )
+            except NetworkError as exc:
+                raise ValueError(f"fare table refused for {device.id}: {exc}") from None
+            device = replace(device, network=network, line=line, station=station)
+        with self._lock:
+            self.device = device
+            self._params = params
 
     def tap(self, reader: Reader, now: datetime) -> TapResult:
         """Run one tap on the card in ``reader``; the result is journalled when this returns."""

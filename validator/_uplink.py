@@ -112,18 +112,22 @@ class MqttUplink:
         properties.SessionExpiryInterval = 3600
         password = self.passwords.get(device, self.broker.password)
         username = device if device in self.passwords else self.broker.username
+        session: dict[str, object] = (
+            {"clean_start": False, "properties": properties}
+            if self.broker.mqtt5
+            else {"clean_session": False}
+        )
         return aiomqtt.Client(
             self.broker.host,
             self.broker.port,
             identifier=f"farelab-dev-{device}",
             username=username,
             password=password,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=properties,
+            protocol=self.broker.version,
             tls_context=self.broker.tls_context(),
             keepalive=15,
             timeout=5,
+            **session,  # type: ignore[arg-type]
         )
 
     async def _device_loop(self, journal: Journal, device: str) -> None:
