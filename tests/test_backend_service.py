@@ -19,10 +19,12 @@ import aiomqtt
 import psycopg
 import pytest
 
+from backend._store import Store
 from backend._wire import encode_batch
 from card import load_image
 from tests.mosquitto import Mosquitto
 from tests.test_uplink_backend import DEVICES, farelab, make_taps, start_backend, stop
+from validator._journal import Journal
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -199,3 +201,20 @@ def test_broker_and_a_worker_killed_mid_upload_lose_and_double_nothing(
     assert doc["transactions"] == accepted(outputs) == 3 * 10 * 8 * 3
     assert doc["purchase_fen"] == spent(tmp_path)
     assert (doc["gaps"], doc["forged"], doc["clones"], doc["balance_anomalies"]) == (0, 0, 0, 0)
+    # exactly the journals' transactions, each once
+    journalled = set()
+    for path in tmp_path.glob("validator*/j.db"):
+        journal = Journal(path)
+        journalled |= {
+            (t["device"], t["seq"], t["tac"])
+            for t in journal.transactions()
+            if t["status"] == "completed"
+        }
+        assert journal.outbox_rows == 0
+        journal.close()
+    ledger = Store(db)
+    counted = set(
+        ledger.execute("SELECT device, seq, tac FROM transactions WHERE verdict = 'ok'").fetchall()
+    )
+    ledger.close()
+    assert counted == journalled
