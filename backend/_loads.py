@@ -18,7 +18,14 @@ from typing import Any
 from backend._store import Store
 from card import Alg, LoadAuthority, LoadAuthorization, LoadRequest, TacVerifier
 
-__all__ = ["LOAD_REQ", "LOAD_RESP", "SHARED_LOAD_REQ", "handle_load_message"]
+__all__ = [
+    "LOAD_REQ",
+    "LOAD_RESP",
+    "SHARED_LOAD_REQ",
+    "authorize_message",
+    "ensure_schema",
+    "handle_load_message",
+]
 
 LOAD_REQ = "farelab/v1/kiosk/{kiosk}/load/req"
 LOAD_RESP = "farelab/v1/kiosk/{kiosk}/load/resp"
@@ -48,6 +55,24 @@ CREATE TABLE IF NOT EXISTS loads (
 def ensure_schema(store: Store) -> None:
     """Create the loads table if needed."""
     store.execute(_SCHEMA)
+
+
+def authorize_message(request_id: str, req: LoadRequest) -> dict[str, Any]:
+    """The kiosk's authorization request for a card's INITIALIZE FOR LOAD answer."""
+    return {
+        "id": request_id,
+        "op": "authorize",
+        "card_serial": req.serial,
+        "issuer": req.issuer_id.hex().upper(),
+        "alg": req.alg.label,
+        "key_version": req.key_version,
+        "balance": req.balance,
+        "counter": req.counter,
+        "random": req.random.hex().upper(),
+        "mac1": req.mac1.hex().upper(),
+        "amount": req.amount,
+        "terminal": req.terminal.hex().upper(),
+    }
 
 
 def _request(doc: dict[str, Any]) -> LoadRequest:

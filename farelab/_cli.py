@@ -10,6 +10,7 @@ from farelab import __version__
 from farelab import _backend as backend_cli
 from farelab import _card as card_cli
 from farelab import _demo as demo
+from farelab import _topup as topup_cli
 from farelab import _validator as validator_cli
 from farelab._errors import CliError
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     card_cli.register(sub)
     validator_cli.register(sub)
+    topup_cli.register(sub)
     backend_cli.register(sub)
     return parser
 

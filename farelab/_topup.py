@@ -1,0 +1,151 @@
+"""``farelab topup``: host-authorized loads at a kiosk, one-shot for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from backend._broker import BrokerURL
+from card import ImageError, InProcessReader, Reader, SimulatedCard
+from card._money import fen_to_yuan
+from farelab._errors import CliError
+from topup._host import Host, LocalHost, MqttHost
+from topup._journal import KioskJournal
+from topup._rules import AmountRules, parse_amount
+from topup._station import Kiosk
+
+__all__ = ["register"]
+
+T = TypeVar("T")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``topup`` and its subcommands."""
+    topup = sub.add_parser(
+        "topup",
+        help="the top-up kiosk: host-authorized loads under the 1000-yuan cap",
+        description="Load money onto a card's transit account. The load key lives only at the "
+        "host: the backend over --broker, or an in-process host with the demo keys.",
+    )
+    cmds = topup.add_subparsers(dest="topup_command", required=True, metavar="SUBCOMMAND")
+    load = cmds.add_parser(
+        "load",
+        help="load one card once (for scripts)",
+        description="Load CARD (a card image) with --amount yuan. Prints what happened; with "
+        '--json: {"result": "loaded"|"refused", "reason", "amount_fen", "balance_fen", "tac"}. '
+        "Reasons: cap_exceeded, bad_amount, host_unreachable, card_error, or the host's.",
+    )
+    load.add_argument("card", type=Path, metavar="CARD", help="card image file")
+    load.add_argument("--amount", required=True, metavar="YUAN", help="amount in yuan")
+    _common(load)
+    load.add_argument("--json", action="store_true", help="print JSON for scripts")
+    load.set_defaults(func=_load)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="the backend's MQTT broker (default: an in-process host with the "
+        "demo keys and the ledger farelab-host.db)",
+    )
+    parser.add_argument(
+        "--kiosk",
+        default="kiosk-1",
+        metavar="ID",
+        help="this kiosk's id (its MQTT username; default kiosk-1)",
+    )
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        default=Path("farelab-kiosk.db"),
+        metavar="DB",
+        help="the kiosk's journal of loads (default farelab-kiosk.db)",
+    )
+    parser.add_argument(
+        "--unit",
+        default="0.01",
+        metavar="YUAN",
+        help="loads are multiples of this (default 0.01; e.g. 10)",
+    )
+    parser.add_argument(
+        "--minimum", default="0.01", metavar="YUAN", help="the smallest load (default 0.01)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="wait this long for the host before refusing (default 5)",
+    )
+
+
+def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
+    """The kiosk the options describe, and how to close it."""
+    unit, minimum = parse_amount(args.unit), parse_amount(args.minimum)
+    if not unit or unit <= 0 or minimum is None or minimum <= 0:
+        raise CliError("--unit and --minimum must be positive amounts in yuan")
+    host: Host
+    closers: list[Callable[[], None]] = []
+    if args.broker:
+        try:
+            host = MqttHost(BrokerURL.parse(args.broker), args.kiosk, timeout=args.timeout)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        local = LocalHost(Path("farelab-host.db"), args.kiosk)
+        host = local
+        closers.append(local.close)
+    journal = KioskJournal(args.journal)
+    closers.append(journal.close)
+    terminal = (0xF0000000 + sum(args.kiosk.encode()) % 0xFFFF).to_bytes(6, "big")
+    kiosk = Kiosk(
+        kiosk_id=args.kiosk,
+        terminal_id=terminal,
+        host=host,
+        journal=journal,
+        rules=AmountRules(unit_fen=unit, minimum_fen=minimum),
+    )
+
+    def close() -> None:
+        for closer in closers:
+            closer()
+
+    return kiosk, close
+
+
+def _load(args: argparse.Namespace) -> int:
+    try:
+        card = SimulatedCard.from_file(args.card)
+    except ImageError as exc:
+        raise CliError(str(exc)) from None
+    reader = InProcessReader("kiosk")
+    reader.insert(card)
+    kiosk, close = make_kiosk(args)
+
+    async def run(fn: Callable[[Reader], T]) -> T:
+        return fn(reader)
+
+    try:
+        result = asyncio.run(kiosk.load(run, parse_amount(args.amount)))
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for note in result.settled:
+            print(f"note: {note}")
+        balance = (
+            ""
+            if result.balance_fen is None
+            else f"; balance {fen_to_yuan(result.balance_fen)} yuan"
+        )
+        print(
+            f"{result.result}: {result.message}{balance}"
+            + (f"; TAC {result.tac}" if result.tac else "")
+        )
+    return 0 if result.result == "loaded" else 1

@@ -1,0 +1,107 @@
+"""The kiosk's line to the host that holds the load key: the backend over MQTT, or — with no
+broker given — an in-process host with the demo keys and a local ledger.
+
+Both speak the backend's load messages (``backend._loads``): authorize, confirm, void.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiomqtt
+
+from backend._broker import BrokerURL
+from backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
+from backend._store import Store
+from card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
+
+__all__ = ["Host", "HostUnreachableError", "LocalHost", "MqttHost", "new_request_id"]
+
+
+class HostUnreachableError(Exception):
+    """No answer from the host: the kiosk must refuse instead of guessing."""
+
+
+def new_request_id() -> str:
+    """A unique id for one load's messages."""
+    return uuid.uuid4().hex
+
+
+class Host(Protocol):
+    """Where load messages go."""
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one message, return the host's answer; HostUnreachableError on silence."""
+        ...
+
+
+class LocalHost:
+    """An in-process host with the demo issuer's keys and a SQLite ledger of its own."""
+
+    def __init__(self, ledger: Path, kiosk: str) -> None:
+        """``ledger``: the host's database file; ``kiosk``: this kiosk's id."""
+        self._store = Store(f"sqlite:///{ledger}")
+        ensure_schema(self._store)
+        self._authority = LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS})
+        self._verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
+        self._kiosk = kiosk
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Handled at once, in this process."""
+        payload = json.dumps(message).encode()
+        return await asyncio.to_thread(
+            handle_load_message,
+            self._store,
+            self._authority,
+            self._verifier,
+            self._kiosk,
+            payload,
+        )
+
+    def close(self) -> None:
+        """Close the ledger."""
+        self._store.close()
+
+
+class MqttHost:
+    """The backend, over MQTT request/response on the kiosk's own topics."""
+
+    def __init__(self, broker: BrokerURL, kiosk: str, *, timeout: float = 5.0) -> None:
+        """``timeout``: seconds to wait for an answer before declaring the host unreachable."""
+        self._broker = broker
+        self._kiosk = kiosk
+        self._timeout = timeout
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Publish the request, wait for the answer with the same id."""
+        broker = self._broker
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with aiomqtt.Client(
+                    broker.host,
+                    broker.port,
+                    identifier=f"farelab-{self._kiosk}-{uuid.uuid4().hex[:6]}",
+                    username=broker.username,
+                    password=broker.password,
+                    protocol=broker.version,
+                    tls_context=broker.tls_context(),
+                    timeout=self._timeout,
+                ) as client:
+                    await client.subscribe(LOAD_RESP.format(kiosk=self._kiosk), qos=1)
+                    await client.publish(
+                        LOAD_REQ.format(kiosk=self._kiosk), json.dumps(message), qos=1
+                    )
+                    async for reply in client.messages:
+                        try:
+                            answer: dict[str, Any] = json.loads(bytes(reply.payload))
+                        except (ValueError, TypeError):
+                            continue
+                        if answer.get("id") == message.get("id"):
+                            return answer
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            raise HostUnreachableError(f"no answer from the host at {broker}: {exc}") from None
+        raise HostUnreachableError(f"the host at {broker} hung up")

@@ -1,0 +1,98 @@
+"""The kiosk's own journal: every load it asked the host for, so that a load torn by a pulled
+card or a killed kiosk is settled when the card comes back — never lost, never doubled.
+
+States: ``authorized`` (the host gave MAC2; CREDIT may or may not have reached the card),
+``credited`` (the card answered with its TAC; the host has not confirmed yet), ``confirmed``,
+``void`` (the card never took it).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KioskJournal", "PendingLoad"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS loads (
+    id TEXT PRIMARY KEY,
+    card_serial TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    amount INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    tac TEXT NOT NULL DEFAULT '',
+    created_ms INTEGER NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLoad:
+    """A load not yet settled with the host."""
+
+    id: str
+    card_serial: str
+    counter: int
+    amount: int
+    status: str
+    tac: str
+
+
+class KioskJournal:
+    """SQLite (WAL, synchronous FULL: a kiosk handles money one load at a time)."""
+
+    def __init__(self, path: Path | str) -> None:
+        """Open or create the journal."""
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _set(self, load_id: str, status: str, tac: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE loads SET status = ?, tac = ? WHERE id = ?", (status, tac, load_id)
+            )
+
+    def authorized(self, load_id: str, serial: str, counter: int, amount: int) -> None:
+        """The host said yes: from now on the card may take the load at any instant."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO loads (id, card_serial, counter, amount, status, created_ms) "
+                "VALUES (?, ?, ?, ?, 'authorized', ?)",
+                (load_id, serial, counter, amount, int(time.time() * 1000)),
+            )
+
+    def credited(self, load_id: str, tac: str) -> None:
+        """The card took it (its TAC is the proof)."""
+        self._set(load_id, "credited", tac)
+
+    def confirmed(self, load_id: str) -> None:
+        """The host has it."""
+        self._set(load_id, "confirmed")
+
+    def void(self, load_id: str) -> None:
+        """The card never took it."""
+        self._set(load_id, "void")
+
+    def unsettled(self, serial: str | None = None) -> list[PendingLoad]:
+        """Loads still authorized or credited (of one card)."""
+        query = (
+            "SELECT id, card_serial, counter, amount, status, tac FROM loads "
+            "WHERE status IN ('authorized', 'credited')"
+        )
+        args: tuple[str, ...] = ()
+        if serial is not None:
+            query += " AND card_serial = ?"
+            args = (serial,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_ms", args).fetchall()
+        return [PendingLoad(*row) for row in rows]
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()

@@ -1,0 +1,274 @@
+"""One top-up kiosk: present a card, see what it may take, load it — host-authorized, under the
+1000-yuan cap at three layers, and safe against a pulled card or a killed kiosk.
+
+Card I/O is synchronous and runs through ``run`` (the reader's own thread, or a direct call for
+an in-process card); the host is awaited.  The order that makes tearing safe: the load is
+journalled as *authorized* before CREDIT leaves, and on every presentation of a card its
+unsettled loads are resolved first with GET TRANSACTION PROOF: found → confirmed with its TAC
+(the rider was paid, the host is told), missing → void (the rider pays nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from backend._loads import authorize_message
+from card import (
+    SW,
+    CardRemovedError,
+    CardSnapshot,
+    Load,
+    LoadDone,
+    NeedAuthorization,
+    ProofFound,
+    ProofMissing,
+    ReadCard,
+    Reader,
+    ReaderError,
+    Refused,
+    Step,
+    TransactionProof,
+    Transmit,
+    TxType,
+)
+from topup._host import Host, HostUnreachableError, new_request_id
+from topup._journal import KioskJournal, PendingLoad
+from topup._rules import AmountRules, check_amount, room
+
+__all__ = ["CardView", "Kiosk", "LoadResult", "Run"]
+
+T = TypeVar("T")
+Run = Callable[[Callable[[Reader], T]], Awaitable[T]]
+
+
+@dataclass(frozen=True, slots=True)
+class CardView:
+    """What the kiosk shows when a card is presented."""
+
+    serial: str
+    balance_fen: int
+    room_fen: int
+    settled: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """The outcome, as ``farelab topup load --json`` prints it (plus a message)."""
+
+    result: str
+    reason: str | None
+    amount_fen: int
+    balance_fen: int | None
+    tac: str | None
+    message: str
+    settled: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract keys."""
+        return {
+            "result": self.result,
+            "reason": self.reason,
+            "amount_fen": self.amount_fen,
+            "balance_fen": self.balance_fen,
+            "tac": self.tac,
+        }
+
+
+def _read(reader: Reader) -> tuple[CardSnapshot | Refused, int | None]:
+    flow = ReadCard(records=[])
+    event: object = flow.start()
+    while isinstance(event, Transmit):
+        event = flow.receive(reader.transmit(event.apdu))
+    if not isinstance(event, CardSnapshot):
+        return event if isinstance(event, Refused) else Refused(Step.READ, 0, "card_error"), None
+    answer = reader.transmit(bytes.fromhex("805C000204"))
+    if answer[-2:] != b"\x90\x00" or len(answer) != 6:
+        return Refused(Step.READ, int.from_bytes(answer[-2:], "big"), "card_error"), None
+    return event, int.from_bytes(answer[:4], "big")
+
+
+class Kiosk:
+    """A kiosk with its terminal id, host, journal and amount rules."""
+
+    def __init__(
+        self,
+        *,
+        kiosk_id: str,
+        terminal_id: bytes,
+        host: Host,
+        journal: KioskJournal,
+        rules: AmountRules | None = None,
+    ) -> None:
+        """``terminal_id``: the 6-byte id written into every load."""
+        self.kiosk_id = kiosk_id
+        self.terminal_id = terminal_id
+        self.host = host
+        self.journal = journal
+        self.rules = rules or AmountRules()
+
+    async def _settle(self, run: Run[Any], serial: str) -> list[str]:
+        """Resolve this card's unsettled loads (torn earlier); raises HostUnreachableError."""
+        notes: list[str] = []
+        for unsettled in self.journal.unsettled(serial):
+            pending = unsettled
+            if pending.status == "authorized":
+                proof = TransactionProof(tx_type=TxType.LOAD, counter=pending.counter + 1)
+
+                def ask(reader: Reader, proof: TransactionProof = proof) -> object:
+                    return proof.receive(reader.transmit(proof.start().apdu))
+
+                found = await run(ask)
+                if isinstance(found, ProofFound):
+                    self.journal.credited(pending.id, found.tac.hex().upper())
+                    pending = PendingLoad(
+                        pending.id,
+                        serial,
+                        pending.counter,
+                        pending.amount,
+                        "credited",
+                        found.tac.hex().upper(),
+                    )
+                elif isinstance(found, ProofMissing):
+                    await self.host.call({"id": pending.id, "op": "void"})
+                    self.journal.void(pending.id)
+                    notes.append(
+                        f"an interrupted load of {pending.amount / 100:.2f} yuan never "
+                        "reached the card: cancelled, nothing paid"
+                    )
+                    continue
+                else:
+                    raise CardRemovedError("the card did not answer GET TRANSACTION PROOF")
+            answer = await self.host.call({"id": pending.id, "op": "confirm", "tac": pending.tac})
+            if answer.get("result") == "confirmed":
+                self.journal.confirmed(pending.id)
+                notes.append(
+                    f"an interrupted load of {pending.amount / 100:.2f} yuan had reached "
+                    "the card: confirmed"
+                )
+        return notes
+
+    async def present(self, run: Run[Any]) -> CardView | LoadResult:
+        """Read the card, settle anything torn, and say what it may take."""
+        try:
+            snapshot, balance = await run(_read)
+            if not isinstance(snapshot, CardSnapshot) or balance is None:
+                return self._refused("card_error", 0, None, "the card cannot be read; try again")
+            notes = await self._settle(run, snapshot.serial)
+            if notes:
+                _, balance = await run(_read)
+                assert balance is not None
+        except (CardRemovedError, ReaderError):
+            return self._refused(
+                "card_error", 0, None, "the card left the reader; present it again"
+            )
+        except HostUnreachableError as exc:
+            return self._refused("host_unreachable", 0, None, f"{exc}; no load is possible now")
+        return CardView(snapshot.serial, balance, room(balance, self.rules), tuple(notes))
+
+    def _refused(
+        self,
+        reason: str,
+        amount: int,
+        balance: int | None,
+        message: str,
+        settled: tuple[str, ...] = (),
+    ) -> LoadResult:
+        return LoadResult("refused", reason, amount, balance, None, message, settled)
+
+    async def load(
+        self, run: Run[Any], amount: int | None, progress: Callable[[str], None] = lambda _: None
+    ) -> LoadResult:
+        """Present, check, authorize, credit, confirm."""
+        view = await self.present(run)
+        if isinstance(view, LoadResult):
+            return view
+        problem = check_amount(amount, view.balance_fen, self.rules)
+        if problem is not None or amount is None:
+            reason, message = problem or ("bad_amount", "no amount")
+            return self._refused(reason, amount or 0, view.balance_fen, message, view.settled)
+        snapshot, _ = await run(_read)
+        assert isinstance(snapshot, CardSnapshot)
+        flow = Load(terminal_id=self.terminal_id, card=snapshot, amount=amount)
+        progress("asking the card")
+        try:
+            event = await run(lambda r: flow.receive(r.transmit(flow.start().apdu)))
+        except (CardRemovedError, ReaderError):
+            return self._refused(
+                "card_error",
+                amount,
+                view.balance_fen,
+                "the card left the reader; nothing was loaded",
+            )
+        if not isinstance(event, NeedAuthorization):
+            reason = "cap_exceeded" if event.sw == SW.CONDITIONS else "card_error"
+            return self._refused(
+                reason, amount, view.balance_fen, f"the card refused the load ({event.sw_hex})"
+            )
+        load_id = new_request_id()
+        progress("asking the host")
+        try:
+            answer = await self.host.call(authorize_message(load_id, event.request))
+        except HostUnreachableError as exc:
+            return self._refused(
+                "host_unreachable", amount, view.balance_fen, f"{exc}; nothing was loaded"
+            )
+        if answer.get("result") != "authorized":
+            return self._refused(
+                str(answer.get("reason", "refused")),
+                amount,
+                view.balance_fen,
+                str(answer.get("detail", "the host refused the load")),
+            )
+        self.journal.authorized(load_id, snapshot.serial, event.request.counter, amount)
+        progress("writing — keep the card still")
+        credit = flow.authorize(
+            mac2=bytes.fromhex(answer["mac2"]),
+            day=bytes.fromhex(answer["day"]),
+            time=bytes.fromhex(answer["time"]),
+        )
+        try:
+            done = await run(lambda r: flow.receive(r.transmit(credit.apdu)))
+        except (CardRemovedError, ReaderError):
+            return self._refused(
+                "card_error",
+                amount,
+                None,
+                "the card left while writing: present "
+                "it again to finish (nothing is lost or paid twice)",
+            )
+        if not isinstance(done, LoadDone):
+            # The card answered, and said no: CREDIT did not happen.
+            await self._void(load_id)
+            return self._refused(
+                "card_error",
+                amount,
+                view.balance_fen,
+                f"the card refused the write ({done.sw_hex})",
+            )
+        tac = done.tac.hex().upper()
+        self.journal.credited(load_id, tac)
+        progress("confirming")
+        try:
+            confirmed = await self.host.call({"id": load_id, "op": "confirm", "tac": tac})
+            if confirmed.get("result") == "confirmed":
+                self.journal.confirmed(load_id)
+        except HostUnreachableError:
+            pass  # the card has it; the next presentation or run confirms it with the host
+        return LoadResult(
+            "loaded",
+            None,
+            amount,
+            done.balance_after,
+            tac,
+            f"loaded {amount / 100:.2f} yuan",
+            view.settled,
+        )
+
+    async def _void(self, load_id: str) -> None:
+        try:
+            await self.host.call({"id": load_id, "op": "void"})
+        except HostUnreachableError:
+            return  # stays authorized: the next presentation proves and voids it
+        self.journal.void(load_id)
