@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from backend._broker import BrokerURL
-from card import ImageError, InProcessReader, Reader, SimulatedCard
+from card import ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
 from card._money import fen_to_yuan
 from farelab._errors import CliError
 from topup._host import Host, LocalHost, MqttHost
@@ -39,7 +39,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         '--json: {"result": "loaded"|"refused", "reason", "amount_fen", "balance_fen", "tac"}. '
         "Reasons: cap_exceeded, bad_amount, host_unreachable, card_error, or the host's.",
     )
-    load.add_argument("card", type=Path, metavar="CARD", help="card image file")
+    load.add_argument(
+        "card",
+        type=Path,
+        nargs="?",
+        metavar="CARD",
+        help="card image file (or use --reader for a card in a PC/SC reader)",
+    )
+    load.add_argument(
+        "--reader",
+        metavar="pcsc:NAME",
+        help='take the card from a PC/SC reader, e.g. "pcsc:Virtual PCD 00 00"',
+    )
     load.add_argument("--amount", required=True, metavar="YUAN", help="amount in yuan")
     _common(load)
     load.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -118,13 +129,33 @@ def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
     return kiosk, close
 
 
-def _load(args: argparse.Namespace) -> int:
+def _reader(args: argparse.Namespace) -> Reader:
+    if (args.card is None) == (args.reader is None):
+        raise CliError("give either CARD (a card image) or --reader pcsc:NAME")
+    if args.reader is not None:
+        if not args.reader.startswith("pcsc:"):
+            raise CliError('--reader must be "pcsc:<reader name>"')
+        from card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
+
+        try:
+            pcsc = PcscReader(args.reader.removeprefix("pcsc:"))
+            if not pcsc.wait_for_card(5):
+                raise CliError(f"no card in {pcsc.name!r} after 5 s")
+            pcsc.connect()
+        except ReaderError as exc:
+            raise CliError(str(exc)) from None
+        return pcsc
     try:
         card = SimulatedCard.from_file(args.card)
     except ImageError as exc:
         raise CliError(str(exc)) from None
-    reader = InProcessReader("kiosk")
-    reader.insert(card)
+    memory = InProcessReader("kiosk")
+    memory.insert(card)
+    return memory
+
+
+def _load(args: argparse.Namespace) -> int:
+    reader = _reader(args)
     kiosk, close = make_kiosk(args)
 
     async def run(fn: Callable[[Reader], T]) -> T:

@@ -33,11 +33,22 @@ from card import (
     Transmit,
     TxType,
 )
+from card._faults import checkpoint
 from topup._host import Host, HostUnreachableError, new_request_id
 from topup._journal import KioskJournal, PendingLoad
 from topup._rules import AmountRules, check_amount, room
 
-__all__ = ["CardView", "Kiosk", "LoadResult", "Run"]
+__all__ = ["KILL_POINTS", "CardView", "Kiosk", "LoadResult", "Run"]
+
+KILL_POINTS = (
+    "kiosk_after_init",
+    "kiosk_after_journal",
+    "kiosk_after_authorize",
+    "kiosk_after_credit",
+    "kiosk_after_credited",
+    "kiosk_after_confirm",
+)
+"""Crash-test points of a load (``FARELAB_KILL_AT``, see :mod:`card._faults`)."""
 
 T = TypeVar("T")
 Run = Callable[[Callable[[Reader], T]], Awaitable[T]]
@@ -207,6 +218,11 @@ class Kiosk:
                 reason, amount, view.balance_fen, f"the card refused the load ({event.sw_hex})"
             )
         load_id = new_request_id()
+        checkpoint("kiosk_after_init")
+        # Journalled before the host is asked: a kiosk killed at any later instant leaves a
+        # record that the next presentation settles (proved, then confirmed or voided).
+        self.journal.authorized(load_id, snapshot.serial, event.request.counter, amount)
+        checkpoint("kiosk_after_journal")
         progress("asking the host")
         try:
             answer = await self.host.call(authorize_message(load_id, event.request))
@@ -214,14 +230,15 @@ class Kiosk:
             return self._refused(
                 "host_unreachable", amount, view.balance_fen, f"{exc}; nothing was loaded"
             )
+        checkpoint("kiosk_after_authorize")
         if answer.get("result") != "authorized":
+            self.journal.void(load_id)
             return self._refused(
                 str(answer.get("reason", "refused")),
                 amount,
                 view.balance_fen,
                 str(answer.get("detail", "the host refused the load")),
             )
-        self.journal.authorized(load_id, snapshot.serial, event.request.counter, amount)
         progress("writing — keep the card still")
         credit = flow.authorize(
             mac2=bytes.fromhex(answer["mac2"]),
@@ -247,11 +264,14 @@ class Kiosk:
                 view.balance_fen,
                 f"the card refused the write ({done.sw_hex})",
             )
+        checkpoint("kiosk_after_credit")
         tac = done.tac.hex().upper()
         self.journal.credited(load_id, tac)
+        checkpoint("kiosk_after_credited")
         progress("confirming")
         try:
             confirmed = await self.host.call({"id": load_id, "op": "confirm", "tac": tac})
+            checkpoint("kiosk_after_confirm")
             if confirmed.get("result") == "confirmed":
                 self.journal.confirmed(load_id)
         except HostUnreachableError:
