@@ -55,6 +55,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(load)
     load.add_argument("--json", action="store_true", help="print JSON for scripts")
     load.set_defaults(func=_load)
+    kiosk = cmds.add_parser(
+        "kiosk",
+        help="the interactive kiosk (a terminal UI)",
+        description="Present a card, see its balance and the most it may take, choose an "
+        "amount, keep the card still while it is written, get a receipt. With --reader sim "
+        "the kiosk asks for a card image path; with --reader pcsc:NAME it waits for a card.",
+    )
+    kiosk.add_argument(
+        "--reader",
+        default="sim",
+        metavar="sim|pcsc:NAME",
+        help="where cards are presented (default sim)",
+    )
+    _common(kiosk)
+    kiosk.set_defaults(func=_kiosk)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +167,23 @@ def _reader(args: argparse.Namespace) -> Reader:
     memory = InProcessReader("kiosk")
     memory.insert(card)
     return memory
+
+
+def _kiosk(args: argparse.Namespace) -> int:
+    from farelab._kiosk_ui import run_kiosk  # noqa: PLC0415 - rich only for the interactive UI
+
+    if args.reader != "sim" and not args.reader.startswith("pcsc:"):
+        raise CliError('--reader must be "sim" or "pcsc:<reader name>"')
+    kiosk, close = make_kiosk(args)
+    try:
+        run_kiosk(kiosk, reader_spec=args.reader)
+    except ReaderError as exc:
+        raise CliError(str(exc)) from None
+    except (KeyboardInterrupt, EOFError):
+        print()
+    finally:
+        close()
+    return 0
 
 
 def _load(args: argparse.Namespace) -> int:
