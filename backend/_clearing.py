@@ -114,7 +114,11 @@ def clear(
 
 def clear_ledger(store: Store, *, day: str | None = None) -> Clearing:
     """Clear what the ledger counts (optionally one CST day, YYYY-MM-DD)."""
-    query = "SELECT issuer, operator, at_ms, tx_type, amount FROM transactions WHERE verdict = 'ok'"
+    # A transfer moves an issuer's float from an old card to a new one: no money changes hands.
+    query = (
+        "SELECT issuer, operator, at_ms, tx_type, amount FROM transactions "
+        "WHERE verdict = 'ok' AND kind <> 'transfer'"
+    )
     args: tuple[Any, ...] = ()
     if day is not None:
         start = datetime.fromisoformat(day).replace(tzinfo=CST)

@@ -61,10 +61,11 @@ def _balance_anomalies(store: Store) -> list[dict[str, Any]]:
 
 def report(store: Store) -> dict[str, Any]:
     """The report as a JSON-able dict."""
-    (count, purchases, loads) = store.execute(
+    (count, purchases, loads, transfers) = store.execute(
         "SELECT count(*), "
         "coalesce(sum(CASE WHEN tx_type IN (6, 9) THEN amount ELSE 0 END), 0), "
-        "coalesce(sum(CASE WHEN tx_type = 2 THEN amount ELSE 0 END), 0) "
+        "coalesce(sum(CASE WHEN tx_type = 2 AND kind <> 'transfer' THEN amount ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN kind = 'transfer' THEN amount ELSE 0 END), 0) "
         "FROM transactions WHERE verdict = 'ok'"
     ).fetchone()
     verdicts = dict(
@@ -99,6 +100,7 @@ def report(store: Store) -> dict[str, Any]:
         "transactions": count,
         "purchase_fen": int(purchases),
         "load_fen": int(loads),
+        "transfer_fen": int(transfers),
         "duplicates": int(duplicates),
         "forged": verdicts.get("forged", 0),
         "grey": verdicts.get("grey", 0),

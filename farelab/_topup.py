@@ -6,17 +6,28 @@ import argparse
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
 from backend._broker import BrokerURL
-from card import ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
+from card import (
+    DEMO_ISSUER_ID,
+    DEMO_KEYS,
+    ImageError,
+    InProcessReader,
+    Psam,
+    PsamKeys,
+    Reader,
+    ReaderError,
+    SimulatedCard,
+)
 from card._money import fen_to_yuan
 from farelab._errors import CliError
 from topup._host import Host, LocalHost, MqttHost
 from topup._journal import KioskJournal
 from topup._rules import AmountRules, parse_amount
-from topup._station import Kiosk
+from topup._station import Kiosk, LoadResult
 
 __all__ = ["register"]
 
@@ -55,6 +66,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(load)
     load.add_argument("--json", action="store_true", help="print JSON for scripts")
     load.set_defaults(func=_load)
+    refund = cmds.add_parser(
+        "refund",
+        help="refund a card's transit balance before it is replaced (Changzhou 退值)",
+        description="Empty the card with a purchase of its whole balance at this outlet (the "
+        "PSAM holds the demo purchase keys), have the host count it as a cash refund, and "
+        "hotlist the card.",
+    )
+    refund.add_argument("card", type=Path, nargs="?", metavar="CARD", help="card image file")
+    refund.add_argument("--reader", metavar="pcsc:NAME", help="take the card from a PC/SC reader")
+    _common(refund)
+    refund.add_argument("--json", action="store_true", help="print JSON for scripts")
+    refund.set_defaults(func=_refund)
+
+    transfer = cmds.add_parser(
+        "transfer",
+        help="move a replaced card's balance onto its replacement (R6)",
+        description="The host computes from its ledger what may move from the old card, by the "
+        "issuer's profile (nanjing: one year after a loss report, 7 working days after an "
+        "exchange; hangzhou: nothing after a loss, everything on an exchange; changzhou: refund "
+        "instead), and authorizes it as a load on the new CARD.",
+    )
+    transfer.add_argument("card", type=Path, nargs="?", metavar="CARD", help="the new card's image")
+    transfer.add_argument("--reader", metavar="pcsc:NAME", help="take the card from a PC/SC reader")
+    transfer.add_argument("--old", required=True, metavar="SERIAL", help="the old card's serial")
+    transfer.add_argument("--reason", required=True, choices=["loss", "exchange"])
+    transfer.add_argument(
+        "--reported",
+        required=True,
+        metavar="YYYY-MM-DD",
+        help="the day of the loss report or of the exchange request",
+    )
+    transfer.add_argument("--profile", required=True, choices=["nanjing", "hangzhou", "changzhou"])
+    _common(transfer)
+    transfer.add_argument("--json", action="store_true", help="print JSON for scripts")
+    transfer.set_defaults(func=_transfer)
+
     kiosk = cmds.add_parser(
         "kiosk",
         help="the interactive kiosk (a terminal UI)",
@@ -186,6 +233,63 @@ def _kiosk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refund(args: argparse.Namespace) -> int:
+    reader = _reader(args)
+    kiosk, close = make_kiosk(args)
+    psam = Psam(terminal_id=kiosk.terminal_id, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
+
+    async def run(fn: Callable[[Reader], T]) -> T:
+        return fn(reader)
+
+    try:
+        result = asyncio.run(kiosk.refund(run, psam))
+    finally:
+        close()
+    return _report(result, as_json=args.json, ok="refunded")
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    try:
+        date.fromisoformat(args.reported)
+    except ValueError:
+        raise CliError(f"--reported {args.reported!r} is not a date (YYYY-MM-DD)") from None
+    if not args.old.isdigit() or len(args.old) > 20:
+        raise CliError("--old must be a card serial (up to 20 digits)")
+    reader = _reader(args)
+    kiosk, close = make_kiosk(args)
+
+    async def run(fn: Callable[[Reader], T]) -> T:
+        return fn(reader)
+
+    try:
+        result = asyncio.run(
+            kiosk.transfer(
+                run,
+                old_serial=args.old,
+                reason=args.reason,
+                reported=args.reported,
+                profile=args.profile,
+            )
+        )
+    finally:
+        close()
+    return _report(result, as_json=args.json, ok="loaded")
+
+
+def _report(result: LoadResult, *, as_json: bool, ok: str) -> int:
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return 0 if result.result == ok else 1
+    for note in result.settled:
+        print(f"note: {note}")
+    balance = (
+        "" if result.balance_fen is None else f"; balance {fen_to_yuan(result.balance_fen)} yuan"
+    )
+    tac = f"; TAC {result.tac}" if result.tac else ""
+    print(f"{result.result}: {result.message}{balance}{tac}")
+    return 0 if result.result == ok else 1
+
+
 def _load(args: argparse.Namespace) -> int:
     reader = _reader(args)
     kiosk, close = make_kiosk(args)
@@ -197,18 +301,4 @@ def _load(args: argparse.Namespace) -> int:
         result = asyncio.run(kiosk.load(run, parse_amount(args.amount)))
     finally:
         close()
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        for note in result.settled:
-            print(f"note: {note}")
-        balance = (
-            ""
-            if result.balance_fen is None
-            else f"; balance {fen_to_yuan(result.balance_fen)} yuan"
-        )
-        print(
-            f"{result.result}: {result.message}{balance}"
-            + (f"; TAC {result.tac}" if result.tac else "")
-        )
-    return 0 if result.result == "loaded" else 1
+    return _report(result, as_json=args.json, ok="loaded")

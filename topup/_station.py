@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from backend._loads import authorize_message
@@ -24,6 +25,9 @@ from card import (
     NeedAuthorization,
     ProofFound,
     ProofMissing,
+    Psam,
+    Purchase,
+    PurchaseDone,
     ReadCard,
     Reader,
     ReaderError,
@@ -189,9 +193,15 @@ class Kiosk:
         return LoadResult("refused", reason, amount, balance, None, message, settled)
 
     async def load(
-        self, run: Run[Any], amount: int | None, progress: Callable[[str], None] = lambda _: None
+        self,
+        run: Run[Any],
+        amount: int | None,
+        progress: Callable[[str], None] = lambda _: None,
+        *,
+        transfer: dict[str, Any] | None = None,
     ) -> LoadResult:
-        """Present, check, authorize, credit, confirm."""
+        """Present, check, authorize, credit, confirm.  ``transfer`` (old_serial, reason,
+        reported, profile) makes it the host-authorized move of an old card's balance (R6)."""
         view = await self.present(run)
         if isinstance(view, LoadResult):
             return view
@@ -225,7 +235,10 @@ class Kiosk:
         checkpoint("kiosk_after_journal")
         progress("asking the host")
         try:
-            answer = await self.host.call(authorize_message(load_id, event.request))
+            request = authorize_message(load_id, event.request)
+            if transfer is not None:
+                request.update(transfer, op="transfer")
+            answer = await self.host.call(request)
         except HostUnreachableError as exc:
             return self._refused(
                 "host_unreachable", amount, view.balance_fen, f"{exc}; nothing was loaded"
@@ -284,6 +297,89 @@ class Kiosk:
             tac,
             f"loaded {amount / 100:.2f} yuan",
             view.settled,
+        )
+
+    async def transfer(
+        self, run: Run[Any], *, old_serial: str, reason: str, reported: str, profile: str
+    ) -> LoadResult:
+        """Move a replaced card's balance onto this one, as the host computes it (R6)."""
+        details = {
+            "old_serial": old_serial,
+            "reason": reason,
+            "reported": reported,
+            "profile": profile,
+        }
+        try:
+            quote = await self.host.call(
+                {"id": new_request_id(), "op": "transfer_quote", **details}
+            )
+        except HostUnreachableError as exc:
+            return self._refused("host_unreachable", 0, None, f"{exc}; nothing was moved")
+        amount = int(quote.get("amount_fen", 0))
+        if quote.get("result") != "quote" or amount <= 0:
+            when = quote.get("available_on")
+            message = f"no balance can move now ({quote.get('reason')})"
+            if when:
+                message += f"; it can from {when}"
+            return self._refused(str(quote.get("reason", "transfer_refused")), 0, None, message)
+        return await self.load(run, amount, transfer=details)
+
+    async def refund(self, run: Run[Any], psam: Psam) -> LoadResult:
+        """Empty the card with a purchase of its whole balance and have the host count it as a
+        cash refund (Changzhou 退值 before a replacement); the card is then hotlisted."""
+        view = await self.present(run)
+        if isinstance(view, LoadResult):
+            return view
+        snapshot, balance = await run(_read)
+        assert isinstance(snapshot, CardSnapshot)
+        assert balance is not None
+        flow = Purchase(psam=psam, card=snapshot, amount=balance, when=datetime.now(UTC))
+
+        def debit(reader: Reader) -> object:
+            event: object = flow.start()
+            while isinstance(event, Transmit):
+                event = flow.receive(reader.transmit(event.apdu))
+            return event
+
+        try:
+            done = await run(debit)
+        except (CardRemovedError, ReaderError):
+            return self._refused("card_error", balance, None, "the card left the reader")
+        if not isinstance(done, PurchaseDone) or flow.init is None:
+            return self._refused("card_error", balance, balance, "the card refused the refund")
+        record = {
+            "id": new_request_id(),
+            "op": "refund",
+            "card_serial": snapshot.serial,
+            "issuer": snapshot.issuer_id.hex().upper(),
+            "alg": flow.init.alg.label,
+            "amount": balance,
+            "balance_before": balance,
+            "card_counter": flow.init.counter,
+            "ttc": done.ttc,
+            "terminal": psam.terminal_id.hex().upper(),
+            "day": done.day.hex(),
+            "time": done.time.hex(),
+            "tac": done.tac.hex().upper(),
+        }
+        try:
+            answer = await self.host.call(record)
+        except HostUnreachableError as exc:
+            return self._refused(
+                "host_unreachable",
+                balance,
+                0,
+                f"{exc}; the card is emptied — keep this TAC: {record['tac']}",
+            )
+        if answer.get("result") != "refunded":
+            return self._refused(str(answer.get("reason")), balance, 0, "the host refused it")
+        return LoadResult(
+            "refunded",
+            None,
+            balance,
+            0,
+            record["tac"],
+            f"refunded {balance / 100:.2f} yuan in cash",
         )
 
     async def _void(self, load_id: str) -> None:

@@ -1,0 +1,156 @@
+"""Replacement cards (R6): refund before replacement (Changzhou), and the old balance moved to
+the new card by issuer profile (Nanjing, Hangzhou), computed by the host from its records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from backend._ingest import classify
+from backend._loads import ensure_schema
+from backend._store import Store
+from backend._transfer import PROFILES, decide, working_days_after
+from backend._wire import Batch, record_from_outbox
+from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
+from tests.validator_support import Lab, bus, new_card
+
+ROOT = Path(__file__).resolve().parent.parent
+TODAY = date(2026, 11, 24)
+
+
+def test_working_days_skip_weekends() -> None:
+    assert working_days_after(date(2026, 11, 20), 7) == date(2026, 12, 1)  # Fri + 7 → Tue
+
+
+@pytest.mark.parametrize(
+    ("profile", "reason", "reported", "amount", "why"),
+    [
+        ("nanjing", "loss", TODAY - timedelta(days=365), 800, None),
+        ("nanjing", "loss", TODAY - timedelta(days=364), 0, "not_yet"),
+        ("nanjing", "exchange", date(2026, 11, 13), 800, None),
+        ("nanjing", "exchange", date(2026, 11, 17), 0, "not_yet"),
+        ("hangzhou", "loss", date(2025, 1, 1), 0, "no_transfer_after_loss"),
+        ("hangzhou", "exchange", TODAY, 800, None),
+        ("changzhou", "exchange", date(2025, 1, 1), 0, "refund_instead"),
+    ],
+)
+def test_profiles(profile: str, reason: str, reported: date, amount: int, why: str | None) -> None:
+    decision = decide(PROFILES[profile], reason=reason, reported=reported, today=TODAY, balance=800)
+    assert (decision.amount_fen, decision.reason) == (amount, why)
+
+
+def farelab(cwd: Path, *args: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "farelab", *args, "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.stdout, out.stderr
+    doc: dict[str, object] = json.loads(out.stdout)
+    return doc
+
+
+def old_card_with_history(folder: Path) -> tuple[Path, int]:
+    """A card that rode a bus; its history is in the host's ledger (farelab-host.db)."""
+    lab = Lab([bus("taiyuan")])
+    card = new_card(balance=3000, serial="5150")
+    lab.tap("bus", card, 0)
+    store = Store(f"sqlite:///{folder / 'farelab-host.db'}")
+    ensure_schema(store)
+    records = tuple(record_from_outbox(p["seq"], p) for _, _, p in lab.journal.outbox(100))
+    store.ingest(
+        "bus", 1, classify(Batch(1, "bus", records), TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}))
+    )
+    store.close()
+    path = folder / "old.json"
+    save_image(path, card.image)
+    return path, card.image.balance
+
+
+def test_balance_moves_once_to_the_replacement_card(tmp_path: Path) -> None:
+    _, balance = old_card_with_history(tmp_path)
+    new = tmp_path / "new.json"
+    save_image(new, personalise(serial="5151", issued=date(2026, 1, 1)))
+    args = (
+        "topup",
+        "transfer",
+        str(new),
+        "--old",
+        "5150",
+        "--reason",
+        "exchange",
+        "--reported",
+        "2026-01-05",
+        "--profile",
+        "nanjing",
+    )
+    moved = farelab(tmp_path, *args)
+    assert (moved["result"], moved["amount_fen"]) == ("loaded", balance)
+    assert load_image(new).balance == balance
+    again = farelab(tmp_path, *args)
+    assert (again["result"], again["reason"]) == ("refused", "already_transferred")
+    assert load_image(new).balance == balance
+    store = Store(f"sqlite:///{tmp_path / 'farelab-host.db'}")
+    assert "00000000000000005150" in store.hotlist()
+    store.close()
+
+
+def test_hangzhou_loss_moves_nothing(tmp_path: Path) -> None:
+    old_card_with_history(tmp_path)
+    new = tmp_path / "new.json"
+    save_image(new, personalise(serial="5152", issued=date(2026, 1, 1)))
+    result = farelab(
+        tmp_path,
+        "topup",
+        "transfer",
+        str(new),
+        "--old",
+        "5150",
+        "--reason",
+        "loss",
+        "--reported",
+        "2025-01-05",
+        "--profile",
+        "hangzhou",
+    )
+    assert (result["result"], result["reason"]) == ("refused", "no_transfer_after_loss")
+    assert load_image(new).balance == 0
+
+
+def test_changzhou_refund_empties_the_card_and_counts_the_cash(tmp_path: Path) -> None:
+    old, balance = old_card_with_history(tmp_path)
+    result = farelab(tmp_path, "topup", "refund", str(old))
+    assert (result["result"], result["amount_fen"], result["balance_fen"]) == (
+        "refunded",
+        balance,
+        0,
+    )
+    assert load_image(old).balance == 0
+    report = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "farelab",
+                "backend",
+                "report",
+                "--db",
+                f"sqlite:///{tmp_path / 'farelab-host.db'}",
+                "--json",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert report["purchase_fen"] == 50 + balance  # the bus ride and the refund
+    assert "00000000000000005150" in report["hotlist"]
