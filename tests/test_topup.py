@@ -210,3 +210,26 @@ def test_local_host_is_used_without_a_broker(tmp_path: Path) -> None:
     result = asyncio.run(kiosk.load(run, 2000))
     assert (result.result, result.balance_fen) == ("loaded", 2000)
     host.close()
+
+
+@pytest.mark.parametrize("step", ["INIT", "DEBIT"])
+def test_refund_torn_by_a_pulled_card_is_settled_on_the_next_presentation(
+    tmp_path: Path, step: str
+) -> None:
+    from card import Psam, PsamKeys  # noqa: PLC0415
+
+    station = Station(tmp_path, balance=4321)
+    psam = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
+    station.reader.pull_after(lambda apdu: step_of(apdu) == step)
+    first = asyncio.run(station.kiosk.refund(station._run, psam))
+    assert (first.result, first.reason) == ("refused", "card_error")
+    view = station.present_again()
+    assert isinstance(view, CardView)
+    refunded = station.host.store.execute(
+        "SELECT coalesce(sum(amount), 0) FROM loads WHERE kind = 'refund'"
+    ).fetchone()[0]
+    if step == "DEBIT":  # the card was emptied: the host learns it, once
+        assert (station.card.image.balance, refunded) == (0, 4321)
+    else:
+        assert (station.card.image.balance, refunded) == (4321, 0)
+    assert station.journal.unsettled() == []

@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS loads (
     amount INTEGER NOT NULL,
     status TEXT NOT NULL,
     tac TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'load',
+    detail TEXT NOT NULL DEFAULT '',
     created_ms INTEGER NOT NULL
 )
 """
@@ -39,6 +41,8 @@ class PendingLoad:
     amount: int
     status: str
     tac: str
+    kind: str = "load"
+    detail: str = ""
 
 
 class KioskJournal:
@@ -67,6 +71,17 @@ class KioskJournal:
                 (load_id, serial, counter, amount, int(time.time() * 1000)),
             )
 
+    def refund_intent(
+        self, load_id: str, serial: str, counter: int, amount: int, detail: str
+    ) -> None:
+        """A refund's DEBIT is about to leave; ``detail`` holds the record the host will need."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO loads (id, card_serial, counter, amount, status, kind, detail, "
+                "created_ms) VALUES (?, ?, ?, ?, 'authorized', 'refund', ?, ?)",
+                (load_id, serial, counter, amount, detail, int(time.time() * 1000)),
+            )
+
     def credited(self, load_id: str, tac: str) -> None:
         """The card took it (its TAC is the proof)."""
         self._set(load_id, "credited", tac)
@@ -82,7 +97,7 @@ class KioskJournal:
     def unsettled(self, serial: str | None = None) -> list[PendingLoad]:
         """Loads still authorized or credited (of one card)."""
         query = (
-            "SELECT id, card_serial, counter, amount, status, tac FROM loads "
+            "SELECT id, card_serial, counter, amount, status, tac, kind, detail FROM loads "
             "WHERE status IN ('authorized', 'credited')"
         )
         args: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ unsettled loads are resolved first with GET TRANSACTION PROOF: found → confirm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,6 +105,24 @@ def _read(reader: Reader) -> tuple[CardSnapshot | Refused, int | None]:
     return event, int.from_bytes(answer[:4], "big")
 
 
+def _refund_detail(snapshot: CardSnapshot, alg: str, psam: Psam, flow: Purchase) -> dict[str, Any]:
+    flight, init = flow.in_flight, flow.init
+    assert flight is not None
+    assert init is not None
+    return {
+        "card_serial": snapshot.serial,
+        "issuer": snapshot.issuer_id.hex().upper(),
+        "alg": alg,
+        "amount": flight.amount,
+        "balance_before": flight.balance_before,
+        "card_counter": init.counter,
+        "ttc": flight.ttc,
+        "terminal": psam.terminal_id.hex().upper(),
+        "day": flight.day.hex(),
+        "time": flight.time.hex(),
+    }
+
+
 class Kiosk:
     """A kiosk with its terminal id, host, journal and amount rules."""
 
@@ -128,6 +147,9 @@ class Kiosk:
         notes: list[str] = []
         for unsettled in self.journal.unsettled(serial):
             pending = unsettled
+            if pending.kind == "refund":
+                notes.extend(await self._settle_refund(run, pending))
+                continue
             if pending.status == "authorized":
                 proof = TransactionProof(tx_type=TxType.LOAD, counter=pending.counter + 1)
 
@@ -334,53 +356,81 @@ class Kiosk:
         assert isinstance(snapshot, CardSnapshot)
         assert balance is not None
         flow = Purchase(psam=psam, card=snapshot, amount=balance, when=datetime.now(UTC))
+        refund_id = new_request_id()
 
         def debit(reader: Reader) -> object:
             event: object = flow.start()
             while isinstance(event, Transmit):
+                if event.step is Step.DEBIT and flow.in_flight is not None and flow.init:
+                    # Journalled before the DEBIT leaves: a pulled card is settled next time.
+                    detail = _refund_detail(snapshot, flow.init.alg.label, psam, flow)
+                    self.journal.refund_intent(
+                        refund_id, snapshot.serial, flow.init.counter, balance, json.dumps(detail)
+                    )
                 event = flow.receive(reader.transmit(event.apdu))
             return event
 
         try:
             done = await run(debit)
         except (CardRemovedError, ReaderError):
-            return self._refused("card_error", balance, None, "the card left the reader")
-        if not isinstance(done, PurchaseDone) or flow.init is None:
+            return self._refused(
+                "card_error",
+                balance,
+                None,
+                "the card left the reader; present "
+                "it again to finish (nothing is lost or paid twice)",
+            )
+        if not isinstance(done, PurchaseDone):
+            self.journal.void(refund_id)
             return self._refused("card_error", balance, balance, "the card refused the refund")
-        record = {
-            "id": new_request_id(),
-            "op": "refund",
-            "card_serial": snapshot.serial,
-            "issuer": snapshot.issuer_id.hex().upper(),
-            "alg": flow.init.alg.label,
-            "amount": balance,
-            "balance_before": balance,
-            "card_counter": flow.init.counter,
-            "ttc": done.ttc,
-            "terminal": psam.terminal_id.hex().upper(),
-            "day": done.day.hex(),
-            "time": done.time.hex(),
-            "tac": done.tac.hex().upper(),
-        }
-        try:
-            answer = await self.host.call(record)
-        except HostUnreachableError as exc:
+        tac = done.tac.hex().upper()
+        self.journal.credited(refund_id, tac)
+        notes = await self._finish_refund(refund_id, tac)
+        if notes is None:
             return self._refused(
                 "host_unreachable",
                 balance,
                 0,
-                f"{exc}; the card is emptied — keep this TAC: {record['tac']}",
+                f"the card is emptied; the host will be told (TAC {tac})",
             )
-        if answer.get("result") != "refunded":
-            return self._refused(str(answer.get("reason")), balance, 0, "the host refused it")
         return LoadResult(
-            "refunded",
-            None,
-            balance,
-            0,
-            record["tac"],
-            f"refunded {balance / 100:.2f} yuan in cash",
+            "refunded", None, balance, 0, tac, f"refunded {balance / 100:.2f} yuan in cash"
         )
+
+    async def _finish_refund(self, refund_id: str, tac: str) -> list[str] | None:
+        """Tell the host about a completed refund; None if it cannot be reached."""
+        pending = [p for p in self.journal.unsettled() if p.id == refund_id]
+        if not pending:
+            return []
+        record = {**json.loads(pending[0].detail), "id": refund_id, "op": "refund", "tac": tac}
+        try:
+            answer = await self.host.call(record)
+        except HostUnreachableError:
+            return None
+        if answer.get("result") == "refunded":
+            self.journal.confirmed(refund_id)
+        return [f"a refund of {pending[0].amount / 100:.2f} yuan: {answer.get('result')}"]
+
+    async def _settle_refund(self, run: Run[Any], pending: PendingLoad) -> list[str]:
+        tac = pending.tac
+        if pending.status == "authorized":
+            proof = TransactionProof(tx_type=TxType.PURCHASE, counter=pending.counter + 1)
+
+            def ask(reader: Reader) -> object:
+                return proof.receive(reader.transmit(proof.start().apdu))
+
+            found = await run(ask)
+            if isinstance(found, ProofMissing):
+                self.journal.void(pending.id)
+                return ["an interrupted refund never reached the card: nothing was taken"]
+            if not isinstance(found, ProofFound):
+                raise CardRemovedError("the card did not answer GET TRANSACTION PROOF")
+            tac = found.tac.hex().upper()
+            self.journal.credited(pending.id, tac)
+        notes = await self._finish_refund(pending.id, tac)
+        if notes is None:
+            raise HostUnreachableError("the host cannot be told of an interrupted refund")
+        return notes
 
     async def _void(self, load_id: str) -> None:
         try:
