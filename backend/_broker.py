@@ -6,6 +6,7 @@ import enum
 import random
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
@@ -84,6 +85,29 @@ class BrokerURL:
         if not self.tls:
             return None
         return ssl.create_default_context(cafile=self.ca_file)
+
+    def client(
+        self,
+        *,
+        identifier: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 10,
+        **options: Any,
+    ) -> aiomqtt.Client:
+        """An aiomqtt client for this broker (the URL's credentials unless others are given);
+        ``options`` go to :class:`aiomqtt.Client` as they are."""
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=identifier,
+            username=username if username is not None else self.username,
+            password=password if password is not None else self.password,
+            protocol=self.version,
+            tls_context=self.tls_context(),
+            timeout=timeout,
+            **options,
+        )
 
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""

@@ -11,8 +11,6 @@ import asyncio
 import json
 from collections.abc import Iterable
 
-import aiomqtt
-
 from backend._broker import PARAMS_TOPIC, STATUS_TOPIC, BrokerURL
 from backend._store import Store
 
@@ -51,15 +49,7 @@ async def publish_params(
     """Publish ``params`` retained to every device; returns how many."""
     payload = json.dumps(params)
     n = 0
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=broker.username,
-        password=broker.password,
-        protocol=broker.version,
-        tls_context=broker.tls_context(),
-        timeout=10,
-    ) as client:
+    async with broker.client() as client:
         for device in devices:
             await client.publish(PARAMS_TOPIC.format(device=device), payload, qos=1, retain=True)
             n += 1
@@ -72,15 +62,7 @@ async def read_status(
     """The parameters version each device reported (retained status messages)."""
     out: dict[str, int] = {}
     wanted = set(devices)
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=broker.username,
-        password=broker.password,
-        protocol=broker.version,
-        tls_context=broker.tls_context(),
-        timeout=10,
-    ) as client:
+    async with broker.client() as client:
         for device in wanted:
             await client.subscribe(STATUS_TOPIC.format(device=device), qos=1)
         try:

@@ -105,16 +105,8 @@ async def run_worker(
     try:
         while not stop.is_set():
             try:
-                async with aiomqtt.Client(
-                    broker.host,
-                    broker.port,
-                    identifier=f"farelab-{name}",
-                    username=broker.username,
-                    password=broker.password,
-                    protocol=broker.version,
-                    tls_context=broker.tls_context(),
-                    keepalive=15,
-                    timeout=5,
+                async with broker.client(
+                    identifier=f"farelab-{name}", keepalive=15, timeout=5
                 ) as client:
                     if broker.mqtt5:
                         await client.subscribe(SHARED_TX.format(group=group), qos=1)

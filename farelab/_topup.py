@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import date
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from backend._broker import BrokerURL
+from backend._store import StoreError
 from card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -25,9 +26,9 @@ from card import (
 from card._money import fen_to_yuan
 from farelab._errors import CliError
 from topup._host import Host, LocalHost, MqttHost
-from topup._journal import KioskJournal
+from topup._journal import KioskJournal, KioskJournalError
 from topup._rules import AmountRules, parse_amount
-from topup._station import Kiosk, LoadResult
+from topup._station import Kiosk, LoadResult, Run
 
 __all__ = ["register"]
 
@@ -170,10 +171,16 @@ def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
         except ValueError as exc:
             raise CliError(str(exc)) from None
     else:
-        local = LocalHost(Path("farelab-host.db"), args.kiosk)
+        try:
+            local = LocalHost(Path("farelab-host.db"), args.kiosk)
+        except StoreError as exc:
+            raise CliError(str(exc)) from None
         host = local
         closers.append(local.close)
-    journal = KioskJournal(args.journal)
+    try:
+        journal = KioskJournal(args.journal)
+    except KioskJournalError as exc:
+        raise CliError(str(exc)) from None
     closers.append(journal.close)
     terminal = (0xF0000000 + sum(args.kiosk.encode()) % 0xFFFF).to_bytes(6, "big")
     kiosk = Kiosk(
@@ -233,19 +240,49 @@ def _kiosk(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refund(args: argparse.Namespace) -> int:
+def _one_shot(
+    args: argparse.Namespace,
+    action: Callable[[Kiosk, Run[Any]], Coroutine[Any, Any, LoadResult]],
+    *,
+    ok: str,
+) -> int:
+    """Open the reader and the kiosk, run one action on the presented card, report it."""
     reader = _reader(args)
     kiosk, close = make_kiosk(args)
-    psam = Psam(terminal_id=kiosk.terminal_id, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
 
     async def run(fn: Callable[[Reader], T]) -> T:
         return fn(reader)
 
     try:
-        result = asyncio.run(kiosk.refund(run, psam))
+        result = asyncio.run(action(kiosk, run))
     finally:
         close()
-    return _report(result, as_json=args.json, ok="refunded")
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for note in result.settled:
+            print(f"note: {note}")
+        balance = (
+            ""
+            if result.balance_fen is None
+            else f"; balance {fen_to_yuan(result.balance_fen)} yuan"
+        )
+        tac = f"; TAC {result.tac}" if result.tac else ""
+        print(f"{result.result}: {result.message}{balance}{tac}")
+    return 0 if result.result == ok else 1
+
+
+def _load(args: argparse.Namespace) -> int:
+    amount = parse_amount(args.amount)
+    return _one_shot(args, lambda kiosk, run: kiosk.load(run, amount), ok="loaded")
+
+
+def _refund(args: argparse.Namespace) -> int:
+    def refund(kiosk: Kiosk, run: Run[Any]) -> Coroutine[Any, Any, LoadResult]:
+        keys = {DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)}
+        return kiosk.refund(run, Psam(terminal_id=kiosk.terminal_id, issuers=keys))
+
+    return _one_shot(args, refund, ok="refunded")
 
 
 def _transfer(args: argparse.Namespace) -> int:
@@ -255,50 +292,14 @@ def _transfer(args: argparse.Namespace) -> int:
         raise CliError(f"--reported {args.reported!r} is not a date (YYYY-MM-DD)") from None
     if not args.old.isdigit() or len(args.old) > 20:
         raise CliError("--old must be a card serial (up to 20 digits)")
-    reader = _reader(args)
-    kiosk, close = make_kiosk(args)
 
-    async def run(fn: Callable[[Reader], T]) -> T:
-        return fn(reader)
-
-    try:
-        result = asyncio.run(
-            kiosk.transfer(
-                run,
-                old_serial=args.old,
-                reason=args.reason,
-                reported=args.reported,
-                profile=args.profile,
-            )
+    def transfer(kiosk: Kiosk, run: Run[Any]) -> Coroutine[Any, Any, LoadResult]:
+        return kiosk.transfer(
+            run,
+            old_serial=args.old,
+            reason=args.reason,
+            reported=args.reported,
+            profile=args.profile,
         )
-    finally:
-        close()
-    return _report(result, as_json=args.json, ok="loaded")
 
-
-def _report(result: LoadResult, *, as_json: bool, ok: str) -> int:
-    if as_json:
-        print(json.dumps(result.to_json()))
-        return 0 if result.result == ok else 1
-    for note in result.settled:
-        print(f"note: {note}")
-    balance = (
-        "" if result.balance_fen is None else f"; balance {fen_to_yuan(result.balance_fen)} yuan"
-    )
-    tac = f"; TAC {result.tac}" if result.tac else ""
-    print(f"{result.result}: {result.message}{balance}{tac}")
-    return 0 if result.result == ok else 1
-
-
-def _load(args: argparse.Namespace) -> int:
-    reader = _reader(args)
-    kiosk, close = make_kiosk(args)
-
-    async def run(fn: Callable[[Reader], T]) -> T:
-        return fn(reader)
-
-    try:
-        result = asyncio.run(kiosk.load(run, parse_amount(args.amount)))
-    finally:
-        close()
-    return _report(result, as_json=args.json, ok="loaded")
+    return _one_shot(args, transfer, ok="loaded")

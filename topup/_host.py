@@ -81,14 +81,8 @@ class MqttHost:
         broker = self._broker
         try:
             async with asyncio.timeout(self._timeout):
-                async with aiomqtt.Client(
-                    broker.host,
-                    broker.port,
+                async with broker.client(
                     identifier=f"farelab-{self._kiosk}-{uuid.uuid4().hex[:6]}",
-                    username=broker.username,
-                    password=broker.password,
-                    protocol=broker.version,
-                    tls_context=broker.tls_context(),
                     timeout=self._timeout,
                 ) as client:
                     await client.subscribe(LOAD_RESP.format(kiosk=self._kiosk), qos=1)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KioskJournal", "PendingLoad"]
+__all__ = ["KioskJournal", "KioskJournalError", "PendingLoad"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS loads (
@@ -45,15 +45,27 @@ class PendingLoad:
     detail: str = ""
 
 
+class KioskJournalError(Exception):
+    """The journal file cannot be used."""
+
+
 class KioskJournal:
     """SQLite (WAL, synchronous FULL: a kiosk handles money one load at a time)."""
 
     def __init__(self, path: Path | str) -> None:
         """Open or create the journal."""
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(loads)")}
+        except sqlite3.DatabaseError as exc:
+            raise KioskJournalError(f"{path}: not a usable kiosk journal: {exc}") from None
+        # Journals written before refunds were journalled lack these columns.
+        for column in ("kind TEXT NOT NULL DEFAULT 'load'", "detail TEXT NOT NULL DEFAULT ''"):
+            if column.split()[0] not in columns:
+                self._db.execute(f"ALTER TABLE loads ADD COLUMN {column}")
         self._lock = threading.Lock()
 
     def _set(self, load_id: str, status: str, tac: str = "") -> None:

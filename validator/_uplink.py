@@ -117,17 +117,13 @@ class MqttUplink:
             if self.broker.mqtt5
             else {"clean_session": False}
         )
-        return aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
+        return self.broker.client(
             identifier=f"farelab-dev-{device}",
             username=username,
             password=password,
-            protocol=self.broker.version,
-            tls_context=self.broker.tls_context(),
             keepalive=15,
             timeout=5,
-            **session,  # type: ignore[arg-type]
+            **session,
         )
 
     async def _device_loop(self, journal: Journal, device: str) -> None:
