@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from card import CST, InProcessReader, MemoryStore, SimulatedCard, personalise
-from tests.pcscd import VIRTUAL_READER, running_pcscd
+from card._pcscd import VIRTUAL_READER, running_pcscd
 from tests.validator_support import Lab, bus, gate
 
 GET_BALANCE = bytes.fromhex("805C000204")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from card import Reader, SimulatedCard
-from card._pcsc import PcscReader, list_readers
+from card._pcsc import PcscReader
+from card._pcscd import PcscdError, running_pcscd
 from card._vicc import ViccClient, ViccError
 from farelab._errors import CliError
 
@@ -19,29 +17,16 @@ __all__ = ["through_pcscd"]
 READER = "Virtual PCD 00 00"
 
 
-def _ensure_pcscd() -> None:
-    if READER in list_readers():
-        return
-    binary = shutil.which("pcscd") or "/usr/sbin/pcscd"
-    if not Path(binary).exists():
-        raise CliError(
-            "pcscd is not installed: run 'bash .ci/install' as root (Debian packages pcscd "
-            "vsmartcard-vpcd), or use 'farelab demo --no-pcsc'"
-        )
-    subprocess.run([binary], check=False, capture_output=True)
-    deadline = time.monotonic() + 10
-    while READER not in list_readers():
-        if time.monotonic() > deadline:
-            raise CliError(
-                f"pcscd does not list {READER!r}: is the vsmartcard-vpcd driver installed? "
-                "(or use 'farelab demo --no-pcsc')"
-            )
-        time.sleep(0.1)
-
-
 def through_pcscd(path: Path, scenario: Callable[[Reader], None]) -> None:
     """Present the card image at ``path`` to vpcd and run ``scenario`` on a pyscard reader."""
-    _ensure_pcscd()
+    try:
+        with running_pcscd(path.parent / "pcscd.log"):
+            _present(path, scenario)
+    except PcscdError as exc:
+        raise CliError(f"{exc} (or use 'farelab demo --no-pcsc')") from None
+
+
+def _present(path: Path, scenario: Callable[[Reader], None]) -> None:
     card = SimulatedCard.from_file(path)
     client = ViccClient(card)
     try:

@@ -19,10 +19,10 @@ import aiomqtt
 import psycopg
 import pytest
 
+from backend._mosquitto import Mosquitto
 from backend._store import Store
 from backend._wire import encode_batch
 from card import load_image
-from tests.mosquitto import Mosquitto
 from tests.test_uplink_backend import DEVICES, farelab, make_taps, start_backend, stop
 from validator._journal import Journal
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from backend._mosquitto import Mosquitto
 from backend._wire import Batch, Record, encode_batch
-from tests.mosquitto import Mosquitto
 from tests.test_uplink_backend import farelab, make_taps, stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ from typing import Any
 import aiomqtt
 
 from backend._loads import LOAD_REQ, LOAD_RESP
+from backend._mosquitto import Mosquitto
 from card import (
     CardSnapshot,
     InProcessReader,
@@ -27,7 +28,6 @@ from card import (
     drive,
     personalise,
 )
-from tests.mosquitto import Mosquitto
 from tests.test_uplink_backend import farelab, start_backend, stop
 
 KIOSK = "kiosk-1"

@@ -12,8 +12,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from backend._mosquitto import Mosquitto
 from card import load_image, personalise, save_image
-from tests.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """

@@ -23,8 +23,8 @@ from card import (
     save_image,
 )
 from card._pcsc import PcscReader, ReaderThread, list_readers
+from card._pcscd import VIRTUAL_READER
 from card._vicc import ViccClient, ViccError
-from tests.pcscd import VIRTUAL_READER
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 

@@ -1,4 +1,5 @@
-"""Starting pcscd with the vpcd driver for the tests, or reusing the one that runs."""
+"""Making sure a pcscd with the vpcd driver runs (tests, benchmarks, the demo): reuse the one that
+runs, or start one for the duration of a block."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 from card._pcsc import list_readers
 
 VIRTUAL_READER = "Virtual PCD 00 00"
+
+
+__all__ = ["VIRTUAL_READER", "PcscdError", "running_pcscd"]
 
 
 class PcscdError(RuntimeError):

@@ -1,4 +1,5 @@
-"""A real Mosquitto on a free loopback port, started and stopped by the tests."""
+"""A Mosquitto of our own on a free loopback port (tests and benchmarks start it; they never
+assume 1883 is free)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+__all__ = ["BrokerError", "Mosquitto", "free_port"]
 
 
 class BrokerError(RuntimeError):
