@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from farelab import __version__
 from farelab import _backend as backend_cli
+from farelab import _bench as bench_cli
 from farelab import _card as card_cli
 from farelab import _demo as demo
 from farelab import _topup as topup_cli
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     validator_cli.register(sub)
     topup_cli.register(sub)
     backend_cli.register(sub)
+    bench_cli.register(sub)
     return parser
 
 

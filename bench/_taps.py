@@ -1,0 +1,126 @@
+"""Tap-time harness: devices on a shipped network, a rich card, alternating entry/exit taps at
+increasing times, each timed from card detected to result journalled."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from card import (
+    CST,
+    DEMO_ISSUER_ID,
+    DEMO_KEYS,
+    Alg,
+    InProcessReader,
+    MemoryStore,
+    Reader,
+    SimulatedCard,
+    personalise,
+)
+from validator._config import DeviceConfig
+from validator._decision import TapResult
+from validator._device import Device, Kind, Parameters
+from validator._journal import Journal
+from validator._network import shipped_networks
+from validator._runtime import Validator
+
+__all__ = ["TapBench", "bench_card", "percentile"]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of already sorted values (nearest rank)."""
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def bench_card(alg: Alg = Alg.TDES) -> SimulatedCard:
+    """A card rich enough for a million taps (past the 1000-yuan cap on purpose)."""
+    image = personalise(serial="8888", issued=date(2026, 1, 1), alg=alg)
+    image = image.replace(balance=10**9, max_balance=10**9)
+    return SimulatedCard(image, store=MemoryStore(), entropy=bytes)
+
+
+def _devices(kind: str) -> tuple[Device, Device]:
+    net = shipped_networks()["taiyuan"]
+    if kind == "bus":
+        return (
+            Device(id="in", kind=Kind.BUS, network=net, terminal_id=bytes.fromhex("000000000B01")),
+            Device(id="out", kind=Kind.BUS, network=net, terminal_id=bytes.fromhex("000000000B02")),
+        )
+    line = net.line("L2")
+    return (
+        Device(
+            id="in",
+            kind=Kind.METRO_GATE,
+            network=net,
+            line=line,
+            station=net.station("尖草坪"),
+            terminal_id=bytes.fromhex("000000020001"),
+        ),
+        Device(
+            id="out",
+            kind=Kind.METRO_GATE,
+            network=net,
+            line=line,
+            station=net.station("西桥"),
+            terminal_id=bytes.fromhex("000000021601"),
+        ),
+    )
+
+
+@dataclass
+class TapBench:
+    """Two devices sharing a journal; ``tap()`` alternates them with the same card."""
+
+    validators: tuple[Validator, Validator]
+    reader: Reader
+    journal: Journal
+    insert: Callable[[], None]
+    when: datetime
+
+    @classmethod
+    def make(
+        cls, kind: str, journal_path: Path | str, reader: Reader | None = None, alg: Alg = Alg.TDES
+    ) -> TapBench:
+        """``kind``: bus or metro (entry at one end of Taiyuan L2, exit at the other)."""
+        journal = Journal(journal_path, max_outbox=10**9)
+        params = Parameters(1, frozenset(), frozenset({DEMO_ISSUER_ID}))
+        keys = {DEMO_ISSUER_ID: DEMO_KEYS}
+        a, b = _devices(kind)
+        validators = (
+            Validator(config=DeviceConfig(a, params, keys), journal=journal),
+            Validator(config=DeviceConfig(b, params, keys), journal=journal),
+        )
+        if reader is None:
+            memory = InProcessReader()
+            card = bench_card(alg)
+
+            def insert() -> None:
+                memory.insert(card)
+
+            return cls(validators, memory, journal, insert, datetime(2026, 11, 23, 6, tzinfo=CST))
+        return cls(validators, reader, journal, lambda: None, datetime(2026, 11, 23, 6, tzinfo=CST))
+
+    def tap(self, i: int) -> tuple[TapResult, float]:
+        """Tap ``i`` (even: first device, odd: second); the result and its seconds."""
+        self.when += timedelta(minutes=2)
+        self.insert()
+        start = time.perf_counter()
+        result = self.validators[i % 2].tap(self.reader, self.when)
+        return result, time.perf_counter() - start
+
+    def run(self, n: int, *, skip_entries: bool = False) -> list[float]:
+        """``n`` timed taps (only the exits when ``skip_entries``), sorted."""
+        times = []
+        for i in range(n * (2 if skip_entries else 1)):
+            result, seconds = self.tap(i)
+            if result.result != "accepted":
+                raise RuntimeError(f"benchmark tap refused: {result}")
+            if not skip_entries or i % 2:
+                times.append(seconds)
+        return sorted(times)
