@@ -113,6 +113,9 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints copy the WAL into the database: tens of milliseconds that must not land
+            # inside a tap. The owner calls checkpoint() off the tap path instead.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -122,6 +125,7 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path}: not a usable journal: {exc}") from exc
         self.path = path
+        self._checkpointer: sqlite3.Connection | None = None
         # The tap threads and the uplink share this connection: one statement group at a time.
         self._lock = threading.RLock()
         self.max_outbox = max_outbox
@@ -133,6 +137,17 @@ class Journal:
     def close(self) -> None:
         """Close the database (a checkpoint folds the WAL back in)."""
         self._db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database, on a connection of its own so that taps on the
+        main connection are not held up (PASSIVE: it never waits for a writer)."""
+        if str(self.path) == ":memory:":
+            return
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(str(self.path), check_same_thread=False)
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # --- device state --------------------------------------------------------------------
 

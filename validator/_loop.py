@@ -231,6 +231,13 @@ async def _update_params(
         await asyncio.sleep(1.0)
 
 
+async def _checkpoints(journal: Journal, every: float = 2.0) -> None:
+    """Fold the journal's WAL back in every few seconds, off the taps' path."""
+    while True:
+        await asyncio.sleep(every)
+        await asyncio.to_thread(journal.checkpoint)
+
+
 def _params_handler(
     stations: dict[str, _Station], results: asyncio.Queue[TapResult | str]
 ) -> ParamsHandler:
@@ -296,6 +303,7 @@ async def run(
     try:
         async with asyncio.TaskGroup() as group:
             tasks.append(group.create_task(_display(results, out), name="display"))
+            tasks.append(group.create_task(_checkpoints(journal), name="checkpoints"))
             if params_file is not None:
                 tasks.append(
                     group.create_task(_update_params(params_file, stations, results), name="params")

@@ -120,3 +120,5 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
         yield devices[tap.device].tap(reader, tap.at)
+        if tap.line % 500 == 0:
+            journal.checkpoint()
