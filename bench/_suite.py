@@ -280,7 +280,7 @@ def budget_table(doc: dict[str, object]) -> str:
         value = doc.get(b.key)
         holds = b.holds(value if isinstance(value, int | float) else None)
         mark = "—" if holds is None else ("✓" if holds else "✗")
-        shown = f"{value:,.2f}" if isinstance(value, int | float) else "not yet"
+        shown = f"{value:,.2f}" if isinstance(value, int | float) else "not measured"
         limit = f"{'≥' if b.at_least else '≤'} {b.limit:,g}"
         lines.append(f"{b.label:<46} {shown:>12} {limit:>10}  {mark}")
     return "\n".join(lines)
