@@ -24,8 +24,11 @@ from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 __all__ = ["main", "make_batches"]
 
 
-def make_batches(n: int, devices: int, batch: int, run: int) -> dict[str, list[Batch]]:
-    """``n`` genuine purchases spread over ``devices``, cut into batches."""
+def make_batches(
+    n: int, devices: int, batch: int, run: int, cards_per_device: int = 200
+) -> dict[str, list[Batch]]:
+    """``n`` genuine purchases spread over ``devices`` (each serving ``cards_per_device``
+    cards), cut into batches."""
     verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
     day, clock = bytes.fromhex("20261123"), bytes.fromhex("083000")
     at_ms = int(datetime(2026, 11, 23, tzinfo=UTC).timestamp() * 1000)
@@ -35,7 +38,10 @@ def make_batches(n: int, devices: int, batch: int, run: int) -> dict[str, list[B
         terminal = (0xB000_0000 + d).to_bytes(6, "big")
         records = []
         for i in range(n // devices):
-            serial = f"{run:04d}{d:06d}{i:010d}"
+            # A day's traffic: each card rides several times (its counter goes up), so the
+            # backend's per-card key cache works as it does in production.
+            card, counter = i % cards_per_device, i // cards_per_device
+            serial = f"{run:04d}{d:06d}{card:010d}"
             serial8 = bytes.fromhex(serial)[2:]
             tac = verifier.purchase_tac(
                 alg=Alg.TDES,
@@ -58,10 +64,10 @@ def make_batches(n: int, devices: int, batch: int, run: int) -> dict[str, list[B
                     "3des",
                     serial,
                     DEMO_ISSUER_ID.hex(),
-                    0,
+                    counter,
                     i + 1,
                     200,
-                    10_000,
+                    1_000_000 - 200 * counter,
                     terminal.hex(),
                     day.hex(),
                     clock.hex(),

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from card._crypto import Alg, mac, session_key, tac_key
+from card._crypto import Alg, MacKey, mac, session_key, tac_key
 from card._files import CST, TxType, bcd_date, bcd_time
 from card._image import MAX_BALANCE_FEN
 from card._keys import IssuerKeys, diversify_card_key
@@ -82,21 +82,21 @@ class TacVerifier:
     def __init__(self, *, issuers: Mapping[bytes, bytes]) -> None:
         """``issuers``: TAC master key (16 bytes) by 8-byte issuer id."""
         self._issuers = dict(issuers)
-        self._cache: dict[tuple[Alg, bytes, bytes], bytes] = {}
+        self._cache: dict[tuple[Alg, bytes, bytes], MacKey] = {}
 
     @classmethod
     def of(cls, issuers: Mapping[bytes, IssuerKeys]) -> TacVerifier:
         """From full issuer key sets (only the TAC masters are kept)."""
         return cls(issuers={iid: keys.tac for iid, keys in issuers.items()})
 
-    def _key(self, alg: Alg, issuer_id: bytes, serial8: bytes) -> bytes | None:
+    def _key(self, alg: Alg, issuer_id: bytes, serial8: bytes) -> MacKey | None:
         cached = self._cache.get((alg, issuer_id, serial8))
         if cached is not None:
             return cached
         master = self._issuers.get(issuer_id)
         if master is None:
             return None
-        key = tac_key(alg, diversify_card_key(alg, master, issuer_id, serial8))
+        key = MacKey(alg, tac_key(alg, diversify_card_key(alg, master, issuer_id, serial8)))
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[(alg, issuer_id, serial8)] = key
@@ -127,7 +127,7 @@ class TacVerifier:
             + day
             + time
         )
-        return mac(alg, key, body)
+        return key.compute(body)
 
     def load_tac(
         self,
@@ -155,4 +155,4 @@ class TacVerifier:
             + day
             + time
         )
-        return mac(alg, key, body)
+        return key.compute(body)

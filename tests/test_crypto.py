@@ -70,3 +70,14 @@ def test_alg_labels_round_trip_and_reject_unknown() -> None:
     assert Alg.from_label("3des") is Alg.TDES
     with pytest.raises(ValueError, match="3des or sm4"):
         Alg.from_label("aes")
+
+
+@pytest.mark.parametrize(("alg", "size"), [(Alg.TDES, 8), (Alg.SM4, 16)])
+def test_cached_mac_key_computes_the_same_mac(alg: Alg, size: int) -> None:
+    from card._crypto import MacKey  # noqa: PLC0415
+
+    key = bytes(range(size))
+    cached = MacKey(alg, key)
+    for length in range(70):
+        data = bytes((i * 31) & 0xFF for i in range(length))
+        assert cached.compute(data) == mac(alg, key, data)
