@@ -8,9 +8,11 @@ whole thing to catch breakage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import platform
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -189,6 +191,71 @@ def _clearing(n: int, out: dict[str, float]) -> None:
         raise RuntimeError("clearing positions do not net to zero")
 
 
+def _tap_p99(bench: TapBench, n: int, offset: int) -> float:
+    times = []
+    for i in range(offset, offset + n):
+        result, seconds = bench.tap(i)
+        if result.result != "accepted":
+            raise RuntimeError(f"benchmark tap refused: {result}")
+        times.append(seconds)
+    return percentile(sorted(times), 0.99) * 1000
+
+
+def _uplink_running(url: BrokerURL, bench: TapBench) -> tuple[threading.Event, threading.Thread]:
+    """An uplink for the bench's devices on an event loop of its own thread."""
+    from validator._uplink import MqttUplink  # noqa: PLC0415
+
+    stop = threading.Event()
+
+    def main() -> None:
+        async def run() -> None:
+            uplink = MqttUplink(url, ["in", "out"], batch_size=500)
+            task = asyncio.create_task(uplink.run(bench.journal))
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=main, name="bench-uplink")
+    thread.start()
+    return stop, thread
+
+
+def _backlog(url: BrokerURL, n: int, backlog: int, folder: Path, out: dict[str, float]) -> None:
+    """Tap p99 while the uplink drains a backlog, and while the broker is unreachable."""
+    bench = TapBench.make("bus", folder / "j-backlog.db")
+    idle = _tap_p99(bench, n, 0)
+    base = bench.journal.outbox(1)[0][2]
+    rows = [
+        ("in", json.dumps({**base, "seq": 10_000_000 + i, "card_serial": f"{i:020d}"}))
+        for i in range(backlog)
+    ]
+    with sqlite3.connect(folder / "j-backlog.db") as db:
+        db.executemany("INSERT INTO outbox (device, payload) VALUES (?, ?)", rows)
+    stop, thread = _uplink_running(url, bench)
+    try:
+        loaded = _tap_p99(bench, n, n)
+    finally:
+        stop.set()
+        thread.join()
+    out["tap_backlog_rows"] = backlog
+    out["tap_backlog_left"] = len(bench.journal.outbox(10**9))
+    dead = BrokerURL("127.0.0.1", 1)
+    stop, thread = _uplink_running(dead, bench)
+    try:
+        outage = _tap_p99(bench, n, 2 * n)
+    finally:
+        stop.set()
+        thread.join()
+    out["tap_idle_p99_ms"] = idle
+    out["tap_backlog_p99_ms"] = loaded
+    out["tap_outage_p99_ms"] = outage
+    out["tap_backlog_ratio"] = max(loaded, outage) / idle
+
+
 def _backend(n_ingest: int, n_topup: int, folder: Path, out: dict[str, float]) -> None:
     broker = Mosquitto(folder)
     broker.start()
@@ -219,6 +286,7 @@ def _backend(n_ingest: int, n_topup: int, folder: Path, out: dict[str, float]) -
         topup = asyncio.run(measure_topup(url, n_topup))
         out["topup_p50_ms"] = topup["p50_ms"]
         out["topup_p99_ms"] = topup["p99_ms"]
+        _backlog(url, n_topup * 10, 100_000 if n_topup >= 200 else 10_000, folder, out)
     finally:
         backend.terminate()
         backend.wait(15)
