@@ -126,6 +126,7 @@ class Journal:
             raise JournalError(f"{path}: not a usable journal: {exc}") from exc
         self.path = path
         self._checkpointer: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
         # The tap threads and the uplink share this connection: one statement group at a time.
         self._lock = threading.RLock()
         self.max_outbox = max_outbox
@@ -137,8 +138,9 @@ class Journal:
     def close(self) -> None:
         """Close the database (a checkpoint folds the WAL back in)."""
         self._db.close()
-        if self._checkpointer is not None:
-            self._checkpointer.close()
+        for extra in (self._checkpointer, self._read_db):
+            if extra is not None:
+                extra.close()
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database, on a connection of its own so that taps on the
@@ -344,15 +346,26 @@ class Journal:
         if device is not None:
             query += " AND device = ?"
             args += (device,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        reader = self._reader()
+        if reader is None:
+            with self._lock:
+                rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        else:  # WAL: a second connection reads without holding up the taps' connection
+            rows = reader.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [(row[0], row[1], json.loads(row[2])) for row in rows]
+
+    def _reader(self) -> sqlite3.Connection | None:
+        if str(self.path) == ":memory:":
+            return None
+        if self._read_db is None:
+            self._read_db = sqlite3.connect(str(self.path), check_same_thread=False)
+        return self._read_db
 
     def acknowledge(self, ids: list[int]) -> None:
         """Remove rows the backend has committed."""
         with self._tx():
-            self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
-            self._outbox = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            cursor = self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+            self._outbox = max(self._outbox - cursor.rowcount, 0)
 
 
 class _Transaction:
