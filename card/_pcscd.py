@@ -4,6 +4,7 @@ runs, or start one for the duration of a block."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from card._pcsc import list_readers
 
 VIRTUAL_READER = "Virtual PCD 00 00"
+VPCD_PORT = 35963
 
 
 __all__ = ["VIRTUAL_READER", "PcscdError", "running_pcscd"]
@@ -30,9 +32,32 @@ def _wait_for_reader(deadline: float) -> bool:
     return False
 
 
+def _start(binary: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([binary, "--foreground"], stdout=out, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    # vpcd's port must be free again before anyone starts the next pcscd
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", VPCD_PORT), timeout=0.2).close()
+        except OSError:
+            return
+        time.sleep(0.1)
+
+
 @contextmanager
 def running_pcscd(log: Path) -> Iterator[None]:
-    """A pcscd with the vpcd reader for the duration of the block."""
+    """A pcscd with the vpcd reader for the duration of the block (a pcscd that already runs
+    with it is reused; a new one is stopped at the end)."""
     if VIRTUAL_READER in list_readers():
         yield
         return
@@ -43,18 +68,21 @@ def running_pcscd(log: Path) -> Iterator[None]:
         raise PcscdError("pcscd is not installed (Debian packages pcscd and vsmartcard-vpcd)")
     if not Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so").exists():
         raise PcscdError("the vpcd driver is not installed (Debian package vsmartcard-vpcd)")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "--foreground"], stdout=out, stderr=subprocess.STDOUT)
+    proc = None
+    # A pcscd that was just stopped may still hold its socket or vpcd's port: try a few times.
+    for attempt in range(3):
+        proc = _start(binary, log)
+        if _wait_for_reader(time.monotonic() + 10):
+            break
+        _stop(proc)
+        proc = None
+        time.sleep(1.0 + attempt)
+    if proc is None:
+        raise PcscdError(
+            f"pcscd started three times but {VIRTUAL_READER!r} never appeared; readers: "
+            f"{list_readers()}; log: {log.read_text(errors='replace')[-2000:]}"
+        )
     try:
-        if not _wait_for_reader(time.monotonic() + 15):
-            raise PcscdError(
-                f"pcscd started but {VIRTUAL_READER!r} never appeared; readers: {list_readers()}; "
-                f"log: {log.read_text(errors='replace')[-2000:]}"
-            )
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
