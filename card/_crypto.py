@@ -2,17 +2,25 @@
 
 Every function is pure.  Key and data lengths are checked, because a wrong-length key is always a
 bug in the caller and would otherwise surface as a silently wrong MAC.
+
+Setting up a cipher costs far more than encrypting a block with it, so the ECB encryptor of each
+recent key is kept (a bounded LRU): master keys, a card's keys, and a session key used for both
+MAC1 and MAC2 are set up once.  CBC-MAC is computed over those ECB blocks.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
+from collections.abc import Callable
+from functools import lru_cache
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
     "Alg",
+    "Diversifier",
     "MacKey",
     "block_encrypt",
     "diversify",
@@ -49,16 +57,37 @@ def _check(name: str, value: bytes, *lengths: int) -> None:
         raise ValueError(f"{name} must be {want} bytes, got {len(value)}")
 
 
+# Enough for every master key, the cards of a busy period and the session keys of the taps in
+# progress; an evicted key is simply set up again.
+_CIPHERS = 1024
+
+
+def _encryptor(alg: Alg, key: bytes) -> Callable[[bytes], bytes]:
+    """ECB encryption with ``key``: 8 bytes (single DES) or 16 (2-key 3DES) for 3DES, 16 for
+    SM4.  A cipher context must not be used by two threads at once (``update`` may release the
+    GIL), so each thread has its own."""
+    return _thread_encryptor(alg, key, threading.get_ident())
+
+
+@lru_cache(maxsize=_CIPHERS)
+def _thread_encryptor(alg: Alg, key: bytes, _thread: int) -> Callable[[bytes], bytes]:
+    if alg is Alg.TDES:
+        algorithm: TripleDES | algorithms.SM4 = TripleDES(
+            key * 3 if len(key) == 8 else key + key[:8]
+        )
+    else:
+        algorithm = algorithms.SM4(key)
+    return Cipher(algorithm, modes.ECB()).encryptor().update
+
+
 def _tdes_ecb(key16: bytes, data: bytes) -> bytes:
     _check("3DES key", key16, 16)
-    enc = Cipher(TripleDES(key16 + key16[:8]), modes.ECB()).encryptor()
-    return enc.update(data) + enc.finalize()
+    return _encryptor(Alg.TDES, key16)(data)
 
 
 def _sm4_ecb(key16: bytes, data: bytes) -> bytes:
     _check("SM4 key", key16, 16)
-    enc = Cipher(algorithms.SM4(key16), modes.ECB()).encryptor()
-    return enc.update(data) + enc.finalize()
+    return _encryptor(Alg.SM4, key16)(data)
 
 
 def block_encrypt(alg: Alg, key16: bytes, block: bytes) -> bytes:
@@ -83,6 +112,27 @@ def diversify(alg: Alg, master16: bytes, data8: bytes) -> bytes:
     if alg is Alg.TDES:
         return _tdes_ecb(master16, data8 + _invert(data8))
     return _sm4_ecb(master16, data8 + _invert(data8))
+
+
+class Diversifier:
+    """A key that diversifies many cards' keys (an issuer-level key in a backend), its block
+    cipher set up once.  ``diversify(d)`` equals :func:`diversify` with the same key."""
+
+    __slots__ = ("_encrypt",)
+
+    def __init__(self, alg: Alg, key16: bytes) -> None:
+        if alg is Alg.TDES:
+            _check("3DES key", key16, 16)
+            algorithm: TripleDES | algorithms.SM4 = TripleDES(key16 + key16[:8])
+        else:
+            _check("SM4 key", key16, 16)
+            algorithm = algorithms.SM4(key16)
+        self._encrypt = Cipher(algorithm, modes.ECB()).encryptor().update
+
+    def diversify(self, data8: bytes) -> bytes:
+        """The key diversified with 8 bytes of diversification data."""
+        _check("diversification data", data8, 8)
+        return self._encrypt(data8 + _invert(data8))
 
 
 def session_key(alg: Alg, key16: bytes, data8: bytes) -> bytes:
@@ -110,15 +160,20 @@ def mac(alg: Alg, key: bytes, data: bytes) -> bytes:
     """
     if alg is Alg.TDES:
         _check("DES MAC key", key, 8)
-        cipher = Cipher(TripleDES(key * 3), modes.CBC(bytes(8)))
-        padded = _pad(data, 8)
     else:
         _check("SM4 MAC key", key, 16)
-        cipher = Cipher(algorithms.SM4(key), modes.CBC(bytes(16)))
-        padded = _pad(data, 16)
-    enc = cipher.encryptor()
-    out = enc.update(padded) + enc.finalize()
-    return out[-(8 if alg is Alg.TDES else 16) :][:4]
+    return _cbc_mac(_encryptor(alg, key), 8 if alg is Alg.TDES else 16, data)
+
+
+def _cbc_mac(encrypt: Callable[[bytes], bytes], size: int, data: bytes) -> bytes:
+    padded = _pad(data, size)
+    chain = 0
+    block = b""
+    for i in range(0, len(padded), size):
+        value = chain ^ int.from_bytes(padded[i : i + size], "big")
+        block = encrypt(value.to_bytes(size, "big"))
+        chain = int.from_bytes(block, "big")
+    return block[:4]
 
 
 class MacKey:
@@ -140,15 +195,7 @@ class MacKey:
 
     def compute(self, data: bytes) -> bytes:
         """The 4-byte MAC of ``data`` (CBC over ECB blocks, IV zero, ``80 00…`` padding)."""
-        size = self._block
-        padded = _pad(data, size)
-        chain = 0
-        block = b""
-        for i in range(0, len(padded), size):
-            value = chain ^ int.from_bytes(padded[i : i + size], "big")
-            block = self._encrypt(value.to_bytes(size, "big"))
-            chain = int.from_bytes(block, "big")
-        return block[:4]
+        return _cbc_mac(self._encrypt, self._block, data)
 
 
 def tac_key(alg: Alg, dtk16: bytes) -> bytes:

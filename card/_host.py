@@ -7,11 +7,12 @@ answer, the host checks MAC1 and the 1000-yuan cap (R4) and answers with MAC2.  
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from card._crypto import Alg, MacKey, mac, session_key, tac_key
+from card._crypto import Alg, Diversifier, MacKey, diversify, mac, session_key, tac_key
 from card._files import CST, TxType, bcd_date, bcd_time
 from card._image import MAX_BALANCE_FEN
 from card._keys import IssuerKeys, diversify_card_key
@@ -77,29 +78,58 @@ class LoadAuthority:
 
 
 class TacVerifier:
-    """Checks TACs with the issuers' TAC master keys."""
+    """Checks TACs with the issuers' TAC master keys.
 
-    def __init__(self, *, issuers: Mapping[bytes, bytes]) -> None:
-        """``issuers``: TAC master key (16 bytes) by 8-byte issuer id."""
+    The per-card MAC keys are derived on first use and kept in a least-recently-used cache of
+    at most ``cache_size`` cards: a backend sees each card many times a day, but a city has
+    millions of cards, and each cached key holds a set-up cipher (about 1.3 KB).
+    """
+
+    DEFAULT_CACHE_SIZE = 100_000
+
+    def __init__(
+        self, *, issuers: Mapping[bytes, bytes], cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> None:
+        """``issuers``: TAC master key (16 bytes) by 8-byte issuer id; ``cache_size``: how
+        many cards' MAC keys to keep (0 keeps none)."""
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be 0 or more, not {cache_size}")
         self._issuers = dict(issuers)
-        self._cache: dict[tuple[Alg, bytes, bytes], MacKey] = {}
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[Alg, bytes, bytes], MacKey] = OrderedDict()
+        # The first diversification level depends on the issuer only: set up once.
+        self._issuer_keys: dict[tuple[Alg, bytes], Diversifier] = {}
 
     @classmethod
-    def of(cls, issuers: Mapping[bytes, IssuerKeys]) -> TacVerifier:
+    def of(
+        cls, issuers: Mapping[bytes, IssuerKeys], *, cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> TacVerifier:
         """From full issuer key sets (only the TAC masters are kept)."""
-        return cls(issuers={iid: keys.tac for iid, keys in issuers.items()})
+        return cls(issuers={iid: keys.tac for iid, keys in issuers.items()}, cache_size=cache_size)
+
+    @property
+    def cached(self) -> int:
+        """How many cards' MAC keys the cache holds now."""
+        return len(self._cache)
 
     def _key(self, alg: Alg, issuer_id: bytes, serial8: bytes) -> MacKey | None:
-        cached = self._cache.get((alg, issuer_id, serial8))
+        cache_key = (alg, issuer_id, serial8)
+        cached = self._cache.get(cache_key)
         if cached is not None:
+            self._cache.move_to_end(cache_key)
             return cached
-        master = self._issuers.get(issuer_id)
-        if master is None:
-            return None
-        key = MacKey(alg, tac_key(alg, diversify_card_key(alg, master, issuer_id, serial8)))
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[(alg, issuer_id, serial8)] = key
+        issuer_key = self._issuer_keys.get((alg, issuer_id))
+        if issuer_key is None:
+            master = self._issuers.get(issuer_id)
+            if master is None:
+                return None
+            issuer_key = Diversifier(alg, diversify(alg, master, issuer_id))
+            self._issuer_keys[(alg, issuer_id)] = issuer_key
+        key = MacKey(alg, tac_key(alg, issuer_key.diversify(serial8)))
+        if self._cache_size:
+            if len(self._cache) >= self._cache_size:
+                self._cache.popitem(last=False)
+            self._cache[cache_key] = key
         return key
 
     def purchase_tac(

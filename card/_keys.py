@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from card._crypto import Alg, diversify
@@ -71,8 +72,10 @@ class CardKeys:
     version: int
 
 
+@lru_cache(maxsize=4096)
 def diversify_card_key(alg: Alg, master: bytes, issuer_id: bytes, serial8: bytes) -> bytes:
-    """Two-level diversification: by issuer id (EF15[0:8]), then by card serial (EF15[12:20])."""
+    """Two-level diversification: by issuer id (EF15[0:8]), then by card serial (EF15[12:20]).
+    Pure, so the keys of recent cards are remembered (a PSAM sees the same riders daily)."""
     return diversify(alg, diversify(alg, master, issuer_id), serial8)
 
 

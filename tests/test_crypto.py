@@ -81,3 +81,14 @@ def test_cached_mac_key_computes_the_same_mac(alg: Alg, size: int) -> None:
     for length in range(70):
         data = bytes((i * 31) & 0xFF for i in range(length))
         assert cached.compute(data) == mac(alg, key, data)
+
+
+@pytest.mark.parametrize("alg", [Alg.TDES, Alg.SM4])
+def test_set_up_diversifier_diversifies_as_diversify_does(alg: Alg) -> None:
+    from card._crypto import Diversifier  # noqa: PLC0415
+
+    key = bytes(range(16))
+    diversifier = Diversifier(alg, key)
+    for card in range(20):
+        data = (card * 0x0101_0101_0101).to_bytes(8, "big")
+        assert diversifier.diversify(data) == diversify(alg, key, data)

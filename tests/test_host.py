@@ -102,3 +102,36 @@ def test_tac_verifier_tells_a_genuine_tac_from_a_forged_one(alg: Alg) -> None:
     assert genuine is not None
     assert verifier.purchase_tac(**{**fields, "amount": 201}) != genuine  # type: ignore[arg-type]
     assert TacVerifier(issuers={}).purchase_tac(**fields) is None  # type: ignore[arg-type]
+
+
+def _tac(verifier: TacVerifier, card: int, ttc: int) -> bytes | None:
+    return verifier.purchase_tac(
+        alg=Alg.TDES,
+        issuer_id=DEMO_ISSUER_ID,
+        serial8=card.to_bytes(8, "big"),
+        amount=200,
+        tx_type=9,
+        terminal=KIOSK,
+        ttc=ttc,
+        day=bytes.fromhex("20261123"),
+        time=bytes.fromhex("093000"),
+    )
+
+
+def test_tac_verifier_cache_never_exceeds_its_size_and_verifies_after_eviction() -> None:
+    verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}, cache_size=3)
+    for ttc, card in enumerate([1, 2, 3, 4, 5, 1, 2, 6, 1, 7, 3, 4, 5, 1]):
+        fresh = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}, cache_size=0)
+        assert _tac(verifier, card, ttc) == _tac(fresh, card, ttc)
+        assert verifier.cached <= 3
+    assert verifier.cached == 3
+
+
+def test_tac_verifier_cache_evicts_the_least_recently_used_card() -> None:
+    verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}, cache_size=2)
+    _tac(verifier, 1, 1)
+    _tac(verifier, 2, 1)
+    kept = verifier._key(Alg.TDES, DEMO_ISSUER_ID, (1).to_bytes(8, "big"))  # card 1 used again
+    _tac(verifier, 3, 1)  # evicts card 2, not card 1
+    assert verifier._key(Alg.TDES, DEMO_ISSUER_ID, (1).to_bytes(8, "big")) is kept
+    assert verifier.cached == 2
