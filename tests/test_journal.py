@@ -36,9 +36,9 @@ def test_each_completed_tap_has_its_transaction_and_outbox_row(tmp_path: Path) -
     for i in range(3):
         lab.tap("bus", card, 120 * i)
     outbox = lab.journal.outbox()
-    assert [p["status"] for _, _, p in outbox] == ["completed"] * 3
-    assert [p["seq"] for _, _, p in outbox] == [1, 2, 3]
-    assert len({p["ttc"] for _, _, p in outbox}) == 3
+    assert [r.status for _, _, r in outbox] == ["completed"] * 3
+    assert [r.seq for _, _, r in outbox] == [1, 2, 3]
+    assert len({r.ttc for _, _, r in outbox}) == 3
     assert len(lab.journal.taps()) == 3
 
 
@@ -97,9 +97,122 @@ def test_journal_survives_kill_9_at_any_instant(tmp_path: Path) -> None:
         kills += 1
         journal = Journal(path)
         rows = journal.transactions()
-        outbox = {(p["device"], p["seq"]) for _, _, p in journal.outbox(limit=10**9)}
+        outbox = {(device, r.seq) for _, device, r in journal.outbox(limit=10**9)}
         settled = [r for r in rows if r["status"] != "pending"]
         assert all((r["device"], r["seq"]) in outbox for r in settled)
         assert sum(r["status"] == "pending" for r in rows) <= 1 * kills
         journal.close()
     assert kills == 8
+
+
+def _as_version_1(path: Path, rows: list[tuple[int, str, int]]) -> list[tuple[int, str, str]]:
+    """Rewrite a journal's outbox rows (id, device, seq) as version 1 kept them (JSON)."""
+    import json  # noqa: PLC0415
+    import sqlite3  # noqa: PLC0415
+
+    with sqlite3.connect(path) as db:
+        names = [d[1] for d in db.execute("PRAGMA table_info(transactions)")]
+        payloads = []
+        for row_id, device, seq in rows:
+            tx = dict(
+                zip(
+                    names,
+                    db.execute(
+                        "SELECT * FROM transactions WHERE device=? AND seq=?", (device, seq)
+                    ).fetchone(),
+                    strict=True,
+                )
+            )
+            payload = {
+                "device": device,
+                "card_serial": tx["card_serial"],
+                "issuer": tx["issuer"],
+                "alg": tx["alg"],
+                "tx_type": tx["tx_type"],
+                "kind": tx["kind"],
+                "amount": tx["amount_fen"],
+                "balance_before": tx["balance_before_fen"],
+                "card_counter": tx["card_counter"],
+                "ttc": tx["ttc"],
+                "terminal": tx["terminal"],
+                "day": tx["day"],
+                "time": tx["time"],
+                "at": tx["at"],
+                "station": tx["station"],
+                "line": tx["line"],
+                "operator": tx["operator"],
+                "seq": seq,
+                "status": tx["status"],
+                "tac": tx["tac"],
+            }
+            payloads.append((row_id, device, json.dumps(payload)))
+        db.execute("DROP TABLE outbox")
+        db.execute(
+            "CREATE TABLE outbox (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
+            " payload TEXT NOT NULL)"
+        )
+        db.executemany("INSERT INTO outbox VALUES (?, ?, ?)", payloads)
+        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    return payloads
+
+
+def test_version_1_journal_outbox_is_converted_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    lab = Lab([bus("taiyuan")], journal=Journal(path))
+    card = new_card(balance=1000)
+    for i in range(3):
+        lab.tap("bus", card, 120 * i)
+    before = lab.journal.outbox()
+    lab.journal.close()
+    assert len(_as_version_1(path, [(i, d, r.seq) for i, d, r in before])) == 3
+
+    converted = Journal(path)
+    assert converted.outbox() == before
+    assert converted.outbox_rows == 3
+
+
+def test_a_version_1_outbox_that_cannot_be_converted_is_a_clear_error(tmp_path: Path) -> None:
+    import sqlite3  # noqa: PLC0415
+
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE outbox")
+        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, device TEXT, payload TEXT)")
+        db.execute("INSERT INTO outbox VALUES (1, 'bus', '{\"seq\": 1}')")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    with pytest.raises(JournalError, match="version-1 outbox"):
+        Journal(path)
+    with sqlite3.connect(path) as db:  # nothing was lost
+        assert db.execute("SELECT payload FROM outbox").fetchone() == ('{"seq": 1}',)
+
+
+def test_acknowledge_removes_exactly_the_rows_named(tmp_path: Path) -> None:
+    lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
+    card = new_card(balance=100_000)
+    for i in range(120):
+        lab.tap("bus", card, 120 * i)
+    ids = [row[0] for row in lab.journal.outbox(1000)]
+    lab.journal.acknowledge(ids[:55] + ids[60:117])
+    assert [row[0] for row in lab.journal.outbox(1000)] == ids[55:60] + ids[117:]
+    assert lab.journal.outbox_rows == 8
+
+
+def test_outbox_ids_are_never_reused_after_the_outbox_drains(tmp_path: Path) -> None:
+    """The uplink reads after the last id it sent and names batches by their first id: an id
+    reused after a full drain would strand the new rows behind its cursor."""
+    lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
+    card = new_card(balance=100_000)
+    for i in range(3):
+        lab.tap("bus", card, 120 * i)
+    first = [row[0] for row in lab.journal.outbox()]
+    lab.journal.acknowledge(first)
+    assert lab.journal.outbox() == []
+    lab.tap("bus", card, 1000)
+    lab.journal.close()
+    reopened = Journal(tmp_path / "j.db")
+    Lab([bus("taiyuan")], journal=reopened).tap("bus", card, 2000)
+    later = [row[0] for row in reopened.outbox()]
+    assert len(later) == 2
+    assert min(later) > max(first)
+    assert later == sorted(later)

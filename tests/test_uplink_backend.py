@@ -178,3 +178,54 @@ def test_upload_without_a_backend_times_out_and_says_what_is_pending(
     assert result.returncode == 3
     assert "upload timed out" in result.stderr
     assert "3 records still pending" in result.stderr
+
+
+def test_uplink_keeps_sending_after_the_outbox_has_drained(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A drained outbox must not strand the next rows: the uplink drains, taps go on, and it
+    drains again without reconnecting."""
+    import asyncio  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from backend._broker import BrokerURL  # noqa: PLC0415
+    from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
+    from validator._journal import Journal  # noqa: PLC0415
+    from validator._uplink import MqttUplink  # noqa: PLC0415
+
+    backend = start_backend(broker, f"sqlite:///{tmp_path / 'ledger.db'}")
+    lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
+    uplink = MqttUplink(BrokerURL.parse(broker.url), ["bus"], ack_timeout=30)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(uplink.run(lab.journal))
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def drained(within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if lab.journal.outbox_rows == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        card, t = new_card(balance=100_000), 0
+        for round_ in range(3):
+            for _ in range(5):
+                lab.tap("bus", card, t)
+                t += 400
+            assert drained(20), f"round {round_}: {lab.journal.outbox_rows} rows left"
+        assert uplink.stats["bus"].records_acked == 15
+        assert uplink.stats["bus"].connects == 1
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+        backend.terminate()
+        backend.wait(15)

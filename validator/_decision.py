@@ -180,6 +180,7 @@ class Tap:
         self._resolution: Resolution | None = None
         self._resolving: Pending | None = None
         self._plan: _Plan | None = None
+        self._trip: MetroRecord | None = None
         self._intent: Intent | None = None
         self._debit: Transmit | None = None
         self._debit_sent = False
@@ -378,11 +379,7 @@ class Tap:
         snap = self._snapshot
         assert snap is not None
         device, net = self.device, self.device.network
-        raw = snap.records.get((SFI_TRANSIT, 1))
-        try:
-            trip = MetroRecord.decode(raw) if raw is not None else MetroRecord()
-        except ValueError:
-            trip = MetroRecord()
+        trip = self._metro_trip()
         entered = trip.status is MetroStatus.ENTERED
         if entered and self._recent(trip.entry_terminal, trip.entry_time):
             return self._reject("already_processed")
@@ -417,6 +414,19 @@ class Tap:
         )
         reason = "overtime" if "overtime" in quote.notes else None
         return _Plan("exit", quote, quote.fare_fen, reason)
+
+    def _metro_trip(self) -> MetroRecord:
+        """The card's metro record (EF1A record 1), decoded once per tap; an unreadable or
+        missing one counts as no trip."""
+        if self._trip is None:
+            snap = self._snapshot
+            assert snap is not None
+            raw = snap.records.get((SFI_TRANSIT, 1))
+            try:
+                self._trip = MetroRecord.decode(raw) if raw is not None else MetroRecord()
+            except ValueError:
+                self._trip = MetroRecord()
+        return self._trip
 
     def _entry_station(self, trip: MetroRecord) -> int | None:
         """The entry station id if the open trip began on this network, else None."""
@@ -492,11 +502,7 @@ class Tap:
                 entry_amount=amount,
                 balance_after_entry=init.balance - amount,
             )
-        raw = snap.records.get((SFI_TRANSIT, 1))
-        try:
-            trip = MetroRecord.decode(raw) if raw is not None else MetroRecord()
-        except ValueError:
-            trip = MetroRecord()
+        trip = self._metro_trip()
         return MetroRecord(
             status=MetroStatus.EXITED,
             journey=trip.journey,

@@ -7,6 +7,10 @@ cut, at the cost of an fsync per commit.  A DEBIT is preceded by an *intent* row
 committed before the command leaves, so that a process killed between the two still knows which
 card may owe a proof.  The outbox is bounded: the journal warns loudly from ``warn_ratio`` of its
 bound on, and at the bound the validator stops accepting taps rather than lose a record.
+
+Outbox rows hold the record exactly as it travels (:func:`backend._wire.encode_record`, 82
+bytes), so that the uplink only frames stored bytes: draining a backlog costs the tap threads
+next to nothing.  Version-1 journals (JSON rows) are converted when opened.
 """
 
 from __future__ import annotations
@@ -15,17 +19,21 @@ import json
 import logging
 import sqlite3
 import threading
-from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from backend._wire import Record, WireError, decode_record, encode_record, record_from_outbox
 from validator._decision import Accepted, Intent, Pending, Rejected, TapResult
 
 __all__ = ["Journal", "JournalError"]
 
 log = logging.getLogger("farelab.journal")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Rows deleted per transaction when the backend acknowledges: short enough that a tap waiting
+# for the journal's lock never waits long.
+_ACK_CHUNK = 50
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -73,15 +81,15 @@ CREATE TABLE IF NOT EXISTS taps (
     seq INTEGER,
     detail TEXT NOT NULL DEFAULT ''
 );
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    device TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
 """
-
-
-_INTENT_FIELDS = tuple(f.name for f in fields(Intent))
+# AUTOINCREMENT: ids are never reused, even after the uplink has emptied the outbox.  The
+# uplink reads rows after the last id it sent and names a batch by its first id: a reused id
+# would leave new rows behind its cursor, and could match a late ack of an old batch.
+_OUTBOX = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, record BLOB NOT NULL
+)
+"""
 
 
 class JournalError(Exception):
@@ -116,22 +124,27 @@ class Journal:
             # Checkpoints copy the WAL into the database: tens of milliseconds that must not land
             # inside a tap. The owner calls checkpoint() off the tap path instead.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._db.executescript(_SCHEMA)
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is not None and row[0] == "1":
+                _migrate_v1(self._db, path)
+            elif row is not None and row[0] != str(SCHEMA_VERSION):
+                raise JournalError(f"{path}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
+            self._db.executescript(_SCHEMA + ";" + _OUTBOX)
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] != str(SCHEMA_VERSION):
-                raise JournalError(f"{path}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path}: not a usable journal: {exc}") from exc
         self.path = path
         self._checkpointer: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
         # The tap threads and the uplink share this connection: one statement group at a time.
         self._lock = threading.RLock()
         self.max_outbox = max_outbox
         self.warn_ratio = warn_ratio
         self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        self._counters: dict[str, list[int]] = {}
         # One process owns a journal, so the pending set is kept in memory: every tap consults it.
         self._pending = self._load_pending()
 
@@ -153,14 +166,25 @@ class Journal:
 
     # --- device state --------------------------------------------------------------------
 
-    def _device(self, device: str) -> tuple[int, int]:
-        row = self._db.execute(
-            "SELECT next_seq, next_ttc FROM devices WHERE device=?", (device,)
-        ).fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO devices (device) VALUES (?)", (device,))
-            return 1, 1
-        return int(row[0]), int(row[1])
+    def _device(self, device: str) -> list[int]:
+        """[next seq, next TTC] of a device, kept in memory (one process owns a journal) and
+        derived on first use from its newest transaction: the intent row that used a TTC is
+        committed before the DEBIT leaves, so nothing journals the counters twice per tap."""
+        counters = self._counters.get(device)
+        if counters is None:
+            newest = self._db.execute(
+                "SELECT seq, ttc FROM transactions WHERE device=? ORDER BY seq DESC LIMIT 1",
+                (device,),
+            ).fetchone()
+            # journals written before the counters lived in memory kept them in ``devices``
+            kept = self._db.execute(
+                "SELECT next_seq, next_ttc FROM devices WHERE device=?", (device,)
+            ).fetchone()
+            seq, ttc = (newest[0] + 1, newest[1] + 1) if newest else (1, 1)
+            if kept is not None:
+                seq, ttc = max(seq, kept[0]), max(ttc, kept[1])
+            counters = self._counters[device] = [seq, ttc]
+        return counters
 
     def next_ttc(self, device: str) -> int:
         """The PSAM TTC the device must use next (TTCs never repeat across restarts)."""
@@ -224,7 +248,8 @@ class Journal:
     def record_intent(self, intent: Intent) -> Pending:
         """Journal a DEBIT about to be sent (committed when this returns)."""
         with self._tx():
-            seq, _ = self._device(intent.device)
+            counters = self._device(intent.device)
+            seq = counters[0]
             self._db.execute(
                 "INSERT INTO transactions (device, seq, status, card_serial, issuer, alg, tx_type,"
                 " kind, amount_fen, balance_before_fen, card_counter, ttc, terminal, day, time,"
@@ -251,10 +276,7 @@ class Journal:
                     intent.operator,
                 ),
             )
-            self._db.execute(
-                "UPDATE devices SET next_seq=?, next_ttc=max(next_ttc, ?) WHERE device=?",
-                (seq + 1, intent.ttc + 1, intent.device),
-            )
+        counters[0], counters[1] = seq + 1, max(counters[1], intent.ttc + 1)
         pending = Pending(intent.device, seq, intent)
         self._pending[intent.card_serial] = pending
         return pending
@@ -304,12 +326,31 @@ class Journal:
         self._enqueue(pending, status, tac)
 
     def _enqueue(self, pending: Pending, status: str, tac: str) -> None:
-        intent = pending.intent
-        payload: dict[str, Any] = {name: getattr(intent, name) for name in _INTENT_FIELDS}
-        payload.update(seq=pending.seq, status=status, tac=tac)
+        i = pending.intent
+        record = Record(
+            seq=pending.seq,
+            status=status,
+            tx_type=i.tx_type,
+            kind=i.kind,
+            alg=i.alg,
+            card_serial=i.card_serial,
+            issuer=i.issuer,
+            card_counter=i.card_counter,
+            ttc=i.ttc,
+            amount=i.amount,
+            balance_before=i.balance_before,
+            terminal=i.terminal,
+            day=i.day,
+            time=i.time,
+            at_ms=_at_ms(i.at),
+            station=i.station,
+            line=i.line,
+            operator=i.operator,
+            tac=tac,
+        )
         self._db.execute(
-            "INSERT INTO outbox (device, payload) VALUES (?, ?)",
-            (pending.device, json.dumps(payload, separators=(",", ":"))),
+            "INSERT INTO outbox (device, record) VALUES (?, ?)",
+            (pending.device, encode_record(record)),
         )
         self._outbox += 1
 
@@ -339,20 +380,44 @@ class Journal:
 
     def outbox(
         self, limit: int = 500, *, device: str | None = None, after: int = 0
-    ) -> list[tuple[int, str, dict[str, Any]]]:
-        """The oldest outbox rows (of one device, after an id): (id, device, payload)."""
-        query = "SELECT id, device, payload FROM outbox WHERE id > ?"
+    ) -> list[tuple[int, str, Record]]:
+        """The oldest outbox rows (of one device, after an id): (id, device, record)."""
+        return [
+            (row_id, dev, decode_record(raw))
+            for row_id, dev, raw in self._outbox_rows(limit, device, after)
+        ]
+
+    def outbox_count(self, *, device: str | None = None) -> int:
+        """Rows waiting for the uplink (of one device)."""
+        if device is None:
+            return self.outbox_rows
+        with self._lock:
+            row = self._db.execute("SELECT count(*) FROM outbox WHERE device=?", (device,))
+            return int(row.fetchone()[0])
+
+    def outbox_wire(self, limit: int, *, device: str, after: int = 0) -> list[tuple[int, bytes]]:
+        """The oldest outbox rows of one device after an id, as (id, encoded record): what the
+        uplink frames into a batch without decoding anything."""
+        return [(row_id, raw) for row_id, _, raw in self._outbox_rows(limit, device, after)]
+
+    def _outbox_rows(
+        self, limit: int, device: str | None, after: int
+    ) -> list[tuple[int, str, bytes]]:
+        query = "SELECT id, device, record FROM outbox WHERE id > ?"
         args: tuple[Any, ...] = (after,)
         if device is not None:
             query += " AND device = ?"
             args += (device,)
+        query += " ORDER BY id LIMIT ?"
         reader = self._reader()
         if reader is None:
             with self._lock:
-                rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
-        else:  # WAL: a second connection reads without holding up the taps' connection
-            rows = reader.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
-        return [(row[0], row[1], json.loads(row[2])) for row in rows]
+                return self._db.execute(query, (*args, limit)).fetchall()
+        # WAL: a second connection reads without holding up the taps' connection.  Its own
+        # lock: the uplinks of several devices read from their own threads, and two threads
+        # must never step the connection's one cached statement for this query at once.
+        with self._read_lock:
+            return reader.execute(query, (*args, limit)).fetchall()
 
     def _reader(self) -> sqlite3.Connection | None:
         if str(self.path) == ":memory:":
@@ -362,10 +427,40 @@ class Journal:
         return self._read_db
 
     def acknowledge(self, ids: list[int]) -> None:
-        """Remove rows the backend has committed."""
-        with self._tx():
-            cursor = self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
-            self._outbox = max(self._outbox - cursor.rowcount, 0)
+        """Remove rows the backend has committed, a few at a time: each short transaction
+        holds the journal only briefly, so taps in between are not delayed."""
+        for start in range(0, len(ids), _ACK_CHUNK):
+            chunk = ids[start : start + _ACK_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            with self._tx():
+                cursor = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
+                self._outbox = max(self._outbox - cursor.rowcount, 0)
+
+
+def _at_ms(at: str) -> int:
+    return int(datetime.fromisoformat(at).timestamp() * 1000)
+
+
+def _migrate_v1(db: sqlite3.Connection, path: Path | str) -> None:
+    """Version 1 kept outbox rows as JSON, with ids SQLite could reuse: convert them to wire
+    records in a table whose ids never repeat, ids kept, at once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = db.execute("SELECT id, device, payload FROM outbox ORDER BY id").fetchall()
+        converted = [
+            (row_id, device, encode_record(record_from_outbox(p["seq"], p)))
+            for row_id, device, p in ((r[0], r[1], json.loads(r[2])) for r in rows)
+        ]
+        db.execute("DROP TABLE outbox")
+        db.execute(_OUTBOX)
+        db.executemany("INSERT INTO outbox (id, device, record) VALUES (?, ?, ?)", converted)
+        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except (sqlite3.DatabaseError, ValueError, KeyError, TypeError, WireError) as exc:
+        db.execute("ROLLBACK")
+        raise JournalError(f"{path}: cannot convert the version-1 outbox: {exc}") from exc
+    if rows:
+        log.warning("%s: converted %d outbox rows of a version-1 journal", path, len(rows))
 
 
 class _Transaction:

@@ -29,7 +29,7 @@ from validator._device import Parameters
 from validator._journal import Journal
 from validator._network import NetworkError, parse_networks
 from validator._replay import result_json
-from validator._runtime import Validator
+from validator._runtime import Validator, favour_taps
 
 __all__ = ["ParamsError", "ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
 
@@ -284,6 +284,7 @@ async def run(
 ) -> None:
     """Run every configured device until ``stop`` is set (or, with only sim readers, until
     ``source`` ends)."""
+    favour_taps()
     stop = stop or asyncio.Event()
     results: asyncio.Queue[TapResult | str] = asyncio.Queue()
     stations: dict[str, _Station] = {}

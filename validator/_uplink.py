@@ -32,7 +32,7 @@ from backend._broker import (
     BrokerURL,
     LinkState,
 )
-from backend._wire import BATCH_MAX, Batch, WireError, decode_ack, encode_batch, record_from_outbox
+from backend._wire import BATCH_MAX, WireError, decode_ack, encode_batch_records
 from validator._journal import Journal
 
 __all__ = ["MqttUplink", "UplinkStats"]
@@ -166,7 +166,7 @@ class MqttUplink:
         async def fill() -> None:
             nonlocal last_id
             now = time.monotonic()
-            for batch_id, flight in in_flight.items():
+            for batch_id, flight in list(in_flight.items()):  # acks() pops while we await
                 if now - flight.sent_at > self.ack_timeout:
                     flight.sent_at = now
                     stats.resends += 1
@@ -174,17 +174,17 @@ class MqttUplink:
                     log.debug("device %s: batch %d sent again", device, batch_id)
             while len(in_flight) < self.window:
                 rows = await asyncio.to_thread(
-                    journal.outbox, self.batch_size, device=device, after=last_id
+                    journal.outbox_wire, self.batch_size, device=device, after=last_id
                 )
                 if not rows:
                     return
-                records = tuple(record_from_outbox(p["seq"], p) for _, _, p in rows)
                 batch_id = rows[0][0]
-                payload = encode_batch(Batch(batch_id, device, records))
+                payload = encode_batch_records(batch_id, device, [raw for _, raw in rows])
                 in_flight[batch_id] = _InFlight([r[0] for r in rows], payload, time.monotonic())
                 last_id = rows[-1][0]
                 await client.publish(topic, payload, qos=1)
                 stats.batches_sent += 1
+                log.debug("device %s: batch %d sent (%d records)", device, batch_id, len(rows))
 
         async def acks() -> None:
             async for message in client.messages:
@@ -198,6 +198,7 @@ class MqttUplink:
                     continue
                 flight = in_flight.pop(ack.batch_id, None)
                 if flight is None:
+                    log.debug("device %s: ack for batch %d, not in flight", device, ack.batch_id)
                     continue
                 stats.ack_latency_s.append(time.monotonic() - flight.sent_at)
                 if len(stats.ack_latency_s) > 10_000:
@@ -231,4 +232,4 @@ class MqttUplink:
 
     def pending(self, journal: Journal) -> int:
         """Outbox rows of these devices not yet acknowledged."""
-        return sum(len(journal.outbox(10**9, device=d)) for d in self.devices)
+        return sum(journal.outbox_count(device=d) for d in self.devices)
