@@ -36,7 +36,7 @@ class Mosquitto:
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\nmax_inflight_messages 1000\n"
+            "max_queued_messages 100000\nmax_inflight_messages 1000\nset_tcp_nodelay true\n"
             f"log_dest file {folder / 'mosquitto.log'}\n{extra}"
             # As root, Mosquitto drops to user "mosquitto", who cannot read pytest's folders.
             + ("user root\n" if os.geteuid() == 0 else "")

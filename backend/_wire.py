@@ -18,6 +18,7 @@ Ack v1: "FLA" version=1 · batch id (8) · count (2) · status 1 (0 committed, 1
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,8 +33,11 @@ __all__ = [
     "WireError",
     "decode_ack",
     "decode_batch",
+    "decode_record",
     "encode_ack",
     "encode_batch",
+    "encode_batch_records",
+    "encode_record",
     "record_from_outbox",
 ]
 
@@ -41,6 +45,7 @@ VERSION = 1
 BATCH_MAX = 500
 _MAGIC, _ACK_MAGIC = b"FLB", b"FLA"
 _RECORD = struct.Struct(">IBBBB10s8sHIII6s4s3sq8sB8s4s")
+RECORD_SIZE = _RECORD.size
 STATUSES = ("completed", "void", "grey")
 KINDS = ("bus", "entry", "exit", "load", "refund")
 ALGS = ("3des", "sm4")
@@ -103,7 +108,7 @@ class Ack:
 
 
 def record_from_outbox(seq: int, payload: dict[str, Any]) -> Record:
-    """An outbox row's payload (the journal's JSON) as a wire record."""
+    """An outbox row of a version-1 journal (JSON) as a wire record."""
     return Record(
         seq=seq,
         status=payload["status"],
@@ -141,17 +146,10 @@ def _operator(name: str) -> bytes:
     return raw.ljust(8, b"\x00")
 
 
-def encode_batch(batch: Batch) -> bytes:
-    """Encode a batch; ValueError if it is empty, too large or holds an unencodable record."""
-    if not 1 <= len(batch.records) <= BATCH_MAX:
-        raise ValueError(f"a batch holds 1 to {BATCH_MAX} records, not {len(batch.records)}")
-    device = batch.device.encode()
-    if not 1 <= len(device) <= 64:
-        raise ValueError("device ids are 1 to 64 bytes")
-    out = bytearray(_MAGIC + bytes((VERSION,)) + batch.batch_id.to_bytes(8, "big"))
-    out += bytes((len(device),)) + device + len(batch.records).to_bytes(2, "big")
-    for r in batch.records:
-        out += _RECORD.pack(
+def encode_record(r: Record) -> bytes:
+    """One record's 82 bytes; ValueError if a field does not fit."""
+    try:
+        return _RECORD.pack(
             r.seq,
             STATUSES.index(r.status),
             r.tx_type,
@@ -172,7 +170,32 @@ def encode_batch(batch: Batch) -> bytes:
             _operator(r.operator),
             _hex(r.tac, 4, "TAC"),
         )
-    return bytes(out)
+    except struct.error as exc:
+        raise ValueError(f"record {r.seq}: {exc}") from None
+
+
+def encode_batch_records(batch_id: int, device: str, records: Sequence[bytes]) -> bytes:
+    """A batch of records already encoded by :func:`encode_record` (the journal stores them
+    so, and the uplink only frames them); ValueError if it cannot be a valid batch."""
+    if not 1 <= len(records) <= BATCH_MAX:
+        raise ValueError(f"a batch holds 1 to {BATCH_MAX} records, not {len(records)}")
+    if any(len(r) != _RECORD.size for r in records):
+        raise ValueError(f"encoded records are {_RECORD.size} bytes each")
+    raw_device = device.encode()
+    if not 1 <= len(raw_device) <= 64:
+        raise ValueError("device ids are 1 to 64 bytes")
+    header = _MAGIC + bytes((VERSION,)) + batch_id.to_bytes(8, "big")
+    header += bytes((len(raw_device),)) + raw_device + len(records).to_bytes(2, "big")
+    return header + b"".join(records)
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Encode a batch; ValueError if it is empty, too large or holds an unencodable record."""
+    if not 1 <= len(batch.records) <= BATCH_MAX:
+        raise ValueError(f"a batch holds 1 to {BATCH_MAX} records, not {len(batch.records)}")
+    return encode_batch_records(
+        batch.batch_id, batch.device, [encode_record(r) for r in batch.records]
+    )
 
 
 def decode_batch(payload: bytes, *, max_bytes: int = 64 * 1024) -> Batch:
@@ -199,58 +222,65 @@ def decode_batch(payload: bytes, *, max_bytes: int = 64 * 1024) -> Batch:
     if len(body) != count * _RECORD.size:
         reason = "truncated" if len(body) < count * _RECORD.size else "malformed"
         raise WireError(reason, f"{len(body)} record bytes for {count} records")
-    records = []
-    for i, fields in enumerate(_RECORD.iter_unpack(body)):
-        (
-            seq,
-            status,
-            tx_type,
-            kind,
-            alg,
-            serial,
-            issuer,
-            counter,
-            ttc,
-            amount,
-            before,
-            terminal,
-            day,
-            time,
-            at_ms,
-            station,
-            line,
-            operator,
-            tac,
-        ) = fields
-        if status >= len(STATUSES) or kind >= len(KINDS) or alg >= len(ALGS):
-            raise WireError("malformed", f"record {i}: unknown status, kind or algorithm")
-        serial_digits = serial.hex()
-        if not serial_digits.isdigit():
-            raise WireError("malformed", f"record {i}: card serial is not BCD")
-        records.append(
-            Record(
-                seq,
-                STATUSES[status],
-                tx_type,
-                KINDS[kind],
-                ALGS[alg],
-                serial_digits,
-                issuer.hex().upper(),
-                counter,
-                ttc,
-                amount,
-                before,
-                terminal.hex().upper(),
-                day.hex(),
-                time.hex(),
-                at_ms,
-                station.hex(),
-                line,
-                operator.rstrip(b"\x00").decode(errors="replace"),
-                tac.hex().upper(),
-            )
-        )
+    records = [_record(i, fields) for i, fields in enumerate(_RECORD.iter_unpack(body))]
     return Batch(batch_id, device, tuple(records))
+
+
+def decode_record(raw: bytes) -> Record:
+    """One record from its 82 bytes; WireError if it is not one."""
+    if len(raw) != _RECORD.size:
+        raise WireError("malformed", f"a record is {_RECORD.size} bytes, not {len(raw)}")
+    return _record(0, _RECORD.unpack(raw))
+
+
+def _record(i: int, fields: tuple[Any, ...]) -> Record:
+    (
+        seq,
+        status,
+        tx_type,
+        kind,
+        alg,
+        serial,
+        issuer,
+        counter,
+        ttc,
+        amount,
+        before,
+        terminal,
+        day,
+        time,
+        at_ms,
+        station,
+        line,
+        operator,
+        tac,
+    ) = fields
+    if status >= len(STATUSES) or kind >= len(KINDS) or alg >= len(ALGS):
+        raise WireError("malformed", f"record {i}: unknown status, kind or algorithm")
+    serial_digits = serial.hex()
+    if not serial_digits.isdigit():
+        raise WireError("malformed", f"record {i}: card serial is not BCD")
+    return Record(
+        seq,
+        STATUSES[status],
+        tx_type,
+        KINDS[kind],
+        ALGS[alg],
+        serial_digits,
+        issuer.hex().upper(),
+        counter,
+        ttc,
+        amount,
+        before,
+        terminal.hex().upper(),
+        day.hex(),
+        time.hex(),
+        at_ms,
+        station.hex(),
+        line,
+        operator.rstrip(b"\x00").decode(errors="replace"),
+        tac.hex().upper(),
+    )
 
 
 def encode_ack(ack: Ack) -> bytes:

@@ -14,7 +14,8 @@ import pytest
 from backend._ingest import classify
 from backend._report import report
 from backend._store import Store
-from backend._wire import Batch, Record, decode_batch, encode_batch, record_from_outbox
+from backend._wire import Batch, Record, decode_batch, encode_batch
+from bench.ingest import make_batches
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from tests.validator_support import Lab, bus, gate, new_card
 
@@ -55,7 +56,7 @@ def journal_batches(size: int = 7) -> list[Batch]:
     rows = lab.journal.outbox(10_000)
     by_device: dict[str, list[Record]] = {}
     for _, device, payload in rows:
-        by_device.setdefault(device, []).append(record_from_outbox(payload["seq"], payload))
+        by_device.setdefault(device, []).append(payload)
     batches: list[Batch] = []
     for device, records in by_device.items():
         for i in range(0, len(records), size):
@@ -103,8 +104,7 @@ def test_cloned_card_goes_on_the_hotlist(store: Store) -> None:
     twin_lab = Lab([bus("taiyuan", device_id="bus-x", terminal="000000000B77")])
     twin = new_card(balance=5000, serial=str(int(original.card_serial)))
     twin_lab.tap("bus-x", twin, 99_999)
-    payload = twin_lab.journal.outbox(1)[0][2]
-    clone = record_from_outbox(payload["seq"], payload)
+    clone = twin_lab.journal.outbox(1)[0][2]
     assert clone.card_counter == original.card_counter
     ingest(store, Batch(500, "bus-x", (clone,)))
     doc = report(store)
@@ -140,3 +140,25 @@ def test_grey_and_its_resolution_in_one_batch_count_once(store: Store) -> None:
     ingest(store, Batch(1, batch.device, (grey, record)))
     doc = report(store)
     assert (doc["grey"], doc["transactions"], doc["purchase_fen"]) == (0, 1, record.amount)
+
+
+def test_a_full_batch_is_stored_once_and_its_replay_counted_as_duplicates(store: Store) -> None:
+    # 500 records span several multi-row INSERTs on PostgreSQL.
+    [batch] = make_batches(500, 1, 500, run=1)["bench-1-0"]
+    ingest(store, batch)
+    ingest(store, batch)
+    doc = report(store)
+    assert doc["transactions"] == 500
+    assert doc["duplicates"] == 500
+    assert doc["clones"] == 0
+
+
+def test_a_full_batch_replayed_by_another_device_is_all_clones(store: Store) -> None:
+    [batch] = make_batches(500, 1, 500, run=2)["bench-2-0"]
+    ingest(store, batch)
+    # The same card counters again from another device, over every chunk of its batch.
+    copies = tuple(replace(r, seq=r.seq + 1000) for r in batch.records)
+    ingest(store, Batch(1, "bench-2-other", copies))
+    doc = report(store)
+    assert doc["transactions"] == 500
+    assert doc["clones"] == 200

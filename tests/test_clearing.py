@@ -11,7 +11,7 @@ import numpy as np
 from backend._clearing import clear, clear_ledger
 from backend._ingest import classify
 from backend._store import Store
-from backend._wire import Batch, record_from_outbox
+from backend._wire import Batch
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from tests.validator_support import NON_LOCAL_ISSUER, Lab, bus, gate, new_card
 from validator._device import Device
@@ -42,7 +42,7 @@ def ride_two_cities(store: Store) -> dict[tuple[str, str], int]:
                 result = lab.tap(device, card, 3600 * hour + 600 * len(owed) + 60 * k)
                 key = (issuer.hex().upper(), op)
                 owed[key] = owed.get(key, 0) + result.fare_fen
-    records = [record_from_outbox(p["seq"], p) for _, _, p in lab.journal.outbox(10_000)]
+    records = [r for _, _, r in lab.journal.outbox(10_000)]
     for device in ("ty-in", "ty-out", "cz-bus"):
         mine = tuple(
             r

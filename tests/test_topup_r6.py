@@ -15,7 +15,7 @@ from backend._ingest import classify
 from backend._loads import ensure_schema
 from backend._store import Store
 from backend._transfer import PROFILES, decide, working_days_after
-from backend._wire import Batch, record_from_outbox
+from backend._wire import Batch
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
 from tests.validator_support import Lab, bus, new_card
 
@@ -65,7 +65,7 @@ def old_card_with_history(folder: Path) -> tuple[Path, int]:
     lab.tap("bus", card, 0)
     store = Store(f"sqlite:///{folder / 'farelab-host.db'}")
     ensure_schema(store)
-    records = tuple(record_from_outbox(p["seq"], p) for _, _, p in lab.journal.outbox(100))
+    records = tuple(r for _, _, r in lab.journal.outbox(100))
     store.ingest(
         "bus", 1, classify(Batch(1, "bus", records), TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}))
     )
