@@ -11,15 +11,17 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import platform
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +29,34 @@ import numpy as np
 from backend._broker import BrokerURL
 from backend._clearing import clear
 from backend._mosquitto import Mosquitto
-from bench._taps import TapBench, bench_card, percentile
+from backend._wire import BATCH_MAX, encode_record
+from bench._backend import process_tree, running_backend
+from bench._taps import TapBench, bench_card, percentile, uplink_running
+from bench.backend_memory import measure_backend_rss
+from bench.ingest import POSTGRES, make_batches, measure_postgres
 from bench.ingest import measure as measure_ingest
 from bench.topup_latency import measure as measure_topup
 from card import Alg, Reader
+from validator._runtime import favour_taps
 
-__all__ = ["BUDGETS", "Budget", "run_suite"]
+__all__ = [
+    "BUDGETS",
+    "Budget",
+    "budget_table",
+    "checked",
+    "dump",
+    "limit_text",
+    "mark",
+    "run_suite",
+]
+
+Figures = dict[str, float]
+Samples = dict[str, list[float]]  # latency samples in ms, for the report's charts
+Series = dict[str, list[list[float]]]  # (x, y) points, e.g. (taps done, RSS MB)
+
+
+def _ms(seconds: list[float]) -> list[float]:
+    return [round(t * 1000, 4) for t in seconds]
 
 
 @dataclass(frozen=True)
@@ -107,12 +131,13 @@ def air_seconds(exchanges: list[tuple[int, int, int]], rate_factor: float) -> fl
     return total
 
 
-def _taps_inproc(n: int, folder: Path, out: dict[str, float]) -> None:
+def _taps_inproc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
     for kind, key in (("bus", "bus"), ("metro", "metro_exit")):
         worst = 0.0
         for alg in (Alg.TDES, Alg.SM4):
             tb = TapBench.make(kind, folder / f"j-{kind}-{alg.label}.db", alg=alg)
             times = tb.run(n, skip_entries=kind == "metro")
+            samples[f"tap_inproc_{key}_{alg.label}"] = _ms(times)
             p50, p99 = percentile(times, 0.5) * 1000, percentile(times, 0.99) * 1000
             out[f"tap_inproc_{key}_{alg.label}_p50_ms"] = p50
             out[f"tap_inproc_{key}_{alg.label}_p99_ms"] = p99
@@ -133,7 +158,7 @@ def _taps_inproc(n: int, folder: Path, out: dict[str, float]) -> None:
     out["tap_air424_p99_ms"] = software + air_seconds(recording.exchanges, 4) * 1000
 
 
-def _taps_pcsc(n: int, folder: Path, out: dict[str, float]) -> None:
+def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
     from card._pcsc import PcscReader  # noqa: PLC0415
     from card._pcscd import VIRTUAL_READER, running_pcscd  # noqa: PLC0415
     from card._vicc import ViccClient  # noqa: PLC0415
@@ -159,6 +184,7 @@ def _taps_pcsc(n: int, folder: Path, out: dict[str, float]) -> None:
             floor.sort()
             tb = TapBench.make("metro", folder / "j-pcsc.db", reader=reader)
             times = tb.run(n, skip_entries=True)
+            samples["tap_pcsc"], samples["pcsc_apdu"] = _ms(times), _ms(floor)
             out["tap_pcsc_p50_ms"] = percentile(times, 0.5) * 1000
             out["tap_pcsc_p99_ms"] = percentile(times, 0.99) * 1000
             out["pcsc_apdu_p50_ms"] = percentile(floor, 0.5) * 1000
@@ -171,7 +197,7 @@ def _taps_pcsc(n: int, folder: Path, out: dict[str, float]) -> None:
             thread.join()
 
 
-def _clearing(n: int, out: dict[str, float]) -> None:
+def _clearing(n: int, out: Figures) -> None:
     rng = np.random.default_rng(6)
     issuers, operators = rng.integers(0, 20, n), rng.integers(0, 30, n)
     days, loads, amounts = rng.integers(0, 7, n), rng.random(n) < 0.05, rng.integers(0, 800, n)
@@ -191,137 +217,319 @@ def _clearing(n: int, out: dict[str, float]) -> None:
         raise RuntimeError("clearing positions do not net to zero")
 
 
-def _tap_p99(bench: TapBench, n: int, offset: int) -> float:
-    times = []
-    for i in range(offset, offset + n):
+# Taps under load arrive at this pace: 100 a second, fifty times a busy metro gate (one rider
+# every two seconds).  Back-to-back taps would measure only how a saturated core is shared.
+TAP_PACE_S = 0.01
+
+
+def _tap_times(
+    bench: TapBench, n: int, offset: int, until: Callable[[], bool] | None = None
+) -> list[float]:
+    """At least ``n`` taps at :data:`TAP_PACE_S`, and on until ``until()`` is true; sorted
+    seconds of each tap."""
+    times: list[float] = []
+    i = offset
+    due = time.perf_counter()
+    while True:
+        done = until is None or until()  # evaluated every tap: ``until`` may note the moment
+        if done and len(times) >= n:
+            break
+        due += TAP_PACE_S
+        if i % 200 == 199:
+            bench.journal.checkpoint()  # as the run loop does, off the taps' path
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
         result, seconds = bench.tap(i)
         if result.result != "accepted":
             raise RuntimeError(f"benchmark tap refused: {result}")
         times.append(seconds)
-    return percentile(sorted(times), 0.99) * 1000
+        i += 1
+    return sorted(times)
 
 
-def _uplink_running(url: BrokerURL, bench: TapBench) -> tuple[threading.Event, threading.Thread]:
-    """An uplink for the bench's devices on an event loop of its own thread."""
-    from validator._uplink import MqttUplink  # noqa: PLC0415
-
-    stop = threading.Event()
-
-    def main() -> None:
-        async def run() -> None:
-            uplink = MqttUplink(url, ["in", "out"], batch_size=500)
-            task = asyncio.create_task(uplink.run(bench.journal))
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        asyncio.run(run())
-
-    thread = threading.Thread(target=main, name="bench-uplink")
-    thread.start()
-    return stop, thread
-
-
-def _backlog(url: BrokerURL, n: int, backlog: int, folder: Path, out: dict[str, float]) -> None:
-    """Tap p99 while the uplink drains a backlog, and while the broker is unreachable."""
-    bench = TapBench.make("bus", folder / "j-backlog.db")
-    idle = _tap_p99(bench, n, 0)
-    base = bench.journal.outbox(1)[0][2]
-    rows = [
-        ("in", json.dumps({**base, "seq": 10_000_000 + i, "card_serial": f"{i:020d}"}))
-        for i in range(backlog)
+def _backlog_rows(n: int, run: int) -> list[tuple[str, bytes]]:
+    """``n`` genuine transactions (real TACs) of device ``in``, as the journal keeps them;
+    ``run`` keeps each backlog's cards apart from every other's (no false clones)."""
+    batches = make_batches(n, 1, BATCH_MAX, run=run % 10_000)
+    return [
+        ("in", encode_record(replace(r, seq=10_000_000 * (run % 100 + 1) + r.seq)))
+        for bs in batches.values()
+        for b in bs
+        for r in b.records
     ]
-    with sqlite3.connect(folder / "j-backlog.db") as db:
-        db.executemany("INSERT INTO outbox (device, payload) VALUES (?, ?)", rows)
-    stop, thread = _uplink_running(url, bench)
-    try:
-        loaded = _tap_p99(bench, n, n)
-    finally:
-        stop.set()
-        thread.join()
+
+
+def _backlog(
+    services: _Services, n: int, backlog: int, folder: Path, *, out: Figures, samples: Samples
+) -> None:
+    """Tap times idle, while the uplink drains a backlog of genuine transactions, and while the
+    broker is unreachable, in interleaved rounds (idle block, a fresh backlog drained under
+    taps, broker-down block) until each has ``n`` taps: a shared machine's drift then touches
+    all three alike.  The validator (taps and uplink) runs on one core; the broker and the
+    backend, which in the field are other machines, on the other."""
+    path = folder / "j-backlog.db"
+    bench = TapBench.make("bus", path)
+    probe = sqlite3.connect(path)
+    favour_taps()
+    idle: list[float] = []
+    loaded: list[float] = []
+    outage: list[float] = []
+    drains: list[float] = []
+    block = max(n // 10, 1)
+    first_run = int(time.time())
+    i = 0
+    with _pinned_apart(far=services.far()), contextlib.closing(probe):
+        while min(len(idle), len(loaded), len(outage)) < n:
+            idle += _tap_times(bench, block, i)
+            i += block
+            rows = _backlog_rows(backlog, first_run + len(drains))
+            with probe:
+                probe.executemany("INSERT INTO outbox (device, record) VALUES (?, ?)", rows)
+            last = probe.execute("SELECT max(id) FROM outbox").fetchone()[0]
+            _, stop, thread = uplink_running(services.url(), bench)
+            started = time.perf_counter()
+            done_at: list[float] = []
+
+            def drained(
+                last: int = last, started: float = started, at: list[float] = done_at
+            ) -> bool:
+                if (
+                    not at
+                    and not probe.execute(
+                        "SELECT 1 FROM outbox WHERE id <= ? LIMIT 1", (last,)
+                    ).fetchone()
+                ):
+                    at.append(time.perf_counter() - started)
+                return bool(at)
+
+            try:
+                taps = _tap_times(bench, 1, i, until=drained)
+            finally:
+                stop.set()
+                thread.join()
+            drains.append(done_at[0])
+            loaded += taps
+            i += len(taps)
+            _, stop, thread = uplink_running(BrokerURL("127.0.0.1", 1), bench)
+            try:
+                outage += _tap_times(bench, block, i)
+            finally:
+                stop.set()
+                thread.join()
+            i += block
+    idle.sort()
+    loaded.sort()
+    outage.sort()
+    samples.update(tap_idle=_ms(idle), tap_backlog=_ms(loaded), tap_outage=_ms(outage))
     out["tap_backlog_rows"] = backlog
-    out["tap_backlog_left"] = len(bench.journal.outbox(10**9))
-    dead = BrokerURL("127.0.0.1", 1)
-    stop, thread = _uplink_running(dead, bench)
-    try:
-        outage = _tap_p99(bench, n, 2 * n)
-    finally:
-        stop.set()
-        thread.join()
-    out["tap_idle_p99_ms"] = idle
-    out["tap_backlog_p99_ms"] = loaded
-    out["tap_outage_p99_ms"] = outage
-    out["tap_backlog_ratio"] = max(loaded, outage) / idle
-
-
-def _backend(n_ingest: int, n_topup: int, folder: Path, out: dict[str, float]) -> None:
-    broker = Mosquitto(folder)
-    broker.start()
-    backend = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "farelab",
-            "backend",
-            "run",
-            "--broker",
-            broker.url,
-            "--db",
-            f"sqlite:///{folder / 'ledger.db'}",
-            "--workers",
-            "2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    out["tap_backlog_rounds"] = len(drains)
+    out["tap_backlog_drain_s"] = statistics.median(drains)
+    out["tap_backlog_taps"] = len(loaded)
+    out["tap_idle_p99_ms"] = percentile(idle, 0.99) * 1000
+    out["tap_backlog_p99_ms"] = percentile(loaded, 0.99) * 1000
+    out["tap_outage_p99_ms"] = percentile(outage, 0.99) * 1000
+    out["tap_backlog_ratio"] = (
+        max(out["tap_backlog_p99_ms"], out["tap_outage_p99_ms"]) / out["tap_idle_p99_ms"]
     )
+
+
+def _set_affinity(pids: list[int], cpus: set[int]) -> None:
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(int(task.name), cpus)
+
+
+@contextlib.contextmanager
+def _pinned_apart(*, far: list[int]) -> Iterator[None]:
+    """This process on the first CPU, the processes ``far`` (broker, backend and their
+    children) on the others — as a validator and its backend run on different machines.
+    Does nothing on a one-CPU machine."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        yield
+        return
+    near, rest = {min(cpus)}, cpus - {min(cpus)}
+    far_tree = [p for pid in far for p in process_tree(pid)]
+    _set_affinity([os.getpid()], near)
+    _set_affinity(far_tree, rest)
     try:
-        time.sleep(2.0)
-        url = BrokerURL.parse(broker.url)
-        ingest = asyncio.run(measure_ingest(url, n_ingest, 10, 200))
-        out["ingest_tx_per_s"] = ingest["tx_per_s"]
-        out["ingest_ack_p50_ms"] = ingest["ack_p50_ms"]
-        out["ingest_ack_p99_ms"] = ingest["ack_p99_ms"]
-        topup = asyncio.run(measure_topup(url, n_topup))
-        out["topup_p50_ms"] = topup["p50_ms"]
-        out["topup_p99_ms"] = topup["p99_ms"]
-        _backlog(url, n_topup * 10, 100_000 if n_topup >= 200 else 10_000, folder, out)
+        yield
     finally:
-        backend.terminate()
-        backend.wait(15)
+        _set_affinity([os.getpid()], cpus)
+        _set_affinity(far_tree, cpus)
+
+
+class _Services:
+    """Mosquitto and ``farelab backend run`` (two workers, SQLite ledger), started on first
+    use and shared by the steps that need them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.broker: Mosquitto | None = None
+        self.backend: subprocess.Popen[bytes] | None = None
+        self._stack = contextlib.ExitStack()
+
+    def url(self) -> BrokerURL:
+        """The broker, with the backend's workers subscribed to it."""
+        if self.broker is None:
+            self.broker = Mosquitto(self.folder)
+            self.broker.start()
+            self._stack.callback(self.broker.stop)
+            self.backend = self._stack.enter_context(
+                running_backend(
+                    self.broker.url,
+                    f"sqlite:///{self.folder / 'ledger.db'}",
+                    workers=2,
+                    log=self.folder / "backend.log",
+                )
+            )
+        return BrokerURL.parse(self.broker.url)
+
+    def far(self) -> list[int]:
+        """The broker's and the backend's process ids."""
+        self.url()
+        procs = (self.backend, self.broker.proc if self.broker else None)
+        return [p.pid for p in procs if p is not None]
+
+    def backend_tree(self) -> list[int]:
+        """The backend's supervisor and workers."""
+        self.url()
+        return process_tree(self.backend.pid) if self.backend is not None else []
+
+    def stop(self) -> None:
+        """Stop the backend, then the broker."""
+        self._stack.close()
+
+
+def _ingest(services: _Services, n: int, out: Figures) -> None:
+    ingest = asyncio.run(measure_ingest(services.url(), n, 10, 200))
+    out["ingest_tx_per_s"] = ingest["tx_per_s"]
+    out["ingest_ack_p50_ms"] = ingest["ack_p50_ms"]
+    out["ingest_ack_p99_ms"] = ingest["ack_p99_ms"]
+
+
+def _ingest_postgres(n: int, folder: Path, out: Figures) -> None:
+    """The same ingest into PostgreSQL (``FARELAB_BENCH_POSTGRES``, default the local ``test``
+    database), through a broker of its own so that the SQLite backend takes none of it."""
+    (folder / "pg").mkdir(exist_ok=True)
+    broker = Mosquitto(folder / "pg")
+    broker.start()
+    try:
+        postgres = os.environ.get("FARELAB_BENCH_POSTGRES", POSTGRES)
+        out.update(measure_postgres(broker.url, n, folder, postgres=postgres))
+    finally:
         broker.stop()
 
 
+def _backend_memory(
+    services: _Services, n: int, out: Figures, series: Series, progress: Callable[[str], None]
+) -> None:
+    doc = asyncio.run(
+        measure_backend_rss(services.url(), services.backend_tree, n, progress=progress)
+    )
+    for key, value in doc.items():
+        if isinstance(value, list):
+            series[key] = value
+        elif isinstance(value, int | float):
+            out[key] = float(value)
+
+
+def _topup(services: _Services, n: int, out: Figures) -> None:
+    topup = asyncio.run(measure_topup(services.url(), n))
+    out["topup_p50_ms"] = topup["p50_ms"]
+    out["topup_p99_ms"] = topup["p99_ms"]
+
+
+def _validator_memory(services: _Services, taps: int, out: Figures, series: Series) -> None:
+    """``bench.validator_memory`` in a process of its own on one core, its uplink draining to
+    the backend on the other core."""
+    url = services.url()
+    cpus = os.sched_getaffinity(0)
+    command = [sys.executable, "-m", "bench.validator_memory", "--taps", str(taps)]
+    command += ["--broker", str(url)]
+    if len(cpus) > 1:
+        command += ["--cpu", str(min(cpus))]
+    with _pinned_apart(far=services.far()):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.validator_memory failed: {done.stderr.strip()[-500:]}")
+    doc = json.loads(done.stdout)
+    series.update(doc.pop("series"))
+    out.update({k: float(v) for k, v in doc.items()})
+
+
 def run_suite(*, quick: bool, progress: Callable[[str], None]) -> dict[str, object]:
-    """Run what is measured so far; returns every figure plus the machine and the budgets."""
-    figures: dict[str, float] = {}
+    """Run every measure; returns every figure, the latency samples (ms) and memory series for
+    the report, the machine and the budgets."""
+    figures: Figures = {}
+    samples: Samples = {}
+    series: Series = {}
     with tempfile.TemporaryDirectory(prefix="farelab-bench-") as tmp:
         folder = Path(tmp)
+        services = _Services(folder)
+        taps = 20_000 if quick else 1_000_000
+        ingested = 200_000 if quick else 10_000_000
         steps: list[tuple[str, Callable[[], None]]] = [
-            ("in-process taps", lambda: _taps_inproc(300 if quick else 2000, folder, figures)),
-            ("taps through pcscd", lambda: _taps_pcsc(200 if quick else 2000, folder, figures)),
+            (
+                "in-process taps",
+                lambda: _taps_inproc(300 if quick else 2000, folder, figures, samples),
+            ),
+            (
+                "taps through pcscd",
+                lambda: _taps_pcsc(200 if quick else 2000, folder, figures, samples),
+            ),
             ("clearing", lambda: _clearing(1_000_000 if quick else 10_000_000, figures)),
             (
-                "backend ingest and top-up over Mosquitto",
-                lambda: _backend(4000 if quick else 20_000, 20 if quick else 200, folder, figures),
+                "backend ingest over Mosquitto",
+                lambda: _ingest(services, 20_000 if quick else 200_000, figures),
+            ),
+            (
+                "backend ingest into PostgreSQL",
+                lambda: _ingest_postgres(20_000 if quick else 200_000, folder, figures),
+            ),
+            ("top-up over Mosquitto", lambda: _topup(services, 20 if quick else 200, figures)),
+            (
+                "taps while the uplink drains a backlog, and with the broker down",
+                lambda: _backlog(
+                    services,
+                    200 if quick else 2000,
+                    10_000 if quick else 100_000,
+                    folder,
+                    out=figures,
+                    samples=samples,
+                ),
+            ),
+            (
+                f"validator memory and throughput over {taps:,} taps",
+                lambda: _validator_memory(services, taps, figures, series),
+            ),
+            (
+                f"backend memory over {ingested:,} transactions",
+                lambda: _backend_memory(services, ingested, figures, series, progress),
             ),
         ]
         errors: dict[str, str] = {}
-        for name, step in steps:
-            progress(f"measuring {name}…")
-            started = time.perf_counter()
-            try:
-                step()
-            except Exception as exc:
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                progress(f"  {name} failed: {errors[name]}")
-            else:
-                progress(f"  done in {time.perf_counter() - started:.1f} s")
+        try:
+            for name, step in steps:
+                progress(f"measuring {name}…")
+                started = time.perf_counter()
+                try:
+                    step()
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    progress(f"  {name} failed: {errors[name]}")
+                else:
+                    progress(f"  done in {time.perf_counter() - started:.1f} s")
+        finally:
+            services.stop()
     checks = {b.key: b.holds(figures.get(b.key)) for b in BUDGETS}
     return {
         **figures,
         "quick": quick,
+        "samples": samples,
+        "series": series,
         "budgets": {
             b.key: {
                 "limit": b.limit,
@@ -332,25 +540,59 @@ def run_suite(*, quick: bool, progress: Callable[[str], None]) -> dict[str, obje
             for b in BUDGETS
         },
         "errors": errors,
-        "machine": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(),
-        },
+        "commands": [f"farelab bench{' --quick' if quick else ''}"],
+        "machine": _machine(),
     }
 
 
-def budget_table(doc: dict[str, object]) -> str:
-    """The budget table, measured vs budget with ✓/✗ (— where not measured yet)."""
-    lines = [f"{'budget':<46} {'measured':>12} {'limit':>10}  ", "-" * 74]
+def _machine() -> dict[str, object]:
+    memory = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": cpu,
+        "cpus": os.cpu_count(),
+        "memory": memory,
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def checked(doc: Mapping[str, object]) -> list[tuple[Budget, float | None, bool | None]]:
+    """Every budget with its figure in ``doc`` (None where not measured) and whether it holds."""
+    rows: list[tuple[Budget, float | None, bool | None]] = []
     for b in BUDGETS:
         value = doc.get(b.key)
-        holds = b.holds(value if isinstance(value, int | float) else None)
-        mark = "—" if holds is None else ("✓" if holds else "✗")
-        shown = f"{value:,.2f}" if isinstance(value, int | float) else "not measured"
-        limit = f"{'≥' if b.at_least else '≤'} {b.limit:,g}"
-        lines.append(f"{b.label:<46} {shown:>12} {limit:>10}  {mark}")
+        measured = value if isinstance(value, int | float) else None
+        rows.append((b, measured, b.holds(measured)))
+    return rows
+
+
+def mark(holds: bool | None) -> str:
+    """✓ for a budget that holds, ✗ for a missed one, — where not measured yet."""
+    return "—" if holds is None else ("✓" if holds else "✗")
+
+
+def limit_text(budget: Budget) -> str:
+    """The limit as the table shows it: ``≤ 3`` or ``≥ 20,000``."""
+    return f"{'≥' if budget.at_least else '≤'} {budget.limit:,g}"
+
+
+def budget_table(doc: Mapping[str, object]) -> str:
+    """The budget table, measured vs budget with ✓/✗ (— where not measured yet)."""
+    lines = [f"{'budget':<46} {'measured':>12} {'limit':>10}  ", "-" * 74]
+    for b, value, holds in checked(doc):
+        shown = f"{value:,.2f}" if value is not None else "not measured"
+        lines.append(f"{b.label:<46} {shown:>12} {limit_text(b):>10}  {mark(holds)}")
     return "\n".join(lines)
 
 

@@ -3,12 +3,16 @@ increasing times, each timed from card detected to result journalled."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from backend._broker import BrokerURL
 from card import (
     CST,
     DEMO_ISSUER_ID,
@@ -26,8 +30,9 @@ from validator._device import Device, Kind, Parameters
 from validator._journal import Journal
 from validator._network import shipped_networks
 from validator._runtime import Validator
+from validator._uplink import MqttUplink
 
-__all__ = ["TapBench", "bench_card", "percentile"]
+__all__ = ["TapBench", "bench_card", "percentile", "uplink_running"]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -38,9 +43,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def bench_card(alg: Alg = Alg.TDES) -> SimulatedCard:
-    """A card rich enough for a million taps (past the 1000-yuan cap on purpose)."""
-    image = personalise(serial="8888", issued=date(2026, 1, 1), alg=alg)
+# A card's offline counter has two bytes: after 65 535 purchases it answers 9402, so long runs
+# hand the validators a fresh card now and then, as a day's traffic does.
+CARD_TAPS = 60_000
+
+
+def bench_card(alg: Alg = Alg.TDES, serial: str = "8888") -> SimulatedCard:
+    """A card rich enough for tens of thousands of taps (past the 1000-yuan cap on purpose)."""
+    image = personalise(serial=serial, issued=date(2026, 1, 1), alg=alg)
     image = image.replace(balance=10**9, max_balance=10**9)
     return SimulatedCard(image, store=MemoryStore(), entropy=bytes)
 
@@ -80,7 +90,7 @@ class TapBench:
     validators: tuple[Validator, Validator]
     reader: Reader
     journal: Journal
-    insert: Callable[[], None]
+    insert: Callable[[int], None]
     when: datetime
 
     @classmethod
@@ -98,18 +108,22 @@ class TapBench:
         )
         if reader is None:
             memory = InProcessReader()
-            card = bench_card(alg)
+            cards = [bench_card(alg)]
 
-            def insert() -> None:
-                memory.insert(card)
+            def insert(i: int) -> None:
+                if i // CARD_TAPS >= len(cards):  # CARD_TAPS is even: metro trips stay whole
+                    cards.append(bench_card(alg, serial=str(8888 + len(cards))))
+                memory.insert(cards[-1])
 
             return cls(validators, memory, journal, insert, datetime(2026, 11, 23, 6, tzinfo=CST))
-        return cls(validators, reader, journal, lambda: None, datetime(2026, 11, 23, 6, tzinfo=CST))
+        return cls(
+            validators, reader, journal, lambda _: None, datetime(2026, 11, 23, 6, tzinfo=CST)
+        )
 
     def tap(self, i: int) -> tuple[TapResult, float]:
         """Tap ``i`` (even: first device, odd: second); the result and its seconds."""
         self.when += timedelta(minutes=2)
-        self.insert()
+        self.insert(i)
         start = time.perf_counter()
         result = self.validators[i % 2].tap(self.reader, self.when)
         return result, time.perf_counter() - start
@@ -126,3 +140,27 @@ class TapBench:
             if not skip_entries or i % 2:
                 times.append(seconds)
         return sorted(times)
+
+
+def uplink_running(
+    url: BrokerURL, bench: TapBench
+) -> tuple[MqttUplink, threading.Event, threading.Thread]:
+    """An uplink for the bench's devices on an event loop of its own thread, as in
+    ``farelab validator run``."""
+    stop = threading.Event()
+    uplink = MqttUplink(url, ["in", "out"], batch_size=500)
+
+    def main() -> None:
+        async def run() -> None:
+            task = asyncio.create_task(uplink.run(bench.journal))
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=main, name="bench-uplink")
+    thread.start()
+    return uplink, stop, thread

@@ -3,8 +3,11 @@ published by simulated devices to a broker, ingested by ``farelab backend run`` 
 until every batch's application ack is back.
 
     python -m bench.ingest --broker mqtt://127.0.0.1:PORT --n 20000 [--devices 10] [--batch 200]
+    python -m bench.ingest --postgres postgresql://postgres@127.0.0.1/test --n 20000
 
-The backend must already run against that broker (``farelab backend run --broker … --db …``).
+With ``--broker`` alone the backend must already run against that broker (``farelab backend
+run --broker … --db …``).  With ``--postgres`` the bench starts its own backend (and, without
+``--broker``, its own Mosquitto) on a fresh schema of that database, and drops it afterwards.
 """
 
 from __future__ import annotations
@@ -12,16 +15,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
+import uuid
+from contextlib import ExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiomqtt
+import psycopg
+from psycopg import sql
 
 from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
+from backend._mosquitto import Mosquitto
 from backend._wire import Batch, Record, decode_ack, encode_batch
+from bench._backend import running_backend
 from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
-__all__ = ["main", "make_batches"]
+__all__ = ["main", "make_batches", "measure", "measure_postgres"]
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def make_batches(
@@ -135,15 +148,72 @@ async def measure(
     }
 
 
+def measure_postgres(
+    broker_url: str,
+    n: int,
+    folder: Path,
+    *,
+    postgres: str = POSTGRES,
+    workers: int = 2,
+    devices: int = 10,
+    batch: int = 200,
+) -> dict[str, float]:
+    """End-to-end ingest into a PostgreSQL ledger: a backend of ``workers`` workers started on
+    ``broker_url`` with a fresh schema of the ``postgres`` database (dropped afterwards), then
+    :func:`measure`.  Figures ``ingest_pg_tx_per_s``, ``ingest_pg_ack_p50_ms`` and
+    ``ingest_pg_ack_p99_ms``; the backend's output goes to ``folder``."""
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    ledger = f"{postgres}{'&' if '?' in postgres else '?'}options=-csearch_path%3D{schema}"
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            with running_backend(
+                broker_url, ledger, workers=workers, log=folder / "backend-postgres.log"
+            ):
+                result = asyncio.run(measure(BrokerURL.parse(broker_url), n, devices, batch))
+        finally:
+            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    return {
+        "ingest_pg_tx_per_s": result["tx_per_s"],
+        "ingest_pg_ack_p50_ms": result["ack_p50_ms"],
+        "ingest_pg_ack_p99_ms": result["ack_p99_ms"],
+    }
+
+
 def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--broker", required=True)
+    parser.add_argument("--broker", help="the broker (default with --postgres: a Mosquitto)")
+    parser.add_argument("--postgres", metavar="URL", help="start a backend on this database")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--batch", type=int, default=200)
     args = parser.parse_args()
-    result = asyncio.run(measure(BrokerURL.parse(args.broker), args.n, args.devices, args.batch))
+    if args.postgres is None:
+        if args.broker is None:
+            parser.error("--broker is needed (or --postgres)")
+        result = asyncio.run(
+            measure(BrokerURL.parse(args.broker), args.n, args.devices, args.batch)
+        )
+    else:
+        with ExitStack() as stack:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="farelab-pg-")))
+            broker_url = args.broker
+            if broker_url is None:
+                broker = Mosquitto(folder)
+                broker.start()
+                stack.callback(broker.stop)
+                broker_url = broker.url
+            result = measure_postgres(
+                broker_url,
+                args.n,
+                folder,
+                postgres=args.postgres,
+                workers=args.workers,
+                devices=args.devices,
+                batch=args.batch,
+            )
     for key, value in result.items():
         print(f"{key:>14}: {value:,.2f}")
 

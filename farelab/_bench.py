@@ -1,12 +1,14 @@
-"""``farelab bench``: the benchmark suite, its budget table and its JSON."""
+"""``farelab bench``: the benchmark suite, its budget table, its JSON and its HTML report."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
-from bench._suite import budget_table, dump, run_suite
+from bench._suite import budget_table, checked, dump, run_suite
 from farelab._errors import CliError
 
 __all__ = ["register"]
@@ -17,32 +19,94 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench",
         help="measure tap latency, throughput and memory against their budgets",
-        description="Run the benchmarks (it starts its own pcscd and Mosquitto), print the "
-        "budget table (measured vs budget, ✓/✗), and optionally write every figure as JSON. "
-        "Exit status: 0 all measured budgets hold, 1 one is missed, 2 a measure broke.",
+        description="Run the benchmarks (it starts its own pcscd, Mosquitto and backend; the "
+        "PostgreSQL ingest uses the local database 'test', or FARELAB_BENCH_POSTGRES), print the "
+        "budget table (measured vs budget, ✓/✗), and optionally write every figure as JSON "
+        "and an HTML report with charts. With --from-json nothing is measured: the figures of "
+        "an earlier --json are checked and reported instead. "
+        "Exit status: 0 all measured budgets hold, 1 one is missed, 2 a measure broke "
+        "(or the command could not run).",
     )
-    bench.add_argument(
-        "--quick", action="store_true", help="smaller counts (CI runs this to catch breakage)"
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller counts, about 30 s instead of about 14 minutes (CI runs this to catch "
+        "breakage)",
+    )
+    source.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: take the figures of an earlier 'farelab bench --json FILE'",
     )
     bench.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    bench.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/index.html, a static page with the budget table, latency and memory "
+        "charts (PNG files beside it), the machine and the commands that reproduce the run; "
+        "DIR is created if needed and files of the same names are replaced",
+    )
     bench.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    doc = run_suite(
-        quick=args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True)
-    )
+    if args.report is not None:
+        _make_folder(args.report)  # before measuring, not after a minute of it
+    if args.from_json is not None:
+        doc = _load(args.from_json)
+    else:
+        started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        doc = run_suite(
+            quick=args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+        doc["date"] = started
     if args.json is not None:
         try:
             dump(doc, args.json)
         except OSError as exc:
             raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
+    if args.report is not None:
+        from bench._report import write_report  # noqa: PLC0415  (matplotlib is slow to import)
+
+        try:
+            page = write_report(doc, args.report)
+        except OSError as exc:
+            raise CliError(f"cannot write the report in {args.report}: {exc.strerror}") from None
+        print(f"report written: {page}", file=sys.stderr)
     print(budget_table(doc))
     errors = doc.get("errors")
     if isinstance(errors, dict) and errors:
         for name, error in errors.items():
             print(f"not measured: {name}: {error}", file=sys.stderr)
         return 2
-    budgets = doc.get("budgets")
-    missed = isinstance(budgets, dict) and any(b["holds"] is False for b in budgets.values())
-    return 1 if missed else 0
+    return 1 if any(holds is False for _, _, holds in checked(doc)) else 0
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot write the report in {folder}: {exc.strerror}") from None
+
+
+def _load(path: Path) -> dict[str, object]:
+    """The document an earlier ``--json`` wrote."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not a farelab bench JSON file (not UTF-8 text)") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(doc, dict):
+        raise CliError(f"{path} is not a farelab bench JSON file (not a JSON object)")
+    if "date" not in doc:  # written before runs were dated: --json writes at the end of the run
+        written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        doc["date"] = written.strftime("%Y-%m-%d %H:%M UTC")
+    return doc

@@ -250,7 +250,7 @@ async def _backend(folder: Path) -> None:
 
     db = f"sqlite:///{folder / 'ledger.db'}"
     journal = Journal(folder / "journal.db")
-    devices = sorted({payload["device"] for _, _, payload in journal.outbox(10_000)})
+    devices = sorted({device for _, device, _ in journal.outbox(10_000)})
     async with embedded_broker() as broker:
         _say(f"  embedded broker (amqtt, MQTT 3.1.1) on {broker}")
         stop = asyncio.Event()
