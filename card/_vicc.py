@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,16 @@ class ViccError(ReaderError):
 
 class _PeerClosedError(Exception):
     """The peer closed the connection."""
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the other end has closed (end of stream, or a reset) — without consuming data."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class ViccClient:
@@ -90,8 +101,14 @@ class ViccClient:
         """Take the card out of the field."""
         sock, self._sock = self._sock, None
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            if _peer_closed(sock):
+                # vpcd went first (pcscd stopped): answer its FIN with a reset, or its port
+                # sits in TIME_WAIT for a minute and the next pcscd cannot bind it.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         self.card.power_off()
 

@@ -149,6 +149,43 @@ def test_garbage_from_the_peer_does_not_crash_the_client() -> None:
     server.close()
 
 
+def _bindable(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:  # no SO_REUSEADDR, as vpcd binds its port
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("serving", [True, False])
+def test_vpcd_going_first_leaves_its_port_free_for_the_next_pcscd(serving: bool) -> None:
+    """pcscd stopped while the card is connected: the client answers vpcd's FIN with a reset,
+    so vpcd's port is not held in TIME_WAIT for a minute (the next pcscd could not bind it)."""
+    import socket  # noqa: PLC0415
+
+    server = socket.socket()  # vpcd's listener, without SO_REUSEADDR
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = ViccClient(Echo(), port=port)
+    client.connect(timeout=2)
+    peer, _ = server.accept()
+    peer.close()  # pcscd stops: vpcd closes first
+    server.close()
+    if serving:
+        assert client.serve(until=time.monotonic() + 2) is False  # it sees vpcd leave
+    else:
+        time.sleep(0.1)  # the FIN arrives while the client is idle
+        client.close()
+    deadline = time.monotonic() + 2
+    while not _bindable(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _bindable(port)
+
+
 def test_scriptor_talks_to_our_card() -> None:
     image = personalise(serial="9", issued=date(2026, 1, 1), balance=1234)
     held = Presented(SimulatedCard(image, store=MemoryStore()))
