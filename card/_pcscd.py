@@ -32,6 +32,26 @@ def _wait_for_reader(deadline: float) -> bool:
     return False
 
 
+def _port_bindable() -> bool:
+    """Whether vpcd could bind its port now.  A pcscd stopped while a virtual card was still
+    connected leaves the port in TIME_WAIT for a minute, and vpcd (which does not set
+    SO_REUSEADDR) then fails with "Address already in use" and never shows its reader."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", VPCD_PORT))  # as vpcd binds it
+        except OSError:
+            return False
+    return True
+
+
+def _wait_port_free(deadline: float) -> bool:
+    while not _port_bindable():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
 def _start(binary: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen([binary, "--foreground"], stdout=out, stderr=subprocess.STDOUT)
@@ -68,11 +88,22 @@ def running_pcscd(log: Path) -> Iterator[None]:
         raise PcscdError("pcscd is not installed (Debian packages pcscd and vsmartcard-vpcd)")
     if not Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so").exists():
         raise PcscdError("the vpcd driver is not installed (Debian package vsmartcard-vpcd)")
+    # TIME_WAIT lasts 60 s on Linux.
+    if not _wait_port_free(time.monotonic() + 75):
+        raise PcscdError(
+            f"vpcd's port {VPCD_PORT} is still in use after 75 s (is another program, or a "
+            "pcscd not started by farelab, holding it?)"
+        )
     proc = None
-    # A pcscd that was just stopped may still hold its socket or vpcd's port: try a few times.
+    # A pcscd that was just stopped may still hold its socket: try a few times.
     for attempt in range(3):
         proc = _start(binary, log)
-        if _wait_for_reader(time.monotonic() + 10):
+        try:
+            ready = _wait_for_reader(time.monotonic() + 10)
+        except BaseException:  # Ctrl-C, SIGTERM, a time limit: leave no pcscd behind
+            _stop(proc)
+            raise
+        if ready:
             break
         _stop(proc)
         proc = None
