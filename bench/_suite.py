@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -32,6 +33,7 @@ from backend._mosquitto import Mosquitto
 from backend._wire import BATCH_MAX, encode_record
 from bench._backend import process_tree, running_backend
 from bench._taps import TapBench, bench_card, percentile, uplink_running
+from bench._watchdog import StepTimeout, time_limit
 from bench.backend_memory import measure_backend_rss
 from bench.ingest import POSTGRES, make_batches, measure_postgres
 from bench.ingest import measure as measure_ingest
@@ -167,7 +169,7 @@ def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
         client = ViccClient(bench_card())
         client.connect(timeout=5)
         stop = threading.Event()
-        thread = threading.Thread(target=client.serve, kwargs={"stop": stop})
+        thread = threading.Thread(target=client.serve, kwargs={"stop": stop}, daemon=True)
         thread.start()
         detected = time.perf_counter()
         reader = PcscReader(VIRTUAL_READER)
@@ -194,7 +196,7 @@ def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
         finally:
             reader.close()
             stop.set()
-            thread.join()
+            thread.join(10)
 
 
 def _clearing(n: int, out: Figures) -> None:
@@ -223,17 +225,26 @@ TAP_PACE_S = 0.01
 
 
 def _tap_times(
-    bench: TapBench, n: int, offset: int, until: Callable[[], bool] | None = None
+    bench: TapBench,
+    n: int,
+    offset: int,
+    until: Callable[[], bool] | None = None,
+    *,
+    limit_s: float = 600.0,
 ) -> list[float]:
     """At least ``n`` taps at :data:`TAP_PACE_S`, and on until ``until()`` is true; sorted
-    seconds of each tap."""
+    seconds of each tap.  :class:`TimeoutError` if ``until()`` is still false after
+    ``limit_s``."""
     times: list[float] = []
     i = offset
     due = time.perf_counter()
+    give_up = due + limit_s
     while True:
         done = until is None or until()  # evaluated every tap: ``until`` may note the moment
         if done and len(times) >= n:
             break
+        if due > give_up:
+            raise TimeoutError(f"still waiting after {limit_s:g} s of taps")
         due += TAP_PACE_S
         if i % 200 == 199:
             bench.journal.checkpoint()  # as the run loop does, off the taps' path
@@ -277,6 +288,7 @@ def _backlog(
     outage: list[float] = []
     drains: list[float] = []
     block = max(n // 10, 1)
+    drain_limit = max(60.0, backlog / 1000)  # it drains at about 30 000 rows/s
     first_run = int(time.time())
     i = 0
     with _pinned_apart(far=services.far()), contextlib.closing(probe):
@@ -287,7 +299,7 @@ def _backlog(
             with probe:
                 probe.executemany("INSERT INTO outbox (device, record) VALUES (?, ?)", rows)
             last = probe.execute("SELECT max(id) FROM outbox").fetchone()[0]
-            _, stop, thread = uplink_running(services.url(), bench)
+            uplink, stop, thread = uplink_running(services.url(), bench)
             started = time.perf_counter()
             done_at: list[float] = []
 
@@ -304,19 +316,27 @@ def _backlog(
                 return bool(at)
 
             try:
-                taps = _tap_times(bench, 1, i, until=drained)
+                taps = _tap_times(bench, 1, i, until=drained, limit_s=drain_limit)
+            except TimeoutError:
+                left = probe.execute("SELECT count(*) FROM outbox WHERE id <= ?", (last,))
+                stats = {d: vars(s) | {"ack_latency_s": None} for d, s in uplink.stats.items()}
+                raise TimeoutError(
+                    f"a {backlog:,}-row backlog did not drain in {drain_limit:g} s "
+                    f"({left.fetchone()[0]:,} rows left; uplink {stats}; backend log: "
+                    f"{services.backend_log_tail()})"
+                ) from None
             finally:
-                stop.set()
-                thread.join()
+                _stopped(stop, thread)
             drains.append(done_at[0])
             loaded += taps
             i += len(taps)
-            _, stop, thread = uplink_running(BrokerURL("127.0.0.1", 1), bench)
-            try:
-                outage += _tap_times(bench, block, i)
-            finally:
-                stop.set()
-                thread.join()
+            # The broker-down block: the uplink's connection failures are expected here.
+            with _quiet("farelab.uplink"):
+                _, stop, thread = uplink_running(BrokerURL("127.0.0.1", 1), bench)
+                try:
+                    outage += _tap_times(bench, block, i)
+                finally:
+                    _stopped(stop, thread)
             i += block
     idle.sort()
     loaded.sort()
@@ -332,6 +352,26 @@ def _backlog(
     out["tap_backlog_ratio"] = (
         max(out["tap_backlog_p99_ms"], out["tap_outage_p99_ms"]) / out["tap_idle_p99_ms"]
     )
+
+
+def _stopped(stop: threading.Event, thread: threading.Thread, timeout: float = 30.0) -> None:
+    """Stop an :func:`uplink_running` thread; :class:`TimeoutError` if it does not end."""
+    stop.set()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"the uplink thread did not stop within {timeout:g} s")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from ``logger`` meanwhile."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _set_affinity(pids: list[int], cpus: set[int]) -> None:
@@ -398,6 +438,13 @@ class _Services:
         self.url()
         return process_tree(self.backend.pid) if self.backend is not None else []
 
+    def backend_log_tail(self, chars: int = 1500) -> str:
+        """The end of the backend's output, for error messages."""
+        try:
+            return (self.folder / "backend.log").read_text(errors="replace")[-chars:]
+        except OSError as exc:
+            return f"(unreadable: {exc.strerror})"
+
     def stop(self) -> None:
         """Stop the backend, then the broker."""
         self._stack.close()
@@ -460,9 +507,12 @@ def _validator_memory(services: _Services, taps: int, out: Figures, series: Seri
     out.update({k: float(v) for k, v in doc.items()})
 
 
-def run_suite(*, quick: bool, progress: Callable[[str], None]) -> dict[str, object]:
+def run_suite(
+    *, quick: bool, progress: Callable[[str], None], step_limit: float | None = None
+) -> dict[str, object]:
     """Run every measure; returns every figure, the latency samples (ms) and memory series for
-    the report, the machine and the budgets."""
+    the report, the machine and the budgets.  A step still running after ``step_limit``
+    seconds (default 240 quick, 1800 full) is stopped and reported as not measured."""
     figures: Figures = {}
     samples: Samples = {}
     series: Series = {}
@@ -515,8 +565,13 @@ def run_suite(*, quick: bool, progress: Callable[[str], None]) -> dict[str, obje
             for name, step in steps:
                 progress(f"measuring {name}…")
                 started = time.perf_counter()
+                limit = step_limit if step_limit is not None else (240 if quick else 1800)
                 try:
-                    step()
+                    with time_limit(limit):
+                        step()
+                except StepTimeout as exc:
+                    errors[name] = f"{exc}"
+                    progress(f"  {name} {exc}; where each thread was:\n{exc.where}")
                 except Exception as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"
                     progress(f"  {name} failed: {errors[name]}")

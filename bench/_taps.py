@@ -161,6 +161,6 @@ def uplink_running(
 
         asyncio.run(run())
 
-    thread = threading.Thread(target=main, name="bench-uplink")
+    thread = threading.Thread(target=main, name="bench-uplink", daemon=True)
     thread.start()
     return uplink, stop, thread

@@ -33,8 +33,9 @@ import aiomqtt
 from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
 from backend._ingest import classify
 from backend._mosquitto import Mosquitto
-from backend._wire import VERSION, decode_ack, decode_batch
+from backend._wire import VERSION, decode_batch
 from bench._backend import process_tree, rss_mb, running_backend
+from bench.ingest import acks_of
 from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
 __all__ = ["Traffic", "main", "measure_backend_rss"]
@@ -207,8 +208,8 @@ async def _device(
             if len(sent) >= window:
                 break
         exhausted = len(sent) < window
-        async for message in client.messages:
-            count = sent.pop(decode_ack(bytes(message.payload)).batch_id, 0)
+        async for ack in acks_of(client, lambda: len(sent)):
+            count = sent.pop(ack.batch_id, 0)
             if not count:
                 continue  # an ack repeated by the broker
             progress.add(count)

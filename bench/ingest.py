@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,13 +29,32 @@ from psycopg import sql
 
 from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
 from backend._mosquitto import Mosquitto
-from backend._wire import Batch, Record, decode_ack, encode_batch
+from backend._wire import Ack, Batch, Record, decode_ack, encode_batch
 from bench._backend import running_backend
 from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
-__all__ = ["main", "make_batches", "measure", "measure_postgres"]
+__all__ = ["acks_of", "main", "make_batches", "measure", "measure_postgres"]
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+# No ack for this long while batches are out: the backend lost them (the bench does not send
+# again, as a device would), so the measure fails instead of waiting for ever.
+ACK_SILENCE_S = 60.0
+
+
+async def acks_of(client: aiomqtt.Client, unacked: Callable[[], int]) -> AsyncIterator[Ack]:
+    """The application acks arriving on ``client``; :class:`TimeoutError` naming ``unacked()``
+    batches when none comes for :data:`ACK_SILENCE_S`."""
+    messages = aiter(client.messages)
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(messages), ACK_SILENCE_S)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no ack for {ACK_SILENCE_S:g} s with {unacked()} batch(es) unacknowledged"
+            ) from None
+        yield decode_ack(bytes(message.payload))
 
 
 def make_batches(
@@ -112,8 +132,7 @@ async def _device(
             b = pending.pop(0)
             sent[b.batch_id] = time.perf_counter()
             await client.publish(TX_TOPIC.format(device=device), encode_batch(b), qos=1)
-        async for message in client.messages:
-            ack = decode_ack(bytes(message.payload))
+        async for ack in acks_of(client, lambda: len(sent)):
             start = sent.pop(ack.batch_id, None)
             if start is None:
                 continue

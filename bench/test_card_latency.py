@@ -42,7 +42,7 @@ def pcsc_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         client = ViccClient(_card())
         client.connect(timeout=5)
         stop = threading.Event()
-        thread = threading.Thread(target=client.serve, kwargs={"stop": stop})
+        thread = threading.Thread(target=client.serve, kwargs={"stop": stop}, daemon=True)
         thread.start()
         reader = PcscReader(VIRTUAL_READER)
         assert reader.wait_for_card(5)
@@ -50,7 +50,7 @@ def pcsc_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield reader
         reader.close()
         stop.set()
-        thread.join()
+        thread.join(10)
 
 
 def test_apdu_round_trip_pcscd(benchmark: Any, pcsc_reader: Any) -> None:

@@ -67,7 +67,9 @@ def measure(
     finally:
         if stop is not None and thread is not None:
             stop.set()
-            thread.join()
+            thread.join(30)
+            if thread.is_alive():
+                print("validator_memory: the uplink thread did not stop", file=sys.stderr)
     left = bench.journal.outbox_rows
     bench.journal.close()  # folds the WAL in
     size = sum(p.stat().st_size for p in folder.glob("validator-memory.db*"))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 from bench._suite import budget_table, checked, dump, run_suite
+from bench._watchdog import where_threads_are
 from farelab._errors import CliError
 
 __all__ = ["register"]
@@ -40,6 +43,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="measure nothing: take the figures of an earlier 'farelab bench --json FILE'",
     )
+    bench.add_argument(
+        "--step-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop a measure still running after SECONDS (default 240 with --quick, 1800 "
+        "otherwise), print where each thread was, report it as not measured and go on",
+    )
     bench.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     bench.add_argument(
         "--report",
@@ -59,8 +69,13 @@ def _bench(args: argparse.Namespace) -> int:
         doc = _load(args.from_json)
     else:
         started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        # SIGTERM (a CI time limit, `kill`) unwinds like Ctrl-C: the broker, the backend and
+        # pcscd the run started are stopped on the way out, and where it was is printed.
+        signal.signal(signal.SIGTERM, _terminated)
         doc = run_suite(
-            quick=args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True)
+            quick=args.quick,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+            step_limit=args.step_timeout,
         )
         doc["date"] = started
     if args.json is not None:
@@ -83,6 +98,21 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"not measured: {name}: {error}", file=sys.stderr)
         return 2
     return 1 if any(holds is False for _, _, holds in checked(doc)) else 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86_400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and less than a day: {text}")
+    return value
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    print(f"farelab bench: terminated; where it was:\n{where_threads_are()}", file=sys.stderr)
+    raise KeyboardInterrupt
 
 
 def _make_folder(folder: Path) -> None:
