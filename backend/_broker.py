@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import random
 import socket
@@ -21,6 +22,8 @@ __all__ = [
     "Backoff",
     "BrokerURL",
     "LinkState",
+    "cancel_and_wait",
+    "honour_cancellation",
 ]
 
 TX_TOPIC = "farelab/v1/dev/{device}/tx"
@@ -148,3 +151,26 @@ class Backoff:
     def reset(self) -> None:
         """The link works again."""
         self.failures = 0
+
+
+def honour_cancellation() -> None:
+    """Raise :class:`asyncio.CancelledError` if this task was asked to stop but is running on.
+
+    Python 3.11's ``asyncio.wait_for`` — which aiomqtt 2 wraps around every publish, subscribe
+    and connect — loses a cancellation that lands just as the awaited thing completes (fixed
+    in 3.12).  The request is still counted on the task, so a loop around such calls that
+    checks here once a turn stops as it was told to, instead of hanging its owner's shutdown.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], *, again_every: float = 0.5) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``again_every``
+    seconds in case a library swallowed the request (see :func:`honour_cancellation`)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=again_every)
+    if not task.cancelled() and task.exception() is not None:
+        task.exception()  # retrieved: the caller is stopping it, not interested in why it ended

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import aiomqtt
 
-from backend._broker import ACK_TOPIC, PARAMS_TOPIC, SHARED_TX, Backoff, BrokerURL
+from backend._broker import (
+    ACK_TOPIC,
+    PARAMS_TOPIC,
+    SHARED_TX,
+    Backoff,
+    BrokerURL,
+    honour_cancellation,
+)
 from backend._ingest import classify
 from backend._loads import LOAD_RESP, SHARED_LOAD_REQ, ensure_schema, handle_load_message
 from backend._params import devices_in, next_params
@@ -172,6 +179,7 @@ async def _consume(
 ) -> None:
     acks: set[asyncio.Task[None]] = set()
     async for message in client.messages:
+        honour_cancellation()
         payload = message.payload
         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
         topic = str(message.topic)
@@ -254,4 +262,8 @@ def run_workers(
         time.sleep(0.5)
     for proc in procs:
         proc.join(10)
+        if proc.is_alive():
+            log.warning("a worker did not stop within 10 s of SIGTERM; killing it")
+            proc.kill()
+            proc.join()
     return 0

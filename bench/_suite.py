@@ -299,7 +299,7 @@ def _backlog(
             with probe:
                 probe.executemany("INSERT INTO outbox (device, record) VALUES (?, ?)", rows)
             last = probe.execute("SELECT max(id) FROM outbox").fetchone()[0]
-            uplink, stop, thread = uplink_running(services.url(), bench)
+            running = uplink_running(services.url(), bench)
             started = time.perf_counter()
             done_at: list[float] = []
 
@@ -319,24 +319,26 @@ def _backlog(
                 taps = _tap_times(bench, 1, i, until=drained, limit_s=drain_limit)
             except TimeoutError:
                 left = probe.execute("SELECT count(*) FROM outbox WHERE id <= ?", (last,))
-                stats = {d: vars(s) | {"ack_latency_s": None} for d, s in uplink.stats.items()}
+                stats = {
+                    d: vars(s) | {"ack_latency_s": None} for d, s in running.uplink.stats.items()
+                }
                 raise TimeoutError(
                     f"a {backlog:,}-row backlog did not drain in {drain_limit:g} s "
                     f"({left.fetchone()[0]:,} rows left; uplink {stats}; backend log: "
                     f"{services.backend_log_tail()})"
                 ) from None
             finally:
-                _stopped(stop, thread)
+                running.stop()
             drains.append(done_at[0])
             loaded += taps
             i += len(taps)
             # The broker-down block: the uplink's connection failures are expected here.
             with _quiet("farelab.uplink"):
-                _, stop, thread = uplink_running(BrokerURL("127.0.0.1", 1), bench)
+                running = uplink_running(BrokerURL("127.0.0.1", 1), bench)
                 try:
                     outage += _tap_times(bench, block, i)
                 finally:
-                    _stopped(stop, thread)
+                    running.stop()
             i += block
     idle.sort()
     loaded.sort()
@@ -352,14 +354,6 @@ def _backlog(
     out["tap_backlog_ratio"] = (
         max(out["tap_backlog_p99_ms"], out["tap_outage_p99_ms"]) / out["tap_idle_p99_ms"]
     )
-
-
-def _stopped(stop: threading.Event, thread: threading.Thread, timeout: float = 30.0) -> None:
-    """Stop an :func:`uplink_running` thread; :class:`TimeoutError` if it does not end."""
-    stop.set()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"the uplink thread did not stop within {timeout:g} s")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ increasing times, each timed from card detected to result journalled."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from backend._broker import BrokerURL
+from backend._broker import BrokerURL, cancel_and_wait
 from card import (
     CST,
     DEMO_ISSUER_ID,
@@ -32,7 +31,7 @@ from validator._network import shipped_networks
 from validator._runtime import Validator
 from validator._uplink import MqttUplink
 
-__all__ = ["TapBench", "bench_card", "percentile", "uplink_running"]
+__all__ = ["RunningUplink", "TapBench", "bench_card", "percentile", "uplink_running"]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -142,25 +141,53 @@ class TapBench:
         return sorted(times)
 
 
-def uplink_running(
-    url: BrokerURL, bench: TapBench
-) -> tuple[MqttUplink, threading.Event, threading.Thread]:
+@dataclass
+class RunningUplink:
+    """An uplink on an event loop of its own thread; :meth:`stop` ends it."""
+
+    uplink: MqttUplink
+    thread: threading.Thread
+    stopping: threading.Event
+    loop: list[asyncio.AbstractEventLoop]  # the thread's loop, once it runs
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel the uplink and wait for its thread; :class:`TimeoutError` naming where its
+        tasks were if it does not end within ``timeout``."""
+        self.stopping.set()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(
+                f"the uplink thread did not stop within {timeout:g} s; its tasks:\n" + self.where()
+            )
+
+    def where(self) -> str:
+        """Each of the loop's tasks and where it is (for a report, not thread-safe)."""
+        lines = []
+        for loop in self.loop:
+            for task in list(asyncio.all_tasks(loop)):
+                frames = task.get_stack()
+                at = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames[-4:]))
+                lines.append(f"  {task.get_name()}: {at or task!r}")
+        return "\n".join(lines)
+
+
+def uplink_running(url: BrokerURL, bench: TapBench) -> RunningUplink:
     """An uplink for the bench's devices on an event loop of its own thread, as in
     ``farelab validator run``."""
     stop = threading.Event()
     uplink = MqttUplink(url, ["in", "out"], batch_size=500)
+    loops: list[asyncio.AbstractEventLoop] = []
 
     def main() -> None:
         async def run() -> None:
+            loops.append(asyncio.get_running_loop())
             task = asyncio.create_task(uplink.run(bench.journal))
             while not stop.is_set():
                 await asyncio.sleep(0.05)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
         asyncio.run(run())
 
     thread = threading.Thread(target=main, name="bench-uplink", daemon=True)
     thread.start()
-    return uplink, stop, thread
+    return RunningUplink(uplink, thread, stop, loops)

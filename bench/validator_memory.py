@@ -40,9 +40,9 @@ def measure(
     path = folder / "validator-memory.db"
     bench = TapBench.make("bus", path)
     favour_taps()
-    stop = thread = None
+    running = None
     if broker is not None:
-        _, stop, thread = uplink_running(broker, bench)
+        running = uplink_running(broker, bench)
     warmup = max(taps // 50, 1)
     every = taps // points
     series: list[list[float]] = []
@@ -65,11 +65,8 @@ def measure(
             while bench.journal.outbox_rows and time.monotonic() < deadline:
                 time.sleep(0.1)
     finally:
-        if stop is not None and thread is not None:
-            stop.set()
-            thread.join(30)
-            if thread.is_alive():
-                print("validator_memory: the uplink thread did not stop", file=sys.stderr)
+        if running is not None:
+            running.stop()
     left = bench.journal.outbox_rows
     bench.journal.close()  # folds the WAL in
     size = sum(p.stat().st_size for p in folder.glob("validator-memory.db*"))

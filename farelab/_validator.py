@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from backend._broker import BrokerURL
+from backend._broker import BrokerURL, cancel_and_wait
 from farelab._errors import CliError
 from validator._config import Config, ConfigError, load_config
 from validator._journal import Journal, JournalError
@@ -249,6 +248,4 @@ async def _drain(uplink: MqttUplink, journal: Journal, timeout: float) -> int:
                 return 3
             await asyncio.sleep(0.1)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)

@@ -31,6 +31,8 @@ from backend._broker import (
     Backoff,
     BrokerURL,
     LinkState,
+    cancel_and_wait,
+    honour_cancellation,
 )
 from backend._wire import BATCH_MAX, WireError, decode_ack, encode_batch_records
 from validator._journal import Journal
@@ -130,6 +132,7 @@ class MqttUplink:
         stats = self.stats[device]
         backoff = Backoff()
         while True:
+            honour_cancellation()
             stats.state = LinkState.CONNECTING
             try:
                 async with self._client(device) as client:
@@ -188,6 +191,7 @@ class MqttUplink:
 
         async def acks() -> None:
             async for message in client.messages:
+                honour_cancellation()
                 if str(message.topic).endswith("/params"):
                     await on_params(bytes(message.payload))
                     continue
@@ -218,17 +222,18 @@ class MqttUplink:
         ack_task = asyncio.create_task(acks(), name=f"uplink-acks-{device}")
         try:
             while True:
+                honour_cancellation()
                 if ack_task.done():
                     ack_task.result()
                     raise aiomqtt.MqttError("the ack stream ended")
                 await fill()
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                    async with asyncio.timeout(0.5):
+                        await self._wake.wait()
         finally:
-            ack_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await ack_task
+            await cancel_and_wait(ack_task)
 
     def pending(self, journal: Journal) -> int:
         """Outbox rows of these devices not yet acknowledged."""

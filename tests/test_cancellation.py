@@ -1,0 +1,93 @@
+"""Stopping tasks that run on through a swallowed cancellation.
+
+Python 3.11's ``asyncio.wait_for`` (which aiomqtt 2 wraps around every publish, subscribe and
+connect) returns normally when a cancellation lands in the same loop turn as the awaited thing
+completing.  A loop that never looks again would then run for ever, and whoever waits for it to
+stop — ``farelab validator run`` on SIGTERM, the benchmarks' uplink threads — hangs.  This hung
+CI for its whole time limit once, in one uplink stop out of about a hundred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from backend._broker import cancel_and_wait, honour_cancellation
+
+
+async def _loop_through_wait_for(event: asyncio.Event, turns: list[int], *, honour: bool) -> None:
+    while True:
+        if honour:
+            honour_cancellation()
+        event.clear()
+        try:
+            await asyncio.wait_for(event.wait(), timeout=0.2)
+        except TimeoutError:
+            pass
+        turns.append(1)
+        await asyncio.sleep(0)
+
+
+async def _cancel_as_it_completes(*, honour: bool) -> tuple[asyncio.Task[None], list[int]]:
+    event = asyncio.Event()
+    turns: list[int] = []
+    task = asyncio.create_task(_loop_through_wait_for(event, turns, honour=honour))
+    await asyncio.sleep(0.01)  # the task waits inside wait_for
+    event.set()  # the awaited thing completes ...
+    task.cancel()  # ... in the same loop turn as the cancellation
+    await asyncio.wait({task}, timeout=1.0)
+    return task, turns
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12's wait_for no longer loses it")
+def test_the_premise_wait_for_loses_a_cancellation_on_3_11() -> None:
+    async def main() -> bool:
+        task, turns = await _cancel_as_it_completes(honour=False)
+        running_on = not task.done() and len(turns) > 1
+        await cancel_and_wait(task)  # and cancel_and_wait still stops it
+        return running_on and task.cancelled()
+
+    assert asyncio.run(main())
+
+
+def test_a_loop_that_honours_cancellation_stops_even_when_wait_for_swallowed_it() -> None:
+    async def main() -> bool:
+        task, _ = await _cancel_as_it_completes(honour=True)
+        return task.cancelled()
+
+    assert asyncio.run(main())
+
+
+def test_cancel_and_wait_cancels_again_until_the_task_ends() -> None:
+    async def stubborn(stops: list[int]) -> None:
+        for _ in range(3):  # swallows two cancellations, as a buggy library might
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                stops.append(1)
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await asyncio.sleep(10)
+
+    async def main() -> tuple[bool, int]:
+        stops: list[int] = []
+        task = asyncio.create_task(stubborn(stops))
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(cancel_and_wait(task, again_every=0.05), timeout=5)
+        return task.cancelled(), len(stops)
+
+    assert asyncio.run(main()) == (True, 3)
+
+
+def test_cancel_and_wait_on_a_task_that_failed_does_not_raise() -> None:
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    async def main() -> bool:
+        task = asyncio.create_task(fails())
+        await asyncio.sleep(0.01)
+        await cancel_and_wait(task)
+        return task.done()
+
+    assert asyncio.run(main())
