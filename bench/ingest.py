@@ -49,7 +49,8 @@ async def acks_of(client: aiomqtt.Client, unacked: Callable[[], int]) -> AsyncIt
     messages = aiter(client.messages)
     while True:
         try:
-            message = await asyncio.wait_for(anext(messages), ACK_SILENCE_S)
+            async with asyncio.timeout(ACK_SILENCE_S):  # not wait_for: see honour_cancellation
+                message = await anext(messages)
         except TimeoutError:
             raise TimeoutError(
                 f"no ack for {ACK_SILENCE_S:g} s with {unacked()} batch(es) unacknowledged"
