@@ -38,7 +38,7 @@ from bench.backend_memory import measure_backend_rss
 from bench.ingest import POSTGRES, make_batches, measure_postgres
 from bench.ingest import measure as measure_ingest
 from bench.topup_latency import measure as measure_topup
-from card import Alg, Reader
+from card import Alg, CardEndpoint, Reader
 from validator._runtime import favour_taps
 
 __all__ = [
@@ -124,6 +124,45 @@ class _Recording:
         return answer
 
 
+class _Exchanges:
+    """A reader that keeps every command and answer."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.exchanges: list[tuple[bytes, bytes]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.reader, name)
+
+    def transmit(self, apdu: bytes) -> bytes:
+        answer = self.reader.transmit(apdu)
+        self.exchanges.append((apdu, answer))
+        return answer
+
+
+class _Replay:
+    """A card that answers with a recorded tap's answers, in turn, and does nothing else."""
+
+    def __init__(self, card: CardEndpoint, answers: list[bytes]) -> None:
+        self.card = card
+        self.answers = answers
+        self.turn = 0
+
+    def power_on(self) -> bytes:
+        return self.card.power_on()
+
+    def power_off(self) -> None:
+        self.card.power_off()
+
+    def atr(self) -> bytes:
+        return self.card.atr()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        answer = self.answers[self.turn % len(self.answers)]
+        self.turn += 1
+        return answer
+
+
 def air_seconds(exchanges: list[tuple[int, int, int]], rate_factor: float) -> float:
     """SPEC B6's radio and card time of one tap; ``rate_factor`` 1 for 106k, 4 for 424k."""
     total = ACTIVATION_S
@@ -193,6 +232,22 @@ def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
             apdus = out.get("tap_apdus", 7)
             out["tap_pcsc_floor_ms"] = out["pcsc_apdu_p50_ms"] * apdus
             out["tap_pcsc_floor_ratio"] = out["tap_pcsc_p50_ms"] / out["tap_pcsc_floor_ms"]
+            # Where the rest goes: the same tap's own exchanges replayed through pcscd, with no
+            # software on either side (the card answers from the recording).
+            recording = _Exchanges(reader)
+            tb.reader = recording  # type: ignore[assignment]
+            tb.run(2)  # an entry, then the exit recorded
+            commands = [c for c, _ in recording.exchanges[-int(apdus) :]]
+            client.card = _Replay(client.card, [a for _, a in recording.exchanges[-int(apdus) :]])
+            replays = []
+            for _ in range(n):
+                start = time.perf_counter()
+                for command in commands:
+                    reader.transmit(command)
+                replays.append(time.perf_counter() - start)
+            replays.sort()
+            out["tap_pcsc_replay_p50_ms"] = percentile(replays, 0.5) * 1000
+            out["tap_pcsc_replay_ratio"] = out["tap_pcsc_replay_p50_ms"] / out["tap_pcsc_floor_ms"]
         finally:
             reader.close()
             stop.set()
