@@ -10,6 +10,7 @@ CI for its whole time limit once, in one uplink stop out of about a hundred.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
@@ -22,10 +23,8 @@ async def _loop_through_wait_for(event: asyncio.Event, turns: list[int], *, hono
         if honour:
             honour_cancellation()
         event.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=0.2)
-        except TimeoutError:
-            pass
         turns.append(1)
         await asyncio.sleep(0)
 
