@@ -229,3 +229,51 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
         thread.join(10)
         backend.terminate()
         backend.wait(15)
+
+
+def test_a_stale_ack_for_a_smaller_batch_of_the_same_id_deletes_nothing(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """After a reconnect the uplink sends again from the outbox's first row, so a new batch can
+    start at the row an old one did, with more rows.  An ack of the old batch still queued in
+    the persistent session must not delete the new batch's rows: the backend saw only the old
+    batch's."""
+    import asyncio  # noqa: PLC0415
+
+    from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL, cancel_and_wait  # noqa: PLC0415
+    from backend._wire import Ack, decode_batch, encode_ack  # noqa: PLC0415
+    from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
+    from validator._journal import Journal  # noqa: PLC0415
+    from validator._uplink import MqttUplink  # noqa: PLC0415
+
+    lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
+    card = new_card(balance=100_000)
+    for i in range(3):
+        lab.tap("bus", card, i * 400)
+    assert lab.journal.outbox_rows == 3
+    url = BrokerURL.parse(broker.url)
+
+    async def main() -> tuple[int, int, int]:
+        async with url.client(identifier="fake-backend") as backend:
+            await backend.subscribe(TX_TOPIC.format(device="bus"), qos=1)
+            uplink = MqttUplink(url, ["bus"], ack_timeout=30)
+            task = asyncio.create_task(uplink.run(lab.journal))
+            try:
+                async with asyncio.timeout(10):
+                    message = await anext(aiter(backend.messages))
+                batch = decode_batch(bytes(message.payload))
+                ack_topic = ACK_TOPIC.format(device="bus")
+                stale = Ack(batch.batch_id, len(batch.records) - 1, committed=True)
+                await backend.publish(ack_topic, encode_ack(stale), qos=1)
+                await asyncio.sleep(1.0)
+                after_stale = lab.journal.outbox_rows
+                good = Ack(batch.batch_id, len(batch.records), committed=True)
+                await backend.publish(ack_topic, encode_ack(good), qos=1)
+                async with asyncio.timeout(10):
+                    while lab.journal.outbox_rows:
+                        await asyncio.sleep(0.05)
+                return len(batch.records), after_stale, uplink.stats["bus"].records_acked
+            finally:
+                await cancel_and_wait(task)
+
+    assert asyncio.run(main()) == (3, 3, 3)

@@ -200,10 +200,23 @@ class MqttUplink:
                 except (WireError, TypeError):
                     log.warning("device %s: ignored a malformed ack", device)
                     continue
-                flight = in_flight.pop(ack.batch_id, None)
+                flight = in_flight.get(ack.batch_id)
                 if flight is None:
                     log.debug("device %s: ack for batch %d, not in flight", device, ack.batch_id)
                     continue
+                if ack.count != len(flight.ids):
+                    # A stale ack from the persistent session: a batch that started at the same
+                    # row before a reconnect, when the outbox held fewer rows.  Taking it would
+                    # delete rows the backend never saw.
+                    log.warning(
+                        "device %s: ignored an ack for batch %d of %d records (%d in flight)",
+                        device,
+                        ack.batch_id,
+                        ack.count,
+                        len(flight.ids),
+                    )
+                    continue
+                del in_flight[ack.batch_id]
                 stats.ack_latency_s.append(time.monotonic() - flight.sent_at)
                 if len(stats.ack_latency_s) > 10_000:
                     del stats.ack_latency_s[:5_000]
