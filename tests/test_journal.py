@@ -216,3 +216,18 @@ def test_outbox_ids_are_never_reused_after_the_outbox_drains(tmp_path: Path) -> 
     assert len(later) == 2
     assert min(later) > max(first)
     assert later == sorted(later)
+
+
+def test_a_journal_file_keeps_its_epoch_and_another_file_has_another(tmp_path: Path) -> None:
+    from validator._journal import EPOCHS  # noqa: PLC0415
+
+    first = Journal(tmp_path / "a.db")
+    epoch = first.epoch
+    first.close()
+    again = Journal(tmp_path / "a.db")
+    assert again.epoch == epoch
+    again.close()
+    others = {Journal(tmp_path / f"b{i}.db").epoch for i in range(8)}
+    assert all(0 < e < EPOCHS for e in others | {epoch})
+    assert len(others | {epoch}) > 1  # random: eight equal draws of 2**23 would be a bug
+    assert EPOCHS << 40 <= 2**63  # a batch id fits the backend's signed BIGINT

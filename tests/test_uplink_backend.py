@@ -231,48 +231,63 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
         backend.wait(15)
 
 
-def test_a_stale_ack_for_a_smaller_batch_of_the_same_id_deletes_nothing(
-    broker: Mosquitto, tmp_path: Path
-) -> None:
+def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
     """After a reconnect the uplink sends again from the outbox's first row, so a new batch can
-    start at the row an old one did, with more rows.  An ack of the old batch still queued in
-    the persistent session must not delete the new batch's rows: the backend saw only the old
-    batch's."""
+    start at the row an old one did, with more rows; and a journal file replaced by a new one
+    numbers its rows from 1 again.  An ack of such an old batch, still queued in the persistent
+    session, must not delete the new batch's rows: the backend never saw them."""
     import asyncio  # noqa: PLC0415
 
+    import aiomqtt  # noqa: PLC0415
+
     from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL, cancel_and_wait  # noqa: PLC0415
-    from backend._wire import Ack, decode_batch, encode_ack  # noqa: PLC0415
+    from backend._wire import Ack, Batch, decode_batch, encode_ack  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
     from validator._journal import Journal  # noqa: PLC0415
     from validator._uplink import MqttUplink  # noqa: PLC0415
 
-    lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
-    card = new_card(balance=100_000)
-    for i in range(3):
-        lab.tap("bus", card, i * 400)
-    assert lab.journal.outbox_rows == 3
+    def journal_of_three_taps(name: str) -> Journal:
+        lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / name))
+        card = new_card(balance=100_000)
+        for i in range(3):
+            lab.tap("bus", card, i * 400)
+        return lab.journal
+
     url = BrokerURL.parse(broker.url)
+    ack_topic = ACK_TOPIC.format(device="bus")
+
+    async def first_batch(backend: aiomqtt.Client) -> Batch:
+        async with asyncio.timeout(10):
+            message = await anext(aiter(backend.messages))
+        return decode_batch(bytes(message.payload))
 
     async def main() -> tuple[int, int, int]:
         async with url.client(identifier="fake-backend") as backend:
             await backend.subscribe(TX_TOPIC.format(device="bus"), qos=1)
-            uplink = MqttUplink(url, ["bus"], ack_timeout=30)
-            task = asyncio.create_task(uplink.run(lab.journal))
+            earlier = journal_of_three_taps("earlier.db")  # the file a device had before
+            task = asyncio.create_task(MqttUplink(url, ["bus"]).run(earlier))
             try:
-                async with asyncio.timeout(10):
-                    message = await anext(aiter(backend.messages))
-                batch = decode_batch(bytes(message.payload))
-                ack_topic = ACK_TOPIC.format(device="bus")
-                stale = Ack(batch.batch_id, len(batch.records) - 1, committed=True)
-                await backend.publish(ack_topic, encode_ack(stale), qos=1)
+                old = await first_batch(backend)
+            finally:
+                await cancel_and_wait(task)
+            journal = journal_of_three_taps("now.db")
+            uplink = MqttUplink(url, ["bus"], ack_timeout=30)
+            task = asyncio.create_task(uplink.run(journal))
+            try:
+                new = await first_batch(backend)
+                for stale in (
+                    Ack(new.batch_id, len(new.records) - 1, committed=True),  # fewer rows
+                    Ack(old.batch_id, len(old.records), committed=True),  # the earlier file's
+                ):
+                    await backend.publish(ack_topic, encode_ack(stale), qos=1)
                 await asyncio.sleep(1.0)
-                after_stale = lab.journal.outbox_rows
-                good = Ack(batch.batch_id, len(batch.records), committed=True)
+                after_stale = journal.outbox_rows
+                good = Ack(new.batch_id, len(new.records), committed=True)
                 await backend.publish(ack_topic, encode_ack(good), qos=1)
                 async with asyncio.timeout(10):
-                    while lab.journal.outbox_rows:
+                    while journal.outbox_rows:
                         await asyncio.sleep(0.05)
-                return len(batch.records), after_stale, uplink.stats["bus"].records_acked
+                return len(new.records), after_stale, uplink.stats["bus"].records_acked
             finally:
                 await cancel_and_wait(task)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import threading
 from datetime import datetime
@@ -31,6 +32,9 @@ __all__ = ["Journal", "JournalError"]
 log = logging.getLogger("farelab.journal")
 
 SCHEMA_VERSION = 2
+# Journal epochs are 1 to 2**23 - 1: with 40 bits of outbox row id they make a batch id that
+# fits a signed 64-bit integer (the backend's BIGINT).
+EPOCHS = 2**23
 # Rows deleted per transaction when the backend acknowledges: short enough that a tap waiting
 # for the journal's lock never waits long.
 _ACK_CHUNK = 50
@@ -133,6 +137,14 @@ class Journal:
             self._db.executescript(_SCHEMA + ";" + _OUTBOX)
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            epoch = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            if epoch is None:
+                epoch = (str(secrets.randbelow(EPOCHS - 1) + 1),)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", epoch)
+            #: This journal file's random identity: the uplink puts it in its batch ids, so
+            #: that an ack meant for the batches of an earlier file (its ids restart at 1) can
+            #: never match this one's.
+            self.epoch = int(epoch[0])
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path}: not a usable journal: {exc}") from exc
         self.path = path

@@ -181,7 +181,7 @@ class MqttUplink:
                 )
                 if not rows:
                     return
-                batch_id = rows[0][0]
+                batch_id = journal.epoch << 40 | rows[0][0]  # this file's, and its first row
                 payload = encode_batch_records(batch_id, device, [raw for _, raw in rows])
                 in_flight[batch_id] = _InFlight([r[0] for r in rows], payload, time.monotonic())
                 last_id = rows[-1][0]
