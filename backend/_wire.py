@@ -13,6 +13,10 @@ Batch v1 (big-endian)::
             epoch) 8 · station 8 · line 1 · operator 8 (ASCII, zero-padded) · TAC 4
 
 Ack v1: "FLA" version=1 · batch id (8) · count (2) · status 1 (0 committed, 1 rejected).
+
+The batch id is opaque to the backend, which echoes it in the ack.  farelab's uplink makes it
+the journal file's random 23-bit epoch above the batch's 40-bit first outbox row id, and takes an
+ack only if its id and count both match a batch in flight.
 """
 
 from __future__ import annotations
