@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source.add_argument(
         "--quick",
         action="store_true",
-        help="smaller counts, about 30 s instead of about 14 minutes (CI runs this to catch "
-        "breakage)",
+        help="smaller counts, about 35 s instead of 13 to 23 minutes, depending on the machine "
+        "(CI runs this to catch breakage)",
     )
     source.add_argument(
         "--from-json",
