@@ -45,7 +45,8 @@ class _PeerClosedError(Exception):
 def _peer_closed(sock: socket.socket) -> bool:
     """Whether the other end has closed (end of stream, or a reset) — without consuming data."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        sock.settimeout(0.0)  # a socket with a timeout would first wait that long for data
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except BlockingIOError:
         return False
     except OSError:

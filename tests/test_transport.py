@@ -149,6 +149,22 @@ def test_garbage_from_the_peer_does_not_crash_the_client() -> None:
     server.close()
 
 
+def test_leaving_the_field_while_vpcd_is_there_is_an_orderly_close() -> None:
+    """The reset is only for a vpcd that has gone: leaving a live vpcd is a plain FIN, at once
+    (not after the socket's read timeout)."""
+    import socket  # noqa: PLC0415
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = ViccClient(Echo(), port=server.getsockname()[1])
+    client.connect(timeout=2)
+    peer, _ = server.accept()
+    assert client.serve(until=time.monotonic() + 0.3) is True  # idle, then leaves
+    peer.settimeout(2)
+    assert peer.recv(1) == b""  # end of stream, not ConnectionResetError
+    peer.close()
+    server.close()
+
+
 def _bindable(port: int) -> bool:
     import socket  # noqa: PLC0415
 
