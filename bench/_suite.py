@@ -108,24 +108,8 @@ PROCESSING_S = {
 }
 
 
-class _Recording:
-    """A reader that records the size of every exchange (for the air model)."""
-
-    def __init__(self, reader: Reader) -> None:
-        self.reader = reader
-        self.exchanges: list[tuple[int, int, int]] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.reader, name)
-
-    def transmit(self, apdu: bytes) -> bytes:
-        answer = self.reader.transmit(apdu)
-        self.exchanges.append((apdu[1], len(apdu), len(answer)))
-        return answer
-
-
 class _Exchanges:
-    """A reader that keeps every command and answer."""
+    """A reader that keeps every command and answer (for the air model and the replay)."""
 
     def __init__(self, reader: Reader) -> None:
         self.reader = reader
@@ -163,12 +147,13 @@ class _Replay:
         return answer
 
 
-def air_seconds(exchanges: list[tuple[int, int, int]], rate_factor: float) -> float:
-    """SPEC B6's radio and card time of one tap; ``rate_factor`` 1 for 106k, 4 for 424k."""
+def air_seconds(exchanges: list[tuple[bytes, bytes]], rate_factor: float) -> float:
+    """SPEC B6's radio and card time of one tap's (command, answer) exchanges; ``rate_factor``
+    1 for 106k, 4 for 424k."""
     total = ACTIVATION_S
-    for ins, sent, received in exchanges:
-        total += (sent + received + 2 * FRAMING) * BYTE_106_S / rate_factor
-        total += PROCESSING_S.get(ins, 0.002)
+    for command, answer in exchanges:
+        total += (len(command) + len(answer) + 2 * FRAMING) * BYTE_106_S / rate_factor
+        total += PROCESSING_S.get(command[1], 0.002)
     return total
 
 
@@ -187,14 +172,14 @@ def _taps_inproc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
         out[f"tap_inproc_{key}_p99_ms"] = worst
     # the air model, on the metro exit's exchanges (the longest tap)
     tb = TapBench.make("metro", ":memory:")
-    recording = _Recording(tb.reader)
+    recording = _Exchanges(tb.reader)
     tb.reader = recording  # type: ignore[assignment]
     tb.tap(0)
     recording.exchanges.clear()
     tb.tap(1)
     software = out["tap_inproc_metro_exit_p99_ms"]
     out["tap_apdus"] = len(recording.exchanges)
-    out["tap_air_bytes"] = sum(s + r for _, s, r in recording.exchanges)
+    out["tap_air_bytes"] = sum(len(c) + len(a) for c, a in recording.exchanges)
     out["tap_air106_p99_ms"] = software + air_seconds(recording.exchanges, 1) * 1000
     out["tap_air424_p99_ms"] = software + air_seconds(recording.exchanges, 4) * 1000
 
@@ -237,8 +222,9 @@ def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
             recording = _Exchanges(reader)
             tb.reader = recording  # type: ignore[assignment]
             tb.run(2)  # an entry, then the exit recorded
-            commands = [c for c, _ in recording.exchanges[-int(apdus) :]]
-            client.card = _Replay(client.card, [a for _, a in recording.exchanges[-int(apdus) :]])
+            exit_tap = recording.exchanges[-int(apdus) :]
+            commands = [c for c, _ in exit_tap]
+            client.card = _Replay(client.card, [a for _, a in exit_tap])
             replays = []
             for _ in range(n):
                 start = time.perf_counter()
