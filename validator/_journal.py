@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from backend._wire import Record, WireError, decode_record, encode_record, record_from_outbox
 from validator._decision import Accepted, Intent, Pending, Rejected, TapResult
+from validator._priority import TapGate
 
 __all__ = ["Journal", "JournalError"]
 
@@ -153,6 +154,8 @@ class Journal:
         self._read_lock = threading.Lock()
         # The tap threads and the uplink share this connection: one statement group at a time.
         self._lock = threading.RLock()
+        #: Taps in progress on this journal's devices: the uplink yields to them.
+        self.tap_gate = TapGate()
         self.max_outbox = max_outbox
         self.warn_ratio = warn_ratio
         self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
@@ -174,6 +177,7 @@ class Journal:
             return
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(str(self.path), check_same_thread=False)
+        self.tap_gate.wait_idle()
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # --- device state --------------------------------------------------------------------
@@ -421,6 +425,7 @@ class Journal:
             query += " AND device = ?"
             args += (device,)
         query += " ORDER BY id LIMIT ?"
+        self.tap_gate.wait_idle()
         reader = self._reader()
         if reader is None:
             with self._lock:
@@ -444,6 +449,7 @@ class Journal:
         for start in range(0, len(ids), _ACK_CHUNK):
             chunk = ids[start : start + _ACK_CHUNK]
             marks = ",".join("?" * len(chunk))
+            self.tap_gate.wait_idle()
             with self._tx():
                 cursor = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
                 self._outbox = max(self._outbox - cursor.rowcount, 0)

@@ -165,6 +165,7 @@ class MqttUplink:
         in_flight: dict[int, _InFlight] = {}
         last_id = 0
         topic = TX_TOPIC.format(device=device)
+        taps = journal.tap_gate  # the uplink steps aside while a tap is in progress
 
         async def fill() -> None:
             nonlocal last_id
@@ -173,6 +174,7 @@ class MqttUplink:
                 if now - flight.sent_at > self.ack_timeout:
                     flight.sent_at = now
                     stats.resends += 1
+                    await taps.yield_to_taps()
                     await client.publish(topic, flight.payload, qos=1)
                     log.debug("device %s: batch %d sent again", device, batch_id)
             while len(in_flight) < self.window:
@@ -185,6 +187,7 @@ class MqttUplink:
                 payload = encode_batch_records(batch_id, device, [raw for _, raw in rows])
                 in_flight[batch_id] = _InFlight([r[0] for r in rows], payload, time.monotonic())
                 last_id = rows[-1][0]
+                await taps.yield_to_taps()
                 await client.publish(topic, payload, qos=1)
                 stats.batches_sent += 1
                 log.debug("device %s: batch %d sent (%d records)", device, batch_id, len(rows))
@@ -192,6 +195,7 @@ class MqttUplink:
         async def acks() -> None:
             async for message in client.messages:
                 honour_cancellation()
+                await taps.yield_to_taps()
                 if str(message.topic).endswith("/params"):
                     await on_params(bytes(message.payload))
                     continue
