@@ -80,6 +80,35 @@ def test_the_coroutine_form_lets_the_event_loop_run_meanwhile() -> None:
     assert ticks >= 5  # the loop kept running other tasks while the uplink waited
 
 
+def test_a_tap_ending_on_its_own_thread_wakes_the_waiting_coroutine() -> None:
+    gate = TapGate()
+    started = threading.Event()
+
+    def reader_thread() -> None:
+        with gate.tap():
+            started.set()
+            time.sleep(0.05)
+
+    async def main() -> bool:
+        thread = threading.Thread(target=reader_thread)
+        thread.start()
+        await asyncio.to_thread(started.wait, 5)
+        assert gate.busy
+        woken = await gate.yield_to_taps(30.0)  # False only if it waited the whole limit
+        thread.join()
+        return woken
+
+    assert asyncio.run(main())
+    assert not gate._waiters  # nothing left registered
+
+
+def test_a_waiter_that_gives_up_is_forgotten() -> None:
+    gate = TapGate()
+    with gate.tap():
+        assert not asyncio.run(gate.yield_to_taps(0.01))
+        assert not gate._waiters
+
+
 class _Watching(InProcessReader):
     """Notes whether the gate was busy during each command."""
 

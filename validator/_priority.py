@@ -13,8 +13,8 @@ uplink beyond the step it happens to be in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,9 +23,6 @@ __all__ = ["TapGate"]
 # How long the uplink waits for taps before it takes its step anyway: taps back to back on
 # several readers must not stop the drain.
 YIELD_LIMIT_S = 0.05
-# The uplink's coroutines poll at this interval while a tap is in progress (a tap takes about a
-# millisecond in-process and a few through PC/SC).
-_POLL_S = 0.0005
 
 
 class TapGate:
@@ -36,6 +33,8 @@ class TapGate:
         self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
+        # coroutines waiting for the last tap to end, woken on their own loops
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     @property
     def busy(self) -> bool:
@@ -51,10 +50,18 @@ class TapGate:
         try:
             yield
         finally:
-            with self._lock:
-                self._running -= 1
-                if not self._running:
-                    self._idle.set()
+            self._end()
+
+    def _end(self) -> None:
+        with self._lock:
+            self._running -= 1
+            waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+            if not self._running:
+                self._idle.set()
+                waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
+                loop.call_soon_threadsafe(_wake, future)
 
     def wait_idle(self, limit_s: float = YIELD_LIMIT_S) -> bool:
         """Block (a worker thread) until no tap is in progress, at most ``limit_s``; True if
@@ -64,13 +71,29 @@ class TapGate:
         return self._idle.wait(limit_s)
 
     async def yield_to_taps(self, limit_s: float = YIELD_LIMIT_S) -> bool:
-        """The coroutine form of :meth:`wait_idle`: polls, so that the event loop goes on
-        serving everything else meanwhile."""
+        """The coroutine form of :meth:`wait_idle`: the event loop goes on serving everything
+        else meanwhile, and the tap that ends last wakes it (no polling: taps back to back
+        would otherwise pay for every poll).  True if no tap is in progress when it returns
+        (another may begin at once: the uplink then takes one step between two taps)."""
         if not self._running:
             return True
-        give_up = time.monotonic() + limit_s
-        while self._running:
-            if time.monotonic() >= give_up:
-                return False
-            await asyncio.sleep(_POLL_S)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if not self._running:
+                return True
+            self._waiters.append((loop, future))
+        try:
+            async with asyncio.timeout(limit_s):
+                await future
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove((loop, future))
         return True
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
