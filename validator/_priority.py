@@ -5,9 +5,9 @@ A validator process runs its taps on reader threads and its uplink on the event 
 a tap thread that wants the interpreter while the uplink holds it waits up to the switch interval
 — and a tap asks for it again after each of its journal statements.  Thread priorities do not
 reach the interpreter lock, so the uplink defers by itself: before each step of its work (read a
-batch, publish it, take an ack, delete a chunk of acknowledged rows) it waits, for a bounded time,
-until no tap is in progress.  A tap costs the drain about a millisecond; a tap never waits for the
-uplink beyond the step it happens to be in.
+batch, publish it, take an ack, delete a chunk of acknowledged rows, fold the WAL in) it waits,
+for a bounded time, until no tap is in progress.  A tap costs the drain about a millisecond; a tap
+never waits for the uplink beyond the step it happens to be in.
 """
 
 from __future__ import annotations
