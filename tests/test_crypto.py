@@ -92,3 +92,53 @@ def test_set_up_diversifier_diversifies_as_diversify_does(alg: Alg) -> None:
     for card in range(20):
         data = (card * 0x0101_0101_0101).to_bytes(8, "big")
         assert diversifier.diversify(data) == diversify(alg, key, data)
+
+
+@pytest.mark.parametrize(("alg", "size"), [(Alg.TDES, 8), (Alg.SM4, 16)])
+def test_kept_cbc_encryptor_restarts_at_iv_zero_for_every_message(alg: Alg, size: int) -> None:
+    """``mac`` and ``MacKey`` keep one CBC encryptor per key across messages; each message's MAC
+    must still be the one the independent reference computes from scratch, whatever the
+    previous message on that key was (lengths 0 to 69, two keys interleaved)."""
+    from card._crypto import MacKey  # noqa: PLC0415
+    from tests import card_reference as ref  # noqa: PLC0415
+
+    keys = [bytes(range(size)), bytes(range(100, 100 + size))]
+    kept = [MacKey(alg, k) for k in keys]
+    for length in range(70):
+        for which, key in enumerate(keys):
+            data = bytes((i * 37 + length + which) & 0xFF for i in range(length))
+            expected = ref.mac(alg.label, key, data)
+            assert mac(alg, key, data) == expected
+            assert kept[which].compute(data) == expected
+
+
+def test_a_mac_key_shared_by_threads_gives_every_thread_the_right_mac() -> None:
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from card._crypto import MacKey  # noqa: PLC0415
+    from tests import card_reference as ref  # noqa: PLC0415
+
+    key = bytes(range(8))
+    shared = MacKey(Alg.TDES, key)
+    messages = [bytes((t * 7 + i) & 0xFF for i in range(5 + t % 20)) for t in range(64)]
+    expected = [ref.mac("3des", key, m) for m in messages]
+    wrong: list[int] = []
+
+    def work(offset: int) -> None:
+        for r in range(2000):
+            t = (offset + r) % len(messages)
+            if shared.compute(messages[t]) != expected[t]:
+                wrong.append(t)
+
+    threads = [threading.Thread(target=work, args=(n * 13,)) for n in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch inside compute() as often as they can
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
