@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 import threading
 import time
+from collections.abc import Iterator
 
+import pytest
+
+import validator._priority as priority
 from card import InProcessReader
 from tests.validator_support import T0, Lab, bus, new_card
+from validator._decision import TapResult
 from validator._priority import TapGate
+from validator._runtime import TAP_SWITCH_INTERVAL_S, favour_taps
 
 
 def test_an_idle_gate_never_waits() -> None:
@@ -139,3 +147,134 @@ def test_a_failing_tap_releases_the_gate() -> None:
     reader = InProcessReader()  # no card: the tap ends at once as card lost
     lab.validators["bus"].tap(reader, T0)
     assert not lab.journal.tap_gate.busy
+
+
+# --- garbage collection deferred out of taps -------------------------------------------------
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """Whatever a test does to the collector, the session gets it back as it was."""
+    enabled = gc.isenabled()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+def test_no_collection_starts_inside_a_tap_and_it_resumes_between_taps(gc_restored: None) -> None:
+    gate = TapGate()
+    gc.enable()
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        with gate.tap():
+            assert not gc.isenabled()
+            garbage = [[i] for i in range(50_000)]  # far past the collector's thresholds
+            del garbage
+            assert collections == []
+        assert not gc.isenabled()  # the tap's thread does not pay for it either
+        gate.between_taps()
+        assert gc.isenabled()
+        more = [[i] for i in range(2_000)]
+        del more
+        assert collections  # the collection that fell due ran once the tap was over
+    finally:
+        gc.callbacks.remove(count)
+
+
+def test_the_uplink_finding_no_tap_turns_collection_back_on(gc_restored: None) -> None:
+    gc.enable()
+    gate = TapGate()
+    with gate.tap():
+        pass
+    assert not gc.isenabled()
+    assert gate.wait_idle(1.0)
+    assert gc.isenabled()
+    with gate.tap():
+        pass
+    assert not gc.isenabled()
+    assert asyncio.run(gate.yield_to_taps(1.0))
+    assert gc.isenabled()
+
+
+def test_collection_stays_off_while_any_tap_is_in_progress(gc_restored: None) -> None:
+    gc.enable()
+    gate = TapGate()
+    with gate.tap():
+        with gate.tap():  # a second reader's tap
+            pass
+        gate.between_taps()  # one tap is still in progress
+        assert not gc.isenabled()
+    gate.between_taps()
+    assert gc.isenabled()
+
+
+def test_a_collector_someone_else_turned_off_stays_off(gc_restored: None) -> None:
+    gc.disable()
+    gate = TapGate()
+    with gate.tap():
+        pass
+    gate.between_taps()
+    assert gate.wait_idle(1.0)
+    assert not gc.isenabled()
+
+
+def test_taps_without_a_pause_get_collection_back_after_the_limit(
+    gc_restored: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc.enable()
+    monkeypatch.setattr(priority, "GC_DEFER_LIMIT_S", 0.01)
+    gate = TapGate()
+    with gate.tap():
+        pass
+    assert not gc.isenabled()  # within the limit: still deferred
+    time.sleep(0.02)
+    with gate.tap():
+        assert not gc.isenabled()
+    assert gc.isenabled()  # the tap that ended past the limit turned it back on
+
+
+def test_favour_taps_moves_what_is_alive_out_of_the_collectors_view(gc_restored: None) -> None:
+    interval = sys.getswitchinterval()
+    try:
+        favour_taps()
+        assert sys.getswitchinterval() == pytest.approx(TAP_SWITCH_INTERVAL_S)
+        assert gc.get_freeze_count() > 0
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(gc_restored: None) -> None:
+    import io  # noqa: PLC0415
+
+    from validator._decision import Rejected  # noqa: PLC0415
+    from validator._loop import _display  # noqa: PLC0415
+
+    gc.enable()
+    gate = TapGate()
+    with gate.tap():
+        pass
+    assert not gc.isenabled()
+
+    async def show() -> str:
+        results: asyncio.Queue[TapResult | str] = asyncio.Queue()
+        out = io.StringIO()
+        task = asyncio.create_task(_display(results, out, gate))
+        results.put_nowait(Rejected("d1", "", "no_card"))
+        while not out.getvalue():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        return out.getvalue()
+
+    assert '"no_card"' in asyncio.run(show())
+    assert gc.isenabled()

@@ -28,6 +28,7 @@ from validator._decision import TapResult
 from validator._device import Parameters
 from validator._journal import Journal
 from validator._network import NetworkError, parse_networks
+from validator._priority import TapGate
 from validator._replay import result_json
 from validator._runtime import Validator, favour_taps
 
@@ -194,8 +195,11 @@ async def _feed(
         results.put_nowait(await _in_thread(station, tap))
 
 
-async def _display(results: asyncio.Queue[TapResult | str], out: TextIO) -> None:
-    """Show each result: one JSON line per tap on ``out``, notices on stderr."""
+async def _display(
+    results: asyncio.Queue[TapResult | str], out: TextIO, gate: TapGate | None = None
+) -> None:
+    """Show each result: one JSON line per tap on ``out``, notices on stderr; then let the
+    garbage collection a tap deferred run (``gate``)."""
     while True:
         item = await results.get()
         if isinstance(item, str):
@@ -206,6 +210,8 @@ async def _display(results: asyncio.Queue[TapResult | str], out: TextIO) -> None
         # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
         doc["beep"] = "pass" if item.result == "accepted" else "stop"
         print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
+        if gate is not None:
+            gate.between_taps()
 
 
 async def _update_params(
@@ -303,7 +309,8 @@ async def run(
     tasks: list[asyncio.Task[None]] = []
     try:
         async with asyncio.TaskGroup() as group:
-            tasks.append(group.create_task(_display(results, out), name="display"))
+            display = _display(results, out, journal.tap_gate)
+            tasks.append(group.create_task(display, name="display"))
             tasks.append(group.create_task(_checkpoints(journal), name="checkpoints"))
             if params_file is not None:
                 tasks.append(

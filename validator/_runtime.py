@@ -6,6 +6,7 @@ the calling thread, which for a PC/SC reader is the reader's own thread (one hop
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 from dataclasses import replace
@@ -32,9 +33,12 @@ TAP_SWITCH_INTERVAL_S = 0.0001
 
 
 def favour_taps() -> None:
-    """Make the process hand the GIL to a tap thread quickly (call once, in the validator
-    process, before its reader threads and uplink start)."""
+    """Make the process hand the GIL to a tap thread quickly, and keep the garbage collector's
+    full collections short: everything alive now (modules, configuration, the journal) moves
+    out of the collector's view.  Call once, in the validator process, after setting up and
+    before its reader threads and uplink start."""
     sys.setswitchinterval(TAP_SWITCH_INTERVAL_S)
+    gc.freeze()
 
 
 _AFTER = {
