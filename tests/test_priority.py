@@ -166,6 +166,16 @@ def gc_restored() -> Iterator[None]:
             gc.disable()
 
 
+def _gate_after_a_tap() -> TapGate:
+    """A gate one tap has used, the collector on before it: collection is now deferred."""
+    gc.enable()
+    gate = TapGate()
+    with gate.tap():
+        pass
+    assert not gc.isenabled()
+    return gate
+
+
 def test_no_collection_starts_inside_a_tap_and_it_resumes_between_taps(gc_restored: None) -> None:
     gate = TapGate()
     gc.enable()
@@ -193,11 +203,7 @@ def test_no_collection_starts_inside_a_tap_and_it_resumes_between_taps(gc_restor
 
 
 def test_the_uplink_finding_no_tap_turns_collection_back_on(gc_restored: None) -> None:
-    gc.enable()
-    gate = TapGate()
-    with gate.tap():
-        pass
-    assert not gc.isenabled()
+    gate = _gate_after_a_tap()
     assert gate.wait_idle(1.0)
     assert gc.isenabled()
     with gate.tap():
@@ -260,11 +266,7 @@ def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(gc_restore
     from validator._decision import Rejected  # noqa: PLC0415
     from validator._loop import _display  # noqa: PLC0415
 
-    gc.enable()
-    gate = TapGate()
-    with gate.tap():
-        pass
-    assert not gc.isenabled()
+    gate = _gate_after_a_tap()
 
     async def show() -> str:
         results: asyncio.Queue[TapResult | str] = asyncio.Queue()
