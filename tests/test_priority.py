@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -279,4 +280,32 @@ def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(gc_restore
         return out.getvalue()
 
     assert '"no_card"' in asyncio.run(show())
+    assert gc.isenabled()
+
+
+def test_a_replay_leaves_collection_on(gc_restored: None, tmp_path: Path) -> None:
+    """``farelab validator replay`` (and the demo, which goes on to other work in the same
+    process) must not leave the collector off after its last tap."""
+    import json  # noqa: PLC0415
+    from datetime import date  # noqa: PLC0415
+
+    from card import personalise, save_image  # noqa: PLC0415
+    from validator._config import load_config  # noqa: PLC0415
+    from validator._journal import Journal  # noqa: PLC0415
+    from validator._replay import parse_taps, replay  # noqa: PLC0415
+
+    gc.enable()
+    config_path = tmp_path / "devices.toml"
+    config_path.write_text(
+        '[[validator]]\nid = "bus-1"\nkind = "bus"\nnetwork = "taiyuan"\n'
+        'terminal_id = "000000000B01"\nwhitelist = ["1310000000000000"]\nreader = "sim"\n'
+    )
+    card_path = tmp_path / "card.json"
+    save_image(card_path, personalise(serial="31", issued=date(2026, 1, 1), balance=2000))
+    config = load_config(config_path)
+    line = {"device": "bus-1", "card": str(card_path), "at": "2026-11-23T09:00:00+08:00"}
+    taps = parse_taps(iter([json.dumps(line)]), config)
+    journal = Journal(":memory:")
+    results = list(replay(config, taps, journal))
+    assert [r.result for r in results] == ["accepted"]
     assert gc.isenabled()

@@ -119,6 +119,8 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
         if tap.pull_after is not None:
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
-        yield devices[tap.device].tap(reader, tap.at)
+        result = devices[tap.device].tap(reader, tap.at)
+        journal.tap_gate.between_taps()  # nothing here waits on a display: collect now
+        yield result
         if tap.line % 500 == 0:
             journal.checkpoint()
