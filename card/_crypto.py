@@ -79,13 +79,14 @@ def _encryptor(alg: Alg, key: bytes) -> Callable[[bytes], bytes]:
 
 @lru_cache(maxsize=_CIPHERS)
 def _thread_encryptor(alg: Alg, key: bytes, _thread: int) -> Callable[[bytes], bytes]:
+    return Cipher(_algorithm(alg, key), modes.ECB()).encryptor().update
+
+
+def _algorithm(alg: Alg, key: bytes) -> TripleDES | algorithms.SM4:
+    """The block cipher for ``key``: single DES (8 bytes) or 2-key 3DES (16) for 3DES, SM4."""
     if alg is Alg.TDES:
-        algorithm: TripleDES | algorithms.SM4 = TripleDES(
-            key * 3 if len(key) == 8 else key + key[:8]
-        )
-    else:
-        algorithm = algorithms.SM4(key)
-    return Cipher(algorithm, modes.ECB()).encryptor().update
+        return TripleDES(key * 3 if len(key) == 8 else key + key[:8])
+    return algorithms.SM4(key)
 
 
 def _tdes_ecb(key16: bytes, data: bytes) -> bytes:
@@ -186,13 +187,9 @@ class _CbcMac:
     __slots__ = ("_last", "_size", "_update")
 
     def __init__(self, alg: Alg, key: bytes) -> None:
-        if alg is Alg.TDES:
-            algorithm: TripleDES | algorithms.SM4 = TripleDES(key * 3)
-            self._size = 8
-        else:
-            algorithm = algorithms.SM4(key)
-            self._size = 16
-        self._update = Cipher(algorithm, modes.CBC(bytes(self._size))).encryptor().update
+        self._size = 8 if alg is Alg.TDES else 16
+        mode = modes.CBC(bytes(self._size))
+        self._update = Cipher(_algorithm(alg, key), mode).encryptor().update
         self._last = 0
 
     def compute(self, data: bytes) -> bytes:
