@@ -167,12 +167,12 @@ MEMORY_CHARTS = (
     ),
     MemoryChart(
         "backend_rss_mb",
-        "Backend resident memory as transactions are ingested",
+        "Backend resident memory as transactions are ingested (PostgreSQL ledger)",
         "transactions ingested",
     ),
     MemoryChart(
         "backend_rate_tx_per_s",
-        "Backend ingest rate as the ledger grows",
+        "Backend ingest rate as the PostgreSQL ledger grows",
         "transactions ingested",
         y_label="ingest rate (tx/s)",
         unit="tx/s",

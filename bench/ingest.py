@@ -18,8 +18,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from backend._wire import Ack, Batch, Record, decode_ack, encode_batch
 from bench._backend import running_backend
 from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
-__all__ = ["acks_of", "main", "make_batches", "measure", "measure_postgres"]
+__all__ = ["acks_of", "main", "make_batches", "measure", "measure_postgres", "postgres_schema"]
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -168,6 +168,24 @@ async def measure(
     }
 
 
+@contextmanager
+def postgres_schema(postgres: str = POSTGRES) -> Iterator[str]:
+    """A fresh schema of the ``postgres`` database, dropped on exit; yields the ledger URL
+    that puts a backend's tables in it."""
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    ledger = f"{postgres}{'&' if '?' in postgres else '?'}options=-csearch_path%3D{schema}"
+    try:
+        admin = psycopg.connect(postgres, autocommit=True)
+    except psycopg.Error as exc:
+        raise RuntimeError(f"PostgreSQL at {postgres}: {exc}".strip()) from None
+    with admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            yield ledger
+        finally:
+            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
 def measure_postgres(
     broker_url: str,
     n: int,
@@ -182,17 +200,11 @@ def measure_postgres(
     ``broker_url`` with a fresh schema of the ``postgres`` database (dropped afterwards), then
     :func:`measure`.  Figures ``ingest_pg_tx_per_s``, ``ingest_pg_ack_p50_ms`` and
     ``ingest_pg_ack_p99_ms``; the backend's output goes to ``folder``."""
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    ledger = f"{postgres}{'&' if '?' in postgres else '?'}options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        try:
-            with running_backend(
-                broker_url, ledger, workers=workers, log=folder / "backend-postgres.log"
-            ):
-                result = asyncio.run(measure(BrokerURL.parse(broker_url), n, devices, batch))
-        finally:
-            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    with (
+        postgres_schema(postgres) as ledger,
+        running_backend(broker_url, ledger, workers=workers, log=folder / "backend-postgres.log"),
+    ):
+        result = asyncio.run(measure(BrokerURL.parse(broker_url), n, devices, batch))
     return {
         "ingest_pg_tx_per_s": result["tx_per_s"],
         "ingest_pg_ack_p50_ms": result["ack_p50_ms"],
