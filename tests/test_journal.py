@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.validator_support import Lab, bus, new_card
+from validator._decision import Intent, Pending
+from validator._intents import decode, encode
 from validator._journal import Journal, JournalError
 
 WORKER = """
@@ -231,3 +233,142 @@ def test_a_journal_file_keeps_its_epoch_and_another_file_has_another(tmp_path: P
     assert all(0 < e < EPOCHS for e in others | {epoch})
     assert len(others | {epoch}) > 1  # random: eight equal draws of 2**23 would be a bug
     assert EPOCHS << 40 <= 2**63  # a batch id fits the backend's signed BIGINT
+
+
+# --- the intent log --------------------------------------------------------------------------
+
+
+def _intent(card_serial: str = "1310000000004242", ttc: int = 7) -> Intent:
+    return Intent(
+        device="bus-1",
+        card_serial=card_serial,
+        issuer="1310",
+        alg="3des",
+        tx_type=6,
+        kind="bus",
+        amount=200,
+        balance_before=5000,
+        card_counter=12,
+        ttc=ttc,
+        terminal="000000021601",
+        day="20261123",
+        time="083000",
+        at="2026-11-23T08:30:00+08:00",
+        station="",
+        line=9,
+    )
+
+
+def _statuses(journal: Journal) -> list[tuple[str, int, str]]:
+    return [(r["device"], r["seq"], r["status"]) for r in journal.transactions()]
+
+
+def test_an_intent_whose_tap_never_committed_is_pending_when_the_journal_next_opens(
+    tmp_path: Path,
+) -> None:
+    """The process dies between the intent and the tap's commit: the intent was only in the log,
+    and the next open restores it as pending (the card may owe a proof), then empties the log."""
+    path = tmp_path / "j.db"
+    crashed = Journal(path)
+    crashed.record_intent(_intent())
+    assert _statuses(crashed) == []  # only in the log so far
+    # No close(): a second process opens the files as a killed one left them.
+    journal = Journal(path)
+    assert _statuses(journal) == [("bus-1", 1, "pending")]
+    assert set(journal.pending()) == {"1310000000004242"}
+    assert journal.next_ttc("bus-1") == 8  # the TTC the lost DEBIT used is never reused
+    assert Path(f"{path}-intents").stat().st_size == 0
+    journal.close()
+
+
+def test_a_settled_tap_leaves_nothing_to_restore(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    lab = Lab([bus("taiyuan")], journal=Journal(path))
+    card = new_card(balance=10_000)
+    assert lab.tap("bus", card, 0).result == "accepted"
+    # no close(): what the log still holds is only what the database already has
+    again = Journal(path)
+    assert [s for _, _, s in _statuses(again)] == ["completed"]
+    assert again.pending() == {}
+    again.close()
+
+
+def test_a_torn_intent_record_is_ignored_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A power cut can tear the last record: its DEBIT never left (it is sent once the write
+    has returned), so it is dropped with a warning; the whole records before it are kept."""
+    path = tmp_path / "j.db"
+    crashed = Journal(path)
+    crashed.record_intent(_intent())
+    whole = encode(Pending("bus-1", 2, _intent("1310000000005555", ttc=8)))
+    with open(f"{path}-intents", "ab") as log_file:
+        log_file.write(whole[: len(whole) // 2])
+    with caplog.at_level(logging.WARNING, logger="farelab.journal"):
+        journal = Journal(path)
+    assert _statuses(journal) == [("bus-1", 1, "pending")]
+    assert "damaged or torn record" in caplog.text
+    journal.close()
+
+
+def test_decode_stops_at_a_damaged_record() -> None:
+    first = encode(Pending("bus-1", 1, _intent()))
+    second = bytearray(encode(Pending("bus-1", 2, _intent(ttc=8))))
+    second[-3] ^= 0xFF  # fails its CRC
+    third = encode(Pending("bus-1", 3, _intent(ttc=9)))
+    assert [p.seq for p in decode(first + bytes(second) + third)] == [1]
+    assert [p.seq for p in decode(first + third)] == [1, 3]
+    assert list(decode(first[:5])) == []
+
+
+def test_checkpoint_parks_an_intent_whose_tap_ended_without_a_commit(tmp_path: Path) -> None:
+    """A tap that raised after its intent: once no tap is in progress, checkpoint() moves the
+    intent into the database as pending and empties the log; the card's next tap resolves it
+    like any pending transaction."""
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    pending = journal.record_intent(_intent())
+    journal.checkpoint()
+    assert _statuses(journal) == [("bus-1", 1, "pending")]
+    assert Path(f"{path}-intents").stat().st_size == 0
+    assert journal.pending() == {"1310000000004242": pending}
+    journal.close()
+    assert _statuses(Journal(path)) == [("bus-1", 1, "pending")]
+
+
+def test_checkpoint_leaves_the_log_alone_while_a_tap_is_in_progress(tmp_path: Path) -> None:
+    """An intent whose tap is still running is waiting for that tap's own commit."""
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    with journal.tap_gate.tap():
+        journal.record_intent(_intent())
+        journal.checkpoint()  # waits a moment for the tap, then goes ahead without it
+        assert Path(f"{path}-intents").stat().st_size > 0
+        assert _statuses(journal) == []
+    journal.close()
+
+
+def test_an_intent_that_cannot_be_written_stops_the_tap_before_its_debit(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    assert journal._intents is not None
+    os.close(journal._intents._fd)  # the file is gone from under the journal
+    journal._intents._fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(JournalError, match="cannot write an intent"):
+        journal.record_intent(_intent())
+    assert journal.pending() == {}
+
+
+def test_the_intent_log_stays_bounded_where_nothing_calls_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("validator._journal._INTENT_LOG_LIMIT", 1000)
+    path = tmp_path / "j.db"
+    lab = Lab([bus("taiyuan")], journal=Journal(path))
+    card = new_card(balance=100_000)
+    sizes = []
+    for i in range(12):
+        assert lab.tap("bus", card, 120 * i).result == "accepted"
+        sizes.append(Path(f"{path}-intents").stat().st_size)
+    assert max(sizes) <= 1000 + 400  # one record past the limit at most
+    assert 0 in sizes

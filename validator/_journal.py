@@ -3,9 +3,11 @@ the result — with the outbox row the uplink will send, in the same SQLite tran
 
 SQLite in WAL mode.  ``synchronous="normal"`` (the default) survives ``kill -9`` at any instant —
 a committed transaction is in the WAL before ``commit`` returns; ``"full"`` also survives a power
-cut, at the cost of an fsync per commit.  A DEBIT is preceded by an *intent* row (``pending``)
-committed before the command leaves, so that a process killed between the two still knows which
-card may owe a proof.  The outbox is bounded: the journal warns loudly from ``warn_ratio`` of its
+cut, at the cost of an fsync per commit.  A DEBIT is preceded by an *intent*, appended to the
+intent log (``<journal>-intents``, :mod:`validator._intents`) before the command leaves, so that
+a process killed between the two still knows which card may owe a proof: the next open restores
+it as a ``pending`` transaction.  The tap's one SQLite transaction then writes the transaction
+row with its outcome.  The outbox is bounded: the journal warns loudly from ``warn_ratio`` of its
 bound on, and at the bound the validator stops accepting taps rather than lose a record.
 
 Outbox rows hold the record exactly as it travels (:func:`backend._wire.encode_record`, 82
@@ -26,6 +28,7 @@ from typing import Any, Literal
 
 from backend._wire import Record, WireError, decode_record, encode_record, record_from_outbox
 from validator._decision import Accepted, Intent, Pending, Rejected, TapResult
+from validator._intents import IntentLog, IntentLogError
 from validator._priority import TapGate
 
 __all__ = ["Journal", "JournalError"]
@@ -39,6 +42,8 @@ EPOCHS = 2**23
 # Rows deleted per transaction when the backend acknowledges: short enough that a tap waiting
 # for the journal's lock never waits long.
 _ACK_CHUNK = 50
+# The intent log is emptied by checkpoints; a tap empties it past this size if none has.
+_INTENT_LOG_LIMIT = 1 << 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -158,6 +163,16 @@ class Journal:
         self.tap_gate = TapGate()
         self.max_outbox = max_outbox
         self.warn_ratio = warn_ratio
+        # Intents written to the log whose tap has not committed yet (only there, so far).
+        self._logged: dict[tuple[str, int], Pending] = {}
+        self._intents: IntentLog | None = None
+        if str(path) != ":memory:":
+            try:
+                self._intents = IntentLog(Path(f"{path}-intents"), durable=synchronous == "full")
+                self._restore_intents(self._intents.read())
+            except IntentLogError as exc:
+                self._db.close()
+                raise JournalError(str(exc)) from None
         self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._counters: dict[str, list[int]] = {}
         # One process owns a journal, so the pending set is kept in memory: every tap consults it.
@@ -165,6 +180,10 @@ class Journal:
 
     def close(self) -> None:
         """Close the database (a checkpoint folds the WAL back in)."""
+        with self._lock:
+            if self._intents is not None:
+                self._park_logged_locked()
+                self._intents.close()
         self._db.close()
         for extra in (self._checkpointer, self._read_db):
             if extra is not None:
@@ -178,7 +197,49 @@ class Journal:
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(str(self.path), check_same_thread=False)
         self.tap_gate.wait_idle()
+        with self._lock:
+            # No tap in progress, so no intent is waiting for its tap's commit: any still only
+            # in the log belongs to a tap that ended without one (an exception); it becomes
+            # pending, and the log starts empty again.  A tap that has begun holds the gate
+            # before it can write an intent, and writing one needs this lock.  With no intent
+            # waiting, the log is only emptied.
+            if self._intents is not None and (not self.tap_gate.busy or not self._logged):
+                self._park_logged_locked()
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _restore_intents(self, intents: list[Pending]) -> None:
+        """Intents the log holds and the database does not: their taps never committed, so
+        their DEBITs may have reached the card.  They become pending, then the log is emptied."""
+        missing = [
+            p
+            for p in intents
+            if self._db.execute(
+                "SELECT 1 FROM transactions WHERE device=? AND seq=?", (p.device, p.seq)
+            ).fetchone()
+            is None
+        ]
+        if missing:
+            with self._tx():
+                for p in missing:
+                    self._insert_transaction(p, "pending", "")
+            log.warning(
+                "%s: %d DEBIT(s) in flight when the journal was last closed; kept as pending: %s",
+                self.path,
+                len(missing),
+                ", ".join(f"{p.device}#{p.seq} card {p.intent.card_serial}" for p in missing),
+            )
+        if self._intents is not None:
+            self._intents.clear()
+
+    def _park_logged_locked(self) -> None:
+        """Every intent still only in the log into the database (pending); empty the log."""
+        if self._logged:
+            with self._tx():
+                for p in self._logged.values():
+                    self._insert_transaction(p, "pending", "")
+            self._logged.clear()
+        if self._intents is not None:
+            self._intents.clear()
 
     # --- device state --------------------------------------------------------------------
 
@@ -262,40 +323,61 @@ class Journal:
         return bool(self._outbox < self.max_outbox)
 
     def record_intent(self, intent: Intent) -> Pending:
-        """Journal a DEBIT about to be sent (committed when this returns)."""
-        with self._tx():
+        """Journal a DEBIT about to be sent (durable when this returns)."""
+        with self._lock:
             counters = self._device(intent.device)
             seq = counters[0]
-            self._db.execute(
-                "INSERT INTO transactions (device, seq, status, card_serial, issuer, alg, tx_type,"
-                " kind, amount_fen, balance_before_fen, card_counter, ttc, terminal, day, time,"
-                " at, station, line, operator) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    intent.device,
-                    seq,
-                    intent.card_serial,
-                    intent.issuer,
-                    intent.alg,
-                    intent.tx_type,
-                    intent.kind,
-                    intent.amount,
-                    intent.balance_before,
-                    intent.card_counter,
-                    intent.ttc,
-                    intent.terminal,
-                    intent.day,
-                    intent.time,
-                    intent.at,
-                    intent.station,
-                    intent.line,
-                    intent.operator,
-                ),
-            )
-        counters[0], counters[1] = seq + 1, max(counters[1], intent.ttc + 1)
-        pending = Pending(intent.device, seq, intent)
-        self._pending[intent.card_serial] = pending
+            pending = Pending(intent.device, seq, intent)
+            if self._intents is not None:
+                try:
+                    self._intents.append(pending)
+                except IntentLogError as exc:
+                    raise JournalError(str(exc)) from None
+            counters[0], counters[1] = seq + 1, max(counters[1], intent.ttc + 1)
+            self._logged[(intent.device, seq)] = pending
+            self._pending[intent.card_serial] = pending
         return pending
+
+    def _insert_transaction(self, pending: Pending, status: str, tac: str) -> None:
+        intent = pending.intent
+        self._db.execute(
+            "INSERT INTO transactions (device, seq, status, card_serial, issuer, alg, tx_type,"
+            " kind, amount_fen, balance_before_fen, card_counter, ttc, terminal, day, time,"
+            " at, station, line, operator, tac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ?, ?)",
+            (
+                pending.device,
+                pending.seq,
+                status,
+                intent.card_serial,
+                intent.issuer,
+                intent.alg,
+                intent.tx_type,
+                intent.kind,
+                intent.amount,
+                intent.balance_before,
+                intent.card_counter,
+                intent.ttc,
+                intent.terminal,
+                intent.day,
+                intent.time,
+                intent.at,
+                intent.station,
+                intent.line,
+                intent.operator,
+                tac,
+            ),
+        )
+
+    def _write_status(self, pending: Pending, status: str, tac: str) -> None:
+        """The transaction row's outcome: inserted if its intent is only in the log so far."""
+        if (pending.device, pending.seq) in self._logged:
+            self._insert_transaction(pending, status, tac)
+        elif status != "pending":
+            self._db.execute(
+                "UPDATE transactions SET status=?, tac=? WHERE device=? AND seq=?",
+                (status, tac, pending.device, pending.seq),
+            )
 
     def record_tap(self, result: TapResult, *, at: str, pending: Pending | None) -> None:
         """Journal a tap's result, its transaction and any resolution, with their outbox rows,
@@ -312,6 +394,7 @@ class Journal:
                 elif not result.grey:
                     self._settle(pending, completed=False, tac="")
                 else:
+                    self._write_status(pending, "pending", "")
                     self._enqueue(pending, "grey", "")
             self._db.execute(
                 "INSERT INTO taps (device, at, card_serial, result, reason, fare_fen, balance_fen,"
@@ -330,15 +413,22 @@ class Journal:
                     result.detail if isinstance(result, Rejected) else ",".join(result.notes),
                 ),
             )
+        # Committed: these transactions are in the database now, not only in the intent log.
+        for done in (pending, resolution.pending if resolution is not None else None):
+            if done is not None:
+                self._logged.pop((done.device, done.seq), None)
+        # The run loop's checkpoints empty the log; this bounds it where nothing calls them
+        # (one ftruncate every few thousand taps).
+        if self._intents is not None and self._intents.size > _INTENT_LOG_LIMIT:
+            with self._lock:
+                if not self._logged:
+                    self._intents.clear()
 
     def _settle(self, pending: Pending, *, completed: bool, tac: str) -> None:
         status = "completed" if completed else "void"
         if self._pending.get(pending.intent.card_serial) == pending:
             del self._pending[pending.intent.card_serial]
-        self._db.execute(
-            "UPDATE transactions SET status=?, tac=? WHERE device=? AND seq=?",
-            (status, tac, pending.device, pending.seq),
-        )
+        self._write_status(pending, status, tac)
         self._enqueue(pending, status, tac)
 
     def _enqueue(self, pending: Pending, status: str, tac: str) -> None:
