@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "bench",
         help="measure tap latency, throughput and memory against their budgets",
         description="Run the benchmarks (it starts its own pcscd, Mosquitto and backend; the "
-        "PostgreSQL ingest uses the local database 'test', or FARELAB_BENCH_POSTGRES), print the "
+        "PostgreSQL ingest and the backend's memory run use a fresh schema of the local database "
+        "'test', or of FARELAB_BENCH_POSTGRES, dropped afterwards), print the "
         "budget table (measured vs budget, ✓/✗), and optionally write every figure as JSON "
         "and an HTML report with charts. With --from-json nothing is measured: the figures of "
         "an earlier --json are checked and reported instead. "
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source.add_argument(
         "--quick",
         action="store_true",
-        help="smaller counts, about 35 s instead of 13 to 23 minutes, depending on the machine "
+        help="smaller counts, about 35 s instead of about 13 minutes, depending on the machine "
         "(CI runs this to catch breakage)",
     )
     source.add_argument(
