@@ -514,9 +514,8 @@ class _BackendMemoryRun:
     2 057 alone; 120 s for both, against 172 s one after the other).  Its RSS figures do not
     depend on the CPUs it had; its ingest rates do, and are reported as such."""
 
-    def __init__(self, n: int, folder: Path, progress: Callable[[str], None]) -> None:
+    def __init__(self, n: int, progress: Callable[[str], None]) -> None:
         self.n = n
-        self.folder = folder
         self.progress = progress
         self.proc: subprocess.Popen[str] | None = None
         self._schema = contextlib.ExitStack()
@@ -692,7 +691,7 @@ def run_suite(
         services = _Services(folder)
         taps = 20_000 if quick else 1_000_000
         ingested = 200_000 if quick else 10_000_000
-        backend_memory = _BackendMemoryRun(ingested, folder, progress)
+        backend_memory = _BackendMemoryRun(ingested, progress)
         steps: list[tuple[str, Callable[[], None]]] = [
             (
                 "in-process taps",

@@ -219,17 +219,14 @@ class Journal:
             is None
         ]
         if missing:
-            with self._tx():
-                for p in missing:
-                    self._insert_transaction(p, "pending", "")
             log.warning(
                 "%s: %d DEBIT(s) in flight when the journal was last closed; kept as pending: %s",
                 self.path,
                 len(missing),
                 ", ".join(f"{p.device}#{p.seq} card {p.intent.card_serial}" for p in missing),
             )
-        if self._intents is not None:
-            self._intents.clear()
+        self._logged.update(((p.device, p.seq), p) for p in missing)
+        self._park_logged_locked()
 
     def _park_logged_locked(self) -> None:
         """Every intent still only in the log into the database (pending); empty the log."""
@@ -245,8 +242,9 @@ class Journal:
 
     def _device(self, device: str) -> list[int]:
         """[next seq, next TTC] of a device, kept in memory (one process owns a journal) and
-        derived on first use from its newest transaction: the intent row that used a TTC is
-        committed before the DEBIT leaves, so nothing journals the counters twice per tap."""
+        derived on first use from its newest transaction: an intent that used a TTC is in the
+        intent log before the DEBIT leaves, and opening the journal restores any the database
+        lacks, so nothing journals the counters twice per tap."""
         counters = self._counters.get(device)
         if counters is None:
             newest = self._db.execute(
