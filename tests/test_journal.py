@@ -372,3 +372,27 @@ def test_the_intent_log_stays_bounded_where_nothing_calls_checkpoint(
         sizes.append(Path(f"{path}-intents").stat().st_size)
     assert max(sizes) <= 1000 + 400  # one record past the limit at most
     assert 0 in sizes
+
+
+def _wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time a write starts
+    the WAL over."""
+    with open(f"{path}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_a_checkpoint_starts_the_wal_over_itself_so_the_next_tap_does_not(tmp_path: Path) -> None:
+    """The first write after a complete checkpoint starts the WAL over and syncs its header (an
+    fsync); checkpoint() makes that write, so that the next tap's commit only appends."""
+    path = tmp_path / "j.db"
+    lab = Lab([bus("taiyuan")], journal=Journal(path))
+    card = new_card(balance=100_000)
+    lab.tap("bus", card, 0)
+    before = _wal_restarts(path)
+    lab.journal.checkpoint()
+    after = _wal_restarts(path)
+    assert after == before + 1
+    assert lab.tap("bus", card, 120).result == "accepted"
+    assert _wal_restarts(path) == after
+    lab.journal.checkpoint()
+    assert _wal_restarts(path) == after + 1
