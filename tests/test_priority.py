@@ -190,17 +190,44 @@ def test_no_collection_starts_inside_a_tap_and_it_resumes_between_taps(gc_restor
     try:
         with gate.tap():
             assert not gc.isenabled()
-            garbage = [[i] for i in range(50_000)]  # far past the collector's thresholds
-            del garbage
+            garbage: list[list[object]] = [[] for _ in range(50_000)]
+            for item in garbage:
+                item.append(item)  # cycles: only the collector frees them
+            del garbage  # far past the collector's thresholds
             assert collections == []
         assert not gc.isenabled()  # the tap's thread does not pay for it either
         gate.between_taps()
         assert gc.isenabled()
-        more = [[i] for i in range(2_000)]
-        del more
-        assert collections  # the collection that fell due ran once the tap was over
+        assert collections  # the collection that fell due ran then, with no allocation needed
+        assert gc.get_count()[0] < gc.get_threshold()[0]
     finally:
         gc.callbacks.remove(count)
+
+
+def test_beginning_a_tap_starts_no_deferred_collection(gc_restored: None) -> None:
+    """With a collection due at the very next allocation, beginning a tap must turn
+    collection off before allocating anything."""
+    gate = TapGate()
+    gc.enable()
+    thresholds = gc.get_threshold()
+    started: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        gc.set_threshold(1)  # any new tracked object starts a collection
+        gate.begin()
+        gc.set_threshold(*thresholds)
+        inside = len(started)
+        gate.end()
+        assert not gc.isenabled()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(count)
+    assert inside == 0
 
 
 def test_the_uplink_finding_no_tap_turns_collection_back_on(gc_restored: None) -> None:

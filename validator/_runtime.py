@@ -95,7 +95,15 @@ class Validator:
 
     def tap(self, reader: Reader, now: datetime) -> TapResult:
         """Run one tap on the card in ``reader``; the result is journalled when this returns."""
-        with self._lock, self._journal.tap_gate.tap():
+        gate = self._journal.tap_gate
+        gate.begin()  # first, before anything allocates: no deferred collection starts here
+        try:
+            return self._tap(reader, now)
+        finally:
+            gate.end()
+
+    def _tap(self, reader: Reader, now: datetime) -> TapResult:
+        with self._lock:
             if not self._journal.has_room():
                 result: TapResult = Rejected(
                     self.device.id, "", "out_of_service", detail="journal full"
