@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source.add_argument(
         "--quick",
         action="store_true",
-        help="smaller counts, about 35 s instead of about 13 minutes, depending on the machine "
+        help="smaller counts, about 35 s instead of 11–13 minutes, depending on the machine "
         "(CI runs this to catch breakage)",
     )
     source.add_argument(
