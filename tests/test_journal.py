@@ -396,3 +396,6 @@ def test_a_checkpoint_starts_the_wal_over_itself_so_the_next_tap_does_not(tmp_pa
     assert _wal_restarts(path) == after
     lab.journal.checkpoint()
     assert _wal_restarts(path) == after + 1
+    lab.journal.checkpoint()  # nothing written since: an idle journal is left alone
+    lab.journal.checkpoint()
+    assert _wal_restarts(path) == after + 1

@@ -155,6 +155,8 @@ class Journal:
             raise JournalError(f"{path}: not a usable journal: {exc}") from exc
         self.path = path
         self._checkpointer: sqlite3.Connection | None = None
+        # the main connection's total_changes after checkpoint() last started the WAL over
+        self._changes_at_restart = -1
         self._read_db: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         # The tap threads and the uplink share this connection: one statement group at a time.
@@ -210,6 +212,8 @@ class Journal:
         ).fetchone()
         if busy or frames <= 0 or copied < frames:
             return
+        if self._db.total_changes == self._changes_at_restart:
+            return  # nothing written since this did it last: an idle validator writes nothing
         # Every frame is in the database now, so the next write starts the WAL over — and with
         # synchronous=NORMAL or FULL, SQLite syncs the new WAL header in that write: an fsync
         # (0.4–1 ms on this machine's disk, more on a gate's flash) that would land in the next
@@ -220,6 +224,7 @@ class Journal:
                     "INSERT INTO meta VALUES ('checkpoints', '1') ON CONFLICT (key)"
                     " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
                 )
+            self._changes_at_restart = self._db.total_changes
 
     def _restore_intents(self, intents: list[Pending]) -> None:
         """Intents the log holds and the database does not: their taps never committed, so

@@ -15,8 +15,8 @@ turns automatic collection off; it comes back on when the uplink next finds no t
 or once the result is shown (:meth:`TapGate.between_taps`), and the young collection that fell
 due runs right there, not in the tap's last steps or at the first allocation of the next one.
 Without either, a tap ending :data:`GC_DEFER_LIMIT_S` after collection went off turns it back
-on.  Measured in the bench's
-backlog step before this: a sixth of the slowest 2 % of taps overlapped a collection (0.3–23 ms).
+on.  Measured in the bench's backlog step before this: a sixth of the slowest 2 % of taps
+overlapped a collection (0.3–23 ms).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def _collect_due() -> None:
     CPython adds its own condition there."""
     counts, thresholds = gc.get_count(), gc.get_threshold()
     if counts[0] > thresholds[0]:
-        gc.collect(1 if counts[1] >= thresholds[1] else 0)
+        gc.collect(1 if counts[1] > thresholds[1] else 0)
 
 
 def _wake(future: asyncio.Future[None]) -> None:
