@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sys
 import threading
@@ -167,6 +168,22 @@ def gc_restored() -> Iterator[None]:
             gc.disable()
 
 
+@contextlib.contextmanager
+def _collections_started() -> Iterator[list[int]]:
+    """The generation of each collection that starts while in the block."""
+    started: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        yield started
+    finally:
+        gc.callbacks.remove(count)
+
+
 def _gate_after_a_tap() -> TapGate:
     """A gate one tap has used, the collector on before it: collection is now deferred."""
     gc.enable()
@@ -180,14 +197,7 @@ def _gate_after_a_tap() -> TapGate:
 def test_no_collection_starts_inside_a_tap_and_it_resumes_between_taps(gc_restored: None) -> None:
     gate = TapGate()
     gc.enable()
-    collections: list[int] = []
-
-    def count(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            collections.append(info["generation"])
-
-    gc.callbacks.append(count)
-    try:
+    with _collections_started() as collections:
         with gate.tap():
             assert not gc.isenabled()
             garbage: list[list[object]] = [[] for _ in range(50_000)]
@@ -200,8 +210,6 @@ def test_no_collection_starts_inside_a_tap_and_it_resumes_between_taps(gc_restor
         assert gc.isenabled()
         assert collections  # the collection that fell due ran then, with no allocation needed
         assert gc.get_count()[0] < gc.get_threshold()[0]
-    finally:
-        gc.callbacks.remove(count)
 
 
 def test_beginning_a_tap_starts_no_deferred_collection(gc_restored: None) -> None:
@@ -210,23 +218,16 @@ def test_beginning_a_tap_starts_no_deferred_collection(gc_restored: None) -> Non
     gate = TapGate()
     gc.enable()
     thresholds = gc.get_threshold()
-    started: list[int] = []
-
-    def count(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started.append(info["generation"])
-
-    gc.callbacks.append(count)
-    try:
-        gc.set_threshold(1)  # any new tracked object starts a collection
-        gate.begin()
-        gc.set_threshold(*thresholds)
-        inside = len(started)
-        gate.end()
-        assert not gc.isenabled()
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.callbacks.remove(count)
+    with _collections_started() as started:
+        try:
+            gc.set_threshold(1)  # any new tracked object starts a collection
+            gate.begin()
+            gc.set_threshold(*thresholds)
+            inside = len(started)
+            gate.end()
+            assert not gc.isenabled()
+        finally:
+            gc.set_threshold(*thresholds)
     assert inside == 0
 
 

@@ -130,12 +130,10 @@ class TapGate:
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             idle = not self._running
-            enabled = idle and self._collect_again_locked()
             if not idle:
                 self._waiters.append((loop, future))
         if idle:
-            if enabled:
-                _collect_due()
+            self.between_taps()
             return True
         try:
             async with asyncio.timeout(limit_s):
