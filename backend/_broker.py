@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ __all__ = [
     "BrokerURL",
     "LinkState",
     "cancel_and_wait",
+    "check_client_id",
     "honour_cancellation",
 ]
 
@@ -31,6 +33,21 @@ ACK_TOPIC = "farelab/v1/dev/{device}/ack"
 PARAMS_TOPIC = "farelab/v1/dev/{device}/params"
 STATUS_TOPIC = "farelab/v1/dev/{device}/status"
 SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_client_id(value: str, what: str = "device id") -> str:
+    """``value`` if it can be one level of a topic and a broker username: 1-64 characters of
+    letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (no ``/``, ``#``,
+    ``+`` or ``$``, which would change what a topic means); otherwise ValueError naming it."""
+    if not isinstance(value, str) or not _CLIENT_ID.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(
+            f"{what} {shown} must be 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,18 @@ CREATE TABLE IF NOT EXISTS anomalies (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS hotlist (card_serial TEXT PRIMARY KEY, reason TEXT NOT NULL,
                                     added_ms BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    operator TEXT NOT NULL,
+    kinds TEXT NOT NULL,
+    terminal TEXT NOT NULL,
+    station TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    secret_hash TEXT NOT NULL,
+    revoked INTEGER NOT NULL,
+    changed_ms BIGINT NOT NULL
+);
 """
 
 SQLITE_PAGE_SIZE = 1024
