@@ -7,13 +7,16 @@ authorization check every message against it; a revoked device is refused everyw
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass
 
 from backend._broker import check_client_id
 from backend._store import Store
 
-__all__ = ["ROLES", "DeviceEntry", "entries", "lookup", "register", "revoke"]
+__all__ = ["ROLES", "DeviceEntry", "entries", "hash_secret", "lookup", "register", "revoke"]
 
 ROLES = ("validator", "kiosk")
 _KINDS_BY_ROLE = {
@@ -60,6 +63,21 @@ class DeviceEntry:
         bytes.fromhex(self.terminal)
         if self.station and (len(self.station) != 16 or self.station.upper() != self.station):
             raise ValueError(f"device {self.id}: station must be 16 upper-case hex digits")
+
+
+SECRET_ITERATIONS = 101  # Mosquitto's own default for its PBKDF2-SHA512 password hashes
+
+
+def hash_secret(password: str, *, salt: bytes | None = None) -> str:
+    """A broker password as the registry keeps it: ``pbkdf2-sha512$ITERATIONS$SALT$HASH`` (salt
+    and hash in base64), the scheme Mosquitto's password file (``$7$``) and its dynamic-security
+    plugin both use, so either can be generated from the registry without the password."""
+    if not password:
+        raise ValueError("a broker password must not be empty")
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, SECRET_ITERATIONS)
+    b64 = base64.b64encode
+    return f"pbkdf2-sha512${SECRET_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
 
 
 _SELECT = "SELECT id, role, operator, kinds, terminal, station, line, revoked FROM devices"
