@@ -255,3 +255,63 @@ def test_money_is_conserved_across_a_day_of_mixed_taps() -> None:
     for card, initial in zip(cards, [3000, 800, 150, 10_000], strict=True):
         assert card.image.balance >= 0
         conserved(lab, card, initial)
+
+
+def test_a_torn_entry_is_completed_and_the_exit_elsewhere_is_still_charged_its_fare() -> None:
+    """Entry torn after its DEBIT reached the card; the exit at another gate 30 minutes later
+    settles it (completed, with the card's TAC) and is a ride of its own: the distance fare,
+    journalled; the card is in step, so the evening's entry is an ordinary entry."""
+    entry, exit_ = gate("taiyuan", "尖草坪"), gate("taiyuan", "长风街")
+    lab = Lab([entry, exit_])
+    card = new_card(balance=2000)
+    torn = lab.tap(entry, card, 0, pull_after="DEBIT")
+    assert (torn.reason, torn.grey) == ("card_removed", True)
+    out = lab.tap(exit_, card, 1800)
+    assert (out.result, out.reason, out.fare_fen, out.balance_fen) == ("accepted", None, 360, 1640)
+    assert MetroRecord.decode(card.image.metro).status is MetroStatus.EXITED
+    rows = lab.journal.transactions(card_serial=card.image.public.serial)
+    assert [(r["kind"], r["status"], r["amount_fen"]) for r in rows] == [
+        ("entry", "completed", 0),
+        ("exit", "completed", 360),
+    ]
+    entry_proof = card.image.proofs[1]  # the newest first: the exit's, then the entry's
+    assert rows[0]["tac"] == entry_proof.tac.hex().upper()
+    assert rows[1]["tac"] == out.tac
+    assert lab.journal.pending() == {}
+    evening = lab.tap(entry, card, 10 * 3600)
+    assert (evening.result, evening.reason, evening.fare_fen) == ("accepted", None, 0)
+    conserved(lab, card, 2000)
+
+
+def test_a_torn_bus_ride_settled_at_another_bus_charges_that_ride_too() -> None:
+    lab = Lab([bus("taiyuan"), bus("taiyuan", device_id="bus-2", terminal="000000000B02")])
+    card = new_card(balance=2000)
+    assert lab.tap("bus", card, 0, pull_after="DEBIT").grey
+    second = lab.tap("bus-2", card, 1800)
+    assert (second.result, second.reason, second.fare_fen) == ("accepted", None, 50)
+    assert [r["status"] for r in lab.journal.transactions()] == ["completed", "completed"]
+    assert card.image.balance == 1900
+    conserved(lab, card, 2000)
+
+
+def test_the_riders_retry_at_the_same_gate_is_answered_by_the_torn_transaction() -> None:
+    entry = gate("taiyuan", "尖草坪")
+    lab = Lab([entry])
+    card = new_card(balance=2000)
+    assert lab.tap(entry, card, 0, pull_after="DEBIT").grey
+    again = lab.tap(entry, card, 5)
+    assert (again.result, again.reason, again.fare_fen) == ("accepted", "recovered", 0)
+    assert card.image.offline_counter == 1
+    assert MetroRecord.decode(card.image.metro).status is MetroStatus.ENTERED
+    assert [r["status"] for r in lab.journal.transactions()] == ["completed"]
+    conserved(lab, card, 2000)
+
+
+def test_the_same_device_after_the_retap_window_is_a_new_ride() -> None:
+    lab = Lab([bus("taiyuan")])
+    card = new_card(balance=2000)
+    assert lab.tap("bus", card, 0, pull_after="DEBIT").grey
+    later = lab.tap("bus", card, 600)
+    assert (later.result, later.reason, later.fare_fen) == ("accepted", None, 50)
+    assert card.image.balance == 1900
+    conserved(lab, card, 2000)

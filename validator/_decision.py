@@ -1,11 +1,14 @@
 """The validator's decision core: one tap as a sans-IO state machine (STYLE §1).
 
-``Tap(device, params, psam, now, pending)`` reads the card, resolves a torn transaction of the
-same card left by an earlier tap, checks the rules (R3, R5, R9, R10, hotlist), prices the ride and
-drives the purchase — emitting :class:`card.Transmit` for each APDU, one :class:`Intent` that the
-shell must journal durably *before* the DEBIT leaves, and finally an :class:`Accepted` or
-:class:`Rejected` value that the display, the journal and the uplink all consume.  If the card
-leaves the field, the shell calls :meth:`Tap.card_lost` and gets the final value for that case.
+``Tap(device, params, psam, now, pending)`` reads the card; resolves a torn transaction of the
+same card left by an earlier tap (GET TRANSACTION PROOF: completed with its TAC, or void); then
+decides this tap on its own — unless it is the rider's retry of that transaction at the same
+device inside the re-tap window, whose answer is the settled transaction.  Deciding checks the
+rules (R3, R5, R9, R10, hotlist), prices the ride and drives the purchase — emitting
+:class:`card.Transmit` for each APDU, one :class:`Intent` that the shell must journal durably
+*before* the DEBIT leaves, and finally an :class:`Accepted` or :class:`Rejected` value that the
+display, the journal and the uplink all consume.  If the card leaves the field, the shell calls
+:meth:`Tap.card_lost` and gets the final value for that case.
 Nothing here reads a clock or touches a reader; ``now`` is an aware datetime.
 """
 
@@ -284,7 +287,12 @@ class Tap:
         pending = self._resolving
         assert pending is not None
         if isinstance(event, ProofFound):
-            self._resolution = Resolution(pending, completed=True, tac=event.tac.hex().upper())
+            tac = event.tac.hex().upper()
+            self._resolution = Resolution(pending, completed=True, tac=tac)
+            if not self._retries(pending):
+                # The torn transaction is settled; this tap is a ride of its own, decided on
+                # the card as it is now (the snapshot was read after that DEBIT committed).
+                return self._decide()
             intent = pending.intent
             return self._finish(
                 Accepted(
@@ -292,7 +300,7 @@ class Tap:
                     self._serial,
                     intent.amount,
                     intent.balance_before - intent.amount,
-                    event.tac.hex().upper(),
+                    tac,
                     intent.kind,
                     "recovered",
                     resolution=self._resolution,
@@ -303,6 +311,18 @@ class Tap:
             return self._decide()
         assert isinstance(event, Refused)
         return self._finish(self._reject("card_error", detail=f"PROOF {event.sw_hex}"))
+
+    def _retries(self, pending: Pending) -> bool:
+        """Whether this tap is the rider's retry of the torn transaction: the same device,
+        inside the re-tap window.  Its answer is then that transaction, completed."""
+        if pending.device != self.device.id:
+            return False
+        try:
+            began = datetime.fromisoformat(pending.intent.at)
+        except ValueError:
+            return False
+        elapsed = (self.now - began).total_seconds()
+        return 0 <= elapsed < self.device.network.rules.antipassback_s
 
     def _decide(self) -> Transmit | TapResult:
         snap = self._snapshot
