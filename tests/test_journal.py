@@ -76,7 +76,7 @@ def test_bounded_outbox_warns_loudly_then_stops_taps(
 def test_a_file_that_is_not_a_journal_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(JournalError, match="not a usable journal"):
+    with pytest.raises(JournalError, match="not a farelab validator journal"):
         Journal(path)
 
 

@@ -220,3 +220,36 @@ def test_replay_checks_every_line_before_the_first_tap(tmp_path: Path) -> None:
     assert "has no UTC offset" in result.stderr
     assert "line 4" in result.stderr
     assert load_image(path).balance == 2000
+
+
+def test_replay_refuses_the_backend_ledger_as_its_journal_before_any_card_is_touched(
+    tmp_path: Path,
+) -> None:
+    from backend._store import Store  # noqa: PLC0415
+
+    ledger = tmp_path / "farelab-host.db"
+    Store(f"sqlite:///{ledger}").close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(ledger.name)}
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES.format(reader="sim"))
+    path = card(tmp_path)
+    tap = {"device": "bus-1", "card": str(path), "at": "2026-11-23T09:00:00+08:00"}
+    result = farelab(
+        "validator",
+        "replay",
+        "--config",
+        str(config),
+        "--taps",
+        "-",
+        "--journal",
+        str(ledger),
+        stdin=json.dumps(tap) + "\n",
+    )
+    assert result.returncode == 2
+    assert "this is a farelab backend ledger, not a validator journal" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(ledger.name)}
+    assert after == before  # nothing written, no intent log beside it
+    assert load_image(path).balance == 2000
+    assert load_image(path).offline_counter == 0

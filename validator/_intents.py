@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
+from backend._dbfile import describe_path
 from validator._decision import Intent, Pending
 
 __all__ = ["IntentLog", "IntentLogError", "decode", "encode"]
@@ -89,7 +90,9 @@ class IntentLog:
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
-            raise IntentLogError(f"{path}: cannot open the intent log: {exc.strerror}") from None
+            raise IntentLogError(
+                f"{describe_path(path)}: cannot open the intent log: {exc.strerror}"
+            ) from None
         #: bytes in the file (as this process has written them)
         self.size = os.fstat(self._fd).st_size
 
@@ -99,8 +102,10 @@ class IntentLog:
             size = os.fstat(self._fd).st_size
             data = os.pread(self._fd, size, 0)
         except OSError as exc:
-            raise IntentLogError(f"{self.path}: cannot read: {exc.strerror}") from None
-        return list(decode(data, name=str(self.path)))
+            raise IntentLogError(
+                f"{describe_path(self.path)}: cannot read: {exc.strerror}"
+            ) from None
+        return list(decode(data, name=describe_path(self.path)))
 
     def append(self, pending: Pending) -> None:
         """Durable when this returns (as durable as the journal's commits)."""
@@ -110,11 +115,15 @@ class IntentLog:
             if written == len(record) and self._durable:
                 os.fdatasync(self._fd)
         except OSError as exc:
-            raise IntentLogError(f"{self.path}: cannot write an intent: {exc.strerror}") from None
+            raise IntentLogError(
+                f"{describe_path(self.path)}: cannot write an intent: {exc.strerror}"
+            ) from None
         if written != len(record):  # a full disk: never leave half a record in front
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise IntentLogError(f"{self.path}: cannot write an intent: short write (disk full?)")
+            raise IntentLogError(
+                f"{describe_path(self.path)}: cannot write an intent: short write (disk full?)"
+            )
         self.size += written
 
     def clear(self) -> None:
@@ -126,7 +135,9 @@ class IntentLog:
             if self._durable:
                 os.fdatasync(self._fd)
         except OSError as exc:
-            raise IntentLogError(f"{self.path}: cannot empty: {exc.strerror}") from None
+            raise IntentLogError(
+                f"{describe_path(self.path)}: cannot empty: {exc.strerror}"
+            ) from None
         self.size = 0
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from backend._dbfile import ForeignFileError, claim, describe_path
 from backend._wire import Record, WireError, decode_record, encode_record, record_from_outbox
 from validator._decision import Accepted, Intent, Pending, Rejected, TapResult
 from validator._intents import IntentLog, IntentLogError
@@ -126,8 +127,19 @@ class Journal:
         """
         if max_outbox < 1 or not 0 < warn_ratio <= 1:
             raise ValueError("max_outbox must be ≥ 1 and warn_ratio in (0, 1]")
+        where = describe_path(path)
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise JournalError(f"{where}: cannot open the journal: {exc}") from None
+        try:
+            # Before anything else writes: a file that is not a validator journal (the
+            # backend's ledger, another program's database) is refused untouched.
+            claim(self._db, path, "journal")
+        except ForeignFileError as exc:
+            self._db.close()
+            raise JournalError(str(exc)) from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -139,7 +151,7 @@ class Journal:
             if row is not None and row[0] == "1":
                 _migrate_v1(self._db, path)
             elif row is not None and row[0] != str(SCHEMA_VERSION):
-                raise JournalError(f"{path}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
+                raise JournalError(f"{where}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
             self._db.executescript(_SCHEMA + ";" + _OUTBOX)
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -152,7 +164,8 @@ class Journal:
             #: never match this one's.
             self.epoch = int(epoch[0])
         except sqlite3.DatabaseError as exc:
-            raise JournalError(f"{path}: not a usable journal: {exc}") from exc
+            self._db.close()
+            raise JournalError(f"{where}: not a usable journal: {exc}") from None
         self.path = path
         self._checkpointer: sqlite3.Connection | None = None
         # the main connection's total_changes after checkpoint() last started the WAL over
@@ -240,7 +253,7 @@ class Journal:
         if missing:
             log.warning(
                 "%s: %d DEBIT(s) in flight when the journal was last closed; kept as pending: %s",
-                self.path,
+                describe_path(self.path),
                 len(missing),
                 ", ".join(f"{p.device}#{p.seq} card {p.intent.card_serial}" for p in missing),
             )
@@ -583,9 +596,13 @@ def _migrate_v1(db: sqlite3.Connection, path: Path | str) -> None:
         db.execute("COMMIT")
     except (sqlite3.DatabaseError, ValueError, KeyError, TypeError, WireError) as exc:
         db.execute("ROLLBACK")
-        raise JournalError(f"{path}: cannot convert the version-1 outbox: {exc}") from exc
+        raise JournalError(
+            f"{describe_path(path)}: cannot convert the version-1 outbox: {exc}"
+        ) from exc
     if rows:
-        log.warning("%s: converted %d outbox rows of a version-1 journal", path, len(rows))
+        log.warning(
+            "%s: converted %d outbox rows of a version-1 journal", describe_path(path), len(rows)
+        )
 
 
 class _Transaction:
