@@ -99,13 +99,24 @@ class BrokerURL:
         protocol = query.get("protocol", ["5"])[0]
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"broker URL {url!r}: protocol must be 5 or 3.1.1")
-        return cls(parts.hostname, port, user, password, tls, ca, protocol)
+        parsed = cls(parts.hostname, port, user, password, tls, ca, protocol)
+        parsed.tls_context()  # a CA file that cannot be read is an error now, not at connect
+        return parsed
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """The system's default TLS context for ``mqtts://``."""
+        """The system's default TLS context for ``mqtts://``; ValueError naming the CA file if
+        it cannot be read or holds no certificate."""
         if not self.tls:
             return None
-        return ssl.create_default_context(cafile=self.ca_file)
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+            raise ValueError(
+                f"broker CA file {self.ca_file}: not a PEM CA bundle ({reason})"
+            ) from None
+        except OSError as exc:
+            raise ValueError(f"broker CA file {self.ca_file}: {exc.strerror}") from None
 
     def client(
         self,

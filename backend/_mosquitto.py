@@ -26,18 +26,33 @@ def free_port() -> int:
 class Mosquitto:
     """``start()``, ``kill()`` (SIGKILL, as a crash) and ``start()`` again on the same port."""
 
-    def __init__(self, folder: Path, *, extra: str = "") -> None:
+    def __init__(
+        self, folder: Path, *, extra: str = "", config: str | None = None, port: int | None = None
+    ) -> None:
+        """``folder``: where its configuration and log go.  By default an open broker
+        (anonymous clients allowed, no ACL) plus the lines in ``extra``; ``config``: a whole
+        configuration of its own instead (as ``farelab backend broker-config`` writes it), whose
+        listener is on 127.0.0.1:``port``."""
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise BrokerError("mosquitto is not installed (Debian package mosquitto)")
+        if (config is None) != (port is None):
+            raise ValueError("a configuration of its own needs the port it listens on, and only it")
         self.binary = binary
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.folder = folder
+        self.log = folder / "mosquitto.log"
         self.conf = folder / "mosquitto.conf"
+        base = (
+            config
+            if config is not None
+            else (
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "max_queued_messages 100000\nmax_inflight_messages 1000\nset_tcp_nodelay true\n"
+            )
+        )
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\nmax_inflight_messages 1000\nset_tcp_nodelay true\n"
-            f"log_dest file {folder / 'mosquitto.log'}\n{extra}"
+            f"{base}log_dest file {self.log}\n{extra}"
             # As root, Mosquitto drops to user "mosquitto", who cannot read pytest's folders.
             + ("user root\n" if os.geteuid() == 0 else "")
         )

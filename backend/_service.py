@@ -9,10 +9,16 @@ payloads go to the quarantine table with their reason; nothing here raises on in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
+import os
+import re
+import secrets
 import signal
+import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from backend._broker import (
     SHARED_TX,
     Backoff,
     BrokerURL,
+    check_client_id,
     honour_cancellation,
 )
 from backend._ingest import classify
@@ -34,9 +41,26 @@ from backend._store import Store
 from backend._wire import Ack, WireError, decode_batch, encode_ack
 from card import IssuerKeys, LoadAuthority, TacVerifier
 
-__all__ = ["WorkerStats", "run_worker", "run_workers"]
+__all__ = ["LOAD_REQUEST_MAX", "WorkerStats", "instance_id", "run_worker", "run_workers"]
 
 log = logging.getLogger("farelab.backend")
+
+# A kiosk's request is a few hundred bytes of JSON; anything much larger is refused before it
+# is parsed (a batch's own limit is decode_batch's).
+LOAD_REQUEST_MAX = 16 * 1024
+# A worker that exits with this status met a configuration error: starting it again would only
+# meet it again, so the supervisor stops.
+CONFIG_ERROR = 2
+# How long a worker whose supervisor died may take to stop cleanly before it exits anyway.
+_ORPHAN_GRACE = 10.0
+
+
+def instance_id() -> str:
+    """``<host>-<6 random hex digits>``: one backend instance on one host, so that the MQTT
+    client ids of backends sharing a broker never collide (a second client with the same id
+    takes the session over, and the two throw each other off for ever)."""
+    host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname().split(".")[0])[:24].strip("-.")
+    return f"{host or 'host'}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -116,10 +140,14 @@ async def run_worker(
     issuers: Mapping[bytes, IssuerKeys],
     group: str = "farelab-backend",
     name: str = "backend-1",
+    client_id: str | None = None,
     stop: asyncio.Event | None = None,
     stats: WorkerStats | None = None,
 ) -> None:
-    """One ingest worker until ``stop`` is set."""
+    """One ingest worker until ``stop`` is set.  ``client_id``: its MQTT client id, unique on
+    the broker (default ``farelab-backend-<host>-<random>-<name>``)."""
+    check_client_id(group, "shared-subscription group")
+    client_id = client_id or f"farelab-backend-{instance_id()}-{name}"
     stop = stop or asyncio.Event()
     stats = stats or WorkerStats()
     store = Store(db_url)
@@ -130,9 +158,7 @@ async def run_worker(
     try:
         while not stop.is_set():
             try:
-                async with broker.client(
-                    identifier=f"farelab-{name}", keepalive=15, timeout=5
-                ) as client:
+                async with broker.client(identifier=client_id, keepalive=15, timeout=5) as client:
                     if broker.mqtt5:
                         await client.subscribe(SHARED_TX.format(group=group), qos=1)
                         await client.subscribe(SHARED_LOAD_REQ.format(group=group), qos=1)
@@ -163,7 +189,8 @@ async def run_worker(
                     exc,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
     finally:
         store.close()
 
@@ -185,6 +212,13 @@ async def _consume(
         topic = str(message.topic)
         if topic.endswith("/load/req"):
             kiosk = topic.split("/")[3]
+            if len(raw) > LOAD_REQUEST_MAX:
+                detail = f"{len(raw)} bytes, at most {LOAD_REQUEST_MAX}"
+                await asyncio.to_thread(store.quarantine, topic, "oversize", detail, bytes(raw))
+                stats.quarantined += 1
+                refusal = {"id": None, "result": "error", "reason": "oversize", "detail": detail}
+                await client.publish(LOAD_RESP.format(kiosk=kiosk), json.dumps(refusal), qos=1)
+                continue
             answer = await asyncio.to_thread(
                 handle_load_message, store, authority, verifier, kiosk, bytes(raw)
             )
@@ -203,7 +237,13 @@ async def _consume(
 
 
 def _worker_main(
-    broker: str, db_url: str, issuers: dict[bytes, IssuerKeys], group: str, name: str
+    broker: str,
+    db_url: str,
+    *,
+    issuers: dict[bytes, IssuerKeys],
+    group: str,
+    name: str,
+    client_id: str,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format=f"farelab backend {name}: %(message)s")
     stop = asyncio.Event()
@@ -212,11 +252,35 @@ def _worker_main(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        parent = multiprocessing.parent_process()
+        if parent is not None:
+            # The supervisor's end of a pipe: readable once it has died, even by SIGKILL.  An
+            # orphan would keep its session and fight the restarted supervisor's worker for it.
+            def orphaned() -> None:
+                loop.remove_reader(parent.sentinel)
+                log.warning("%s: the supervisor is gone; stopping", name)
+                stop.set()
+                loop.call_later(_ORPHAN_GRACE, os._exit, 1)
+
+            loop.add_reader(parent.sentinel, orphaned)
         await run_worker(
-            BrokerURL.parse(broker), db_url, issuers=issuers, group=group, name=name, stop=stop
+            BrokerURL.parse(broker),
+            db_url,
+            issuers=issuers,
+            group=group,
+            name=name,
+            client_id=client_id,
+            stop=stop,
         )
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ValueError as exc:  # the broker URL, its CA file or the group: starting again won't help
+        problem = str(exc)
+    else:
+        return
+    log.error("%s: %s", name, problem)
+    sys.exit(CONFIG_ERROR)
 
 
 def run_workers(
@@ -227,20 +291,33 @@ def run_workers(
     workers: int,
     group: str = "farelab-backend",
 ) -> int:
-    """``workers`` processes on one shared subscription until SIGINT/SIGTERM; exit status."""
+    """``workers`` processes on one shared subscription until SIGINT/SIGTERM; exit status
+    (2 if a worker met a configuration error).  Client ids are
+    ``farelab-backend-<host>-<random>-w<N>``, one instance id per call; a worker stops by
+    itself when this process dies."""
+    check_client_id(group, "shared-subscription group")
     Store(db_url).close()  # create the schema once, and fail early on a bad URL
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(
+    instance = instance_id()
+
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(
             target=_worker_main,
-            args=(broker, db_url, issuers, group, f"worker-{i}"),
+            args=(broker, db_url),
+            kwargs={
+                "issuers": issuers,
+                "group": group,
+                "name": f"worker-{i}",
+                "client_id": f"farelab-backend-{instance}-w{i}",
+            },
             name=f"farelab-backend-{i}",
         )
-        for i in range(1, workers + 1)
-    ]
-    for proc in procs:
         proc.start()
+        return proc
+
+    procs = [start(i) for i in range(1, workers + 1)]
     stopping = False
+    status = 0
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -253,12 +330,15 @@ def run_workers(
     signal.signal(signal.SIGINT, stop)
     while not stopping:
         for i, proc in enumerate(procs):
-            if not proc.is_alive() and not stopping:
-                log.warning("worker %d exited (%s); starting it again", i + 1, proc.exitcode)
-                procs[i] = ctx.Process(
-                    target=_worker_main, args=(broker, db_url, issuers, group, f"worker-{i + 1}")
-                )
-                procs[i].start()
+            if proc.is_alive() or stopping:
+                continue
+            if proc.exitcode == CONFIG_ERROR:
+                log.error("worker %d met a configuration error; stopping the backend", i + 1)
+                status = CONFIG_ERROR
+                stop(signal.SIGTERM, None)
+                break
+            log.warning("worker %d exited (%s); starting it again", i + 1, proc.exitcode)
+            procs[i] = start(i + 1)
         time.sleep(0.5)
     for proc in procs:
         proc.join(10)
@@ -266,4 +346,4 @@ def run_workers(
             log.warning("a worker did not stop within 10 s of SIGTERM; killing it")
             proc.kill()
             proc.join()
-    return 0
+    return status
