@@ -11,12 +11,16 @@ import sys
 from pathlib import Path
 
 from backend._broker import BrokerURL, cancel_and_wait
+from backend._dbfile import describe_path
 from farelab._errors import CliError
 from validator._config import Config, ConfigError, load_config
+from validator._device import Parameters
 from validator._journal import Journal, JournalError
+from validator._loop import ParamsError, load_params
 from validator._loop import run as run_loop
 from validator._replay import PULL_STEPS, ReplayError, parse_taps, replay, result_json
 from validator._uplink import MqttUplink
+from validator._values import positive_seconds
 
 __all__ = ["register"]
 
@@ -127,7 +131,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     rp.add_argument(
         "--upload-timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="SECONDS",
         help="give up waiting for acknowledgements after this long (default 30); "
@@ -136,11 +140,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rp.set_defaults(func=_replay)
 
 
+def _seconds(text: str) -> float:
+    try:
+        return positive_seconds(text, "a timeout")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    if args.params is not None:
+        try:  # a file that is not there now would be applied silently whenever it appears
+            load_params(args.params, Parameters())
+        except ParamsError as exc:
+            raise CliError(f"--params {exc}") from None
     path = args.journal or config.journal or args.config.parent / "validator-journal.db"
     try:
         journal = Journal(path, synchronous=config.synchronous, max_outbox=config.max_outbox)
@@ -148,7 +164,11 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="farelab validator: %(message)s")
     names = ", ".join(f"{dc.device.id} ({dc.device.reader})" for dc in config.devices)
-    print(f"farelab validator: running {names}; journal {path}", file=sys.stderr, flush=True)
+    print(
+        f"farelab validator: running {names}; journal {describe_path(path)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
     uplink = _uplink(args.broker, config)
 
@@ -186,9 +206,9 @@ def _replay(args: argparse.Namespace) -> int:
             with args.taps.open(encoding="utf-8") as f:
                 taps = parse_taps(iter(f), config)
     except OSError as exc:
-        raise CliError(f"{args.taps}: cannot read: {exc.strerror}") from None
+        raise CliError(f"{describe_path(args.taps)}: cannot read: {exc.strerror}") from None
     except ReplayError as exc:
-        raise CliError(f"{args.taps}: {exc}") from None
+        raise CliError(f"{describe_path(args.taps)}: {exc}") from None
     path = args.journal or config.journal or ":memory:"
     try:
         journal = Journal(path, synchronous=config.synchronous, max_outbox=config.max_outbox)
@@ -206,7 +226,7 @@ def _replay(args: argparse.Namespace) -> int:
         if uplink is not None:
             return asyncio.run(_drain(uplink, journal, args.upload_timeout))
     except ReplayError as exc:
-        raise CliError(f"{args.taps}: {exc}") from None
+        raise CliError(f"{describe_path(args.taps)}: {exc}") from None
     finally:
         journal.close()
     return 0
@@ -241,8 +261,8 @@ async def _drain(uplink: MqttUplink, journal: Journal, timeout: float) -> int:
                 states = ", ".join(f"{d}: {s.state.value}" for d, s in uplink.stats.items())
                 print(
                     f"farelab validator: upload timed out after {timeout:g} s; {pending} "
-                    f"records still pending in {journal.path} ({states}); the next run with "
-                    "this journal sends them",
+                    f"records still pending in {describe_path(journal.path)} ({states}); "
+                    "the next run with this journal sends them",
                     file=sys.stderr,
                 )
                 return 3

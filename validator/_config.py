@@ -10,11 +10,12 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
+from backend._dbfile import describe_path
 from card import DEMO_KEYS, IssuerKeys, KeysFileError, load_keys_file
+from validator import _values as values
 from validator._device import Device, Direction, Kind, Parameters
 from validator._network import Network, NetworkError, load_networks, shipped_networks
 
@@ -51,7 +52,9 @@ class Config:
             if dc.device.id == device_id:
                 return dc
         known = ", ".join(dc.device.id for dc in self.devices)
-        raise ConfigError(f"{self.source}: no device {device_id!r} (devices: {known})")
+        raise ConfigError(
+            f"{describe_path(self.source)}: no device {values.shown(device_id)} (devices: {known})"
+        )
 
 
 class _Where:
@@ -61,7 +64,7 @@ class _Where:
         self.table = table
 
     def error(self, key: str, want: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.label}: key {key!r} {want}")
+        return ConfigError(f"{describe_path(self.source)}: {self.label}: key {key!r} {want}")
 
     def text(self, key: str, default: str | None = None) -> str:
         value = self.table.get(key, default)
@@ -84,7 +87,7 @@ class _Where:
             except ValueError:
                 raw = b""
             if len(raw) != length:
-                raise self.error(key, f"has {item!r}, not a {2 * length}-digit hex id")
+                raise self.error(key, f"has {values.shown(item)}, not a {2 * length}-digit hex id")
             out.add(raw)
         return frozenset(out)
 
@@ -101,15 +104,16 @@ class _Where:
         value = self.table.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise self.error(key, "must be an amount in yuan")
         try:
-            fen = Decimal(str(value)) * 100
-        except InvalidOperation:
-            raise self.error(key, "must be an amount in yuan") from None
-        if fen < 0 or fen != fen.to_integral_value():
-            raise self.error(key, "must be a non-negative amount in whole fen")
-        return int(fen)
+            return values.fen(value, "an amount in yuan")
+        except ValueError as exc:
+            raise self.error(key, str(exc).replace("an amount in yuan ", "", 1)) from None
+
+    def device_id(self, key: str) -> str:
+        try:
+            return values.device_id(self.text(key), "a device id")
+        except ValueError as exc:
+            raise self.error(key, str(exc).replace("a device id ", "= ", 1)) from None
 
 
 def _network(where: _Where, base: Path, cache: dict[str, Network]) -> Network:
@@ -127,24 +131,29 @@ def _network(where: _Where, base: Path, cache: dict[str, Network]) -> Network:
     if not path.exists():
         known = ", ".join(shipped)
         raise where.error(
-            "network", f"= {name!r} is neither a shipped network ({known}) nor a file"
+            "network", f"= {values.shown(name)} is neither a shipped network ({known}) nor a file"
         )
     try:
         networks = load_networks(path)
     except NetworkError as exc:
-        raise ConfigError(f"{where.source}: {where.label}: {exc}") from None
+        raise ConfigError(f"{describe_path(where.source)}: {where.label}: {exc}") from None
     if not key:
         if len(networks) != 1:
-            raise where.error("network", f"= {name!r}: the file has several networks; add ':NAME'")
+            raise where.error(
+                "network", f"= {values.shown(name)}: the file has several networks; add ':NAME'"
+            )
         key = next(iter(networks))
     if key not in networks:
-        raise where.error("network", f"= {name!r}: no network {key!r} in {path}")
+        raise where.error(
+            "network",
+            f"= {values.shown(name)}: no network {values.shown(key)} in {describe_path(path)}",
+        )
     cache[name] = networks[key]
     return networks[key]
 
 
 def _device(where: _Where, base: Path, cache: dict[str, Network]) -> Device:
-    device_id = where.text("id")
+    device_id = where.device_id("id")
     kind_raw = where.text("kind")
     try:
         kind = Kind(kind_raw)
@@ -161,12 +170,14 @@ def _device(where: _Where, base: Path, cache: dict[str, Network]) -> Device:
     direction = Direction.BOTH
     if kind is Kind.METRO_GATE:
         if not network.has_stations:
-            raise where.error("network", f"= {network.key!r} ships no station data for a gate")
+            raise where.error(
+                "network", f"= {values.shown(network.key)} ships no station data for a gate"
+            )
         try:
             line = network.line(where.text("line"))
             station = network.station(where.text("station"))
         except NetworkError as exc:
-            raise ConfigError(f"{where.source}: {where.label}: {exc}") from None
+            raise ConfigError(f"{describe_path(where.source)}: {where.label}: {exc}") from None
         if line.key not in station.lines:
             raise where.error("station", f"{station.name_en!r} is not on line {line.key}")
         try:
@@ -175,7 +186,9 @@ def _device(where: _Where, base: Path, cache: dict[str, Network]) -> Device:
             raise where.error("direction", 'must be "entry", "exit" or "both"') from None
     route_fare = where.fen("route_fare")
     if kind is Kind.BUS and route_fare is None and network.rules.bus_base_fen is None:
-        raise where.error("route_fare", f"is missing and network {network.key!r} has no bus fare")
+        raise where.error(
+            "route_fare", f"is missing and network {values.shown(network.key)} has no bus fare"
+        )
     operator = where.table.get("operator", "")
     if not isinstance(operator, str) or len(operator.encode()) > 8:
         raise where.error("operator", "must be a string of at most 8 bytes")
@@ -199,48 +212,49 @@ def _device(where: _Where, base: Path, cache: dict[str, Network]) -> Device:
 
 def load_config(path: Path) -> Config:
     """Read and check a configuration file."""
+    where = describe_path(path)
     try:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     base = path.parent
     keys = DEMO_KEYS
     psam = doc.get("psam", {})
     if not isinstance(psam, dict):
-        raise ConfigError(f"{path}: [psam] must be a table")
+        raise ConfigError(f"{where}: [psam] must be a table")
     if "keys" in psam:
         keys_path = Path(str(psam["keys"]))
         try:
             keys = load_keys_file(keys_path if keys_path.is_absolute() else base / keys_path)
         except KeysFileError as exc:
-            raise ConfigError(f"{path}: [psam] keys: {exc}") from None
+            raise ConfigError(f"{where}: [psam] keys: {exc}") from None
     raw_devices = doc.get("validator")
     if not isinstance(raw_devices, list) or not raw_devices:
-        raise ConfigError(f"{path}: no [[validator]] devices")
+        raise ConfigError(f"{where}: no [[validator]] devices")
     cache: dict[str, Network] = {}
     devices: list[DeviceConfig] = []
     seen: set[str] = set()
     for i, table in enumerate(raw_devices):
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: validator[{i}] must be a table")
-        label = f"validator[{i}]" + (f" (id {table['id']!r})" if "id" in table else "")
-        where = _Where(path, label, table)
-        device = _device(where, base, cache)
+            raise ConfigError(f"{where}: validator[{i}] must be a table")
+        label = f"validator[{i}]" + (f" (id {values.shown(table['id'])})" if "id" in table else "")
+        table_where = _Where(path, label, table)
+        device = _device(table_where, base, cache)
         if device.id in seen:
-            raise where.error("id", f"= {device.id!r} is used twice")
+            raise table_where.error("id", f"= {device.id!r} is used twice")
         seen.add(device.id)
-        whitelist = where.hex_list("whitelist", 8)
-        params = Parameters(0, where.serials("hotlist"), whitelist)
+        whitelist = table_where.hex_list("whitelist", 8)
+        params = Parameters(0, table_where.serials("hotlist"), whitelist)
         password = table.get("mqtt_password")
         if password is not None and (not isinstance(password, str) or not password):
-            raise where.error("mqtt_password", "must be a non-empty string")
+            raise table_where.error("mqtt_password", "must be a non-empty string")
         devices.append(DeviceConfig(device, params, dict.fromkeys(whitelist, keys), password))
     journal_table = doc.get("journal", {})
     if not isinstance(journal_table, dict):
-        raise ConfigError(f"{path}: [journal] must be a table")
+        raise ConfigError(f"{where}: [journal] must be a table")
     jw = _Where(path, "[journal]", journal_table)
     journal = Path(jw.text("path")) if "path" in journal_table else None
     if journal is not None and not journal.is_absolute():

@@ -226,6 +226,18 @@ class Tap:
             return self._finish(self._reject("card_removed", grey=True))
         return self._finish(self._reject("card_removed"))
 
+    def card_failed(self, detail: str) -> TapResult:
+        """The card or the reader failed (not a removal): this tap's ``card_error``; grey if
+        the DEBIT had been sent, since its outcome is then unknown."""
+        return self._finish(self._reject("card_error", grey=self._debit_sent, detail=detail))
+
+    def refuse(self, reason: str, detail: str) -> TapResult:
+        """The shell cannot go on before the DEBIT (the journal cannot take the intent): no
+        DEBIT leaves, the card is left as it was."""
+        if self._debit_sent:
+            raise RuntimeError("refuse() after the DEBIT was sent")
+        return self._finish(self._reject(reason, detail=detail))
+
     def _send(self, event: Transmit) -> Transmit | Intent:
         if event.step is Step.DEBIT and not self._debit_sent:
             self._debit = event

@@ -17,6 +17,7 @@ next to nothing.  Version-1 journals (JSON rows) are converted when opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -167,6 +168,7 @@ class Journal:
             self._db.close()
             raise JournalError(f"{where}: not a usable journal: {exc}") from None
         self.path = path
+        self._where = where
         self._checkpointer: sqlite3.Connection | None = None
         # the main connection's total_changes after checkpoint() last started the WAL over
         self._changes_at_restart = -1
@@ -188,16 +190,30 @@ class Journal:
             except IntentLogError as exc:
                 self._db.close()
                 raise JournalError(str(exc)) from None
+            except sqlite3.Error as exc:
+                self._db.close()
+                raise JournalError(f"{where}: cannot write: {exc}") from None
+        # Taps whose transactions the database could not take (a full disk): their intents
+        # are in the intent log; each is written when the journal can write again, and until
+        # then no tap starts.
+        self._unwritten: list[tuple[TapResult, str, Pending | None]] = []
+        self._write_failure: str | None = None
         self._outbox: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self._counters: dict[str, list[int]] = {}
         # One process owns a journal, so the pending set is kept in memory: every tap consults it.
         self._pending = self._load_pending()
 
     def close(self) -> None:
-        """Close the database (a checkpoint folds the WAL back in)."""
+        """Close the database (a checkpoint folds the WAL back in).  What a full disk keeps
+        from being written stays in the intent log, restored as pending by the next open."""
         with self._lock:
+            try:
+                self.write_failure()
+                if self._intents is not None:
+                    self._park_logged_locked()
+            except (sqlite3.Error, IntentLogError) as exc:
+                log.warning("%s: closed with intents only in the intent log: %s", self._where, exc)
             if self._intents is not None:
-                self._park_logged_locked()
                 self._intents.close()
         self._db.close()
         for extra in (self._checkpointer, self._read_db):
@@ -211,6 +227,14 @@ class Journal:
             return
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(str(self.path), check_same_thread=False)
+        try:
+            self._checkpoint()
+        except (sqlite3.Error, IntentLogError) as exc:
+            # A full disk: the taps say so (out_of_service); the next checkpoint tries again.
+            log.debug("%s: checkpoint not done: %s", self._where, exc)
+
+    def _checkpoint(self) -> None:
+        assert self._checkpointer is not None
         self.tap_gate.wait_idle()
         with self._lock:
             # No tap in progress, so no intent is waiting for its tap's commit: any still only
@@ -411,21 +435,72 @@ class Journal:
 
     def record_tap(self, result: TapResult, *, at: str, pending: Pending | None) -> None:
         """Journal a tap's result, its transaction and any resolution, with their outbox rows,
-        in one SQLite transaction.  ``pending``: this tap's own journalled intent, if any."""
+        in one SQLite transaction.  ``pending``: this tap's own journalled intent, if any.
+
+        JournalError if the database cannot take it (a full disk).  A tap that moved money
+        (its own intent, or a resolution) is then kept and written when the journal can write
+        again (:meth:`write_failure`); its intent is in the intent log meanwhile, so a process
+        stopped before then restores it as pending.
+        """
+        with self._lock:
+            if self.write_failure() is None:
+                try:
+                    self._write_tap(result, at, pending)
+                except sqlite3.Error as exc:
+                    self._failed(exc)
+                else:
+                    return
+            if pending is not None or result.resolution is not None:
+                self._unwritten.append((result, at, pending))
+            raise JournalError(f"{self._where}: cannot write: {self._write_failure}")
+
+    def write_failure(self) -> str | None:
+        """None when the journal can write; else why not.  Writes first what a failed write
+        left over, so that taps resume once space returns."""
+        with self._lock:
+            while self._unwritten:
+                result, at, pending = self._unwritten[0]
+                try:
+                    self._write_tap(result, at, pending)
+                except sqlite3.Error as exc:
+                    self._failed(exc)
+                    return self._write_failure
+                self._unwritten.pop(0)
+            if self._write_failure is not None:
+                log.warning("%s: the journal writes again", self._where)
+                self._write_failure = None
+            return None
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        if self._write_failure is None:
+            log.error(
+                "%s: cannot write (%s): taps are refused (out_of_service) until it can",
+                self._where,
+                exc,
+            )
+        self._write_failure = str(exc)
+
+    def _write_tap(self, result: TapResult, at: str, pending: Pending | None) -> None:
+        resolution = result.resolution
+        settled: list[Pending] = []
+        rows = 0
         with self._tx():
-            resolution = result.resolution
             if resolution is not None:
-                self._settle(resolution.pending, completed=resolution.completed, tac=resolution.tac)
+                status = "completed" if resolution.completed else "void"
+                rows += self._settle(resolution.pending, status, resolution.tac)
+                settled.append(resolution.pending)
             seq = None
             if pending is not None:
                 seq = pending.seq
                 if isinstance(result, Accepted):
-                    self._settle(pending, completed=True, tac=result.tac)
+                    rows += self._settle(pending, "completed", result.tac)
+                    settled.append(pending)
                 elif not result.grey:
-                    self._settle(pending, completed=False, tac="")
+                    rows += self._settle(pending, "void", "")
+                    settled.append(pending)
                 else:
                     self._write_status(pending, "pending", "")
-                    self._enqueue(pending, "grey", "")
+                    rows += self._enqueue(pending, "grey", "")
             self._db.execute(
                 "INSERT INTO taps (device, at, card_serial, result, reason, fare_fen, balance_fen,"
                 " tac, grey, seq, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -443,25 +518,30 @@ class Journal:
                     result.detail if isinstance(result, Rejected) else ",".join(result.notes),
                 ),
             )
-        # Committed: these transactions are in the database now, not only in the intent log.
-        for done in (pending, resolution.pending if resolution is not None else None):
-            if done is not None:
-                self._logged.pop((done.device, done.seq), None)
+        # Committed: only now does memory follow (a failed commit changed nothing).
+        self._outbox += rows
+        for settled_one in settled:
+            if self._pending.get(settled_one.intent.card_serial) == settled_one:
+                del self._pending[settled_one.intent.card_serial]
+        # These transactions are in the database now, not only in the intent log.
+        for written in (pending, resolution.pending if resolution is not None else None):
+            if written is not None:
+                self._logged.pop((written.device, written.seq), None)
         # The run loop's checkpoints empty the log; this bounds it where nothing calls them
         # (one ftruncate every few thousand taps).
-        if self._intents is not None and self._intents.size > _INTENT_LOG_LIMIT:
-            with self._lock:
-                if not self._logged:
-                    self._intents.clear()
+        if (
+            self._intents is not None
+            and self._intents.size > _INTENT_LOG_LIMIT
+            and not self._logged
+        ):
+            with contextlib.suppress(IntentLogError):  # emptied by the next checkpoint instead
+                self._intents.clear()
 
-    def _settle(self, pending: Pending, *, completed: bool, tac: str) -> None:
-        status = "completed" if completed else "void"
-        if self._pending.get(pending.intent.card_serial) == pending:
-            del self._pending[pending.intent.card_serial]
+    def _settle(self, pending: Pending, status: str, tac: str) -> int:
         self._write_status(pending, status, tac)
-        self._enqueue(pending, status, tac)
+        return self._enqueue(pending, status, tac)
 
-    def _enqueue(self, pending: Pending, status: str, tac: str) -> None:
+    def _enqueue(self, pending: Pending, status: str, tac: str) -> int:
         i = pending.intent
         record = Record(
             seq=pending.seq,
@@ -488,7 +568,7 @@ class Journal:
             "INSERT INTO outbox (device, record) VALUES (?, ?)",
             (pending.device, encode_record(record)),
         )
-        self._outbox += 1
+        return 1
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
@@ -570,9 +650,15 @@ class Journal:
             chunk = ids[start : start + _ACK_CHUNK]
             marks = ",".join("?" * len(chunk))
             self.tap_gate.wait_idle()
-            with self._tx():
-                cursor = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
-                self._outbox = max(self._outbox - cursor.rowcount, 0)
+            try:
+                with self._tx():
+                    cursor = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
+            except sqlite3.Error as exc:
+                # The backend has these rows: kept here, they are sent again by a later run
+                # and de-duplicated there.
+                log.warning("%s: acknowledged rows not removed: %s", self._where, exc)
+                return
+            self._outbox = max(self._outbox - cursor.rowcount, 0)
 
 
 def _at_ms(at: str) -> int:
@@ -622,6 +708,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    # A COMMIT that failed (a full disk) may leave the transaction open: end
+                    # it, or every later BEGIN fails.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            else:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
         finally:
             self._lock.release()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -22,15 +23,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from card import CST, ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
+from backend._dbfile import describe_path
+from card import CST, InProcessReader, Reader, ReaderError, SimulatedCard
 from validator._config import Config
-from validator._decision import TapResult
+from validator._decision import Rejected, TapResult
 from validator._device import Parameters
 from validator._journal import Journal
 from validator._network import NetworkError, parse_networks
 from validator._priority import TapGate
 from validator._replay import result_json
-from validator._runtime import Validator, favour_taps
+from validator._runtime import Validator, favour_taps, image_failure
 
 __all__ = ["ParamsError", "ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
 
@@ -59,14 +61,17 @@ class ParamsError(ValueError):
 
 def load_params(path: Path, current: Parameters) -> Parameters:
     """``{"version": n, "hotlist": [...], "whitelist": [...]}``; omitted lists are kept."""
+    where = describe_path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ParamsError(f"{where}: no such parameters file") from None
     except OSError as exc:
-        raise ParamsError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ParamsError(f"{where}: cannot read: {exc.strerror}") from None
     try:
         return parse_params(text, current)
     except ParamsError as exc:
-        raise ParamsError(f"{path}: {exc}") from None
+        raise ParamsError(f"{where}: {exc}") from None
 
 
 def parse_params(text: str | bytes, current: Parameters) -> Parameters:
@@ -75,20 +80,25 @@ def parse_params(text: str | bytes, current: Parameters) -> Parameters:
         doc = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ParamsError(f"not JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
-        raise ParamsError("expected an object with an integer 'version'")
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**63:
+        raise ParamsError("expected an object with an integer 'version' (0 or more)")
     hotlist, whitelist = current.hotlist, current.whitelist
     if "hotlist" in doc:
         raw = doc["hotlist"]
-        if not isinstance(raw, list) or not all(isinstance(s, str) and s.isdigit() for s in raw):
-            raise ParamsError("'hotlist' must be a list of card serials")
+        if not isinstance(raw, list) or not all(
+            isinstance(s, str) and s.isdigit() and len(s) <= 20 for s in raw
+        ):
+            raise ParamsError("'hotlist' must be a list of card serials (up to 20 digits)")
         hotlist = frozenset(s.rjust(20, "0") for s in raw)
     if "whitelist" in doc:
         raw = doc["whitelist"]
         try:
             whitelist = frozenset(bytes.fromhex(s) for s in raw)
         except (TypeError, ValueError):
-            raise ParamsError("'whitelist' must be a list of hex issuer ids") from None
+            whitelist = frozenset({b""})
+        if any(len(issuer) != 8 for issuer in whitelist):
+            raise ParamsError("'whitelist' must be a list of 16-digit hex issuer ids")
     networks = current.networks
     if "networks" in doc:
         if not isinstance(doc["networks"], str):
@@ -97,7 +107,7 @@ def parse_params(text: str | bytes, current: Parameters) -> Parameters:
             networks = parse_networks(doc["networks"])
         except NetworkError as exc:
             raise ParamsError(str(exc)) from None
-    return Parameters(doc["version"], hotlist, whitelist, networks)
+    return Parameters(version, hotlist, whitelist, networks)
 
 
 @dataclass
@@ -122,12 +132,24 @@ def _tap_once(station: _Station) -> TapResult:
     try:
         reader.connect()
     except ReaderError:
-        return station.validator.tap(reader, _now())
+        return _tap_safely(station, reader)
     try:
-        return station.validator.tap(reader, _now())
+        return _tap_safely(station, reader)
     finally:
-        with contextlib.suppress(ReaderError):
+        with contextlib.suppress(Exception):  # the tap's result is decided and journalled
             reader.disconnect()
+
+
+def _tap_safely(station: _Station, reader: Reader) -> TapResult:
+    """One tap; whatever fails inside it is that tap's result, never the device loop's end
+    (the other devices go on)."""
+    validator = station.validator
+    try:
+        return validator.tap(reader, _now())
+    except Exception as exc:  # the validator turns card and journal failures into results
+        detail = describe_path(f"{type(exc).__name__}: {exc}")
+        log.error("device %s: tap failed: %s", validator.device.id, detail)  # noqa: TRY400
+        return Rejected(validator.device.id, "", "card_error", detail=detail)
 
 
 async def _watch(
@@ -144,7 +166,7 @@ async def _watch(
             while not await _in_thread(station, lambda: station.reader.wait_for_removal(0.5)):
                 pass
             failures = 0
-        except ReaderError as exc:
+        except Exception as exc:  # a reader's failure of any kind: retried, this device only
             failures += 1
             if failures == 1:
                 results.put_nowait(f"reader {station.reader.name!r} unavailable: {exc}")
@@ -169,16 +191,22 @@ async def _feed(
         try:
             doc = json.loads(line)
             station = stations[doc["device"]]
-            card = SimulatedCard.from_file(Path(doc["card"]))
+            path = Path(doc["card"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            results.put_nowait(f"ignored tap request {line.strip()!r}: {exc!r}")
-            continue
-        except ImageError as exc:
-            results.put_nowait(f"ignored tap request: {exc}")
+            shown = describe_path(repr(line.strip()))
+            results.put_nowait(f"ignored tap request {shown}: {describe_path(repr(exc))}")
             continue
         reader = station.reader
         if not isinstance(reader, InProcessReader):
-            results.put_nowait(f"device {doc['device']!r} has no sim reader")
+            results.put_nowait(f"device {station.validator.device.id!r} has no sim reader")
+            continue
+        try:
+            card = SimulatedCard.from_file(path)
+        except Exception as exc:  # a card that cannot be loaded is this tap's card_error
+            failed = functools.partial(
+                station.validator.card_failed, _now(), image_failure(path, exc)
+            )
+            results.put_nowait(await _in_thread(station, failed))
             continue
 
         def tap(

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from backend._dbfile import describe_path
 from card import CardType
+from validator import _values as values
 
 __all__ = [
     "Line",
@@ -146,7 +148,7 @@ class Network:
         for station in self.stations:
             if wanted in (_fold(station.name_zh), _fold(station.name_en)):
                 return station
-        raise NetworkError(f"network {self.key!r} has no station {name!r}")
+        raise NetworkError(f"network {self.key!r} has no station {values.shown(name)}")
 
     def line(self, key: str) -> Line:
         """A line by key (``L2``) or number (``2``)."""
@@ -154,7 +156,7 @@ class Network:
             if key in (line.key, str(line.number)):
                 return line
         known = ", ".join(self.lines) or "none"
-        raise NetworkError(f"network {self.key!r} has no line {key!r} (lines: {known})")
+        raise NetworkError(f"network {self.key!r} has no line {values.shown(key)} (lines: {known})")
 
     def fare(self, entry: int, exit_: int) -> int:
         """The undiscounted distance fare between two stations, in fen."""
@@ -183,11 +185,12 @@ class _Table:
         value = self.doc.get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, str):
             raise self.error(name, "a number")
-        if value < 0:
-            raise self.error(name, "at least 0")
-        return Decimal(str(value))
+        try:
+            return values.number(value, "a number")
+        except ValueError as exc:
+            raise self.error(name, str(exc).removeprefix("a number must be ")) from None
 
     def share(self, name: str) -> Decimal | None:
         value = self.number(name)
@@ -196,13 +199,15 @@ class _Table:
         return value
 
     def fen(self, name: str) -> int | None:
-        value = self.number(name)
+        value = self.doc.get(name)
         if value is None:
             return None
-        fen = value * 100
-        if fen != fen.to_integral_value():
-            raise self.error(name, "a whole number of fen")
-        return int(fen)
+        if isinstance(value, str):
+            raise self.error(name, "an amount in yuan")
+        try:
+            return values.fen(value, "an amount")
+        except ValueError as exc:
+            raise self.error(name, str(exc).removeprefix("an amount must be ")) from None
 
     def minutes(self, name: str) -> int | None:
         value = self.number(name)
@@ -245,7 +250,12 @@ def _rules(t: _Table) -> Rules:
         ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in pair)
         if not ok:
             raise t.error("fare_bands", "a list of [max_km, fare_yuan] pairs")
-        bands.append((round(pair[0] * 1000), round(Decimal(str(pair[1])) * 100)))
+        try:
+            km = values.number(pair[0], "a distance")
+            fare = values.fen(pair[1], "a fare")
+        except ValueError as exc:
+            raise NetworkError(f"network {t.key!r}: 'fare_bands': {exc}") from None
+        bands.append((round(km * 1000), fare))
     if any(b[0] <= a[0] or b[1] < a[1] for a, b in itertools.pairwise(bands)):
         raise t.error("fare_bands", "increasing in distance and fare")
     extra = t.number("extra_km_per_yuan")
@@ -319,7 +329,10 @@ def _lines(t: _Table) -> tuple[tuple[Station, ...], dict[str, Line]]:
             ok = ok and isinstance(entry[2], int | float) and not isinstance(entry[2], bool)
             if not ok:
                 raise t.error(f"{where}.stations", "[chinese name, pinyin, km] entries")
-            metres = round(entry[2] * 1000)
+            try:
+                metres = round(values.number(entry[2], "a station's km") * 1000)
+            except ValueError as exc:
+                raise NetworkError(f"network {t.key!r}: {where}.stations: {exc}") from None
             if metres <= previous:
                 raise t.error(f"{where}.stations", "in increasing km order")
             previous = metres
@@ -333,7 +346,10 @@ def _lines(t: _Table) -> tuple[tuple[Station, ...], dict[str, Line]]:
         if len(stops) < 2:
             raise t.error(f"{where}.stations", "at least two stations")
         name = raw.get("name", line_key)
-        length = raw.get("length_km", stops[-1][1] / 1000)
+        try:
+            length = values.number(raw.get("length_km", stops[-1][1] / 1000), "'length_km'")
+        except ValueError as exc:
+            raise NetworkError(f"network {t.key!r}: {where}: {exc}") from None
         lines[line_key] = Line(line_key, int(digits), str(name), float(length), tuple(stops))
     stations = tuple(Station(i, zh, en, tuple(on_lines[i])) for i, (zh, en) in enumerate(names))
     return stations, lines
@@ -391,9 +407,9 @@ def load_networks(path: Path) -> dict[str, Network]:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except OSError as exc:
-        raise NetworkError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise NetworkError(f"{describe_path(path)}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise NetworkError(f"{path}: not valid TOML: {exc}") from exc
+        raise NetworkError(f"{describe_path(path)}: not valid TOML: {exc}") from exc
     return {key: _network(key, value) for key, value in doc.items()}
 
 

@@ -15,11 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from card import ImageError, InProcessReader, SimulatedCard, step_of
+from card import InProcessReader, SimulatedCard, step_of
 from validator._config import Config
 from validator._decision import TapResult
 from validator._journal import Journal
-from validator._runtime import Validator
+from validator._runtime import Validator, image_failure
+from validator._values import shown
 
 __all__ = ["PULL_STEPS", "ReplayError", "TapLine", "parse_taps", "replay", "result_json"]
 
@@ -64,14 +65,14 @@ def _check(number: int, text: str, config: Config) -> TapLine:
     try:
         moment = datetime.fromisoformat(at)
     except ValueError:
-        raise ValueError(f'"at" {at!r} is not ISO-8601') from None
+        raise ValueError(f'"at" {shown(at)} is not ISO-8601') from None
     if moment.tzinfo is None:
-        raise ValueError(f'"at" {at!r} has no UTC offset')
+        raise ValueError(f'"at" {shown(at)} has no UTC offset')
     if pull is not None and pull not in PULL_STEPS:
         raise ValueError(f'"pull_after" must be one of {", ".join(PULL_STEPS)}')
     unknown = set(doc) - {"device", "card", "at", "pull_after"}
     if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}")
+        raise ValueError(f"unknown keys {shown(sorted(unknown))}")
     return TapLine(number, device, Path(card), moment, pull)
 
 
@@ -110,16 +111,18 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
     """Run the taps in order; yields each result once it is journalled and the card written."""
     devices = {dc.device.id: Validator(config=dc, journal=journal) for dc in config.devices}
     for tap in taps:
+        device = devices[tap.device]
         try:
             card = SimulatedCard.from_file(tap.card)
-        except ImageError as exc:
-            raise ReplayError(f"line {tap.line}: {exc}") from None
+        except Exception as exc:  # any card that cannot be loaded is this tap's card_error
+            yield device.card_failed(tap.at, f"line {tap.line}: {image_failure(tap.card, exc)}")
+            continue
         reader = InProcessReader()
         reader.insert(card)
         if tap.pull_after is not None:
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
-        result = devices[tap.device].tap(reader, tap.at)
+        result = device.tap(reader, tap.at)
         journal.tap_gate.between_taps()  # nothing here waits on a display: collect now
         yield result
         if tap.line % 500 == 0:

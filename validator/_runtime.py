@@ -7,20 +7,25 @@ the calling thread, which for a PC/SC reader is the reader's own thread (one hop
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
-from card import CardRemovedError, Psam, PsamKeys, Reader, ReaderError, Step, Transmit
+from backend._dbfile import describe_path
+from card import CardRemovedError, ImageError, Psam, PsamKeys, Reader, ReaderError, Step, Transmit
 from validator._config import DeviceConfig
 from validator._decision import Intent, Pending, Rejected, Tap, TapResult
 from validator._device import Parameters
 from validator._faults import checkpoint
-from validator._journal import Journal
+from validator._journal import Journal, JournalError
 from validator._network import NetworkError
 
-__all__ = ["TAP_SWITCH_INTERVAL_S", "Validator", "favour_taps"]
+__all__ = ["TAP_SWITCH_INTERVAL_S", "Validator", "favour_taps", "image_failure"]
+
+log = logging.getLogger("farelab.validator")
 
 # CPython hands the GIL to a waiting thread only every ``sys.getswitchinterval()`` (5 ms by
 # default): a tap thread waiting behind the uplink's Python code would wait up to that long, at
@@ -46,6 +51,26 @@ _AFTER = {
     Step.UPDATE_CAPP: "after_update_capp",
     Step.DEBIT: "after_debit_sent",
 }
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception as one short line for a log and a journalled tap."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return describe_path(f"{type(exc).__name__}: {text}")
+
+
+def image_failure(path: Path, exc: BaseException) -> str:
+    """Why a card image file could not be loaded, as one short line."""
+    text = str(exc)
+    if text.startswith(f"{path}: "):  # the card layer names the file first
+        text = text[len(str(path)) + 2 :]
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    if not isinstance(exc, ImageError):
+        text = f"{type(exc).__name__}: {text}"
+    return f"{describe_path(path)}: {describe_path(text)}"
 
 
 class Validator:
@@ -104,11 +129,17 @@ class Validator:
 
     def _tap(self, reader: Reader, now: datetime) -> TapResult:
         with self._lock:
-            if not self._journal.has_room():
+            failure = self._journal.write_failure()
+            if failure is not None:
+                # Nothing could be journalled: the card is not touched at all.
                 result: TapResult = Rejected(
-                    self.device.id, "", "out_of_service", detail="journal full"
+                    self.device.id, "", "out_of_service", detail=f"journal: {failure}"
                 )
-                self._journal.record_tap(result, at=now.isoformat(), pending=None)
+                self.last = result
+                return result
+            if not self._journal.has_room():
+                result = Rejected(self.device.id, "", "out_of_service", detail="journal full")
+                self._record(result, now, None)
                 return result
             tap = Tap(
                 device=self.device,
@@ -120,10 +151,29 @@ class Validator:
             result, pending = self._drive(reader, tap)
             if pending is not None:
                 checkpoint("after_debit_answered")
-            self._journal.record_tap(result, at=now.isoformat(), pending=pending)
+            self._record(result, now, pending)
             checkpoint("after_journal")
             self.last = result
             return result
+
+    def card_failed(self, now: datetime, detail: str) -> TapResult:
+        """A tap on a card that cannot be read at all (say, its image file is damaged): that
+        tap's ``card_error``, journalled, with the reason logged."""
+        with self._lock:
+            log.warning("device %s: card error: %s", self.device.id, detail)
+            result: TapResult = Rejected(self.device.id, "", "card_error", detail=detail)
+            self._record(result, now, None)
+            self.last = result
+            return result
+
+    def _record(self, result: TapResult, now: datetime, pending: Pending | None) -> None:
+        try:
+            self._journal.record_tap(result, at=now.isoformat(), pending=pending)
+        except JournalError as exc:
+            # The journal keeps what moved money and writes it once it can (its intent is in
+            # the intent log meanwhile); the rider's result stands, and the next taps are
+            # refused until then.
+            log.debug("device %s: tap not journalled yet: %s", self.device.id, exc)
 
     def _drive(self, reader: Reader, tap: Tap) -> tuple[TapResult, Pending | None]:
         pending: Pending | None = None
@@ -136,11 +186,21 @@ class Validator:
                     answer = reader.transmit(event.apdu)
                 except (CardRemovedError, ReaderError):
                     return tap.card_lost(), pending
+                except Exception as exc:  # any failure of the card or reader is this tap's result
+                    detail = _failure(exc)
+                    log.warning(
+                        "device %s: card error at %s: %s", self.device.id, event.step, detail
+                    )
+                    return tap.card_failed(f"{event.step} {detail}"), pending
                 if event.step in _AFTER:
                     checkpoint(_AFTER[event.step])
                 event = tap.receive(answer)
             elif isinstance(event, Intent):
-                pending = self._journal.record_intent(event)
+                try:
+                    pending = self._journal.record_intent(event)
+                except JournalError as exc:
+                    log.warning("device %s: tap refused: %s", self.device.id, exc)
+                    return tap.refuse("out_of_service", f"journal: {exc}"), None
                 event = tap.proceed()
             else:
                 return event, pending
