@@ -6,6 +6,13 @@ A kiosk sends ``{"id", "op": "authorize", …the card's INITIALIZE FOR LOAD answ
 kiosk sends ``{"id", "op": "confirm", "tac"}``: a verified TAC makes the load *confirmed* and
 counted in the ledger; a card that never took it is ``{"id", "op": "void"}``.  Every operation
 is idempotent by request id: a repeated message gets the same answer and changes nothing.
+
+Only a kiosk of the device registry is served: an unknown id is refused ``unknown_kiosk``, a
+revoked one ``revoked``, a validator (or a kiosk without the kind: ``load`` for loads and
+transfers, ``refund`` for refunds) ``wrong_role``, and a request whose terminal is not the
+registered kiosk's ``wrong_terminal``.  The host loads no card on its own hotlist; a transfer
+(R6) moves one old card's balance once, onto another card that is neither hotlisted, replaced,
+nor already given a transfer.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
+from backend._registry import lookup
 from backend._store import Store
 from backend._transfer import PROFILES, decide, last_known_balance
 from card import Alg, LoadAuthority, LoadAuthorization, LoadRequest, TacVerifier
@@ -86,7 +94,7 @@ def authorize_message(request_id: str, req: LoadRequest) -> dict[str, Any]:
 
 
 def _request(doc: dict[str, Any]) -> LoadRequest:
-    serial = str(doc["card_serial"]).rjust(20, "0")
+    serial = _serial(doc["card_serial"])
     return LoadRequest(
         issuer_id=bytes.fromhex(doc["issuer"]),
         serial=serial,
@@ -123,6 +131,10 @@ def handle_load_message(
     try:
         with store.transaction():
             ensure_schema(store)
+            if op in _KIOSK_KINDS:
+                refusal = _kiosk_refusal(store, kiosk, str(op), doc)
+                if refusal is not None:
+                    return {"id": request_id, "result": "refused", **refusal}
             row = store.execute(
                 "SELECT status, answer, kiosk FROM loads WHERE id = ?", (request_id,)
             ).fetchone()
@@ -130,25 +142,14 @@ def handle_load_message(
                 answer: dict[str, Any] = json.loads(row[1])
                 return answer
             if op == "authorize":
+                refusal = _card_refusal(store, _serial(doc["card_serial"]))
+                if refusal is not None:
+                    return {"id": request_id, "result": "refused", **refusal}
                 return _authorize(store, authority, kiosk, request_id, doc, now=now)
             if op == "transfer_quote":
                 return {"id": request_id, **_quote(store, doc, now)}
             if op == "transfer":
-                quote = _quote(store, doc, now)
-                if quote["amount_fen"] <= 0 or quote["amount_fen"] != int(doc["amount"]):
-                    return {
-                        "id": request_id,
-                        "result": "refused",
-                        "reason": "transfer_refused",
-                        "detail": f"transferable now: {quote}",
-                    }
-                store.execute(
-                    "INSERT INTO transfers (old_serial, load_id, amount) VALUES (?, ?, ?)",
-                    (quote["old_serial"], request_id, quote["amount_fen"]),
-                )
-                return _authorize(
-                    store, authority, kiosk, request_id, doc, now=now, kind="transfer"
-                )
+                return _transfer(store, authority, kiosk, request_id, doc, now=now)
             if op == "refund":
                 return _refund(store, verifier, kiosk, request_id, doc)
             if row is None or row[2] != kiosk:
@@ -169,6 +170,112 @@ def handle_load_message(
             "reason": "malformed",
             "detail": f"{type(exc).__name__}: {exc}"[:200],
         }
+
+
+# The registry kind each kiosk operation needs.
+_KIOSK_KINDS = {
+    "authorize": "load",
+    "transfer": "load",
+    "transfer_quote": "load",
+    "refund": "refund",
+}
+
+
+def _serial(value: object) -> str:
+    serial = str(value)
+    if not serial.isdigit() or len(serial) > 20:
+        raise ValueError(f"card serial {serial[:40]!r} is not up to 20 digits")
+    return serial.rjust(20, "0")
+
+
+def _kiosk_refusal(store: Store, kiosk: str, op: str, doc: dict[str, Any]) -> dict[str, str] | None:
+    """Why the registry refuses this kiosk the operation, or None."""
+    entry = lookup(store, kiosk)
+    if entry is None:
+        return {"reason": "unknown_kiosk", "detail": f"kiosk {kiosk!r} is not registered"}
+    if entry.revoked:
+        return {"reason": "revoked", "detail": f"kiosk {kiosk!r} is revoked"}
+    if entry.role != "kiosk":
+        return {"reason": "wrong_role", "detail": f"{kiosk!r} is registered as a {entry.role}"}
+    if _KIOSK_KINDS[op] not in entry.kinds:
+        return {
+            "reason": "wrong_role",
+            "detail": f"kiosk {kiosk!r} may not make {_KIOSK_KINDS[op]}s",
+        }
+    if op != "transfer_quote" and str(doc["terminal"]).upper() != entry.terminal:
+        return {
+            "reason": "wrong_terminal",
+            "detail": f"kiosk {kiosk!r} is registered with terminal {entry.terminal}",
+        }
+    return None
+
+
+def _hotlisted(store: Store, serial: str) -> str | None:
+    row = store.execute("SELECT reason FROM hotlist WHERE card_serial = ?", (serial,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _card_refusal(store: Store, serial: str) -> dict[str, str] | None:
+    """Why the host loads nothing onto this card, or None."""
+    why = _hotlisted(store, serial)
+    if why is not None:
+        return {"reason": "hotlisted", "detail": f"card {serial} is on the hotlist ({why})"}
+    return None
+
+
+def _target_refusal(store: Store, old: str, new: str) -> dict[str, str] | None:
+    """Why an old card's balance may not move onto ``new``, or None."""
+    if new == old:
+        return {"reason": "same_card", "detail": "a balance cannot move onto its own card"}
+    refusal = _card_refusal(store, new)
+    if refusal is not None:
+        return refusal
+    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (new,)).fetchone():
+        return {"reason": "replaced", "detail": f"card {new} was itself replaced"}
+    received = store.execute(
+        "SELECT 1 FROM loads WHERE card_serial = ? AND kind = 'transfer' "
+        "AND status IN ('authorized', 'confirmed')",
+        (new,),
+    ).fetchone()
+    if received:
+        return {"reason": "already_received", "detail": f"card {new} already received a transfer"}
+    return None
+
+
+def _transfer(
+    store: Store,
+    authority: LoadAuthority,
+    kiosk: str,
+    request_id: str,
+    doc: dict[str, Any],
+    *,
+    now: datetime | None,
+) -> dict[str, Any]:
+    quote = _quote(store, doc, now)
+    amount = int(doc["amount"])
+    if quote["amount_fen"] <= 0 or quote["amount_fen"] != amount:
+        return {
+            "id": request_id,
+            "result": "refused",
+            "reason": quote["reason"] or "transfer_refused",
+            "detail": f"transferable now: {quote['amount_fen']} fen, asked {amount} fen",
+        }
+    # Claimed before it is authorized: of two requests racing for one old card (two workers,
+    # two kiosks), the second finds the claim — at once, or once the first commits — and is
+    # refused; a void gives the claim back.
+    claimed = store.execute(
+        "INSERT INTO transfers (old_serial, load_id, amount) VALUES (?, ?, ?) "
+        "ON CONFLICT (old_serial) DO NOTHING",
+        (quote["old_serial"], request_id, quote["amount_fen"]),
+    )
+    if claimed.rowcount != 1:
+        return {
+            "id": request_id,
+            "result": "refused",
+            "reason": "already_transferred",
+            "detail": f"card {quote['old_serial']}'s balance has already moved",
+        }
+    return _authorize(store, authority, kiosk, request_id, doc, now=now, kind="transfer")
 
 
 def _authorize(
@@ -300,22 +407,33 @@ def _hotlist(store: Store, serial: str, reason: str) -> None:
 
 
 def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str, Any]:
-    """What may move from an old card to its replacement today (R6)."""
-    old = str(doc["old_serial"]).rjust(20, "0")
+    """What may move from an old card to its replacement today (R6); with ``card_serial`` (the
+    new card) also whether it may move onto that card."""
+    old = _serial(doc["old_serial"])
     profile = PROFILES.get(str(doc["profile"]))
     if profile is None:
         raise ValueError(
-            f"unknown issuer profile {doc['profile']!r} (nanjing, hangzhou, changzhou)"
+            f"unknown issuer profile {str(doc['profile'])[:40]!r} (nanjing, hangzhou, changzhou)"
         )
     today = (now or datetime.now(UTC)).astimezone(CST).date()
-    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (old,)).fetchone():
+
+    def nothing(reason: str) -> dict[str, Any]:
         return {
             "result": "quote",
             "old_serial": old,
             "amount_fen": 0,
-            "reason": "already_transferred",
+            "reason": reason,
             "available_on": None,
         }
+
+    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (old,)).fetchone():
+        return nothing("already_transferred")
+    if _hotlisted(store, old) == "refunded":
+        return nothing("refunded")
+    if doc.get("card_serial") is not None:
+        refusal = _target_refusal(store, old, _serial(doc["card_serial"]))
+        if refusal is not None:
+            return nothing(refusal["reason"])
     decision = decide(
         profile,
         reason=str(doc["reason"]),
@@ -337,7 +455,7 @@ def _refund(
 ) -> dict[str, Any]:
     """An outlet emptied a card with a purchase of its whole balance and paid it back in cash
     (Changzhou 退值): verify that purchase's TAC, count it, hotlist the card."""
-    serial = str(doc["card_serial"]).rjust(20, "0")
+    serial = _serial(doc["card_serial"])
     tac = str(doc["tac"]).upper()
     expected = verifier.purchase_tac(
         alg=Alg.from_label(doc["alg"]),

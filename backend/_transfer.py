@@ -45,7 +45,9 @@ PROFILES = {
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """``amount_fen`` may move now; otherwise ``reason`` says why not and ``available_on`` when."""
+    """``amount_fen`` may move now; otherwise ``reason`` says why not (``refund_instead``,
+    ``no_records``, ``no_transfer_after_loss``, ``no_transfer``, ``not_yet``, ``no_balance``) and
+    ``available_on`` when."""
 
     amount_fen: int
     reason: str | None = None
@@ -96,4 +98,6 @@ def decide(
         available = working_days_after(reported, profile.exchange_wait_working_days)
     if today < available:
         return Decision(0, "not_yet", available)
+    if balance <= 0:
+        return Decision(0, "no_balance", available)
     return Decision(balance, None, available)

@@ -40,7 +40,16 @@ from card._files import (
     bcd_time,
 )
 from card._host import LoadAuthority, LoadAuthorization, LoadRefusal, TacVerifier
-from card._image import CardImage, ImageError, Proof, SocialSecurity, load_image, save_image
+from card._image import (
+    CardBusyError,
+    CardImage,
+    ImageError,
+    ImageLock,
+    Proof,
+    SocialSecurity,
+    load_image,
+    save_image,
+)
 from card._inproc import InProcessReader, step_of
 from card._keys import (
     DEMO_ISSUER_ID,
@@ -101,6 +110,7 @@ __all__ = [
     "BlockApplication",
     "BusRecord",
     "CappUpdate",
+    "CardBusyError",
     "CardEndpoint",
     "CardImage",
     "CardKeys",
@@ -111,6 +121,7 @@ __all__ = [
     "FileStore",
     "FlowError",
     "ImageError",
+    "ImageLock",
     "ImageStore",
     "InFlight",
     "InProcessReader",

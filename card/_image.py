@@ -4,14 +4,24 @@ The applet never mutates a :class:`CardImage`; a command that commits returns a 
 shell writes it with :func:`save_image` before the answer leaves the card.  ``save_image`` replaces
 the file atomically (write, fsync, rename, fsync the folder), so a process killed at any instant
 leaves either the old image or the new one — never a mixture.  That is the card's anti-tearing.
+
+A card is in one field at a time: :class:`ImageLock` is an flock on ``.<name>.lock`` beside the
+image that a file-backed card holds while it is powered, so two processes (or two readers) never
+work from the same image at once.  Whoever holds it also removes the temporary files a killed
+writer left behind: no one else can be writing that card then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
-import tempfile
+import re
+import secrets
+import time
+import weakref
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -27,11 +37,16 @@ from card._files import (
     PublicInfo,
 )
 from card._keys import CardKeys
+from card._messages import describe_path
+from card._money import fen_to_yuan
 
 __all__ = [
+    "BUSY_WAIT_S",
     "IMAGE_FORMAT",
+    "CardBusyError",
     "CardImage",
     "ImageError",
+    "ImageLock",
     "Proof",
     "SocialSecurity",
     "load_image",
@@ -43,10 +58,18 @@ LOG_RECORDS = 10
 TRIP_RECORDS = 10
 PROOFS_KEPT = 16
 MAX_BALANCE_FEN = 100_000
+BUSY_WAIT_S = 2.0
+"""How long a card waits for another field to release it before it is ``card busy``."""
 
 
 class ImageError(ValueError):
-    """A card image file that cannot be read; the message says which field and why."""
+    """A card image file that cannot be read or written (unreadable, not a card image, a bad
+    field, a full disk); the message says which file and why.  A write that failed left the
+    old image in place: the card did not commit."""
+
+
+class CardBusyError(ImageError):
+    """The card is in another field (another process or reader holds its image)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +217,7 @@ class CardImage:
             trips=tuple(p.hex_list("trips", EF1E_LEN)),
             proofs=tuple(p.proofs("proofs")),
             blocked=p.flag("blocked"),
-            max_balance=p.integer("max_balance", 0, 0xFFFFFFFF),
+            max_balance=p.integer("max_balance", 0, MAX_BALANCE_FEN),
             social=SocialSecurity(
                 holder=ss.hexbytes("holder", 64),
                 pin=ss.digits("pin"),
@@ -210,6 +233,12 @@ class CardImage:
             image.public  # noqa: B018 - validates EF15 once, at load
         except ValueError as exc:
             raise ImageError(f"field 'ef15': {exc}") from None
+        if image.balance > image.max_balance:
+            # No card commits a balance past its cap (R4): such an image was edited by hand.
+            raise ImageError(
+                f"field 'balance' is {fen_to_yuan(image.balance)} yuan, over the card's cap of "
+                f"{fen_to_yuan(image.max_balance)} yuan (R4): not an image a card wrote"
+            )
         return image
 
     def replace(self, **changes: Any) -> CardImage:
@@ -316,41 +345,145 @@ class _Fields:
 
 def load_image(path: Path) -> CardImage:
     """Read a card image file; ImageError with the path and the reason if it is unusable."""
+    where = describe_path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such card image") from None
+        raise ImageError(f"{where}: no such card image") from None
     except OSError as exc:
-        raise ImageError(f"{path}: cannot read card image: {exc.strerror}") from exc
+        raise ImageError(f"{where}: cannot read card image: {exc.strerror or exc}") from None
     try:
-        doc = json.loads(text)
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ImageError(f"{where}: not a farelab card image (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
-        raise ImageError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ImageError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ImageError(f"{where}: not a farelab card image ({str(exc)[:80]})") from None
     try:
         return CardImage.from_json(doc)
     except ImageError as exc:
-        raise ImageError(f"{path}: {exc}") from None
+        raise ImageError(f"{where}: {exc}") from None
+
+
+def _temporary_name(path: Path) -> str:
+    return f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _temporaries(path: Path) -> re.Pattern[str]:
+    # Exactly the names _temporary_name (and, before it, tempfile.mkstemp) makes for this card:
+    # eight characters between the card's name and ".tmp", so never another card's.
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
 
 
 def save_image(path: Path, image: CardImage, *, durable: bool = True) -> None:
-    """Replace the image file atomically; with ``durable`` it is on disk when this returns."""
+    """Replace the image file atomically; with ``durable`` it is on disk when this returns.
+
+    ImageError if it cannot be written (full disk, read-only folder): the old image is then
+    still the file's content, untouched.
+    """
     data = json.dumps(image.to_json(), indent=1).encode("utf-8")
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    folder = _folder(path)
+    tmp = folder / _temporary_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        dir_fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise ImageError(
+            f"{describe_path(path)}: cannot write card image: {exc.strerror or exc}"
+        ) from None
+    if durable:
+        # The rename is done: every reader sees the new image, so the card has committed.  A
+        # failing folder fsync cannot undo that, and must not make the card answer as if it had
+        # not; at worst a power cut (not a killed process) brings the old image back.
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+class ImageLock:
+    """The one field a card image can be in: an flock on ``.<name>.lock`` beside the image.
+
+    The lock file stays (removing it would race with a process about to lock it); the flock
+    goes with the process, so a killed holder never leaves a card busy.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """``path``: the card image file."""
+        self.path = path
+        self._lockfile = _folder(path) / f".{path.name}.lock"
+        self._release: weakref.finalize[[int], ImageLock] | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the card."""
+        return self._release is not None and self._release.alive
+
+    def acquire(self, wait: float = BUSY_WAIT_S) -> None:
+        """Take the card, waiting up to ``wait`` seconds for another holder to let it go.
+
+        CardBusyError if it is still held then; ImageError if the lock file cannot be opened.
+        Once held, stale temporary files of this card (a killed writer's) are removed.
+        """
+        if self.held:
+            return
+        where = describe_path(self.path)
+        try:
+            fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ImageError(f"{where}: cannot lock card image: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise ImageError(
+                        f"{where}: cannot lock card image: {exc.strerror or exc}"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise CardBusyError(
+                        f"card busy: {where} is in another reader's field (another process or "
+                        f"reader is using it); present it again once it has left"
+                    ) from None
+                time.sleep(0.01)
+        # Closing the descriptor releases the flock: at release(), or when a holder that was
+        # never released is collected.
+        self._release = weakref.finalize(self, os.close, fd)
+        self._remove_stale_temporaries()
+
+    def release(self) -> None:
+        """Let the card go (nothing if not held)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def _remove_stale_temporaries(self) -> None:
+        # Only a holder of the lock writes this card, and that is us: any temporary file of
+        # this card is a killed writer's.
+        pattern = _temporaries(self.path)
+        with contextlib.suppress(OSError), os.scandir(_folder(self.path)) as entries:
+            for entry in entries:
+                if pattern.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)

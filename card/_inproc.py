@@ -55,8 +55,10 @@ class InProcessReader:
         return self._card
 
     def insert(self, card: CardEndpoint) -> None:
-        """Put a card in the field (replacing any other)."""
+        """Put a card in the field (replacing any other, which leaves it and loses power)."""
         with self._changed:
+            if self._card is not None and self._card is not card and self._powered:
+                self._card.power_off()
             self._card = card
             self._powered = False
             self._changed.notify_all()

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from card._crypto import Alg, diversify
+from card._messages import describe_path
 
 __all__ = [
     "DEMO_ISSUER_ID",
@@ -100,29 +101,32 @@ def load_keys_file(path: Path) -> IssuerKeys:
     The file holds hex strings ``purchase``, ``load``, ``tac``, ``maintenance`` (16 bytes each)
     and an optional integer ``version``, at top level or under an ``[issuer]`` table.
     """
+    where = describe_path(path)
     try:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except OSError as exc:
-        raise KeysFileError(f"{path}: cannot read keys file: {exc.strerror}") from exc
+        raise KeysFileError(f"{where}: cannot read keys file: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise KeysFileError(f"{path}: not valid TOML: {exc}") from exc
+        raise KeysFileError(f"{where}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError:
+        raise KeysFileError(f"{where}: not valid TOML (not UTF-8 text)") from None
     table = doc.get("issuer", doc)
     if not isinstance(table, dict):
-        raise KeysFileError(f"{path}: [issuer] must be a table")
+        raise KeysFileError(f"{where}: [issuer] must be a table")
     values: dict[str, bytes] = {}
     for name in ("purchase", "load", "tac", "maintenance"):
         raw = table.get(name)
         if not isinstance(raw, str):
-            raise KeysFileError(f"{path}: key {name!r} is missing (a 32-digit hex string)")
+            raise KeysFileError(f"{where}: key {name!r} is missing (a 32-digit hex string)")
         try:
             value = bytes.fromhex(raw)
         except ValueError as exc:
-            raise KeysFileError(f"{path}: key {name!r} is not hex") from exc
+            raise KeysFileError(f"{where}: key {name!r} is not hex") from exc
         if len(value) != 16:
-            raise KeysFileError(f"{path}: key {name!r} must be 16 bytes, got {len(value)}")
+            raise KeysFileError(f"{where}: key {name!r} must be 16 bytes, got {len(value)}")
         values[name] = value
     version = table.get("version", 1)
     if not isinstance(version, int) or not 0 <= version <= 0xFF:
-        raise KeysFileError(f"{path}: 'version' must be an integer 0..255")
+        raise KeysFileError(f"{where}: 'version' must be an integer 0..255")
     return IssuerKeys(version=version, **values)

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
+
+from card._messages import shown
 
 __all__ = ["fen_to_yuan", "yuan_to_fen"]
 
+# ASCII digits, a point, a minus sign (for the callers' range checks to refuse): Decimal() alone
+# would also take "1_0" (as 10), "+5", "١٠" (Arabic-Indic digits), "Infinity" and "1e3", none of
+# which a person means as an amount of money.
+_PLAIN_YUAN = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
+
 
 def yuan_to_fen(text: str, *, what: str = "amount") -> int:
-    """Parse a yuan amount such as ``10``, ``2.5`` or ``0.01`` into fen.
+    """Parse a plain decimal amount of yuan such as ``10``, ``2.5`` or ``0.01`` into fen.
 
-    ValueError (with ``what`` in the message) for anything that is not a finite amount in whole
-    fen: ``abc``, ``1e3``, ``nan``, ``0.001``.
+    ValueError (with ``what`` in the message) for anything else: ``abc``, ``1e3``, ``nan``,
+    ``1_0``, ``+5``, ``.5``, ``0.001`` (not a whole number of fen).  Surrounding spaces are
+    ignored; a negative amount is parsed, for the caller's range check to refuse.
     """
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
-        raise ValueError(f"{what} {text!r} is not a number of yuan") from None
-    if not value.is_finite() or "e" in text.lower():
-        raise ValueError(f"{what} {text!r} is not a plain number of yuan")
-    fen = value * 100
+    plain = text.strip()
+    if not _PLAIN_YUAN.fullmatch(plain):
+        raise ValueError(
+            f"{what} {shown(text)} is not a number of yuan (plain decimal digits, e.g. 10 or 2.50)"
+        )
+    fen = Decimal(plain) * 100
     if fen != fen.to_integral_value():
-        raise ValueError(f"{what} {text!r} is not a whole number of fen")
+        raise ValueError(f"{what} {shown(text)} is not a whole number of fen")
     return int(fen)
 
 

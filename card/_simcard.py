@@ -4,6 +4,12 @@
 command commits, the new image is written to the store *before* the answer is returned, exactly
 as a card programs its EEPROM before it answers: a process killed between the two leaves a
 committed transaction whose answer never left — the torn case GET TRANSACTION PROOF resolves.
+
+A card backed by a file is one physical thing: from power-on until the field is off it holds the
+image's lock (:class:`card.ImageLock`) and works from the image as it was read under that lock,
+so a second reader — in this process or another — waits, then gets ``card busy``
+(:class:`card.CardBusyError`), and never reuses a counter.  A write that fails raises
+:class:`card.ImageError` instead of answering: the card did not commit.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Protocol
 
 from card._applet import Session, process
 from card._files import CST
-from card._image import CardImage, load_image, save_image
+from card._image import BUSY_WAIT_S, CardImage, ImageLock, load_image, save_image
 
 __all__ = ["ATR", "FileStore", "ImageStore", "MemoryStore", "SimulatedCard"]
 
@@ -55,19 +61,48 @@ class MemoryStore:
 
 
 class FileStore:
-    """Writes each committed image atomically to a file (see :func:`card.save_image`)."""
+    """Writes each committed image atomically to a file (see :func:`card.save_image`), while
+    holding the image's lock (see :meth:`take`)."""
 
-    def __init__(self, path: Path, *, durable: bool = True) -> None:
-        """``durable``: fsync before returning (turn off only where a crash cannot matter)."""
+    def __init__(self, path: Path, *, durable: bool = True, wait: float = BUSY_WAIT_S) -> None:
+        """
+        Args:
+            path: the card image file.
+            durable: fsync before returning (turn off only where a crash cannot matter).
+            wait: seconds :meth:`take` waits for another holder before ``card busy``.
+        """
         self.path = path
         self.durable = durable
+        self.wait = wait
+        self._lock = ImageLock(path)
+
+    @property
+    def held(self) -> bool:
+        """Whether this store holds the image's lock."""
+        return self._lock.held
 
     def load(self) -> CardImage:
-        """Read the image currently in the file."""
+        """Read the image currently in the file (a consistent read: writes are atomic)."""
         return load_image(self.path)
 
+    def take(self) -> CardImage:
+        """Hold the image's lock and read the image under it: from now on no one else writes
+        it.  CardBusyError after ``wait`` seconds; ImageError if it cannot be read."""
+        self._lock.acquire(self.wait)
+        try:
+            return load_image(self.path)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def release(self) -> None:
+        """Let another reader have the card."""
+        self._lock.release()
+
     def save(self, image: CardImage) -> None:
-        """Replace the file atomically."""
+        """Replace the file atomically; ImageError if it cannot be written."""
+        if not self._lock.held:
+            raise RuntimeError(f"{self.path}: a card image written outside a field")
         save_image(self.path, image, durable=self.durable)
 
 
@@ -105,10 +140,37 @@ class SimulatedCard:
         self.apdus = 0
 
     @classmethod
-    def from_file(cls, path: Path, *, durable: bool = True) -> SimulatedCard:
-        """A card backed by an image file: loads it, and writes every commit back to it."""
-        store = FileStore(path, durable=durable)
+    def from_file(
+        cls, path: Path, *, durable: bool = True, wait: float = BUSY_WAIT_S
+    ) -> SimulatedCard:
+        """A card backed by an image file: loads it (ImageError if it cannot be used), reads it
+        again under the image's lock at each power-on, and writes every commit back to it.
+        ``wait``: seconds a power-on waits for another field to let the card go."""
+        store = FileStore(path, durable=durable, wait=wait)
         return cls(store.load(), store=store)
+
+    def _enter_field(self) -> None:
+        """Power is coming: a file-backed card takes its image's lock and its image as it is
+        now (another field may have changed it since this card last had power)."""
+        store = self._store
+        if isinstance(store, FileStore) and not store.held:
+            self._image = store.take()
+            self._session = None
+
+    def _leave_field(self) -> None:
+        store = self._store
+        if isinstance(store, FileStore):
+            store.release()
+
+    def close(self) -> None:
+        """Take the card out of any field: power off, and let another reader have it."""
+        self.power_off()
+
+    def __enter__(self) -> SimulatedCard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def image(self) -> CardImage:
@@ -123,26 +185,42 @@ class SimulatedCard:
         """Replace the whole persistent state, as a personalisation bureau would (tests use it
         to reset a card that stays in a reader's field)."""
         with self._lock:
-            self._image = image
-            self._session = None
-            if self._store is not None:
-                self._store.save(image)
+            store = self._store
+            in_field = isinstance(store, FileStore) and store.held
+            if isinstance(store, FileStore) and not in_field:
+                store.take()
+            try:
+                if store is not None:
+                    store.save(image)
+                self._image = image
+                self._session = None
+            finally:
+                if not in_field:
+                    self._leave_field()
 
     def power_on(self) -> bytes:
-        """Cold reset: a new session; returns the ATR."""
+        """Cold reset: a new session; returns the ATR.  CardBusyError if a file-backed card is
+        in another field."""
         with self._lock:
+            self._enter_field()
             self._session = Session.power_on(self._entropy(16))
         return ATR
 
     def power_off(self) -> None:
-        """Field off: the volatile session is gone."""
+        """Field off: the volatile session is gone (and a file-backed card is free)."""
         with self._lock:
             self._session = None
+            self._leave_field()
 
     def transmit(self, apdu: bytes) -> bytes:
-        """Process one APDU; an unpowered card is powered first (as a reader would)."""
+        """Process one APDU; an unpowered card is powered first (as a reader would).
+
+        ImageError if a file-backed card cannot write a commit: it did not commit then, and
+        keeps its old image (CardBusyError if it had to be powered and is in another field).
+        """
         with self._lock:
             if self._session is None:
+                self._enter_field()
                 self._session = Session.power_on(self._entropy(16))
             outcome = process(self._image, self._session, apdu, today=self._today())
             if outcome.committed and self._store is not None:

@@ -21,6 +21,7 @@ from card import (
     CardImage,
     CardType,
     ImageError,
+    ImageLock,
     IssuerKeys,
     KeysFileError,
     LogRecord,
@@ -34,6 +35,7 @@ from card import (
     save_image,
 )
 from card._files import parse_bcd_date
+from card._messages import describe_path, shown
 from card._money import fen_to_yuan, yuan_to_fen
 from farelab._errors import CliError
 
@@ -156,25 +158,25 @@ def _parse_day(text: str | None, what: str) -> date | None:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise CliError(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
+        raise CliError(f"{what} {shown(text)} is not a date (YYYY-MM-DD)") from None
 
 
 def _new(args: argparse.Namespace) -> int:
     path: Path = args.path
     if path.exists() and not args.force:
-        raise CliError(f"{path} already exists; use --force to overwrite it")
+        raise CliError(f"{describe_path(path)} already exists; use --force to overwrite it")
     try:
         balance = yuan_to_fen(args.balance, what="--balance")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if not 0 <= balance <= 100_000:
-        raise CliError(f"--balance must be 0 to 1000 yuan (R4), got {args.balance}")
+        raise CliError(f"--balance must be 0 to 1000 yuan (R4), got {shown(args.balance)}")
     try:
         issuer = bytes.fromhex(args.issuer)
     except ValueError:
-        raise CliError(f"--issuer {args.issuer!r} is not hex") from None
+        raise CliError(f"--issuer {shown(args.issuer)} is not hex") from None
     if len(issuer) != 8:
-        raise CliError(f"--issuer must be 16 hex digits (8 bytes), got {args.issuer!r}")
+        raise CliError(f"--issuer must be 16 hex digits (8 bytes), got {shown(args.issuer)}")
     keys: IssuerKeys = DEMO_KEYS
     if args.keys is not None:
         try:
@@ -183,7 +185,7 @@ def _new(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     serial = args.serial if args.serial is not None else f"{secrets.randbelow(10**20):020d}"
     if not serial.isdigit() or not 1 <= len(serial) <= 20:
-        raise CliError(f"--serial must be 1 to 20 digits, got {serial!r}")
+        raise CliError(f"--serial must be 1 to 20 digits, got {shown(serial)}")
     issued = _parse_day(args.issued, "--issued") or datetime.now(CST).date()
     expires = _parse_day(args.expires, "--expires")
     try:
@@ -199,13 +201,19 @@ def _new(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    # A card overwritten with --force may be in a field: wait for it like any other user.
+    lock = ImageLock(path)
     try:
+        lock.acquire()
         save_image(path, image)
-    except OSError as exc:
-        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    except ImageError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        lock.release()
     public = image.public
     print(
-        f"card {public.serial} ({public.card_type.label}, {image.alg.label}) written to {path}: "
+        f"card {public.serial} ({public.card_type.label}, {image.alg.label}) written to "
+        f"{describe_path(path)}: "
         f"balance {fen_to_yuan(image.balance)} yuan, valid {public.start} to {public.expiry}"
     )
     return 0
@@ -383,7 +391,7 @@ def parse_vpcd(text: str) -> tuple[str, int]:
     """``HOST:PORT`` → (host, port); CliError when malformed."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CliError(f"--vpcd {text!r} is not HOST:PORT")
+        raise CliError(f"--vpcd {shown(text)} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -412,8 +420,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         serve(sim, host=host, port=port, stop=stop)
-    except ViccError as exc:
+    except (ViccError, ImageError) as exc:
         raise CliError(str(exc)) from None
+    finally:
+        sim.close()
     print(f"card removed; balance {fen_to_yuan(sim.image.balance)} yuan")
     return 0
 
@@ -431,8 +441,10 @@ def _tap(args: argparse.Namespace) -> int:
     before = sim.image.balance
     try:
         tap(sim, host=host, port=port, hold=args.hold)
-    except ViccError as exc:
+    except (ViccError, ImageError) as exc:
         raise CliError(str(exc)) from None
+    finally:
+        sim.close()
     after = sim.image.balance
     print(
         f"card {sim.image.public.serial} tapped for {args.hold:g} s: {sim.apdus} APDUs, "

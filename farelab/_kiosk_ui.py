@@ -142,6 +142,8 @@ def run_kiosk(kiosk: Kiosk, *, reader_spec: str, console: Console | None = None)
             return
         if session.reader.wait_for_card(0):
             asyncio.run(_serve_card(console, kiosk, session))
+        if isinstance(session.reader, InProcessReader):
+            session.reader.remove()  # the card leaves the field: another reader may have it
         if pcsc is not None:
             console.print("Please take the card.")
             pcsc.disconnect()

@@ -10,7 +10,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backend._broker import BrokerURL
+from backend._broker import BrokerURL, check_client_id
 from backend._store import StoreError
 from card import (
     DEMO_ISSUER_ID,
@@ -23,12 +23,13 @@ from card import (
     ReaderError,
     SimulatedCard,
 )
+from card._messages import shown
 from card._money import fen_to_yuan
 from farelab._errors import CliError
 from topup._host import Host, LocalHost, MqttHost
 from topup._journal import KioskJournal, KioskJournalError
 from topup._rules import AmountRules, parse_amount
-from topup._station import Kiosk, LoadResult, Run
+from topup._station import Kiosk, LoadResult, Run, terminal_for
 
 __all__ = ["register"]
 
@@ -163,26 +164,27 @@ def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
     unit, minimum = parse_amount(args.unit), parse_amount(args.minimum)
     if not unit or unit <= 0 or minimum is None or minimum <= 0:
         raise CliError("--unit and --minimum must be positive amounts in yuan")
-    host: Host
-    closers: list[Callable[[], None]] = []
-    if args.broker:
-        try:
-            host = MqttHost(BrokerURL.parse(args.broker), args.kiosk, timeout=args.timeout)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-    else:
-        try:
-            local = LocalHost(Path("farelab-host.db"), args.kiosk)
-        except StoreError as exc:
-            raise CliError(str(exc)) from None
-        host = local
-        closers.append(local.close)
+    try:
+        check_client_id(args.kiosk, "--kiosk")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    terminal = terminal_for(args.kiosk)
     try:
         journal = KioskJournal(args.journal)
     except KioskJournalError as exc:
         raise CliError(str(exc)) from None
-    closers.append(journal.close)
-    terminal = (0xF0000000 + sum(args.kiosk.encode()) % 0xFFFF).to_bytes(6, "big")
+    closers: list[Callable[[], None]] = [journal.close]
+    host: Host
+    try:
+        if args.broker:
+            host = MqttHost(BrokerURL.parse(args.broker), args.kiosk, timeout=args.timeout)
+        else:
+            local = LocalHost(Path("farelab-host.db"), args.kiosk, terminal=terminal)
+            host = local
+            closers.append(local.close)
+    except (ValueError, StoreError) as exc:
+        journal.close()
+        raise CliError(str(exc)) from None
     kiosk = Kiosk(
         kiosk_id=args.kiosk,
         terminal_id=terminal,
@@ -209,7 +211,7 @@ def _reader(args: argparse.Namespace) -> Reader:
         try:
             pcsc = PcscReader(args.reader.removeprefix("pcsc:"))
             if not pcsc.wait_for_card(5):
-                raise CliError(f"no card in {pcsc.name!r} after 5 s")
+                raise CliError(f"no card in {shown(pcsc.name)} after 5 s")
             pcsc.connect()
         except ReaderError as exc:
             raise CliError(str(exc)) from None
@@ -218,6 +220,8 @@ def _reader(args: argparse.Namespace) -> Reader:
         card = SimulatedCard.from_file(args.card)
     except ImageError as exc:
         raise CliError(str(exc)) from None
+    # The card enters the field (and takes its image's lock) at its first command; a card in
+    # another field makes the action's result "card_busy".
     memory = InProcessReader("kiosk")
     memory.insert(card)
     return memory
@@ -256,6 +260,8 @@ def _one_shot(
     try:
         result = asyncio.run(action(kiosk, run))
     finally:
+        if isinstance(reader, InProcessReader):
+            reader.remove()  # the card leaves the field: another reader may have it now
         close()
     if args.json:
         print(json.dumps(result.to_json()))
@@ -289,7 +295,7 @@ def _transfer(args: argparse.Namespace) -> int:
     try:
         date.fromisoformat(args.reported)
     except ValueError:
-        raise CliError(f"--reported {args.reported!r} is not a date (YYYY-MM-DD)") from None
+        raise CliError(f"--reported {shown(args.reported)} is not a date (YYYY-MM-DD)") from None
     if not args.old.isdigit() or len(args.old) > 20:
         raise CliError("--old must be a card serial (up to 20 digits)")
 

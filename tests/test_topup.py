@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from backend._loads import ensure_schema, handle_load_message
+from backend._registry import DeviceEntry, register
 from backend._store import Store
 from card import (
     DEMO_ISSUER_ID,
@@ -35,6 +36,13 @@ from topup._station import CardView, Kiosk, LoadResult
 
 T = TypeVar("T")
 TERMINAL = bytes.fromhex("0000F0000001")
+KIOSK_1 = DeviceEntry(
+    id="kiosk-1",
+    role="kiosk",
+    operator="kiosk-1",
+    kinds=frozenset({"load", "refund"}),
+    terminal=TERMINAL.hex().upper(),
+)
 
 
 class CapHost:
@@ -43,6 +51,7 @@ class CapHost:
     def __init__(self, folder: Path, cap: int) -> None:
         self.store = Store(f"sqlite:///{folder / 'host.db'}")
         ensure_schema(self.store)
+        register(self.store, KIOSK_1)
         self.authority = LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS}, cap=cap)
         self.verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
         self.down = False
@@ -196,7 +205,7 @@ def test_credit_lost_on_the_air_is_voided_not_paid(tmp_path: Path) -> None:
 
 
 def test_local_host_is_used_without_a_broker(tmp_path: Path) -> None:
-    host = LocalHost(tmp_path / "host.db", "kiosk-1")
+    host = LocalHost(tmp_path / "host.db", "kiosk-1", terminal=TERMINAL)
     image = personalise(serial="67", issued=date(2026, 1, 1), balance=0)
     reader = InProcessReader()
     reader.insert(SimulatedCard(image, store=MemoryStore()))

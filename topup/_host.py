@@ -14,8 +14,9 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from backend._broker import BrokerURL
+from backend._broker import BrokerURL, check_client_id
 from backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
+from backend._registry import DeviceEntry, lookup, register
 from backend._store import Store
 from card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
 
@@ -40,12 +41,33 @@ class Host(Protocol):
 
 
 class LocalHost:
-    """An in-process host with the demo issuer's keys and a SQLite ledger of its own."""
+    """An in-process host with the demo issuer's keys and a SQLite ledger of its own.
 
-    def __init__(self, ledger: Path, kiosk: str) -> None:
-        """``ledger``: the host's database file; ``kiosk``: this kiosk's id."""
+    The host runs in the kiosk's own process, so it registers that kiosk in its ledger's device
+    registry the first time (a kiosk revoked there stays revoked).
+    """
+
+    def __init__(self, ledger: Path, kiosk: str, *, terminal: bytes) -> None:
+        """
+        Args:
+            ledger: the host's database file.
+            kiosk: this kiosk's id (ValueError unless it can be a topic level).
+            terminal: the kiosk's 6-byte terminal id, as its load requests carry it.
+        """
+        check_client_id(kiosk, "kiosk id")
         self._store = Store(f"sqlite:///{ledger}")
         ensure_schema(self._store)
+        if lookup(self._store, kiosk) is None:
+            register(
+                self._store,
+                DeviceEntry(
+                    id=kiosk,
+                    role="kiosk",
+                    operator=kiosk[:8],
+                    kinds=frozenset({"load", "refund"}),
+                    terminal=terminal.hex().upper(),
+                ),
+            )
         self._authority = LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS})
         self._verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
         self._kiosk = kiosk
@@ -71,7 +93,9 @@ class MqttHost:
     """The backend, over MQTT request/response on the kiosk's own topics."""
 
     def __init__(self, broker: BrokerURL, kiosk: str, *, timeout: float = 5.0) -> None:
-        """``timeout``: seconds to wait for an answer before declaring the host unreachable."""
+        """``kiosk``: this kiosk's id, a level of its topics (ValueError unless it can be one);
+        ``timeout``: seconds to wait for an answer before declaring the host unreachable."""
+        check_client_id(kiosk, "kiosk id")
         self._broker = broker
         self._kiosk = kiosk
         self._timeout = timeout

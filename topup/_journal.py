@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend._dbfile import ForeignFileError, claim, describe_path
+
 __all__ = ["KioskJournal", "KioskJournalError", "PendingLoad"]
 
 _SCHEMA = """
@@ -53,19 +55,31 @@ class KioskJournal:
     """SQLite (WAL, synchronous FULL: a kiosk handles money one load at a time)."""
 
     def __init__(self, path: Path | str) -> None:
-        """Open or create the journal."""
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        """Open or create the journal; KioskJournalError for a file that is not one (another
+        program's database, a validator journal, a ledger, a folder), left untouched."""
+        where = describe_path(path)
+        if Path(path).is_dir():
+            raise KioskJournalError(f"{where}: not a usable kiosk journal: it is a folder")
         try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise KioskJournalError(f"{where}: not a usable kiosk journal: {exc}") from None
+        try:
+            claim(self._db, path, "kiosk")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(loads)")}
-        except sqlite3.DatabaseError as exc:
-            raise KioskJournalError(f"{path}: not a usable kiosk journal: {exc}") from None
-        # Journals written before refunds were journalled lack these columns.
-        for column in ("kind TEXT NOT NULL DEFAULT 'load'", "detail TEXT NOT NULL DEFAULT ''"):
-            if column.split()[0] not in columns:
-                self._db.execute(f"ALTER TABLE loads ADD COLUMN {column}")
+            # Journals written before refunds were journalled lack these columns.
+            for column in ("kind TEXT NOT NULL DEFAULT 'load'", "detail TEXT NOT NULL DEFAULT ''"):
+                if column.split()[0] not in columns:
+                    self._db.execute(f"ALTER TABLE loads ADD COLUMN {column}")
+        except ForeignFileError as exc:
+            self._db.close()
+            raise KioskJournalError(f"not a usable kiosk journal: {exc}") from None
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise KioskJournalError(f"{where}: not a usable kiosk journal: {exc}") from None
         self._lock = threading.Lock()
 
     def _set(self, load_id: str, status: str, tac: str = "") -> None:

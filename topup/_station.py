@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 from backend._loads import authorize_message
 from card import (
     SW,
+    CardBusyError,
     CardRemovedError,
     CardSnapshot,
+    ImageError,
     Load,
     LoadDone,
     NeedAuthorization,
@@ -43,7 +45,7 @@ from topup._host import Host, HostUnreachableError, new_request_id
 from topup._journal import KioskJournal, PendingLoad
 from topup._rules import AmountRules, check_amount, room
 
-__all__ = ["KILL_POINTS", "CardView", "Kiosk", "LoadResult", "Run"]
+__all__ = ["KILL_POINTS", "CardView", "Kiosk", "LoadResult", "Run", "terminal_for"]
 
 KILL_POINTS = (
     "kiosk_after_init",
@@ -57,6 +59,11 @@ KILL_POINTS = (
 
 T = TypeVar("T")
 Run = Callable[[Callable[[Reader], T]], Awaitable[T]]
+
+
+def terminal_for(kiosk_id: str) -> bytes:
+    """The 6-byte terminal id ``farelab topup`` gives the kiosk ``kiosk_id``."""
+    return (0xF0000000 + sum(kiosk_id.encode()) % 0xFFFF).to_bytes(6, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +207,8 @@ class Kiosk:
             return self._refused(
                 "card_error", 0, None, "the card left the reader; present it again"
             )
+        except ImageError as exc:
+            return self._card_fault(exc, 0, None)
         except HostUnreachableError as exc:
             return self._refused("host_unreachable", 0, None, f"{exc}; no load is possible now")
         return CardView(snapshot.serial, balance, room(balance, self.rules), tuple(notes))
@@ -213,6 +222,12 @@ class Kiosk:
         settled: tuple[str, ...] = (),
     ) -> LoadResult:
         return LoadResult("refused", reason, amount, balance, None, message, settled)
+
+    def _card_fault(self, exc: ImageError, amount: int, balance: int | None) -> LoadResult:
+        """A simulated card that cannot be used — in another field (``card_busy``), its image
+        unreadable or unwritable (``card_error``) — before anything reached it."""
+        reason = "card_busy" if isinstance(exc, CardBusyError) else "card_error"
+        return self._refused(reason, amount, balance, f"{exc}; nothing was done")
 
     async def load(
         self,
@@ -231,11 +246,14 @@ class Kiosk:
         if problem is not None or amount is None:
             reason, message = problem or ("bad_amount", "no amount")
             return self._refused(reason, amount or 0, view.balance_fen, message, view.settled)
-        snapshot, _ = await run(_read)
-        assert isinstance(snapshot, CardSnapshot)
-        flow = Load(terminal_id=self.terminal_id, card=snapshot, amount=amount)
         progress("asking the card")
         try:
+            snapshot, _ = await run(_read)
+            if not isinstance(snapshot, CardSnapshot):
+                return self._refused(
+                    "card_error", amount, view.balance_fen, "the card cannot be read"
+                )
+            flow = Load(terminal_id=self.terminal_id, card=snapshot, amount=amount)
             event = await run(lambda r: flow.receive(r.transmit(flow.start().apdu)))
         except (CardRemovedError, ReaderError):
             return self._refused(
@@ -244,6 +262,8 @@ class Kiosk:
                 view.balance_fen,
                 "the card left the reader; nothing was loaded",
             )
+        except ImageError as exc:
+            return self._card_fault(exc, amount, view.balance_fen)
         if not isinstance(event, NeedAuthorization):
             reason = "cap_exceeded" if event.sw == SW.CONDITIONS else "card_error"
             return self._refused(
@@ -290,6 +310,12 @@ class Kiosk:
                 "the card left while writing: present "
                 "it again to finish (nothing is lost or paid twice)",
             )
+        except ImageError as exc:
+            # The simulated card could not write its image: it did not commit the CREDIT.
+            await self._void(load_id)
+            return self._refused(
+                "card_error", amount, view.balance_fen, f"{exc}; nothing was loaded"
+            )
         if not isinstance(done, LoadDone):
             # The card answered, and said no: CREDIT did not happen.
             await self._void(load_id)
@@ -324,7 +350,12 @@ class Kiosk:
     async def transfer(
         self, run: Run[Any], *, old_serial: str, reason: str, reported: str, profile: str
     ) -> LoadResult:
-        """Move a replaced card's balance onto this one, as the host computes it (R6)."""
+        """Move a replaced card's balance onto this one, as the host computes it (R6); the host
+        refuses a card that may not take it (the old card itself, a hotlisted or replaced card,
+        one that already received a transfer)."""
+        view = await self.present(run)
+        if isinstance(view, LoadResult):
+            return view
         details = {
             "old_serial": old_serial,
             "reason": reason,
@@ -333,17 +364,25 @@ class Kiosk:
         }
         try:
             quote = await self.host.call(
-                {"id": new_request_id(), "op": "transfer_quote", **details}
+                {
+                    "id": new_request_id(),
+                    "op": "transfer_quote",
+                    "card_serial": view.serial,
+                    **details,
+                }
             )
         except HostUnreachableError as exc:
             return self._refused("host_unreachable", 0, None, f"{exc}; nothing was moved")
         amount = int(quote.get("amount_fen", 0))
         if quote.get("result") != "quote" or amount <= 0:
+            why = str(quote.get("reason") or "transfer_refused")
             when = quote.get("available_on")
-            message = f"no balance can move now ({quote.get('reason')})"
+            message = f"no balance can move now ({why})"
+            if quote.get("detail"):
+                message += f": {quote['detail']}"
             if when:
                 message += f"; it can from {when}"
-            return self._refused(str(quote.get("reason", "transfer_refused")), 0, None, message)
+            return self._refused(why, 0, view.balance_fen, message)
         return await self.load(run, amount, transfer=details)
 
     async def refund(self, run: Run[Any], psam: Psam) -> LoadResult:
@@ -352,9 +391,16 @@ class Kiosk:
         view = await self.present(run)
         if isinstance(view, LoadResult):
             return view
-        snapshot, balance = await run(_read)
-        assert isinstance(snapshot, CardSnapshot)
-        assert balance is not None
+        try:
+            snapshot, balance = await run(_read)
+        except (CardRemovedError, ReaderError):
+            return self._refused(
+                "card_error", 0, None, "the card left the reader; present it again"
+            )
+        except ImageError as exc:
+            return self._card_fault(exc, 0, None)
+        if not isinstance(snapshot, CardSnapshot) or balance is None:
+            return self._refused("card_error", 0, None, "the card cannot be read; try again")
         flow = Purchase(psam=psam, card=snapshot, amount=balance, when=datetime.now(UTC))
         refund_id = new_request_id()
 
@@ -380,6 +426,10 @@ class Kiosk:
                 "the card left the reader; present "
                 "it again to finish (nothing is lost or paid twice)",
             )
+        except ImageError as exc:
+            # The simulated card could not write its image: it did not commit the DEBIT.
+            self.journal.void(refund_id)
+            return self._refused("card_error", balance, balance, f"{exc}; nothing was taken")
         if not isinstance(done, PurchaseDone):
             self.journal.void(refund_id)
             return self._refused("card_error", balance, balance, "the card refused the refund")
