@@ -11,7 +11,8 @@ from pathlib import Path
 
 from aiomqtt import MqttError
 
-from backend._broker import BrokerURL
+from backend._broker import BrokerURL, check_client_id
+from backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
 from backend._clearing import clear_ledger
 from backend._params import devices_in, next_params, publish_params, read_status
 from backend._report import report
@@ -19,6 +20,7 @@ from backend._service import run_workers
 from backend._store import Store, StoreError
 from card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
 from card._money import fen_to_yuan
+from farelab import _brokercli as broker_cli
 from farelab._errors import CliError
 from validator._network import NetworkError, parse_networks
 
@@ -35,7 +37,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "commits, then acknowledges.",
     )
     cmds = backend.add_subparsers(dest="backend_command", required=True, metavar="SUBCOMMAND")
-    run = cmds.add_parser("run", help="ingest until stopped (Ctrl-C, SIGTERM)")
+    risks = "\n".join(f"  - {risk}" for risk in OPEN_BROKER_RISKS)
+    run = cmds.add_parser(
+        "run",
+        help="ingest until stopped (Ctrl-C, SIGTERM)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ingest validators' batches and answer kiosks' load requests until stopped.\n\n"
+        "WARNING: the broker is where devices, kiosks and the backend are told apart. On a "
+        "broker that\nlets in clients without valid credentials (a plain Mosquitto does), "
+        "anyone who can reach it can:\n"
+        f"{risks}\n"
+        "Run the broker with the configuration `farelab backend broker-config` writes from the "
+        "device\nregistry. At start this command tries the broker anonymously and with a "
+        "made-up account, and\nprints this warning on stderr if it gets in.\n\n"
+        "Each worker's MQTT client id is farelab-backend-<host>-<random>-w<N>, unique per host "
+        "and start,\nso several backends can share a broker and a --group; workers stop when "
+        "this process dies.",
+    )
     run.add_argument(
         "--broker",
         required=True,
@@ -66,9 +84,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--group",
         default="farelab-backend",
-        help="shared-subscription group name (default farelab-backend)",
+        help="shared-subscription group name (default farelab-backend; letters, digits, '.', "
+        "'_', '-')",
     )
     run.set_defaults(func=_run)
+    broker_cli.add_parser(cmds)
     par = cmds.add_parser(
         "params",
         help="publish a new parameters version (hotlist, whitelist) to devices",
@@ -140,6 +160,10 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if not 1 <= args.workers <= 64:
         raise CliError("--workers must be 1 to 64")
+    try:
+        check_client_id(args.group, "--group")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if args.workers > 1 and not broker.mqtt5:
         raise CliError(
             "several --workers need MQTT 5 shared subscriptions; the broker URL says protocol=3.1.1"
@@ -163,6 +187,9 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    logins = asyncio.run(open_logins(broker))
+    if logins:
+        print(open_broker_warning(broker, logins), file=sys.stderr, flush=True)
     return run_workers(
         str(args.broker),
         args.db,
@@ -177,6 +204,12 @@ def _params(args: argparse.Namespace) -> int:
         broker = BrokerURL.parse(args.broker)
         store = Store(args.db)
     except (ValueError, StoreError) as exc:
+        raise CliError(str(exc)) from None
+    try:
+        for device in args.device:
+            check_client_id(device, "--device")
+    except ValueError as exc:
+        store.close()
         raise CliError(str(exc)) from None
     bad = [s for s in args.hotlist if not s.isdigit() or len(s) > 20]
     if bad:

@@ -1,5 +1,6 @@
-"""Each device authenticates with its own credentials; the shipped ACL lets it publish only its
-own uplink; TLS works end to end."""
+"""The broker keeps each account to its role and its own id: the configuration `farelab backend
+broker-config` writes from the device registry, against a real Mosquitto; each device
+authenticates with its own credentials; TLS works end to end."""
 
 from __future__ import annotations
 
@@ -8,41 +9,95 @@ import json
 import subprocess
 import sys
 import time
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from backend._mosquitto import Mosquitto
+from backend._brokerconfig import MAX_PACKET_SIZE
+from backend._mosquitto import Mosquitto, free_port
+from backend._registry import DeviceEntry, hash_secret, register, revoke
+from backend._store import Store
 from backend._wire import Batch, Record, encode_batch
 from tests.test_uplink_backend import farelab, make_taps, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = {"farelab-backend": "backend-pw", "bus-1": "bus1-pw", "gate-a": "ga-pw", "gate-b": "gb-pw"}
+SECRET = {
+    "farelab-backend": "backend-pw",
+    "bus-1": "bus1-pw",
+    "bus-2": "bus2-pw",
+    "kiosk-1": "k1-pw",
+    "kiosk-2": "k2-pw",
+}
 DEVICE = """
 [[validator]]
 id = "{id}"
 kind = "bus"
 network = "taiyuan"
+operator = "TYBUS"
 terminal_id = "{terminal}"
 whitelist = ["1310000000000000"]
 mqtt_password = "{password}"
 """
 
 
-def secured_broker(folder: Path, tls: str = "") -> Mosquitto:
-    passwd = folder / "farelab.passwd"
-    passwd.touch()
-    for user, password in SECRET.items():
-        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
-    acl = folder / "farelab.acl"
-    acl.write_text((resources.files("backend") / "mosquitto" / "farelab.acl").read_text())
-    broker = Mosquitto(folder, extra=f"password_file {passwd}\nacl_file {acl}\n{tls}")
-    conf = broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
-    broker.conf.write_text(conf)
+def registry(db: str) -> None:
+    """Two validators and two kiosks with passwords; bus-3 revoked; kiosk-3 without one."""
+    store = Store(db)
+    try:
+        for n, device in enumerate(("bus-1", "bus-2", "bus-3"), 1):
+            entry = DeviceEntry(device, "validator", "TYBUS", frozenset({"bus"}), f"000000000B0{n}")
+            register(store, entry, secret_hash=hash_secret(SECRET.get(device, "bus3-pw")))
+        revoke(store, "bus-3")
+        for n, kiosk in enumerate(("kiosk-1", "kiosk-2", "kiosk-3"), 1):
+            entry = DeviceEntry(kiosk, "kiosk", "TYKIOSK", frozenset({"load"}), f"F0000000000{n}")
+            secret = hash_secret(SECRET[kiosk]) if kiosk in SECRET else ""
+            register(store, entry, secret_hash=secret)
+    finally:
+        store.close()
+
+
+def secured_broker(folder: Path, *, fmt: str = "dynsec", tls: Sequence[str] = ()) -> Mosquitto:
+    """A Mosquitto on the configuration `broker-config` writes from :func:`registry`'s ledger
+    (``folder/ledger.db``)."""
+    db = f"sqlite:///{folder / 'ledger.db'}"
+    registry(db)
+    port = free_port()
+    out = folder / "broker"
+    result = farelab(
+        "backend",
+        "broker-config",
+        "--db",
+        db,
+        "--out",
+        str(out),
+        "--backend-password",
+        SECRET["farelab-backend"],
+        "--listener",
+        f"127.0.0.1:{port}",
+        "--format",
+        fmt,
+        *tls,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "left out (revoked, or registered without a password): bus-3, kiosk-3" in result.stdout
+    broker = Mosquitto(folder, config=(out / "farelab.conf").read_text(), port=port)
     broker.start()
     return broker
+
+
+def login(port: int, user: str | None, password: str | None = None) -> aiomqtt.Client:
+    if user is not None and password is None:
+        password = SECRET[user]
+    return aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        username=user,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=5,
+    )
 
 
 def backend(url: str, db: str) -> subprocess.Popen[str]:
@@ -100,6 +155,185 @@ def test_wrong_password_is_refused(tmp_path: Path) -> None:
     try:
         with pytest.raises(aiomqtt.MqttError):
             asyncio.run(publish(broker.port, "bus-1", "guess", "farelab/v1/dev/bus-1/tx", b"x"))
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [
+        (None, None),  # anonymous
+        ("bus-9", "any"),  # not registered
+        ("bus-3", "bus3-pw"),  # revoked
+        ("kiosk-3", ""),  # registered without a password
+        ("farelab-backend", "bus1-pw"),  # another account's password
+    ],
+)
+def test_only_registered_accounts_log_in(tmp_path: Path, user: str | None, password: str) -> None:
+    broker = secured_broker(tmp_path)
+
+    async def attempt() -> None:
+        async with login(broker.port, user, password):
+            pass
+
+    try:
+        with pytest.raises(aiomqtt.MqttCodeError) as refused:
+            asyncio.run(attempt())
+        assert refused.value.rc in (134, 135)  # bad user name or password / not authorized
+    finally:
+        broker.stop()
+
+
+# topic → (account, the topics it publishes to in vain, one of its own topics)
+OUTSIDE_PUBLISH = {
+    "bus-1": (
+        "farelab/v1/dev/bus-2/tx",
+        "farelab/v1/dev/bus-2/status",
+        "farelab/v1/dev/bus-1/ack",
+        "farelab/v1/dev/bus-1/params",
+        "farelab/v1/dev/bus-2/params",
+        "farelab/v1/kiosk/bus-1/load/req",
+        "farelab/v1/kiosk/kiosk-1/load/req",
+        "farelab/v1/kiosk/kiosk-1/load/resp",
+        "farelab/v1/dev/bus-1/tx/more",
+        "farelab/v2/dev/bus-1/tx",
+    ),
+    "kiosk-1": (
+        "farelab/v1/dev/kiosk-1/tx",
+        "farelab/v1/dev/kiosk-1/status",
+        "farelab/v1/dev/bus-1/tx",
+        "farelab/v1/dev/bus-1/params",
+        "farelab/v1/kiosk/kiosk-2/load/req",
+        "farelab/v1/kiosk/kiosk-1/load/resp",
+        "farelab/v1/kiosk/kiosk-2/load/resp",
+    ),
+}
+OWN_TOPIC = {"bus-1": "farelab/v1/dev/bus-1/status", "kiosk-1": "farelab/v1/kiosk/kiosk-1/load/req"}
+
+
+async def publishes_seen(port: int, user: str, topics: Sequence[str], own: str) -> list[str]:
+    """Publish to each topic as ``user``, then to its own topic; the topics the backend account
+    (subscribed to all of ``farelab/#``) saw before that last message, which comes after any
+    earlier one the broker let through (one publisher's messages keep their order)."""
+    async with login(port, "farelab-backend") as observer:
+        granted = await observer.subscribe("farelab/#", qos=1)
+        assert [rc.value for rc in granted] == [1]  # type: ignore[union-attr]
+        async with login(port, user) as client:
+            for topic in topics:
+                await client.publish(topic, f"from {user}".encode(), qos=1)
+            await client.publish(own, b"last", qos=1)
+        seen: list[str] = []
+        async for message in observer.messages:
+            if str(message.topic) == own and message.payload == b"last":
+                return seen
+            seen.append(str(message.topic))
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("fmt", ["dynsec", "acl"])
+@pytest.mark.parametrize("user", ["bus-1", "kiosk-1"])
+def test_each_role_is_refused_every_publish_outside_it(tmp_path: Path, user: str, fmt: str) -> None:
+    broker = secured_broker(tmp_path, fmt=fmt)
+    try:
+        seen = asyncio.run(
+            publishes_seen(broker.port, user, OUTSIDE_PUBLISH[user], OWN_TOPIC[user])
+        )
+    finally:
+        broker.stop()
+    assert seen == []
+
+
+# account → (filters refused at SUBACK, filters granted)
+SUBSCRIBE = {
+    "bus-1": (
+        (
+            "$share/farelab-backend/farelab/v1/dev/+/tx",
+            "$share/farelab-backend/farelab/v1/kiosk/+/load/req",
+            "$share/farelab-backend/farelab/v1/dev/bus-1/tx",
+            "$share/g/farelab/v1/dev/bus-1/ack",
+            "farelab/v1/dev/+/tx",
+            "farelab/v1/dev/+/ack",
+            "farelab/v1/dev/bus-1/+",
+            "farelab/v1/dev/bus-1/tx",
+            "farelab/v1/dev/bus-2/ack",
+            "farelab/v1/dev/bus-2/params",
+            "farelab/v1/kiosk/kiosk-1/load/resp",
+            "farelab/v1/kiosk/+/load/req",
+            "farelab/#",
+            "#",
+            "$SYS/#",
+        ),
+        ("farelab/v1/dev/bus-1/ack", "farelab/v1/dev/bus-1/params"),
+    ),
+    "kiosk-1": (
+        (
+            "$share/farelab-backend/farelab/v1/kiosk/+/load/req",
+            "$share/farelab-backend/farelab/v1/dev/+/tx",
+            "farelab/v1/kiosk/+/load/resp",
+            "farelab/v1/kiosk/kiosk-1/load/req",
+            "farelab/v1/kiosk/kiosk-2/load/resp",
+            "farelab/v1/kiosk/kiosk-1/#",
+            "farelab/v1/dev/kiosk-1/ack",
+            "farelab/v1/dev/kiosk-1/params",
+            "farelab/#",
+            "#",
+        ),
+        ("farelab/v1/kiosk/kiosk-1/load/resp",),
+    ),
+    "farelab-backend": (
+        ("#", "other/#", "$SYS/#", "$share/someone-else/farelab/v1/dev/+/tx", "$share/g/#"),
+        (
+            "farelab/#",
+            "$share/farelab-backend/farelab/v1/dev/+/tx",
+            "$share/farelab-backend/farelab/v1/kiosk/+/load/req",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("user", list(SUBSCRIBE))
+def test_each_role_is_refused_every_subscription_outside_it(tmp_path: Path, user: str) -> None:
+    """Refused at SUBACK (reason code 0x87), not granted and then starved at delivery: a
+    device in the backend's shared group would be handed other devices' batches, which the
+    broker then drops, and every upload would stall."""
+    refused, granted = SUBSCRIBE[user]
+    broker = secured_broker(tmp_path)
+
+    async def codes(filters: Sequence[str]) -> list[int]:
+        async with login(broker.port, user) as client:
+            return [(await client.subscribe(f, qos=1))[0].value for f in filters]  # type: ignore[union-attr]
+
+    try:
+        assert asyncio.run(codes(refused)) == [0x87] * len(refused)
+        assert asyncio.run(codes(granted)) == [1] * len(granted)
+    finally:
+        broker.stop()
+
+
+def test_a_packet_over_the_size_limit_never_reaches_the_backend(tmp_path: Path) -> None:
+    broker = secured_broker(tmp_path)
+
+    async def oversize() -> None:
+        async with login(broker.port, "bus-1") as client:
+            await client.publish("farelab/v1/dev/bus-1/tx", bytes(MAX_PACKET_SIZE), qos=0)
+            await client.publish("farelab/v1/dev/bus-1/tx", b"after", qos=1)
+
+    async def attempt() -> list[int]:
+        async with login(broker.port, "farelab-backend") as observer:
+            await observer.subscribe("farelab/v1/dev/+/tx", qos=1)
+            with pytest.raises(aiomqtt.MqttError):  # the broker disconnects the sender
+                await oversize()
+            async with login(broker.port, "bus-1") as client:
+                await client.publish("farelab/v1/dev/bus-1/tx", b"last", qos=1)
+            sizes: list[int] = []
+            async for message in observer.messages:
+                if message.payload == b"last":
+                    return sizes
+                sizes.append(len(bytes(message.payload)))
+        raise AssertionError("unreachable")
+
+    try:
+        assert asyncio.run(attempt()) == []
     finally:
         broker.stop()
 
@@ -180,7 +414,7 @@ def test_devices_with_their_own_credentials_over_tls(tmp_path: Path) -> None:
         "-extfile",
         str(ext),
     )
-    broker = secured_broker(tmp_path, tls=f"certfile {crt}\nkeyfile {key}\n")
+    broker = secured_broker(tmp_path, tls=("--certfile", crt, "--keyfile", key))
     config = tmp_path / "devices.toml"
     config.write_text(DEVICE.format(id="bus-1", terminal="000000000B01", password=SECRET["bus-1"]))
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
@@ -206,3 +440,139 @@ def test_devices_with_their_own_credentials_over_tls(tmp_path: Path) -> None:
         stop(proc)
         broker.stop()
     assert ledger(db)["transactions"] == 4
+
+
+def run_briefly(url: str, db: str) -> str:
+    """``backend run`` until its worker is connected; its stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farelab", "backend", "run", "--broker", url, "--db", db],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "ingesting from" in line or "Traceback" in line:
+            break
+    stop(proc)
+    return "".join(lines) + proc.stderr.read()
+
+
+def test_backend_run_warns_loudly_on_a_broker_that_lets_anyone_in(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    err = run_briefly(broker.url, f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert "WARNING: the broker" in err
+    assert "(anonymous, any password)" in err
+    assert "load cards (up to 1000 yuan each) as any kiosk" in err
+    assert "farelab backend broker-config" in err
+
+
+def test_backend_run_does_not_warn_on_the_secured_broker(tmp_path: Path) -> None:
+    broker = secured_broker(tmp_path)
+    url = f"mqtt://farelab-backend:backend-pw@127.0.0.1:{broker.port}"
+    try:
+        err = run_briefly(url, f"sqlite:///{tmp_path / 'ledger.db'}")
+    finally:
+        broker.stop()
+    assert "ingesting from" in err
+    assert "WARNING" not in err
+
+
+def test_an_oversize_load_request_is_quarantined_unread(tmp_path: Path) -> None:
+    broker = secured_broker(tmp_path)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    proc = backend(f"mqtt://farelab-backend:backend-pw@127.0.0.1:{broker.port}", db)
+
+    async def ask() -> list[dict[str, object]]:
+        async with login(broker.port, "kiosk-1") as kiosk:
+            await kiosk.subscribe("farelab/v1/kiosk/kiosk-1/load/resp", qos=1)
+            req = "farelab/v1/kiosk/kiosk-1/load/req"
+            await kiosk.publish(req, json.dumps({"id": "x" * 20_000, "op": "void"}), qos=1)
+            await kiosk.publish(req, b"[]", qos=1)
+            answers = []
+            async for message in kiosk.messages:
+                answers.append(json.loads(bytes(message.payload)))
+                if len(answers) == 2:
+                    return answers
+        raise AssertionError("unreachable")
+
+    try:
+        first, second = asyncio.run(ask())
+    finally:
+        stop(proc)
+        broker.stop()
+    assert first["reason"] == "oversize"
+    assert second["reason"] == "malformed"  # an ordinary answer: the backend reads this kiosk
+    assert ledger(db)["quarantine_reasons"] == {"oversize": 1}
+
+
+def test_a_bad_group_device_or_ca_file_is_a_one_line_error(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Store(db).close()
+    runs = {
+        "--group": farelab(
+            "backend", "run", "--broker", "mqtt://127.0.0.1:1", "--db", db, "--group", "a/#"
+        ),
+        "--device": farelab(
+            "backend", "params", "--broker", "mqtt://127.0.0.1:1", "--db", db, "--device", "a/#"
+        ),
+        "CA file": farelab(
+            "backend",
+            "run",
+            "--broker",
+            f"mqtts://127.0.0.1:1?ca={tmp_path / 'no.pem'}",
+            "--db",
+            db,
+        ),
+    }
+    for what, result in runs.items():
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert what in result.stderr
+
+
+def test_workers_stop_the_backend_on_a_configuration_error(tmp_path: Path) -> None:
+    """A worker that cannot use its broker URL (here: the CA file went away after the start
+    check) stops the backend with status 2; it is not started again and again."""
+    code = (
+        "import sys; from backend._service import run_workers; "
+        "sys.exit(run_workers(sys.argv[1], sys.argv[2], issuers={}, workers=2))"
+    )
+    url = f"mqtts://127.0.0.1:1?ca={tmp_path / 'gone.pem'}"
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", code, url, db],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "starting it again" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "gone.pem: No such file or directory" in result.stderr
+
+
+def test_broker_config_refuses_what_mosquitto_could_not_use(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    store = Store(db)
+    entry = DeviceEntry("bus-1", "validator", "TYBUS", frozenset({"bus"}), "000000000B01")
+    register(store, entry, secret_hash="pbkdf2-sha512$101$c2FsdA==$aGFzaA==")
+    store.close()
+    out = str(tmp_path / "broker")
+    cases = {
+        "--listener": ("--listener", "localhost"),
+        "bus-1: its secret": (),
+        "--group": ("--group", "a/#"),
+    }
+    for what, extra in cases.items():
+        result = farelab("backend", "broker-config", "--db", db, "--out", out, *extra)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert what.split(":")[0].lstrip("-") in result.stderr, result.stderr
+    assert not (tmp_path / "broker" / "farelab.conf").exists()
