@@ -1,20 +1,79 @@
-"""Classifying an uploaded batch, record by record, before it is stored (pure).
+"""Classifying an uploaded batch, and deciding what it does to the ledger (pure).
 
 A record's *verdict* decides whether it counts: ``ok`` (a genuine completed transaction),
 ``forged`` (its TAC does not verify: flagged, not counted), ``unknown_issuer``, ``void`` (the
 device learnt that its DEBIT never reached the card), ``grey`` (outcome unknown until the card
-returns).  De-duplication against what is already stored happens in the store, inside the same
-database transaction as the insert.
+returns), and the verdicts :func:`decide` gives against the registry and the ledger:
+``wrong_device`` (its TAC-covered terminal is not the registered device's), ``wrong_kind`` (a
+kind the device may not make, or one its TAC-covered transaction type contradicts),
+``bad_time`` (its TAC-covered day and time are no date), ``replay`` (a counted card transaction
+sent again under another identity) and ``clone`` (another transaction under a counted card
+counter).
+
+Only what the TAC covers — card, issuer, amount, transaction type, terminal, terminal
+transaction counter, day and time — is taken from the record as proof.  What the backend knows
+itself (operator, station, line: the device registry's) replaces what the record says; the
+rest is checked (the time against the TAC's, the balance against the card's chain) and a
+disagreement is an anomaly.
+
+A record's identity in the ledger is (device, journal epoch, sequence number): a journal file
+replaced on a device starts its numbers at 1 again, under a new random epoch.  The store
+fetches what the ledger holds for a batch (:class:`LedgerView`), :func:`decide` says what to
+write (:class:`Decision`), and the store writes it, all in one database transaction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from backend._wire import Batch, Record
+from backend._registry import DeviceEntry
+from backend._wire import Batch, Record, encode_record
 from card import Alg, TacVerifier
 
-__all__ = ["Classified", "classify", "serial8"]
+__all__ = [
+    "LEDGER_COLUMNS",
+    "PURCHASE_TYPES",
+    "SEQ_JUMP",
+    "TIME_TOLERANCE_MS",
+    "ChainCheck",
+    "Classified",
+    "Counted",
+    "Decision",
+    "Held",
+    "LedgerView",
+    "admit",
+    "balance_breaks",
+    "batch_epoch",
+    "classify",
+    "decide",
+    "serial8",
+    "tac_time_ms",
+]
+
+CST = timezone(timedelta(hours=8))
+LOAD_TYPE = 2
+PURCHASE_TYPES = (6, 9)
+_PURCHASE_KINDS = frozenset({"bus", "entry", "exit"})
+
+#: How far a record's ``at`` may stray from the day and time its TAC covers.  The device stamps
+#: both from one clock in the same tap, so they agree to the second; a minute is slack for a
+#: tap that straddles a clock adjustment, not for a record whose time was rewritten.
+TIME_TOLERANCE_MS = 60_000
+
+#: A sequence number further than this past the highest one the ledger holds for a device's
+#: journal is an implausible jump (one anomaly), not that many uploads missing: a validator
+#: journals a few thousand taps a day, so a million is years of them.
+SEQ_JUMP = 1_000_000
+
+#: The columns of the ``transactions`` table, in the order :class:`Decision` rows carry them.
+LEDGER_COLUMNS = (
+    "device, epoch, seq, status, verdict, tx_type, kind, alg, card_serial, issuer, "
+    "card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, line, "
+    "operator, tac, received_ms"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +112,374 @@ def _verdict(record: Record, verifier: TacVerifier) -> str:
 def classify(batch: Batch, verifier: TacVerifier) -> list[Classified]:
     """Every record of the batch with its verdict (TACs verified here)."""
     return [Classified(batch.device, r, _verdict(r, verifier)) for r in batch.records]
+
+
+def batch_epoch(batch_id: int) -> int:
+    """The journal epoch a batch id carries above its 40-bit first row id (0 for an uplink
+    that puts none there)."""
+    return batch_id >> 40
+
+
+def admit(device: str, entry: DeviceEntry | None) -> str | None:
+    """Why a batch from ``device`` is refused before any of its records is looked at (the
+    quarantine reason), or None: only a registered, unrevoked validator uploads batches."""
+    if entry is None:
+        return "unknown_device"
+    if entry.revoked:
+        return "revoked_device"
+    if entry.role != "validator":
+        return "wrong_role"
+    return None
+
+
+def tac_time_ms(day: str, time: str) -> int | None:
+    """The TAC-covered day (YYYYMMDD) and time (HHMMSS), China Standard Time, in ms since the
+    epoch; None if they are no date and time."""
+    if len(day) != 8 or len(time) != 6:
+        return None
+    try:
+        moment = datetime(
+            int(day[0:4]),
+            int(day[4:6]),
+            int(day[6:8]),
+            int(time[0:2]),
+            int(time[2:4]),
+            int(time[4:6]),
+            tzinfo=CST,
+        )
+    except ValueError:
+        return None
+    return int(moment.timestamp()) * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A row the ledger holds under one of the batch's identities."""
+
+    status: str
+    content: tuple[Any, ...]  # :func:`_content` of the record it was stored from
+    tac: str
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """A counted transaction of the ledger, found by its (card, counter, type)."""
+
+    device: str
+    epoch: int
+    seq: int
+    proof: tuple[Any, ...]  # :func:`_proof`: what its TAC covers, and the TAC
+    balance_before: int
+    amount: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerView:
+    """What the store fetched for one batch.
+
+    Attributes:
+        held: rows under this device and epoch at the batch's sequence numbers, by seq.
+        counted: counted transactions under the batch's (card, counter, type) keys and their
+            predecessors' (counter − 1).
+        top_seq: the highest sequence number held for this device and epoch, None if none.
+        other_epochs: other journal epochs the ledger holds rows of this device under (only
+            looked up when ``top_seq`` is None).
+    """
+
+    held: Mapping[int, Held] = field(default_factory=dict)
+    counted: Mapping[tuple[str, int, int], Counted] = field(default_factory=dict)
+    top_seq: int | None = None
+    other_epochs: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCheck:
+    """A counted purchase whose balance before is not its predecessor's balance after; it is a
+    break unless the card's loads between the two account for the difference."""
+
+    card_serial: str
+    device: str
+    seq: int
+    after_ms: int  # the predecessor's time
+    at_ms: int
+    expected: int
+    got: int
+
+
+@dataclass
+class Decision:
+    """What a batch writes: rows to insert and update, anomalies, and the counts."""
+
+    inserts: list[tuple[Any, ...]] = field(default_factory=list)
+    updates: list[tuple[Any, ...]] = field(default_factory=list)  # status, verdict, tac, key
+    anomalies: list[tuple[str, str, str, int, str]] = field(default_factory=list)
+    chain: list[ChainCheck] = field(default_factory=list)
+    duplicates: int = 0
+    resolved: int = 0
+    forged: int = 0
+    clones: list[str] = field(default_factory=list)
+
+
+def _content(r: Record) -> tuple[Any, ...]:
+    """What a resent record repeats exactly (status and TAC aside: a grey record resolves)."""
+    return (
+        r.tx_type,
+        r.kind,
+        r.alg,
+        r.card_serial,
+        r.issuer,
+        r.card_counter,
+        r.ttc,
+        r.amount,
+        r.balance_before,
+        r.terminal,
+        r.day,
+        r.time,
+    )
+
+
+def content_of_row(row: Sequence[Any]) -> tuple[Any, ...]:
+    """:func:`_content` of a stored row's tx_type … time columns, in that order."""
+    tx_type, kind, alg, serial, issuer, counter, ttc, amount, before, terminal, day, clock = row
+    return (
+        int(tx_type),
+        str(kind),
+        str(alg),
+        str(serial),
+        str(issuer),
+        int(counter),
+        int(ttc),
+        int(amount),
+        int(before),
+        str(terminal),
+        str(day),
+        str(clock),
+    )
+
+
+def _proof(r: Record) -> tuple[Any, ...]:
+    """What the TAC covers of a record, and the TAC: equal proofs are one card transaction."""
+    return (r.issuer, r.amount, r.terminal, r.ttc, r.day, r.time, r.tac)
+
+
+def proof_of_row(row: Sequence[Any]) -> tuple[Any, ...]:
+    """:func:`_proof` of a stored row's issuer, amount, terminal, ttc, day, time, tac."""
+    issuer, amount, terminal, ttc, day, clock, tac = row
+    return (str(issuer), int(amount), str(terminal), int(ttc), str(day), str(clock), str(tac))
+
+
+def _kind_fault(r: Record, entry: DeviceEntry) -> str | None:
+    if r.kind not in entry.kinds:
+        return f"kind {r.kind!r}; this device makes {', '.join(sorted(entry.kinds))}"
+    purchase = r.kind in _PURCHASE_KINDS
+    if purchase != (r.tx_type in PURCHASE_TYPES) or (not purchase and r.tx_type != LOAD_TYPE):
+        return f"kind {r.kind!r} with transaction type {r.tx_type} under the TAC"
+    return None
+
+
+def _identity(device: str, epoch: int, seq: int) -> str:
+    return f"{device}#{seq}" if epoch == 0 else f"{device}@{epoch}#{seq}"
+
+
+def decide(
+    device: str,
+    epoch: int,
+    rows: Sequence[Classified],
+    entry: DeviceEntry,
+    view: LedgerView,
+    *,
+    now_ms: int,
+) -> Decision:
+    """What an admitted batch of ``device``'s journal ``epoch`` does to the ledger.
+
+    A record whose identity the ledger holds is a duplicate if its content is the same (a grey
+    one resolves), a ``conflicting_duplicate`` anomaly otherwise (kept, not counted).  A new
+    record is stored with the registry's operator, station and line and the TAC's day and time;
+    whether it counts is its verdict.
+    """
+    out = Decision()
+    station = (entry.station or "0" * 16).lower()
+    counted = dict(view.counted)
+    top = view.top_seq
+    inserted: dict[int, int] = {}  # seq -> index in out.inserts
+    stored: dict[int, tuple[str, tuple[Any, ...], str]] = {
+        seq: (h.status, h.content, h.tac) for seq, h in view.held.items()
+    }
+
+    def anomaly(kind: str, r: Record, detail: str) -> None:
+        out.anomalies.append((kind, r.card_serial, device, r.seq, detail))
+
+    if rows and top is None and view.other_epochs - {0}:
+        shown = ", ".join(str(e) for e in sorted(view.other_epochs))
+        anomaly(
+            "journal_reset",
+            rows[0].record,
+            f"journal epoch {epoch} starts at #{rows[0].record.seq} after epoch(s) {shown}",
+        )
+    for c in rows:
+        r, verdict = c.record, c.verdict
+        old = stored.get(r.seq)
+        if old is not None:
+            old_status, old_content, old_tac = old
+            both_final = old_status == "completed" and r.status == "completed"
+            if old_content != _content(r) or (both_final and old_tac != r.tac):
+                anomaly(
+                    "conflicting_duplicate",
+                    r,
+                    f"{_identity(device, epoch, r.seq)} again with other content: "
+                    f"{encode_record(r).hex()}",
+                )
+                continue
+            if not (old_status == "grey" and r.status != "grey"):
+                out.duplicates += 1
+                continue
+        if top is None or r.seq > top:
+            if r.seq > (top or 0) + SEQ_JUMP:
+                anomaly("seq_jump", r, f"#{r.seq} after #{top or 0} of journal epoch {epoch}")
+            top = r.seq
+        if verdict == "forged":
+            out.forged += 1
+            anomaly("forged_tac", r, f"TAC {r.tac}")
+        mismatched = [
+            f"{name} {sent!r} (registry {ours!r})"
+            for name, sent, ours in (
+                ("operator", r.operator, entry.operator),
+                ("station", r.station.lower(), station),
+                ("line", r.line, entry.line),
+            )
+            if sent != ours
+        ]
+        if mismatched:
+            anomaly("field_mismatch", r, "; ".join(mismatched))
+        at_ms = r.at_ms
+        tac_ms = tac_time_ms(r.day, r.time)
+        if tac_ms is not None and abs(r.at_ms - tac_ms) > TIME_TOLERANCE_MS:
+            anomaly("time_mismatch", r, f"at {r.at_ms} ms, the TAC's day and time {r.day} {r.time}")
+            at_ms = tac_ms
+        if verdict == "ok":
+            kind_fault = _kind_fault(r, entry)
+            if r.terminal != entry.terminal:
+                verdict = "wrong_device"
+                anomaly("wrong_device", r, f"terminal {r.terminal}, registry {entry.terminal}")
+            elif kind_fault is not None:
+                verdict = "wrong_kind"
+                anomaly("wrong_kind", r, kind_fault)
+            elif tac_ms is None:
+                verdict = "bad_time"
+                anomaly("bad_time", r, f"TAC-covered day and time {r.day} {r.time}")
+        key = (r.card_serial, r.card_counter, r.tx_type)
+        if verdict == "ok":
+            first = counted.get(key)
+            if first is not None and (first.device, first.epoch, first.seq) != (
+                device,
+                epoch,
+                r.seq,
+            ):
+                where = _identity(first.device, first.epoch, first.seq)
+                if first.proof == _proof(r):
+                    verdict = "replay"
+                    anomaly("replay", r, f"card counter {r.card_counter} counted at {where}")
+                else:
+                    verdict = "clone"
+                    out.clones.append(r.card_serial)
+                    anomaly("clone", r, f"card counter {r.card_counter} also at {where}")
+            else:
+                _check_chain(out, counted, device, r, at_ms)
+                counted[key] = Counted(
+                    device, epoch, r.seq, _proof(r), r.balance_before, r.amount, at_ms
+                )
+        if old is not None and r.seq not in inserted:
+            out.updates.append((r.status, verdict, r.tac, device, epoch, r.seq))
+            out.resolved += 1
+            stored[r.seq] = (r.status, _content(r), r.tac)
+            continue
+        if old is not None:
+            out.resolved += 1  # a grey record resolved within this very batch
+        row = (
+            device,
+            epoch,
+            r.seq,
+            r.status,
+            verdict,
+            r.tx_type,
+            r.kind,
+            r.alg,
+            r.card_serial,
+            r.issuer,
+            r.card_counter,
+            r.ttc,
+            r.amount,
+            r.balance_before,
+            r.terminal,
+            r.day,
+            r.time,
+            at_ms,
+            station,
+            entry.line,
+            entry.operator,
+            r.tac,
+            now_ms,
+        )
+        if r.seq in inserted:
+            out.inserts[inserted[r.seq]] = row
+        else:
+            inserted[r.seq] = len(out.inserts)
+            out.inserts.append(row)
+        stored[r.seq] = (r.status, _content(r), r.tac)
+    return out
+
+
+def _check_chain(
+    out: Decision,
+    counted: Mapping[tuple[str, int, int], Counted],
+    device: str,
+    r: Record,
+    at_ms: int,
+) -> None:
+    """Compare a counted purchase's balance before with its predecessor's balance after, where
+    the ledger holds the predecessor (the same card's purchase at counter − 1)."""
+    if r.tx_type not in PURCHASE_TYPES or r.card_counter == 0:
+        return
+    for tx_type in PURCHASE_TYPES:
+        before = counted.get((r.card_serial, r.card_counter - 1, tx_type))
+        if before is not None:
+            expected = before.balance_before - before.amount
+            if expected != r.balance_before:
+                out.chain.append(
+                    ChainCheck(
+                        r.card_serial,
+                        device,
+                        r.seq,
+                        before.at_ms,
+                        at_ms,
+                        expected,
+                        r.balance_before,
+                    )
+                )
+            return
+
+
+def balance_breaks(
+    checks: Sequence[ChainCheck], loads: Mapping[str, Sequence[tuple[int, int]]]
+) -> list[tuple[str, str, str, int, str]]:
+    """The ``balance_break`` anomalies among ``checks``: those the card's counted loads
+    (``loads[card]``: at_ms, amount) between the predecessor and the purchase do not explain."""
+    out = []
+    for check in checks:
+        topped = sum(
+            amount
+            for at, amount in loads.get(check.card_serial, ())
+            if check.after_ms <= at <= check.at_ms
+        )
+        if check.got != check.expected + topped:
+            out.append(
+                (
+                    "balance_break",
+                    check.card_serial,
+                    check.device,
+                    check.seq,
+                    f"balance before {check.got}, the card's chain says {check.expected + topped}",
+                )
+            )
+    return out

@@ -12,9 +12,12 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from backend._broker import check_client_id
-from backend._store import Store
+
+if TYPE_CHECKING:  # the store looks devices up while it ingests: no import cycle at run time
+    from backend._store import Store
 
 __all__ = ["ROLES", "DeviceEntry", "entries", "hash_secret", "lookup", "register", "revoke"]
 

@@ -5,31 +5,56 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from backend._ingest import SEQ_JUMP
 from backend._store import Store
 
-__all__ = ["report"]
+__all__ = ["ANOMALY_KEYS", "report"]
+
+#: The report's key for each kind of anomaly the ledger records at ingest.
+ANOMALY_KEYS = {
+    "journal_reset": "journal_resets",
+    "conflicting_duplicate": "conflicting_duplicates",
+    "replay": "replays",
+    "field_mismatch": "field_mismatches",
+    "wrong_device": "wrong_device",
+    "wrong_kind": "wrong_kind",
+    "bad_time": "bad_time",
+    "time_mismatch": "time_mismatches",
+    "balance_break": "balance_breaks",
+    "seq_jump": "seq_jumps",
+}
 
 PURCHASE_TYPES = (6, 9)
 
 
-def _gaps(store: Store) -> tuple[int, list[dict[str, Any]]]:
-    """Missing device sequence numbers (uploads never seen) and card counters (taps never
-    seen), over what the ledger holds."""
+# A journal's missing sequence numbers: the hole before each row, per device and journal epoch.
+_SEQ_HOLES = (
+    "WITH h AS (SELECT device, seq - coalesce(lag(seq) OVER (PARTITION BY device, epoch "
+    "ORDER BY seq), 0) - 1 AS hole FROM transactions) "
+    "SELECT device, coalesce(sum(CASE WHEN hole <= ? THEN hole ELSE 0 END), 0), "
+    "coalesce(sum(CASE WHEN hole > ? THEN 1 ELSE 0 END), 0) "
+    "FROM h WHERE hole > 0 GROUP BY device ORDER BY device"
+)
+
+
+def _gaps(store: Store) -> tuple[int, int, list[dict[str, Any]]]:
+    """Missing device sequence numbers (uploads never seen, per device and journal epoch),
+    implausible jumps (a hole wider than :data:`SEQ_JUMP` counts once as a jump, not as that
+    many gaps) and missing card counters (taps never seen), over what the ledger holds."""
     details: list[dict[str, Any]] = []
-    total = 0
-    for device, low, high, n in store.execute(
-        "SELECT device, min(seq), max(seq), count(*) FROM transactions GROUP BY device"
-    ).fetchall():
-        missing = (high - low + 1) - n
-        if low > 1:
-            missing += low - 1
+    total = jumps = 0
+    for device, holes, wide in store.execute(_SEQ_HOLES, (SEQ_JUMP, SEQ_JUMP)).fetchall():
+        missing, jumped = int(holes), int(wide)
         if missing:
             details.append({"kind": "device_seq", "device": device, "missing": missing})
             total += missing
+        if jumped:
+            details.append({"kind": "device_seq_jump", "device": device, "jumps": jumped})
+            jumps += jumped
     for serial, tx_kind, low, high, n in store.execute(
         "SELECT card_serial, CASE WHEN tx_type = 2 THEN 'load' ELSE 'purchase' END, "
         "min(card_counter), max(card_counter), count(*) FROM transactions "
-        "WHERE verdict IN ('ok', 'forged', 'clone') GROUP BY 1, 2"
+        "WHERE verdict IN ('ok', 'clone') GROUP BY 1, 2"
     ).fetchall():
         missing = (high - low + 1) - n
         if missing > 0:
@@ -37,7 +62,7 @@ def _gaps(store: Store) -> tuple[int, list[dict[str, Any]]]:
                 {"kind": "card_counter", "card_serial": serial, "of": tx_kind, "missing": missing}
             )
             total += missing
-    return total, details
+    return total, jumps, details
 
 
 def _balance_anomalies(store: Store) -> list[dict[str, Any]]:
@@ -80,7 +105,8 @@ def report(store: Store) -> dict[str, Any]:
     clones = store.execute(
         "SELECT count(DISTINCT card_serial) FROM anomalies WHERE kind = 'clone'"
     ).fetchone()[0]
-    gaps, gap_details = _gaps(store)
+    gaps, _, gap_details = _gaps(store)
+    found = dict(store.execute("SELECT kind, count(*) FROM anomalies GROUP BY kind").fetchall())
     by_operator: dict[str, dict[str, int]] = defaultdict(
         lambda: {"transactions": 0, "amount_fen": 0}
     )
@@ -108,6 +134,8 @@ def report(store: Store) -> dict[str, Any]:
         "unknown_issuer": verdicts.get("unknown_issuer", 0),
         "gaps": gaps,
         "gap_details": gap_details[:100],
+        **{key: int(found.get(kind, 0)) for kind, key in ANOMALY_KEYS.items()},
+        "anomalies": {str(kind): int(n) for kind, n in sorted(found.items())},
         "clones": clones,
         "hotlist": store.hotlist(),
         "quarantined": sum(quarantined.values()),

@@ -98,7 +98,13 @@ async def _handle(
         return
     rows = classify(batch, verifier)
     result = await asyncio.to_thread(store.ingest, device, batch.batch_id, rows, worker=name)
-    ack = encode_ack(Ack(batch.batch_id, len(rows), committed=True))
+    if result.rejected:
+        # Refused, not lost: the rejected ack tells the device to keep the rows and send them
+        # again later, when the registry may know it.
+        detail = f"batch {batch.batch_id} of {len(rows)} record(s) from {device!r}"
+        await asyncio.to_thread(store.quarantine, topic, result.rejected, detail, payload)
+        stats.quarantined += 1
+    ack = encode_ack(Ack(batch.batch_id, len(rows), committed=not result.rejected))
     # The ack goes out after the commit, but the next batch need not wait for the broker's
     # PUBACK of it: that round trip per batch left the worker idle half the time.
     task = asyncio.create_task(

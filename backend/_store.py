@@ -1,14 +1,20 @@
 """The backend's ledger: SQLite (``sqlite:///path``) or PostgreSQL (``postgresql://…``), the
 same schema and the same behaviour.
 
-Idempotence comes from the database, not from luck: ``(device, seq)`` is unique, and a counted
-transaction ``(card serial, card counter, type)`` is unique among counted ones.  A batch is one
-database transaction; two workers racing on the same records hit a constraint, roll back and
-retry, and the retry sees the other's rows as duplicates.
+Idempotence comes from the database, not from luck: a record's identity ``(device, journal
+epoch, seq)`` is unique, and a counted transaction ``(card serial, card counter, type)`` is
+unique among counted ones.  A batch is one database transaction; two workers racing on the same
+records hit a constraint, roll back and retry, and the retry sees the other's rows as
+duplicates.  The rules — what a batch does to the ledger — are :mod:`backend._ingest`'s pure
+functions; the store fetches what they need and writes what they decide.
+
+An SQLite ledger carries farelab's ledger mark (``application_id``), so another program's
+database or another kind of farelab file is refused before anything is written to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -19,13 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend._ingest import Classified
+from backend._dbfile import ForeignFileError, claim, describe_path
+from backend._ingest import (
+    LEDGER_COLUMNS,
+    PURCHASE_TYPES,
+    Classified,
+    Counted,
+    Held,
+    LedgerView,
+    admit,
+    balance_breaks,
+    batch_epoch,
+    content_of_row,
+    decide,
+    proof_of_row,
+)
+from backend._registry import lookup
 
 __all__ = ["IngestResult", "Store", "StoreError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
     device TEXT NOT NULL,
+    epoch BIGINT NOT NULL DEFAULT 0,
     seq BIGINT NOT NULL,
     status TEXT NOT NULL,
     verdict TEXT NOT NULL,
@@ -47,7 +69,7 @@ CREATE TABLE IF NOT EXISTS transactions (
     operator TEXT NOT NULL,
     tac TEXT NOT NULL,
     received_ms BIGINT NOT NULL,
-    PRIMARY KEY (device, seq)
+    PRIMARY KEY (device, epoch, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS transactions_counted
     ON transactions (card_serial, card_counter, tx_type) WHERE verdict = 'ok';
@@ -95,11 +117,32 @@ SQLITE_PAGE_SIZE = 1024
 SQLITE_CACHE_KB = 65_536
 SQLITE_CHECKPOINT_PAGES = 40_000
 
-_COLUMNS = (
-    "device, seq, status, verdict, tx_type, kind, alg, card_serial, issuer, card_counter, ttc, "
-    "amount, balance_before, terminal, day, time, at_ms, station, line, operator, tac, received_ms"
+# A ledger from before journal epochs: a record's identity was (device, seq).  Its rows keep
+# epoch 0, as the kiosk path's rows do.
+_MIGRATE_EPOCH_SQLITE = (
+    "ALTER TABLE transactions RENAME TO transactions_before_epochs",
+    "DROP INDEX IF EXISTS transactions_counted",
+    "{create}",
+    "INSERT INTO transactions ({columns}) SELECT {columns} FROM transactions_before_epochs",
+    "DROP TABLE transactions_before_epochs",
+    "{index}",
 )
+_MIGRATE_EPOCH_PG = (
+    "ALTER TABLE transactions ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE transactions DROP CONSTRAINT transactions_pkey",
+    "ALTER TABLE transactions ADD PRIMARY KEY (device, epoch, seq)",
+)
+_OLD_COLUMNS = LEDGER_COLUMNS.replace("epoch, ", "")
 
+_HELD = (
+    "SELECT seq, status, tac, tx_type, kind, alg, card_serial, issuer, card_counter, ttc, amount, "
+    "balance_before, terminal, day, time FROM transactions "
+    "WHERE device = ? AND epoch = ? AND seq BETWEEN ? AND ?"
+)
+_COUNTED_COLUMNS = (
+    "{t}.card_serial, {t}.card_counter, {t}.tx_type, {t}.device, {t}.epoch, {t}.seq, {t}.issuer, "
+    "{t}.amount, {t}.terminal, {t}.ttc, {t}.day, {t}.time, {t}.tac, {t}.balance_before, {t}.at_ms"
+)
 
 # A batch's own counted keys, looked up in the counted index.  SQLite probes the index per key.
 # PostgreSQL's planner, left to choose, hash-joins the keys against the whole table once it
@@ -107,16 +150,16 @@ _COLUMNS = (
 # LIMIT 1 makes it one index probe per key at any size.
 _COUNTED_LOOKUP_SQLITE = (
     "WITH k (card_serial, card_counter, tx_type) AS (VALUES {marks}) "
-    "SELECT t.card_serial, t.card_counter, t.tx_type, t.device, t.seq "
+    "SELECT " + _COUNTED_COLUMNS.format(t="t") + " "
     "FROM k JOIN transactions t ON t.card_serial = k.card_serial "
     "AND t.card_counter = k.card_counter AND t.tx_type = k.tx_type "
     "WHERE t.verdict = 'ok'"
 )
 _COUNTED_LOOKUP_PG = (
-    "SELECT t.card_serial, t.card_counter, t.tx_type, t.device, t.seq "
+    "SELECT " + _COUNTED_COLUMNS.format(t="t") + " "
     "FROM unnest(%s::text[], %s::integer[], %s::integer[]) "
     "AS k (card_serial, card_counter, tx_type) "
-    "CROSS JOIN LATERAL (SELECT c.card_serial, c.card_counter, c.tx_type, c.device, c.seq "
+    "CROSS JOIN LATERAL (SELECT " + _COUNTED_COLUMNS.format(t="c") + " "
     "FROM transactions c WHERE c.card_serial = k.card_serial "
     "AND c.card_counter = k.card_counter AND c.tx_type = k.tx_type "
     "AND c.verdict = 'ok' LIMIT 1) AS t"
@@ -136,6 +179,9 @@ class IngestResult:
     resolved: int = 0
     forged: int = 0
     clones: list[str] = field(default_factory=list)
+    anomalies: int = 0
+    #: the quarantine reason when the batch was refused (nothing written), else ""
+    rejected: str = ""
 
 
 def _now_ms() -> int:
@@ -145,8 +191,15 @@ def _now_ms() -> int:
 class Store:
     """One connection to the ledger."""
 
-    def __init__(self, url: str) -> None:
-        """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``postgresql://…``."""
+    _db: Any  # sqlite3 or psycopg: the same calls on both
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """
+        Args:
+            url: ``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``postgresql://…``.
+            create: make the ledger if there is none; False for commands that only read it
+                (they then fail with "no farelab ledger" instead of reporting an empty one).
+        """
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
         self._writer_lock: int | None = None
@@ -156,31 +209,102 @@ class Store:
             )
         try:
             if self.postgres:
-                import psycopg  # noqa: PLC0415 - only the PostgreSQL path needs it
-
-                self._db: Any = psycopg.connect(url, autocommit=True)
-                self._integrity: tuple[type[Exception], ...] = (psycopg.errors.IntegrityError,)
-                self._execute_script(_SCHEMA)
+                self._open_postgres(url, create=create)
             else:
-                path = url.removeprefix("sqlite:///")
-                if path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                self._db.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.execute("PRAGMA busy_timeout=10000")
-                # The counted-transaction index is keyed by card, so every batch dirties pages
-                # all over it: a bounded page cache of its own keeps them out of the reads,
-                # and rarer checkpoints write a page touched by several batches once.
-                self._db.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KB}")
-                self._db.execute(f"PRAGMA wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}")
-                self._integrity = (sqlite3.IntegrityError,)
-                self._db.executescript(_SCHEMA.replace("BYTEA", "BLOB"))
-                if path != ":memory:":
-                    self._writer_lock = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT)
+                self._open_sqlite(url.removeprefix("sqlite:///"), create=create)
+        except StoreError:
+            raise
         except Exception as exc:
             raise StoreError(f"cannot open {_redact(url)}: {exc}") from exc
+
+    def _open_postgres(self, url: str, *, create: bool) -> None:
+        import psycopg  # noqa: PLC0415 - only the PostgreSQL path needs it
+
+        self._db = psycopg.connect(url, autocommit=True)
+        self._integrity: tuple[type[Exception], ...] = (psycopg.errors.IntegrityError,)
+        have = self._db.execute("SELECT to_regclass('transactions')").fetchone()[0]
+        if have is None and not create:
+            self._db.close()
+            raise StoreError(f"{_redact(url)}: no farelab ledger in this database/schema")
+        with self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(4607066436251305543)")
+            old = self._db.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'transactions'"
+            ).fetchone()
+            epochs = self._db.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'transactions' AND column_name = 'epoch'"
+            ).fetchone()
+            if old is not None and epochs is None:
+                for statement in _MIGRATE_EPOCH_PG:
+                    self._db.execute(statement)
+            self._execute_script(_SCHEMA)
+
+    def _open_sqlite(self, path: str, *, create: bool) -> None:
+        memory = path == ":memory:"
+        if not memory and not create and not Path(path).is_file():
+            raise StoreError(
+                f"{describe_path(path)}: no farelab ledger there (this command does not create one)"
+            )
+        if not memory and create:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        target = path if memory or create else f"file:{Path(path).absolute()}?mode=rw"
+        self._db = sqlite3.connect(
+            target, isolation_level=None, check_same_thread=False, uri=not (memory or create)
+        )
+        self._integrity = (sqlite3.IntegrityError,)
+        # Before anything writes: a new file takes its page size from the first write.
+        self._db.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        if not memory and not create and not self._has_tables():
+            self._db.close()
+            raise StoreError(f"{describe_path(path)}: no farelab ledger there (an empty database)")
+        try:
+            if not memory:
+                claim(self._db, path, "ledger")
+        except ForeignFileError as exc:
+            self._db.close()
+            raise StoreError(str(exc)) from None
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # The counted-transaction index is keyed by card, so every batch dirties pages
+        # all over it: a bounded page cache of its own keeps them out of the reads,
+        # and rarer checkpoints write a page touched by several batches once.
+        self._db.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KB}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(transactions)")}
+            if columns and "epoch" not in columns:
+                self._migrate_sqlite()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.executescript(_SCHEMA.replace("BYTEA", "BLOB"))
+        if not memory:
+            # Writers serialise on a file lock of the ledger's own write-ahead log, which
+            # SQLite keeps while any connection is open and never locks itself (closing our
+            # descriptor of it cannot drop SQLite's locks), so nothing is left behind.
+            self._writer_lock = os.open(f"{path}-wal", os.O_RDWR | os.O_CREAT)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}-writer.lock")  # left by earlier versions
+
+    def _has_tables(self) -> bool:
+        try:
+            row = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError:
+            return True  # not a database at all: claim() says what it is
+        return bool(row[0])
+
+    def _migrate_sqlite(self) -> None:
+        create, index = (
+            f"{statement.strip()}"
+            for statement in _SCHEMA.split(";")[:2]  # the transactions table, its counted index
+        )
+        for statement in _MIGRATE_EPOCH_SQLITE:
+            self._db.execute(statement.format(create=create, index=index, columns=_OLD_COLUMNS))
 
     def _execute_script(self, script: str) -> None:
         for statement in script.split(";"):
@@ -243,18 +367,19 @@ class Store:
 
     def close(self) -> None:
         """Close the connection."""
-        self._db.close()
         if self._writer_lock is not None:
             os.close(self._writer_lock)
             self._writer_lock = None
+        self._db.close()
 
     # --- ingest --------------------------------------------------------------------------
 
     def ingest(
         self, device: str, batch_id: int, rows: Sequence[Classified], *, worker: str = ""
     ) -> IngestResult:
-        """Store a classified batch in one transaction, retrying once if another worker raced
-        us to the same records."""
+        """Store a classified batch in one transaction, retrying if another worker raced us to
+        the same records.  A batch from a device the registry does not admit writes nothing:
+        its result's ``rejected`` names the quarantine reason."""
         for attempt in range(5):
             try:
                 with self.transaction():
@@ -265,118 +390,114 @@ class Store:
                 time.sleep(0.01 * (attempt + 1))
         raise RuntimeError("unreachable")
 
-    def _counted(self, keys: list[tuple[str, int, int]]) -> list[tuple[str, int, int, str, int]]:
+    def _counted(self, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], Counted]:
         """The ledger's counted transactions with these (card, counter, type) keys."""
+        rows: list[Any] = []
         if self.postgres:
             # Three arrays: the statement's text is the same for every batch, so psycopg
             # converts it once and PostgreSQL plans it once (prepared after a few uses).
             # Converting a VALUES list of a batch's 600 placeholders had been 13 % of a worker's
             # py-spy samples; 200 000 transactions now ingest at 54-55 k tx/s, against 44-51 k.
-            if not keys:
-                return []
-            serials, counters, types = (list(column) for column in zip(*keys, strict=True))
-            return list(self._db.execute(_COUNTED_LOOKUP_PG, (serials, counters, types)))
-        found: list[tuple[str, int, int, str, int]] = []
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join(["(?, ?, ?)"] * len(chunk))
-            found += self._db.execute(
-                _COUNTED_LOOKUP_SQLITE.format(marks=marks), [v for key in chunk for v in key]
-            ).fetchall()
-        return found
+            if keys:
+                serials, counters, types = (list(column) for column in zip(*keys, strict=True))
+                rows = list(self._db.execute(_COUNTED_LOOKUP_PG, (serials, counters, types)))
+        else:
+            for start in range(0, len(keys), 300):
+                chunk = keys[start : start + 300]
+                marks = ",".join(["(?, ?, ?)"] * len(chunk))
+                rows += self._db.execute(
+                    _COUNTED_LOOKUP_SQLITE.format(marks=marks), [v for key in chunk for v in key]
+                ).fetchall()
+        return {
+            (row[0], int(row[1]), int(row[2])): Counted(
+                str(row[3]),
+                int(row[4]),
+                int(row[5]),
+                proof_of_row(row[6:13]),
+                int(row[13]),
+                int(row[7]),
+                int(row[14]),
+            )
+            for row in rows
+        }
+
+    def _view(self, device: str, epoch: int, rows: Sequence[Classified]) -> LedgerView:
+        """What the ingest rules need of the ledger for one batch."""
+        seqs = [c.record.seq for c in rows]
+        held = {
+            int(row[0]): Held(str(row[1]), content_of_row(row[3:]), str(row[2]))
+            for row in self.execute(_HELD, (device, epoch, min(seqs), max(seqs))).fetchall()
+        }
+        top = self.execute(
+            "SELECT max(seq) FROM transactions WHERE device = ? AND epoch = ?", (device, epoch)
+        ).fetchone()[0]
+        others: set[int] = set()
+        if top is None:
+            # Two index probes, not a scan of the device's rows: a new journal is rare, but a
+            # device may hold millions of rows.
+            for query in (
+                "SELECT max(epoch) FROM transactions WHERE device = ? AND epoch < ?",
+                "SELECT min(epoch) FROM transactions WHERE device = ? AND epoch > ?",
+            ):
+                found = self.execute(query, (device, epoch)).fetchone()[0]
+                if found is not None:
+                    others.add(int(found))
+        # Only the batch's own (card, counter, type) keys and their predecessors: a card's
+        # whole history would make every batch slower as the ledger grows.
+        keys: set[tuple[str, int, int]] = set()
+        for c in rows:
+            if c.verdict == "ok":
+                r = c.record
+                keys.add((r.card_serial, r.card_counter, r.tx_type))
+                if r.tx_type in PURCHASE_TYPES and r.card_counter > 0:
+                    keys.update((r.card_serial, r.card_counter - 1, t) for t in PURCHASE_TYPES)
+        return LedgerView(
+            held=held,
+            counted=self._counted(sorted(keys)),
+            top_seq=None if top is None else int(top),
+            other_epochs=frozenset(others),
+        )
+
+    def _loads_of(self, serials: set[str]) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for serial in sorted(serials):
+            out[serial] = [
+                (int(at), int(amount))
+                for at, amount in self.execute(
+                    "SELECT at_ms, amount FROM transactions WHERE card_serial = ? "
+                    "AND tx_type = 2 AND verdict = 'ok'",
+                    (serial,),
+                ).fetchall()
+            ]
+        return out
 
     def _ingest(
         self, device: str, batch_id: int, rows: Sequence[Classified], worker: str
     ) -> IngestResult:
-        result = IngestResult()
+        entry = lookup(self, device)
+        reason = admit(device, entry)
+        if reason is not None or entry is None:
+            return IngestResult(rejected=reason or "unknown_device")
         now = _now_ms()
-        seqs = [c.record.seq for c in rows]
-        have: dict[int, str] = dict(
-            self.execute(
-                "SELECT seq, status FROM transactions WHERE device = ? AND seq BETWEEN ? AND ?",
-                (device, min(seqs), max(seqs)),
-            ).fetchall()
-        )
-        # Only the batch's own (card, counter, type) keys: a card's whole history would make
-        # every batch slower as the ledger grows.
-        keys = sorted(
-            {
-                (c.record.card_serial, c.record.card_counter, c.record.tx_type)
-                for c in rows
-                if c.verdict == "ok"
-            }
-        )
-        counted: dict[tuple[str, int, int], tuple[str, int]] = {}
-        for serial, counter, tx_type, dev, seq in self._counted(keys):
-            counted[(serial, counter, tx_type)] = (dev, seq)
-        inserts: dict[int, tuple[Any, ...]] = {}
-        updates: list[tuple[Any, ...]] = []
-        anomalies: list[tuple[Any, ...]] = []
-        for c in rows:
-            r, verdict = c.record, c.verdict
-            old = have.get(r.seq)
-            if old is not None and not (old == "grey" and r.status != "grey"):
-                result.duplicates += 1
-                continue
-            if verdict == "forged":
-                result.forged += 1
-                anomalies.append(("forged_tac", r.card_serial, device, r.seq, f"TAC {r.tac}", now))
-            key = (r.card_serial, r.card_counter, r.tx_type)
-            if verdict == "ok":
-                first = counted.get(key)
-                if first is not None and first != (device, r.seq):
-                    verdict = "clone"
-                    result.clones.append(r.card_serial)
-                    anomalies.append(
-                        (
-                            "clone",
-                            r.card_serial,
-                            device,
-                            r.seq,
-                            f"card counter {r.card_counter} also at {first[0]}#{first[1]}",
-                            now,
-                        )
-                    )
-                else:
-                    counted[key] = (device, r.seq)
-            if old is not None and r.seq not in inserts:
-                updates.append((r.status, verdict, r.tac, device, r.seq))
-                result.resolved += 1
-                continue
-            if old is not None:
-                result.resolved += 1  # a grey record resolved within this very batch
-            inserts[r.seq] = (
-                device,
-                r.seq,
-                r.status,
-                verdict,
-                r.tx_type,
-                r.kind,
-                r.alg,
-                r.card_serial,
-                r.issuer,
-                r.card_counter,
-                r.ttc,
-                r.amount,
-                r.balance_before,
-                r.terminal,
-                r.day,
-                r.time,
-                r.at_ms,
-                r.station,
-                r.line,
-                r.operator,
-                r.tac,
-                now,
-            )
-            have[r.seq] = r.status
+        epoch = batch_epoch(batch_id)
+        decision = decide(device, epoch, rows, entry, self._view(device, epoch, rows), now_ms=now)
+        anomalies = list(decision.anomalies)
+        if decision.chain:
+            # Rare (a balance that does not chain): only then the card's loads are read.
+            loads = self._loads_of({check.card_serial for check in decision.chain})
+            anomalies += balance_breaks(decision.chain, loads)
         self.executemany(
-            "UPDATE transactions SET status = ?, verdict = ?, tac = ? WHERE device = ? AND seq = ?",
-            updates,
+            "UPDATE transactions SET status = ?, verdict = ?, tac = ? "
+            "WHERE device = ? AND epoch = ? AND seq = ?",
+            decision.updates,
         )
-        self.insert("transactions", _COLUMNS, list(inserts.values()))
-        self.insert("anomalies", "kind, card_serial, device, seq, detail, found_ms", anomalies)
-        for serial in result.clones:
+        self.insert("transactions", LEDGER_COLUMNS, decision.inserts)
+        self.insert(
+            "anomalies",
+            "kind, card_serial, device, seq, detail, found_ms",
+            [(*row, now) for row in anomalies],
+        )
+        for serial in decision.clones:
             self.execute(
                 "INSERT INTO hotlist (card_serial, reason, added_ms) VALUES (?, 'clone', ?) "
                 "ON CONFLICT (card_serial) DO NOTHING",
@@ -387,9 +508,15 @@ class Store:
             "VALUES (?, ?, ?, ?, ?)",
             (device, batch_id, len(rows), worker, now),
         )
-        self._bump("duplicates", result.duplicates)
-        result.inserted = len(inserts)
-        return result
+        self._bump("duplicates", decision.duplicates)
+        return IngestResult(
+            inserted=len(decision.inserts),
+            duplicates=decision.duplicates,
+            resolved=decision.resolved,
+            forged=decision.forged,
+            clones=decision.clones,
+            anomalies=len(anomalies),
+        )
 
     def _bump(self, name: str, by: int) -> None:
         if by:

@@ -32,14 +32,18 @@ import psycopg
 from backend._broker import BrokerURL
 from backend._clearing import clear
 from backend._mosquitto import Mosquitto
+from backend._registry import register
+from backend._store import Store
 from backend._wire import BATCH_MAX, encode_record
 from bench._backend import process_tree, running_backend
-from bench._taps import TapBench, bench_card, percentile, uplink_running
+from bench._taps import TapBench, bench_card, bus_devices, percentile, uplink_running
 from bench._watchdog import StepTimeout, time_limit
 from bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
 from bench.ingest import measure as measure_ingest
+from bench.topup_latency import TOPUP_KIOSK
 from bench.topup_latency import measure as measure_topup
 from card import Alg, CardEndpoint, Reader
+from farelab._devices import entry_of
 from validator._runtime import favour_taps
 
 __all__ = [
@@ -304,7 +308,16 @@ def _tap_times(
 def _backlog_rows(n: int, run: int) -> list[tuple[str, bytes]]:
     """``n`` genuine transactions (real TACs) of device ``in``, as the journal keeps them;
     ``run`` keeps each backlog's cards apart from every other's (no false clones)."""
-    batches = make_batches(n, 1, BATCH_MAX, run=run % 10_000)
+    # Genuine records of the bench's device "in" (its terminal, its operator).
+    device = bus_devices()[0]
+    batches = make_batches(
+        n,
+        1,
+        BATCH_MAX,
+        run=run % 10_000,
+        terminal=device.terminal_id,
+        operator=device.operator_id.rstrip(b"\x00").decode(),
+    )
     return [
         ("in", encode_record(replace(r, seq=10_000_000 * (run % 100 + 1) + r.seq)))
         for bs in batches.values()
@@ -444,6 +457,7 @@ class _Services:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.ledger = f"sqlite:///{folder / 'ledger.db'}"
         self.broker: Mosquitto | None = None
         self.backend: subprocess.Popen[bytes] | None = None
         self._stack = contextlib.ExitStack()
@@ -457,11 +471,18 @@ class _Services:
             self.backend = self._stack.enter_context(
                 running_backend(
                     self.broker.url,
-                    f"sqlite:///{self.folder / 'ledger.db'}",
+                    self.ledger,
                     workers=2,
                     log=self.folder / "backend.log",
                 )
             )
+            store = Store(self.ledger)
+            try:
+                for device in bus_devices():  # the taps' devices, whose uplinks drain here
+                    register(store, entry_of(device))
+                register(store, TOPUP_KIOSK)
+            finally:
+                store.close()
         return BrokerURL.parse(self.broker.url)
 
     def far(self) -> list[int]:
@@ -483,7 +504,7 @@ class _Services:
 
 
 def _ingest(services: _Services, n: int, out: Figures) -> None:
-    ingest = asyncio.run(measure_ingest(services.url(), n, 10, 200))
+    ingest = asyncio.run(measure_ingest(services.url(), n, 10, 200, ledger=services.ledger))
     out["ingest_tx_per_s"] = ingest["tx_per_s"]
     out["ingest_ack_p50_ms"] = ingest["ack_p50_ms"]
     out["ingest_ack_p99_ms"] = ingest["ack_p99_ms"]

@@ -31,7 +31,14 @@ from validator._network import shipped_networks
 from validator._runtime import Validator
 from validator._uplink import MqttUplink
 
-__all__ = ["RunningUplink", "TapBench", "bench_card", "percentile", "uplink_running"]
+__all__ = [
+    "RunningUplink",
+    "TapBench",
+    "bench_card",
+    "bus_devices",
+    "percentile",
+    "uplink_running",
+]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -52,6 +59,11 @@ def bench_card(alg: Alg = Alg.TDES, serial: str = "8888") -> SimulatedCard:
     image = personalise(serial=serial, issued=date(2026, 1, 1), alg=alg)
     image = image.replace(balance=10**9, max_balance=10**9)
     return SimulatedCard(image, store=MemoryStore(), entropy=bytes)
+
+
+def bus_devices() -> tuple[Device, Device]:
+    """The bus bench's two validators, ``in`` and ``out`` (the ones that upload)."""
+    return _devices("bus")
 
 
 def _devices(kind: str) -> tuple[Device, Device]:

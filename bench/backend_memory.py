@@ -33,6 +33,8 @@ import aiomqtt
 from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
 from backend._ingest import classify
 from backend._mosquitto import Mosquitto
+from backend._registry import DeviceEntry, register
+from backend._store import Store
 from backend._wire import VERSION, decode_batch
 from bench._backend import process_tree, rss_mb, running_backend
 from bench.ingest import acks_of
@@ -82,6 +84,20 @@ class Traffic:
         """The id of device ``d``."""
         return f"rss-{self.run}-{d}"
 
+    def entries(self) -> list[DeviceEntry]:
+        """The registry's entries for this run's devices (bus validators, as records say)."""
+        return [
+            DeviceEntry(
+                id=self.device_id(d),
+                role="validator",
+                operator="BENCH",
+                kinds=frozenset({"bus"}),
+                terminal=(0xC000_0000 + d).to_bytes(6, "big").hex().upper(),
+                line=1,
+            )
+            for d in range(self.devices)
+        ]
+
     def share(self, d: int) -> int:
         """How many transactions device ``d`` sends."""
         return len(range(d, self.n, self.devices))
@@ -130,7 +146,7 @@ class Traffic:
                     terminal,
                     _DAY,
                     _TIME,
-                    _AT_MS + t,
+                    _AT_MS + t % 1000,  # within the second the TAC covers
                     station,
                     1,
                     operator,
@@ -229,6 +245,7 @@ async def measure_backend_rss(
     backend_pids: Callable[[], list[int]],
     n: int,
     *,
+    ledger: str,
     progress: Callable[[str], None],
     cards: int = 200_000,
     devices: int = 8,
@@ -237,8 +254,9 @@ async def measure_backend_rss(
     samples: int = 50,
     warmup: float = 0.1,
 ) -> dict[str, object]:
-    """Stream ``n`` genuine purchases into the backend already running on ``broker`` and sample
-    the RSS of ``backend_pids()`` (the supervisor and its workers) ``samples`` times.
+    """Stream ``n`` genuine purchases into the backend already running on ``broker`` (its
+    ledger ``ledger``, where the devices are registered first) and sample the RSS of
+    ``backend_pids()`` (the supervisor and its workers) ``samples`` times.
 
     ``backend_rss_start_mb`` is taken once ``warmup`` of the transactions are acknowledged and
     every card has ridden twice (the caches are full; at most half-way), ``backend_rss_end_mb``
@@ -248,6 +266,12 @@ async def measure_backend_rss(
     """
     traffic = Traffic(n, cards=cards, devices=devices, batch=batch, run=int(time.time()) % 10_000)
     traffic.check()
+    store = Store(ledger)
+    try:
+        for entry in traffic.entries():
+            register(store, entry)
+    finally:
+        store.close()
     state = _Progress(n, backend_pids, max(n // samples, 1), progress)
     await asyncio.gather(
         *(_device(broker, traffic, d, window, state) for d in range(devices) if traffic.share(d))
@@ -307,6 +331,7 @@ def main() -> None:
                         BrokerURL.parse(broker.url),
                         lambda: process_tree(proc.pid),
                         args.n,
+                        ledger=db,
                         progress=progress,
                         cards=args.cards,
                         devices=args.devices,

@@ -2,12 +2,13 @@
 published by simulated devices to a broker, ingested by ``farelab backend run`` workers, timed
 until every batch's application ack is back.
 
-    python -m bench.ingest --broker mqtt://127.0.0.1:PORT --n 20000 [--devices 10] [--batch 200]
+    python -m bench.ingest --broker mqtt://127.0.0.1:PORT --db URL --n 20000 [--devices 10]
     python -m bench.ingest --postgres postgresql://postgres@127.0.0.1/test --n 20000
 
 With ``--broker`` alone the backend must already run against that broker (``farelab backend
-run --broker … --db …``).  With ``--postgres`` the bench starts its own backend (and, without
-``--broker``, its own Mosquitto) on a fresh schema of that database, and drops it afterwards.
+run --broker … --db …``), and ``--db`` names its ledger, where the bench registers its devices.
+With ``--postgres`` the bench starts its own backend (and, without ``--broker``, its own
+Mosquitto) on a fresh schema of that database, and drops it afterwards.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiomqtt
@@ -29,13 +30,25 @@ from psycopg import sql
 
 from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
 from backend._mosquitto import Mosquitto
+from backend._registry import DeviceEntry, register
+from backend._store import Store
 from backend._wire import Ack, Batch, Record, decode_ack, encode_batch
 from bench._backend import running_backend
 from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
-__all__ = ["acks_of", "main", "make_batches", "measure", "measure_postgres", "postgres_schema"]
+__all__ = [
+    "acks_of",
+    "bench_entry",
+    "main",
+    "make_batches",
+    "measure",
+    "measure_postgres",
+    "postgres_schema",
+    "register_bench_devices",
+]
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+CST = timezone(timedelta(hours=8))
 
 
 # No ack for this long while batches are out: the backend lost them (the bench does not send
@@ -58,18 +71,45 @@ async def acks_of(client: aiomqtt.Client, unacked: Callable[[], int]) -> AsyncIt
         yield decode_ack(bytes(message.payload))
 
 
+def bench_entry(device: str, index: int) -> DeviceEntry:
+    """The registry's entry for the bench's ``index``-th synthetic bus validator ``device``
+    (:func:`make_batches` makes its records so)."""
+    terminal = (0xB000_0000 + index).to_bytes(6, "big").hex().upper()
+    return DeviceEntry(
+        id=device, role="validator", operator="BENCH", kinds=frozenset({"bus"}), terminal=terminal
+    )
+
+
+def register_bench_devices(db_url: str, devices: Sequence[str]) -> None:
+    """Register :func:`make_batches`' devices (``bench-RUN-INDEX``) in the ledger at ``db_url``."""
+    store = Store(db_url)
+    try:
+        for device in devices:
+            register(store, bench_entry(device, int(device.rsplit("-", 1)[1])))
+    finally:
+        store.close()
+
+
 def make_batches(
-    n: int, devices: int, batch: int, run: int, cards_per_device: int = 200
+    n: int,
+    devices: int,
+    batch: int,
+    run: int,
+    cards_per_device: int = 200,
+    *,
+    terminal: bytes | None = None,
+    operator: str = "BENCH",
 ) -> dict[str, list[Batch]]:
     """``n`` genuine purchases spread over ``devices`` (each serving ``cards_per_device``
-    cards), cut into batches."""
+    cards), cut into batches; each device's records carry its :func:`bench_entry` terminal
+    and operator, or ``terminal`` and ``operator`` when given (another device's records)."""
     verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
     day, clock = bytes.fromhex("20261123"), bytes.fromhex("083000")
-    at_ms = int(datetime(2026, 11, 23, tzinfo=UTC).timestamp() * 1000)
+    at_ms = int(datetime(2026, 11, 23, 8, 30, tzinfo=CST).timestamp() * 1000)  # the TAC's
     out: dict[str, list[Batch]] = {}
     for d in range(devices):
         device = f"bench-{run}-{d}"
-        terminal = (0xB000_0000 + d).to_bytes(6, "big")
+        own = terminal or bytes.fromhex(bench_entry(device, d).terminal)
         records = []
         for i in range(n // devices):
             # A day's traffic: each card rides several times (its counter goes up), so the
@@ -83,7 +123,7 @@ def make_batches(
                 serial8=serial8,
                 amount=200,
                 tx_type=9,
-                terminal=terminal,
+                terminal=own,
                 ttc=i + 1,
                 day=day,
                 time=clock,
@@ -102,13 +142,13 @@ def make_batches(
                     i + 1,
                     200,
                     1_000_000 - 200 * counter,
-                    terminal.hex(),
+                    own.hex(),
                     day.hex(),
                     clock.hex(),
                     at_ms,
                     "00" * 8,
                     0,
-                    "BENCH",
+                    operator,
                     tac.hex(),
                 )
             )
@@ -148,11 +188,13 @@ async def _device(
 
 
 async def measure(
-    broker: BrokerURL, n: int, devices: int, batch: int, window: int = 2
+    broker: BrokerURL, n: int, devices: int, batch: int, window: int = 2, *, ledger: str
 ) -> dict[str, float]:
-    """Publish and wait for every ack; tx/s and ack latency percentiles (ms)."""
+    """Register the devices in the backend's ``ledger``, publish, and wait for every ack; tx/s
+    and ack latency percentiles (ms)."""
     run = int(time.time()) % 10_000
     work = make_batches(n, devices, batch, run)
+    register_bench_devices(ledger, list(work))
     latencies: list[float] = []
     start = time.perf_counter()
     await asyncio.gather(*(_device(broker, d, b, window, latencies) for d, b in work.items()))
@@ -204,7 +246,7 @@ def measure_postgres(
         postgres_schema(postgres) as ledger,
         running_backend(broker_url, ledger, workers=workers, log=folder / "backend-postgres.log"),
     ):
-        result = asyncio.run(measure(BrokerURL.parse(broker_url), n, devices, batch))
+        result = asyncio.run(measure(BrokerURL.parse(broker_url), n, devices, batch, ledger=ledger))
     return {
         "ingest_pg_tx_per_s": result["tx_per_s"],
         "ingest_pg_ack_p50_ms": result["ack_p50_ms"],
@@ -217,16 +259,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", help="the broker (default with --postgres: a Mosquitto)")
     parser.add_argument("--postgres", metavar="URL", help="start a backend on this database")
+    parser.add_argument(
+        "--db", metavar="URL", help="with --broker alone: the running backend's ledger"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--batch", type=int, default=200)
     args = parser.parse_args()
     if args.postgres is None:
-        if args.broker is None:
-            parser.error("--broker is needed (or --postgres)")
+        if args.broker is None or args.db is None:
+            parser.error("--broker and --db (the backend's ledger) are needed (or --postgres)")
         result = asyncio.run(
-            measure(BrokerURL.parse(args.broker), args.n, args.devices, args.batch)
+            measure(BrokerURL.parse(args.broker), args.n, args.devices, args.batch, ledger=args.db)
         )
     else:
         with ExitStack() as stack:

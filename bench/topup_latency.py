@@ -19,12 +19,22 @@ from pathlib import Path
 from typing import TypeVar
 
 from backend._broker import BrokerURL
+from backend._registry import DeviceEntry
 from card import InProcessReader, MemoryStore, Reader, SimulatedCard, personalise
 from topup._host import MqttHost
 from topup._journal import KioskJournal
 from topup._station import Kiosk
 
-__all__ = ["measure"]
+__all__ = ["TOPUP_KIOSK", "measure"]
+
+#: The bench's kiosk as the backend's registry must know it.
+TOPUP_KIOSK = DeviceEntry(
+    id="kiosk-bench",
+    role="kiosk",
+    operator="BENCH",
+    kinds=frozenset({"load"}),
+    terminal="0000F000BEEF",
+)
 
 T = TypeVar("T")
 
@@ -33,8 +43,8 @@ async def measure(broker: BrokerURL, n: int) -> dict[str, float]:
     """``n`` loads of 1 yuan; latency percentiles in ms."""
     folder = Path(tempfile.mkdtemp(prefix="farelab-topup-bench-"))
     kiosk = Kiosk(
-        kiosk_id="kiosk-bench",
-        terminal_id=bytes.fromhex("0000F000BEEF"),
+        kiosk_id=TOPUP_KIOSK.id,
+        terminal_id=bytes.fromhex(TOPUP_KIOSK.terminal),
         host=MqttHost(broker, "kiosk-bench"),
         journal=KioskJournal(folder / "k.db"),
     )

@@ -15,12 +15,13 @@ from backend._broker import BrokerURL, check_client_id
 from backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
 from backend._clearing import clear_ledger
 from backend._params import devices_in, next_params, publish_params, read_status
-from backend._report import report
+from backend._report import ANOMALY_KEYS, report
 from backend._service import run_workers
 from backend._store import Store, StoreError
 from card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
 from card._money import fen_to_yuan
 from farelab import _brokercli as broker_cli
+from farelab import _devices as devices_cli
 from farelab._errors import CliError
 from validator._network import NetworkError, parse_networks
 
@@ -87,6 +88,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="shared-subscription group name (default farelab-backend; letters, digits, '.', "
         "'_', '-')",
     )
+    run.add_argument(
+        "--devices",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="CONFIG",
+        help="register every validator of this configuration file first (repeatable)",
+    )
     run.set_defaults(func=_run)
     broker_cli.add_parser(cmds)
     par = cmds.add_parser(
@@ -151,6 +160,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
     rep.add_argument("--json", action="store_true", help="print JSON for scripts")
     rep.set_defaults(func=_report)
+    devices_cli.add_parser(cmds)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -179,9 +189,13 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError:
         raise CliError(f"--issuer {args.issuer!r} is not hex") from None
     try:
-        Store(args.db).close()
+        store = Store(args.db)
     except StoreError as exc:
         raise CliError(str(exc)) from None
+    try:
+        devices_cli.register_configs(store, args.devices)
+    finally:
+        store.close()
     print(
         f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}",
         file=sys.stderr,
@@ -202,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
 def _params(args: argparse.Namespace) -> int:
     try:
         broker = BrokerURL.parse(args.broker)
-        store = Store(args.db)
+        store = Store(args.db, create=False)
     except (ValueError, StoreError) as exc:
         raise CliError(str(exc)) from None
     try:
@@ -258,7 +272,7 @@ def _clear(args: argparse.Namespace) -> int:
         except ValueError:
             raise CliError(f"--day {args.day!r} is not a date (YYYY-MM-DD)") from None
     try:
-        store = Store(args.db)
+        store = Store(args.db, create=False)
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
@@ -285,7 +299,7 @@ def _clear(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     try:
-        store = Store(args.db)
+        store = Store(args.db, create=False)
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
@@ -309,8 +323,9 @@ def _report(args: argparse.Namespace) -> int:
         "clones",
         "quarantined",
         "balance_anomalies",
+        *ANOMALY_KEYS.values(),
     ):
-        print(f"{key:<13} {doc[key]}")
+        print(f"{key:<22} {doc[key]}")
     for title, table in (("operator", doc["by_operator"]), ("issuer", doc["by_issuer"])):
         print(f"by {title}:")
         for name, row in sorted(table.items()):

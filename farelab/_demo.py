@@ -245,12 +245,17 @@ async def _backend(folder: Path) -> None:
     from backend._report import report  # noqa: PLC0415
     from backend._service import run_worker  # noqa: PLC0415
     from backend._store import Store  # noqa: PLC0415
+    from farelab._devices import register_configs  # noqa: PLC0415
     from validator._journal import Journal  # noqa: PLC0415
     from validator._uplink import MqttUplink  # noqa: PLC0415
 
     db = f"sqlite:///{folder / 'ledger.db'}"
     journal = Journal(folder / "journal.db")
     devices = sorted({device for _, device, _ in journal.outbox(10_000)})
+    store = Store(db)
+    registered = register_configs(store, [folder / "taiyuan.toml"])  # before they upload
+    store.close()
+    _say(f"  registry: {len(registered)} devices registered from taiyuan.toml")
     async with embedded_broker() as broker:
         _say(f"  embedded broker (amqtt, MQTT 3.1.1) on {broker}")
         stop = asyncio.Event()

@@ -12,21 +12,41 @@ import psycopg
 import pytest
 
 from backend._ingest import classify
+from backend._registry import register
 from backend._report import report
 from backend._store import Store
 from backend._wire import Batch, Record, decode_batch, encode_batch
-from bench.ingest import make_batches
+from bench.ingest import bench_entry, make_batches
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab._devices import entry_of
 from tests.validator_support import Lab, bus, gate, new_card
 
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
 PG = "postgresql://postgres@127.0.0.1:5432/test"
+OTHER_TERMINAL = "B00000000077"
+
+
+LAB_DEVICES = (
+    bus("taiyuan"),
+    gate("taiyuan", "尖草坪"),
+    gate("taiyuan", "西桥"),
+    bus("taiyuan", device_id="bus-x", terminal="000000000B77"),
+)
+
+
+def register_all(s: Store) -> None:
+    """The lab's devices and the bench's synthetic ones, as the backend's registry knows them."""
+    for device in LAB_DEVICES:
+        register(s, entry_of(device))
+    for run in (1, 2):
+        register(s, bench_entry(f"bench-{run}-0", 0))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Store]:
     if request.param == "sqlite":
         s = Store(f"sqlite:///{tmp_path}/ledger.db")
+        register_all(s)
         yield s
         s.close()
         return
@@ -37,6 +57,7 @@ def store(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Store]:
         pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (database test) is needed: {exc}")
     admin.execute(f"CREATE SCHEMA {schema}")
     s = Store(f"{PG}?options=-csearch_path%3D{schema}")
+    register_all(s)
     yield s
     s.close()
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
@@ -153,12 +174,28 @@ def test_a_full_batch_is_stored_once_and_its_replay_counted_as_duplicates(store:
     assert doc["clones"] == 0
 
 
-def test_a_full_batch_replayed_by_another_device_is_all_clones(store: Store) -> None:
+def test_a_full_batch_of_other_transactions_under_counted_card_counters_is_all_clones(
+    store: Store,
+) -> None:
     [batch] = make_batches(500, 1, 500, run=2)["bench-2-0"]
     ingest(store, batch)
-    # The same card counters again from another device, over every chunk of its batch.
-    copies = tuple(replace(r, seq=r.seq + 1000) for r in batch.records)
-    ingest(store, Batch(1, "bench-2-other", copies))
+    # Genuinely signed transactions of another device under the same card counters, over
+    # every chunk of its batch.
+    register(store, replace(bench_entry("bench-2-other", 0), terminal=OTHER_TERMINAL))
+    [others] = make_batches(500, 1, 500, run=2, terminal=bytes.fromhex(OTHER_TERMINAL))["bench-2-0"]
+    ingest(store, Batch(1, "bench-2-other", others.records))
     doc = report(store)
     assert doc["transactions"] == 500
     assert doc["clones"] == 200
+
+
+def test_a_counted_transaction_resent_under_new_sequence_numbers_is_a_replay_not_a_clone(
+    store: Store,
+) -> None:
+    [batch] = make_batches(500, 1, 500, run=2)["bench-2-0"]
+    ingest(store, batch)
+    resent = tuple(replace(r, seq=r.seq + 1000) for r in batch.records)
+    ingest(store, Batch(2, "bench-2-0", resent))
+    doc = report(store)
+    assert (doc["transactions"], doc["purchase_fen"]) == (500, 500 * 200)
+    assert (doc["replays"], doc["clones"], doc["hotlist"]) == (500, 0, [])

@@ -106,7 +106,7 @@ def pg_url() -> object:
 
 
 def replay_in_parallel(
-    tmp_path: Path, broker: Mosquitto, n: int, cards: int, rounds: int
+    tmp_path: Path, broker: Mosquitto, n: int, cards: int, rounds: int, *, db: str
 ) -> list[subprocess.Popen[str]]:
     procs = []
     for i in range(n):
@@ -114,6 +114,8 @@ def replay_in_parallel(
         folder.mkdir()
         config = folder / "devices.toml"
         config.write_text(re.sub(r'^id = "', f'id = "v{i}-', DEVICES, flags=re.MULTILINE))
+        added = farelab("backend", "devices", "add", "--config", str(config), "--db", db)
+        assert added.returncode == 0, added.stderr
         taps, _ = make_taps(folder, cards=cards, rounds=rounds, first_serial=1000 * (i + 1))
         taps.write_text(taps.read_text().replace('"device": "', f'"device": "v{i}-'))
         procs.append(
@@ -157,7 +159,7 @@ def test_two_workers_with_postgresql_split_the_load_without_double_counting(
 ) -> None:
     backend = start_backend(broker, pg_url, workers=2)
     try:
-        procs = replay_in_parallel(tmp_path, broker, n=3, cards=6, rounds=6)
+        procs = replay_in_parallel(tmp_path, broker, n=3, cards=6, rounds=6, db=pg_url)
         outputs = []
         for proc in procs:
             out, err = proc.communicate(timeout=120)
@@ -180,7 +182,7 @@ def test_broker_and_a_worker_killed_mid_upload_lose_and_double_nothing(
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     backend = start_backend(broker, db, workers=2)
     try:
-        procs = replay_in_parallel(tmp_path, broker, n=3, cards=10, rounds=8)
+        procs = replay_in_parallel(tmp_path, broker, n=3, cards=10, rounds=8, db=db)
         time.sleep(1.5)
         broker.kill()  # the broker dies with messages in flight …
         children = subprocess.run(

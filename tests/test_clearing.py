@@ -10,9 +10,11 @@ import numpy as np
 
 from backend._clearing import clear, clear_ledger
 from backend._ingest import classify
+from backend._registry import register
 from backend._store import Store
 from backend._wire import Batch
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab._devices import entry_of
 from tests.validator_support import NON_LOCAL_ISSUER, Lab, bus, gate, new_card
 from validator._device import Device
 
@@ -33,6 +35,8 @@ def ride_two_cities(store: Store) -> dict[tuple[str, str], int]:
         operator(gate("taiyuan", "西桥", device_id="ty-out"), "TYMETRO"),
         operator(bus("changzhou", device_id="cz-bus"), "CZBUS"),
     ]
+    for configured in devices:  # the ledger takes batches only from registered devices
+        register(store, entry_of(configured))
     lab = Lab(devices)
     owed: dict[tuple[str, str], int] = {}
     for k, issuer in enumerate((DEMO_ISSUER_ID, NON_LOCAL_ISSUER)):
@@ -115,3 +119,25 @@ def test_backend_clear_command_writes_csv_and_json(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["transactions"] == 18
     assert (tmp_path / "c.csv").read_text().startswith("day,party")
+
+
+def test_clearing_pays_the_registered_operator_not_the_one_a_record_names(tmp_path: Path) -> None:
+    """The operator is not covered by the TAC: a record naming another one is paid to the
+    device's registered operator, and the mismatch is an anomaly."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from backend._report import report  # noqa: PLC0415
+
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    device = operator(bus("changzhou", device_id="cz-bus"), "CZBUS")
+    register(store, entry_of(device))
+    lab = Lab([device])
+    lab.tap("cz-bus", new_card(balance=5000, serial="901"), 0)
+    [record] = [replace(r, operator="EVIL") for _, _, r in lab.journal.outbox(10)]
+    store.ingest("cz-bus", 1, classify(Batch(1, "cz-bus", (record,)), VERIFIER))
+    parties = clear_ledger(store).parties
+    doc = report(store)
+    store.close()
+    assert "operator:CZBUS" in parties
+    assert "operator:EVIL" not in parties
+    assert doc["field_mismatches"] == 1

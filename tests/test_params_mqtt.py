@@ -26,11 +26,27 @@ whitelist = ["1310000000000000"]
 """
 
 
+def register_devices(config: Path, tmp_path: Path) -> None:
+    """The backend's ledger, with the config's devices registered (``params`` only reads it)."""
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    command = ["backend", "devices", "add", "--config", str(config), "--db", ledger]
+    added = subprocess.run(
+        [sys.executable, "-m", "farelab", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+
+
 def test_hotlist_published_by_the_backend_reaches_a_running_validator(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     config = tmp_path / "devices.toml"
     config.write_text(CONFIG)
+    register_devices(config, tmp_path)
     card = tmp_path / "card.json"
     save_image(card, personalise(serial="55", issued=date(2026, 1, 1), balance=1000))
     validator = subprocess.Popen(
@@ -105,6 +121,7 @@ def test_new_fare_table_from_the_backend_applies_at_the_next_tap(
 
     config = tmp_path / "devices.toml"
     config.write_text(CONFIG)
+    register_devices(config, tmp_path)
     cards = {}
     for step, serial in (("before", "56"), ("after", "57")):  # two riders: no anti-passback
         cards[step] = tmp_path / f"{step}.json"

@@ -57,7 +57,21 @@ def farelab(
     )
 
 
-def start_backend(broker: Mosquitto, db: str, workers: int = 1) -> subprocess.Popen[str]:
+LAB_BUS = """
+[[validator]]
+id = "bus"
+kind = "bus"
+network = "taiyuan"
+route = "1"
+terminal_id = "000000000B01"
+whitelist = ["1310000000000000"]
+"""
+
+
+def start_backend(
+    broker: Mosquitto, db: str, workers: int = 1, devices: Path | None = None
+) -> subprocess.Popen[str]:
+    registry = ["--devices", str(devices)] if devices is not None else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -71,6 +85,7 @@ def start_backend(broker: Mosquitto, db: str, workers: int = 1) -> subprocess.Po
             db,
             "--workers",
             str(workers),
+            *registry,
         ],
         cwd=ROOT,
         text=True,
@@ -118,7 +133,7 @@ def test_replay_uploads_and_the_ledger_matches_the_cards(broker: Mosquitto, tmp_
     config = tmp_path / "devices.toml"
     config.write_text(DEVICES)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    backend = start_backend(broker, db)
+    backend = start_backend(broker, db, devices=config)
     try:
         taps, cards = make_taps(tmp_path, cards=5, rounds=4)
         result = farelab(
@@ -194,7 +209,9 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
     from validator._journal import Journal  # noqa: PLC0415
     from validator._uplink import MqttUplink  # noqa: PLC0415
 
-    backend = start_backend(broker, f"sqlite:///{tmp_path / 'ledger.db'}")
+    config = tmp_path / "bus.toml"
+    config.write_text(LAB_BUS)
+    backend = start_backend(broker, f"sqlite:///{tmp_path / 'ledger.db'}", devices=config)
     lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
     uplink = MqttUplink(BrokerURL.parse(broker.url), ["bus"], ack_timeout=30)
     loop = asyncio.new_event_loop()
@@ -292,3 +309,102 @@ def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
                 await cancel_and_wait(task)
 
     assert asyncio.run(main()) == (3, 3, 3)
+
+
+def replay(
+    config: Path, taps: Path, journal: Path, broker: Mosquitto, *extra: str
+) -> list[dict[str, object]]:
+    """``farelab validator replay`` uploading to ``broker``; its accepted taps."""
+    result = farelab(
+        "validator",
+        "replay",
+        "--config",
+        str(config),
+        "--taps",
+        str(taps),
+        "--journal",
+        str(journal),
+        "--broker",
+        broker.url,
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = [json.loads(x) for x in result.stdout.splitlines()]
+    return [o for o in outputs if o["result"] == "accepted"]
+
+
+def test_a_replaced_journal_costs_no_ride_and_is_reported(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A device's journal file deleted and started over numbers its records from 1 again: the
+    ledger tells them apart by the journal's epoch, counts every ride, and reports the reset."""
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    journal = tmp_path / "j.db"
+    backend = start_backend(broker, db, devices=config)
+    try:
+        first_taps, cards = make_taps(tmp_path, cards=5, rounds=1)
+        accepted = replay(config, first_taps, journal, broker)
+        for leftover in tmp_path.glob("j.db*"):
+            leftover.unlink()
+        later = tmp_path / "later"
+        later.mkdir()
+        second_taps, _ = make_taps(later, cards=5, rounds=1)
+        lines = second_taps.read_text().replace("2026-11-23", "2026-11-24")
+        for c, card in enumerate(cards):  # the same cards, a day later
+            lines = lines.replace(str(later / f"card{c}.json"), str(card))
+        second_taps.write_text(lines)
+        accepted += replay(config, second_taps, journal, broker)
+    finally:
+        stop(backend)
+    report = json.loads(farelab("backend", "report", "--db", db, "--json").stdout)
+    spent = sum(50_000 - load_image(p).balance for p in cards)
+    assert len(accepted) == 30
+    assert (report["transactions"], report["purchase_fen"]) == (30, spent)
+    assert (report["duplicates"], report["journal_resets"]) == (0, 3)
+    assert (report["conflicting_duplicates"], report["replays"], report["clones"]) == (0, 0, 0)
+
+
+def test_an_unregistered_device_keeps_its_rows_until_it_is_registered(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The backend refuses a batch from a device it does not know (quarantined, a rejected
+    ack); the device keeps the rows and sends them again, and they count once it is
+    registered."""
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    journal = tmp_path / "j.db"
+    taps, cards = make_taps(tmp_path, cards=1, rounds=1)
+    backend = start_backend(broker, db)
+    try:
+        refused = farelab(
+            "validator",
+            "replay",
+            "--config",
+            str(config),
+            "--taps",
+            str(taps),
+            "--journal",
+            str(journal),
+            "--broker",
+            broker.url,
+            "--upload-timeout",
+            "3",
+        )
+        assert refused.returncode == 3, refused.stderr
+        assert "3 records still pending" in refused.stderr
+        added = farelab("backend", "devices", "add", "--config", str(config), "--db", db)
+        assert added.returncode == 0, added.stderr
+        later = tmp_path / "later"
+        later.mkdir()
+        more_taps, more_cards = make_taps(later, cards=1, rounds=1, first_serial=200)
+        accepted = replay(config, more_taps, journal, broker)
+    finally:
+        stop(backend)
+    report = json.loads(farelab("backend", "report", "--db", db, "--json").stdout)
+    spent = sum(50_000 - load_image(p).balance for p in cards + more_cards)
+    assert len(accepted) == 3
+    assert (report["transactions"], report["purchase_fen"]) == (6, spent)
+    assert report["quarantine_reasons"].get("unknown_device", 0) >= 1

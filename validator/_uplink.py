@@ -5,6 +5,8 @@ with a persistent MQTT 5 session), QoS 1.  A batch leaves the outbox only when t
 *application* ack for it arrives — the backend publishes that after its own database commit — so
 the journal stays the durable store whatever the broker or the network do.  Unacknowledged
 batches are sent again after ``ack_timeout``; the backend's de-duplication makes that harmless.
+A batch the backend *rejects* (a device its registry does not admit) stays in the outbox and is
+sent again with capped backoff, so nothing is lost once the device is registered.
 The connection is an explicit state (:class:`backend.LinkState`) with capped jittered backoff;
 the first failure is logged loudly, repeats quietly.
 """
@@ -50,6 +52,7 @@ class UplinkStats:
     batches_sent: int = 0
     records_acked: int = 0
     resends: int = 0
+    rejected: int = 0
     connects: int = 0
     ack_latency_s: list[float] = field(default_factory=list)
 
@@ -59,6 +62,7 @@ class _InFlight:
     ids: list[int]
     payload: bytes
     sent_at: float
+    resend_at: float  # when to send it again if no ack has taken it by then
 
 
 class MqttUplink:
@@ -131,6 +135,7 @@ class MqttUplink:
     async def _device_loop(self, journal: Journal, device: str) -> None:
         stats = self.stats[device]
         backoff = Backoff()
+        rejections = Backoff(base=1.0, cap=60.0)  # the backend refusing this device's batches
         while True:
             honour_cancellation()
             stats.state = LinkState.CONNECTING
@@ -144,7 +149,7 @@ class MqttUplink:
                     await client.subscribe(ACK_TOPIC.format(device=device), qos=1)
                     if self._on_params is not None:
                         await client.subscribe(PARAMS_TOPIC.format(device=device), qos=1)
-                    await self._session(client, journal, device, stats)
+                    await self._session(client, journal, device, stats, rejections)
             except aiomqtt.MqttError as exc:
                 stats.state = LinkState.BACKOFF
                 delay = backoff.next_delay()
@@ -160,7 +165,12 @@ class MqttUplink:
                 await asyncio.sleep(delay)
 
     async def _session(
-        self, client: aiomqtt.Client, journal: Journal, device: str, stats: UplinkStats
+        self,
+        client: aiomqtt.Client,
+        journal: Journal,
+        device: str,
+        stats: UplinkStats,
+        rejections: Backoff,
     ) -> None:
         in_flight: dict[int, _InFlight] = {}
         last_id = 0
@@ -171,8 +181,9 @@ class MqttUplink:
             nonlocal last_id
             now = time.monotonic()
             for batch_id, flight in list(in_flight.items()):  # acks() pops while we await
-                if now - flight.sent_at > self.ack_timeout:
+                if now >= flight.resend_at:
                     flight.sent_at = now
+                    flight.resend_at = now + self.ack_timeout
                     stats.resends += 1
                     await taps.yield_to_taps()
                     await client.publish(topic, flight.payload, qos=1)
@@ -185,7 +196,10 @@ class MqttUplink:
                     return
                 batch_id = journal.epoch << 40 | rows[0][0]  # this file's, and its first row
                 payload = encode_batch_records(batch_id, device, [raw for _, raw in rows])
-                in_flight[batch_id] = _InFlight([r[0] for r in rows], payload, time.monotonic())
+                sent = time.monotonic()
+                in_flight[batch_id] = _InFlight(
+                    [r[0] for r in rows], payload, sent, sent + self.ack_timeout
+                )
                 last_id = rows[-1][0]
                 await taps.yield_to_taps()
                 await client.publish(topic, payload, qos=1)
@@ -220,6 +234,22 @@ class MqttUplink:
                         len(flight.ids),
                     )
                     continue
+                if not ack.committed:
+                    # The rows stay in the outbox and this batch in flight, sent again later.
+                    stats.rejected += 1
+                    delay = rejections.next_delay()
+                    flight.resend_at = time.monotonic() + delay
+                    level = logging.WARNING if rejections.failures == 1 else logging.DEBUG
+                    log.log(
+                        level,
+                        "device %s: the backend refused batch %d (is the device registered?); "
+                        "sending it again in %.1f s",
+                        device,
+                        ack.batch_id,
+                        delay,
+                    )
+                    continue
+                rejections.reset()
                 del in_flight[ack.batch_id]
                 stats.ack_latency_s.append(time.monotonic() - flight.sent_at)
                 if len(stats.ack_latency_s) > 10_000:

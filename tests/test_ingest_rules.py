@@ -1,0 +1,190 @@
+"""The ingest rules as pure functions: what the registry knows wins over what a record says,
+the TAC-covered fields are checked, and a record's identity includes its journal's epoch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from backend._ingest import (
+    SEQ_JUMP,
+    TIME_TOLERANCE_MS,
+    Classified,
+    Counted,
+    Decision,
+    Held,
+    LedgerView,
+    admit,
+    balance_breaks,
+    decide,
+    tac_time_ms,
+)
+from backend._registry import DeviceEntry
+from backend._wire import Record, decode_batch, encode_batch
+from bench.ingest import bench_entry, make_batches
+
+DEVICE = "bench-3-0"
+ENTRY = bench_entry(DEVICE, 0)
+EPOCH = 77
+# Four rides of one card, as the wire delivers them.
+RECORDS = decode_batch(
+    encode_batch(make_batches(4, 1, 4, run=3, cards_per_device=1)[DEVICE][0])
+).records
+
+
+def decide_on(
+    records: tuple[Record, ...] | list[Record],
+    view: LedgerView | None = None,
+    entry: DeviceEntry = ENTRY,
+    verdict: str = "ok",
+) -> Decision:
+    rows = [Classified(DEVICE, r, verdict) for r in records]
+    return decide(DEVICE, EPOCH, rows, entry, view or LedgerView(), now_ms=1)
+
+
+def kinds(decision: Decision) -> list[str]:
+    return [a[0] for a in decision.anomalies]
+
+
+def verdicts(decision: Decision) -> list[str]:
+    return [row[4] for row in decision.inserts]
+
+
+def counted(record: Record, *, device: str = DEVICE, epoch: int = EPOCH) -> Counted:
+    proof = (
+        record.issuer,
+        record.amount,
+        record.terminal,
+        record.ttc,
+        record.day,
+        record.time,
+        record.tac,
+    )
+    return Counted(
+        device, epoch, record.seq, proof, record.balance_before, record.amount, record.at_ms
+    )
+
+
+def test_batches_only_from_registered_unrevoked_validators() -> None:
+    kiosk = DeviceEntry(
+        id="k", role="kiosk", operator="OP", kinds=frozenset({"load"}), terminal="0000000000AA"
+    )
+    assert admit(DEVICE, None) == "unknown_device"
+    assert admit(DEVICE, replace(ENTRY, revoked=True)) == "revoked_device"
+    assert admit("k", kiosk) == "wrong_role"
+    assert admit(DEVICE, ENTRY) is None
+
+
+def test_the_registry_operator_station_and_line_are_stored_not_the_records() -> None:
+    evil = replace(RECORDS[0], operator="EVIL", line=9, station="11" * 8)
+    decision = decide_on([evil])
+    [row] = decision.inserts
+    assert (row[-5], row[-4], row[-3]) == ("0" * 16, 0, "BENCH")  # station, line, operator
+    assert verdicts(decision) == ["ok"]
+    assert kinds(decision) == ["field_mismatch"]
+    assert "EVIL" in decision.anomalies[0][4]
+
+
+def test_a_terminal_other_than_the_registered_one_is_not_counted() -> None:
+    decision = decide_on(RECORDS[:1], entry=replace(ENTRY, terminal="0000000000EE"))
+    assert verdicts(decision) == ["wrong_device"]
+    assert kinds(decision) == ["wrong_device"]
+
+
+def test_a_kind_the_device_may_not_make_is_not_counted() -> None:
+    decision = decide_on([replace(RECORDS[0], kind="load")])
+    assert verdicts(decision) == ["wrong_kind"]
+
+
+def test_a_kind_its_tac_covered_transaction_type_contradicts_is_not_counted() -> None:
+    gate = replace(ENTRY, kinds=frozenset({"entry", "exit"}))
+    assert verdicts(decide_on([replace(RECORDS[0], kind="entry")], entry=gate)) == ["ok"]
+    assert verdicts(decide_on([replace(RECORDS[0], tx_type=2)])) == ["wrong_kind"]
+
+
+def test_the_tac_covered_day_and_time_win_over_a_rewritten_timestamp() -> None:
+    record = RECORDS[0]
+    tac_ms = tac_time_ms(record.day, record.time)
+    assert tac_ms is not None
+    near = decide_on([replace(record, at_ms=tac_ms + TIME_TOLERANCE_MS)])
+    assert (kinds(near), near.inserts[0][17]) == ([], tac_ms + TIME_TOLERANCE_MS)
+    moved = decide_on([replace(record, at_ms=tac_ms + 86_400_000)])
+    assert kinds(moved) == ["time_mismatch"]
+    assert (moved.inserts[0][17], verdicts(moved)) == (tac_ms, ["ok"])
+
+
+def test_a_day_that_is_no_date_is_not_counted() -> None:
+    decision = decide_on([replace(RECORDS[0], day="20261399")])
+    assert verdicts(decision) == ["bad_time"]
+
+
+def test_a_balance_that_does_not_follow_the_cards_chain_is_a_break() -> None:
+    first, second = RECORDS[0], RECORDS[1]
+    assert second.card_counter == first.card_counter + 1
+    view = LedgerView(counted={(first.card_serial, first.card_counter, 9): counted(first)})
+    assert decide_on([second], view).chain == []
+    broken = decide_on([replace(second, balance_before=second.balance_before + 500)], view)
+    assert verdicts(broken) == ["ok"]
+    [check] = broken.chain
+    assert [a[0] for a in balance_breaks([check], {})] == ["balance_break"]
+    # A load between the two explains the difference.
+    loads = {first.card_serial: [(first.at_ms, 500)]}
+    assert balance_breaks([check], loads) == []
+
+
+def test_a_counted_transaction_under_a_new_sequence_number_is_a_replay_not_a_clone() -> None:
+    first = RECORDS[0]
+    view = LedgerView(counted={(first.card_serial, first.card_counter, 9): counted(first)})
+    decision = decide_on([replace(first, seq=first.seq + 50)], view)
+    assert verdicts(decision) == ["replay"]
+    assert (kinds(decision), decision.clones) == (["replay"], [])
+
+
+def test_other_content_under_a_counted_card_counter_is_a_clone() -> None:
+    first = RECORDS[0]
+    view = LedgerView(counted={(first.card_serial, first.card_counter, 9): counted(first)})
+    other = replace(first, seq=first.seq + 50, ttc=first.ttc + 9, tac="01020304")
+    decision = decide_on([other], view)
+    assert verdicts(decision) == ["clone"]
+    assert decision.clones == [first.card_serial]
+
+
+def test_a_known_identity_with_other_content_is_an_anomaly_not_a_duplicate() -> None:
+    first = RECORDS[0]
+    content = (
+        first.tx_type,
+        first.kind,
+        first.alg,
+        first.card_serial,
+        first.issuer,
+        first.card_counter,
+        first.ttc,
+        first.amount,
+        first.balance_before,
+        first.terminal,
+        first.day,
+        first.time,
+    )
+    view = LedgerView(held={first.seq: Held("completed", content, first.tac)}, top_seq=first.seq)
+    same = decide_on([first], view)
+    assert (same.duplicates, same.inserts, same.anomalies) == (1, [], [])
+    other = decide_on([replace(RECORDS[1], seq=first.seq)], view)
+    assert (other.duplicates, other.inserts, other.updates) == (0, [], [])
+    assert kinds(other) == ["conflicting_duplicate"]
+
+
+def test_a_new_journal_epoch_of_a_known_device_is_a_reset_and_its_records_count() -> None:
+    view = LedgerView(top_seq=None, other_epochs=frozenset({EPOCH - 1}))
+    decision = decide_on(RECORDS, view)
+    assert kinds(decision) == ["journal_reset"]
+    assert verdicts(decision) == ["ok"] * len(RECORDS)
+    assert {row[1] for row in decision.inserts} == {EPOCH}
+    # Rows from before epochs existed (epoch 0) are no reset.
+    legacy = decide_on(RECORDS, LedgerView(other_epochs=frozenset({0})))
+    assert kinds(legacy) == []
+
+
+def test_an_implausible_sequence_jump_is_one_anomaly() -> None:
+    jumped = [replace(RECORDS[0], seq=0xFFFFFFFF)]
+    decision = decide_on(jumped, LedgerView(top_seq=3))
+    assert kinds(decision) == ["seq_jump"]
+    assert kinds(decide_on([replace(RECORDS[0], seq=3 + SEQ_JUMP)], LedgerView(top_seq=3))) == []
