@@ -227,11 +227,11 @@ def _target_refusal(store: Store, old: str, new: str) -> dict[str, str] | None:
     """Why an old card's balance may not move onto ``new``, or None."""
     if new == old:
         return {"reason": "same_card", "detail": "a balance cannot move onto its own card"}
+    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (new,)).fetchone():
+        return {"reason": "replaced", "detail": f"card {new} was itself replaced"}
     refusal = _card_refusal(store, new)
     if refusal is not None:
         return refusal
-    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (new,)).fetchone():
-        return {"reason": "replaced", "detail": f"card {new} was itself replaced"}
     received = store.execute(
         "SELECT 1 FROM loads WHERE card_serial = ? AND kind = 'transfer' "
         "AND status IN ('authorized', 'confirmed')",

@@ -93,6 +93,7 @@ def test_card_new_refuses_to_overwrite_without_force(
         (["--balance", "1000.01"], "0 to 1000 yuan"),
         (["--balance", "-1"], "0 to 1000 yuan"),
         (["--balance", "abc"], "not a number"),
+        (["--balance", "1_0"], "not a number"),
         (["--balance", "0.001"], "whole number of fen"),
         (["--issuer", "XYZ"], "not hex"),
         (["--issuer", "1310"], "16 hex digits"),

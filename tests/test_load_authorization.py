@@ -15,6 +15,8 @@ import aiomqtt
 
 from backend._loads import LOAD_REQ, LOAD_RESP
 from backend._mosquitto import Mosquitto
+from backend._registry import DeviceEntry, register
+from backend._store import Store
 from card import (
     CardSnapshot,
     InProcessReader,
@@ -32,6 +34,18 @@ from tests.test_uplink_backend import farelab, start_backend, stop
 
 KIOSK = "kiosk-1"
 TERMINAL = bytes.fromhex("00000000F001")
+
+
+def ledger_with_kiosk(tmp_path: Path) -> str:
+    """A ledger whose device registry knows the kiosk these tests speak for."""
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    store = Store(db)
+    entry = DeviceEntry(
+        id=KIOSK, role="kiosk", operator="K1", kinds=frozenset({"load"}), terminal="00000000F001"
+    )
+    register(store, entry)
+    store.close()
+    return db
 
 
 async def rpc(port: int, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,7 +95,7 @@ def card_and_request(
 
 
 def test_authorize_credit_confirm_counts_the_load_once(broker: Mosquitto, tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    db = ledger_with_kiosk(tmp_path)
     backend = start_backend(broker, db)
     try:
         reader, flow, req = card_and_request(balance=90_000, amount=10_000)
@@ -108,7 +122,7 @@ def test_authorize_credit_confirm_counts_the_load_once(broker: Mosquitto, tmp_pa
 
 
 def test_host_refuses_past_the_cap_and_forged_mac1(broker: Mosquitto, tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    db = ledger_with_kiosk(tmp_path)
     backend = start_backend(broker, db)
     try:
         # the kiosk and the card are bypassed (card cap raised): the host alone refuses

@@ -14,7 +14,25 @@ def test_yuan_to_fen(text: str, fen: int) -> None:
     assert yuan_to_fen(text) == fen
 
 
-@pytest.mark.parametrize("text", ["abc", "", "1e3", "nan", "inf", "0.001", "1.005"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "abc",
+        "",
+        "1e3",
+        "nan",
+        "inf",
+        "0.001",
+        "1.005",
+        "1_0",
+        "+5",
+        ".5",
+        "5.",
+        "١٠",
+        "1 0",
+        "0x10",
+    ],
+)
 def test_yuan_to_fen_refuses_what_is_not_whole_fen(text: str) -> None:
     with pytest.raises(ValueError, match="amount"):
         yuan_to_fen(text)

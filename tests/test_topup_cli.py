@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
+import pytest
+
 from card import load_image, personalise, save_image
+from farelab._cli import main
 
 
 def topup(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -87,3 +91,43 @@ def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
         assert out.returncode == 2, args
         assert message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_another_program_s_file_is_not_taken_as_the_kiosk_journal(tmp_path: Path) -> None:
+    from backend._store import Store  # noqa: PLC0415
+    from validator._journal import Journal  # noqa: PLC0415
+
+    card = tmp_path / "c.json"
+    save_image(card, personalise(serial="9", issued=date(2026, 1, 1)))
+    Store(f"sqlite:///{tmp_path / 'ledger.db'}").close()
+    Journal(tmp_path / "validator.db").close()
+    with sqlite3.connect(tmp_path / "other.db") as other:
+        other.execute("CREATE TABLE loads (truck TEXT)")
+    for name, what in (
+        ("ledger.db", "backend ledger"),
+        ("validator.db", "validator journal"),
+        ("other.db", "another program's database"),
+    ):
+        before = (tmp_path / name).read_bytes()
+        out = topup(tmp_path, "load", str(card), "--amount", "1", "--journal", name)
+        assert out.returncode == 2, out.stderr
+        assert "not a usable kiosk journal" in out.stderr
+        assert what in out.stderr
+        assert "Traceback" not in out.stderr
+        assert (tmp_path / name).read_bytes() == before
+    assert load_image(card).balance == 0
+
+
+def test_a_folder_as_journal_and_a_bad_kiosk_id_are_clear_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = tmp_path / "c.json"
+    save_image(card, personalise(serial="9", issued=date(2026, 1, 1)))
+    monkeypatch.chdir(tmp_path)
+    load = ["topup", "load", str(card), "--amount", "1"]
+    assert main([*load, "--journal", str(tmp_path)]) == 2
+    assert "it is a folder" in capsys.readouterr().err
+    for broker in ([], ["--broker", "mqtt://127.0.0.1:1"]):
+        assert main([*load, "--kiosk", "a/#", *broker]) == 2
+        assert "--kiosk 'a/#' must be 1-64 letters" in capsys.readouterr().err
+    assert load_image(card).balance == 0

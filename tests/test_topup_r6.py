@@ -13,10 +13,12 @@ import pytest
 
 from backend._ingest import classify
 from backend._loads import ensure_schema
+from backend._registry import register
 from backend._store import Store
 from backend._transfer import PROFILES, decide, working_days_after
 from backend._wire import Batch
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
+from farelab._devices import entry_of
 from tests.validator_support import Lab, bus, new_card
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +62,13 @@ def farelab(cwd: Path, *args: str) -> dict[str, object]:
 
 def old_card_with_history(folder: Path) -> tuple[Path, int]:
     """A card that rode a bus; its history is in the host's ledger (farelab-host.db)."""
-    lab = Lab([bus("taiyuan")])
+    device = bus("taiyuan")
+    lab = Lab([device])
     card = new_card(balance=3000, serial="5150")
     lab.tap("bus", card, 0)
     store = Store(f"sqlite:///{folder / 'farelab-host.db'}")
     ensure_schema(store)
+    register(store, entry_of(device))  # the ledger takes batches only from registered devices
     records = tuple(r for _, _, r in lab.journal.outbox(100))
     store.ingest(
         "bus", 1, classify(Batch(1, "bus", records), TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}))

@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS loads (
 """
 
 
+# What every kiosk journal's loads table has had; a "loads" table without them is someone else's.
+_COLUMNS = frozenset({"id", "card_serial", "counter", "amount", "status", "tac", "created_ms"})
+
+
 @dataclass(frozen=True, slots=True)
 class PendingLoad:
     """A load not yet settled with the host."""
@@ -51,6 +55,18 @@ class KioskJournalError(Exception):
     """The journal file cannot be used."""
 
 
+def _refuse_foreign_loads(db: sqlite3.Connection, where: str) -> None:
+    """An unmarked file with a ``loads`` table passes for an old kiosk journal only if the table
+    is a kiosk journal's (:func:`backend._dbfile.claim` looks at table names alone)."""
+    if db.execute("PRAGMA application_id").fetchone()[0] != 0:
+        return
+    columns = {row[1] for row in db.execute("PRAGMA table_info(loads)")}
+    if columns and not columns >= _COLUMNS:
+        raise ForeignFileError(
+            f"{where}: another program's database (its loads table is not a kiosk's)"
+        )
+
+
 class KioskJournal:
     """SQLite (WAL, synchronous FULL: a kiosk handles money one load at a time)."""
 
@@ -65,6 +81,7 @@ class KioskJournal:
         except sqlite3.Error as exc:
             raise KioskJournalError(f"{where}: not a usable kiosk journal: {exc}") from None
         try:
+            _refuse_foreign_loads(self._db, where)
             claim(self._db, path, "kiosk")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

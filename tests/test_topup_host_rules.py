@@ -1,0 +1,371 @@
+"""What the host refuses before it gives MAC2: kiosks the device registry does not know as
+kiosks, cards on its hotlist, and every transfer (R6) that would move a balance onto a card that
+may not take it or move one old card's balance twice — also when two requests race."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import psycopg
+import pytest
+
+from backend._loads import authorize_message, ensure_schema, handle_load_message
+from backend._registry import DeviceEntry, register, revoke
+from backend._store import Store
+from card import (
+    DEMO_ISSUER_ID,
+    DEMO_KEYS,
+    CardSnapshot,
+    InProcessReader,
+    Load,
+    LoadAuthority,
+    LoadRequest,
+    MemoryStore,
+    NeedAuthorization,
+    Psam,
+    PsamKeys,
+    ReadCard,
+    Reader,
+    SimulatedCard,
+    TacVerifier,
+    drive,
+    personalise,
+)
+from farelab._cli import main
+from topup._host import LocalHost
+from topup._journal import KioskJournal
+from topup._station import Kiosk, LoadResult
+
+T = TypeVar("T")
+TERMINAL = bytes.fromhex("0000F0000001")
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+KIOSK_1 = DeviceEntry(
+    id="kiosk-1",
+    role="kiosk",
+    operator="kiosk-1",
+    kinds=frozenset({"load", "refund"}),
+    terminal=TERMINAL.hex().upper(),
+)
+
+
+def full_serial(serial: str) -> str:
+    return serial.rjust(20, "0")
+
+
+class Desk:
+    """A kiosk with the in-process host (a ledger of its own) and cards kept in memory."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ledger = folder / "host.db"
+        self.host = LocalHost(self.ledger, "kiosk-1", terminal=TERMINAL)
+        self.kiosk = Kiosk(
+            kiosk_id="kiosk-1",
+            terminal_id=TERMINAL,
+            host=self.host,
+            journal=KioskJournal(folder / "kiosk.db"),
+        )
+        self.cards: dict[str, SimulatedCard] = {}
+
+    def card(self, serial: str) -> SimulatedCard:
+        if serial not in self.cards:
+            image = personalise(serial=serial, issued=date(2026, 1, 1))
+            self.cards[serial] = SimulatedCard(image, store=MemoryStore())
+        return self.cards[serial]
+
+    def _run(self, serial: str) -> Callable[[Callable[[Reader], T]], Any]:
+        reader = InProcessReader()
+        reader.insert(self.card(serial))
+
+        async def run(fn: Callable[[Reader], T]) -> T:
+            return fn(reader)
+
+        return run
+
+    def load(self, serial: str, amount: int) -> LoadResult:
+        return asyncio.run(self.kiosk.load(self._run(serial), amount))
+
+    def transfer(self, serial: str, old: str) -> LoadResult:
+        return asyncio.run(
+            self.kiosk.transfer(
+                self._run(serial),
+                old_serial=old,
+                reason="exchange",
+                reported="2026-01-05",
+                profile="hangzhou",
+            )
+        )
+
+    def refund(self, serial: str) -> LoadResult:
+        psam = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
+        return asyncio.run(self.kiosk.refund(self._run(serial), psam))
+
+    def balance(self, serial: str) -> int:
+        return self.card(serial).image.balance
+
+    def hotlist(self, serial: str, reason: str) -> None:
+        store = Store(f"sqlite:///{self.ledger}")
+        store.execute(
+            "INSERT INTO hotlist (card_serial, reason, added_ms) VALUES (?, ?, 0)",
+            (full_serial(serial), reason),
+        )
+        store.close()
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Iterator[Desk]:
+    d = Desk(tmp_path)
+    yield d
+    d.host.close()
+    d.kiosk.journal.close()
+
+
+def test_a_balance_never_moves_onto_its_own_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["card", "new", "a.json", "--serial", "650001"]) == 0
+    assert main(["topup", "load", "a.json", "--amount", "100"]) == 0
+    capsys.readouterr()
+    status = main(
+        [
+            "topup",
+            "transfer",
+            "a.json",
+            "--old",
+            "650001",
+            "--reason",
+            "exchange",
+            "--reported",
+            "2026-11-01",
+            "--profile",
+            "hangzhou",
+            "--json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert (status, out["result"], out["reason"]) == (1, "refused", "same_card")
+    assert main(["card", "show", "a.json", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["balance_fen"] == 10_000
+
+
+def test_a_transfer_is_refused_onto_a_hotlisted_card(desk: Desk) -> None:
+    desk.load("1", 5000)
+    desk.hotlist("2", "lost")
+    result = desk.transfer("2", old="1")
+    assert (result.result, result.reason) == ("refused", "hotlisted")
+    assert desk.balance("2") == 0
+
+
+def test_a_transfer_is_refused_onto_a_card_that_was_itself_replaced(desk: Desk) -> None:
+    desk.load("1", 5000)
+    desk.load("3", 700)
+    assert desk.transfer("2", old="1").result == "loaded"  # card 1 is replaced by card 2
+    result = desk.transfer("1", old="3")
+    assert (result.result, result.reason) == ("refused", "replaced")
+    assert desk.balance("1") == 5000
+
+
+def test_a_transfer_is_refused_onto_a_card_that_already_received_one(desk: Desk) -> None:
+    desk.load("1", 5000)
+    desk.load("3", 700)
+    assert desk.transfer("2", old="1").result == "loaded"
+    result = desk.transfer("2", old="3")
+    assert (result.result, result.reason) == ("refused", "already_received")
+    assert desk.balance("2") == 5000
+
+
+def test_one_old_card_moves_once(desk: Desk) -> None:
+    desk.load("1", 5000)
+    assert desk.transfer("2", old="1").balance_fen == 5000
+    again = desk.transfer("4", old="1")
+    assert (again.result, again.reason) == ("refused", "already_transferred")
+    assert desk.balance("4") == 0
+
+
+def test_a_hotlisted_card_is_not_loaded(desk: Desk) -> None:
+    desk.hotlist("9", "clone")
+    result = desk.load("9", 1000)
+    assert (result.result, result.reason) == ("refused", "hotlisted")
+    assert desk.balance("9") == 0
+
+
+def test_a_refunded_card_s_transfer_is_refused_as_refunded(desk: Desk) -> None:
+    desk.load("1", 5000)
+    assert desk.refund("1").result == "refunded"
+    result = desk.transfer("2", old="1")
+    assert (result.result, result.reason) == ("refused", "refunded")
+    assert "None" not in result.message
+    assert desk.balance("2") == 0
+
+
+def load_request(serial: str, amount: int, terminal: bytes = TERMINAL) -> LoadRequest:
+    """A card's real INITIALIZE FOR LOAD answer, as a kiosk sends it to the host."""
+    reader = InProcessReader()
+    image = personalise(serial=serial, issued=date(2026, 1, 1))
+    reader.insert(SimulatedCard(image, store=MemoryStore()))
+    snapshot = drive(reader, ReadCard(records=[]))
+    assert isinstance(snapshot, CardSnapshot)
+    flow = Load(terminal_id=terminal, card=snapshot, amount=amount)
+    event = flow.receive(reader.transmit(flow.start().apdu))
+    assert isinstance(event, NeedAuthorization)
+    return event.request
+
+
+def ask(store: Store, kiosk: str, doc: dict[str, Any]) -> dict[str, Any]:
+    return handle_load_message(
+        store,
+        LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS}),
+        TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}),
+        kiosk,
+        json.dumps(doc).encode(),
+    )
+
+
+VALIDATOR = DeviceEntry(
+    id="gate-1",
+    role="validator",
+    operator="M1",
+    kinds=frozenset({"entry"}),
+    terminal="000000000B01",
+)
+LOADS_ONLY = DeviceEntry(
+    id="kiosk-2", role="kiosk", operator="K2", kinds=frozenset({"load"}), terminal="0000F0000002"
+)
+REVOKED = DeviceEntry(
+    id="kiosk-r",
+    role="kiosk",
+    operator="KR",
+    kinds=frozenset({"load", "refund"}),
+    terminal=TERMINAL.hex().upper(),
+)
+
+
+@pytest.mark.parametrize(
+    ("kiosk", "op", "reason"),
+    [
+        ("kiosk-9", "authorize", "unknown_kiosk"),
+        ("kiosk-r", "authorize", "revoked"),
+        ("gate-1", "authorize", "wrong_role"),
+        ("kiosk-2", "refund", "wrong_role"),
+        ("kiosk-2", "authorize", "wrong_terminal"),
+        ("kiosk-9", "transfer", "unknown_kiosk"),
+        ("kiosk-9", "refund", "unknown_kiosk"),
+    ],
+)
+def test_the_host_serves_only_registered_kiosks_at_their_own_terminal(
+    tmp_path: Path, kiosk: str, op: str, reason: str
+) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ensure_schema(store)
+    for entry in (KIOSK_1, VALIDATOR, LOADS_ONLY, REVOKED):
+        register(store, entry)
+    revoke(store, REVOKED.id)
+    doc = authorize_message(str(uuid.uuid4()), load_request("77", 1000))
+    if op == "transfer":
+        doc.update(old_serial="78", reason="exchange", reported="2026-01-05", profile="hangzhou")
+    elif op == "refund":
+        doc.update(tac="00000000", ttc=1, day="20260105", time="120000", balance_before=1000)
+        doc.update(card_counter=0)
+    doc["op"] = op
+    answer = ask(store, kiosk, doc)
+    assert (answer["result"], answer["reason"]) == ("refused", reason)
+    assert store.execute("SELECT count(*) FROM loads").fetchone()[0] == 0
+    store.close()
+
+
+def test_the_in_process_host_registers_its_kiosk_and_keeps_a_revocation(tmp_path: Path) -> None:
+    ledger = tmp_path / "host.db"
+    LocalHost(ledger, "kiosk-7", terminal=TERMINAL).close()
+    store = Store(f"sqlite:///{ledger}")
+    revoke(store, "kiosk-7")
+    store.close()
+    host = LocalHost(ledger, "kiosk-7", terminal=TERMINAL)
+    answer = asyncio.run(host.call(authorize_message("r1", load_request("77", 1000))))
+    host.close()
+    assert (answer["result"], answer["reason"]) == ("refused", "revoked")
+
+
+class PausedAfterCheck:
+    """A store whose first look at the transfers table waits until the other request has
+    looked too: both have seen the old card unclaimed before either claims it."""
+
+    def __init__(self, store: Store, barrier: threading.Barrier) -> None:
+        self._store = store
+        self._barrier = barrier
+        self._waited = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def execute(self, query: str, args: Any = ()) -> Any:
+        cursor = self._store.execute(query, args)
+        if "FROM transfers WHERE old_serial" in query and not self._waited:
+            self._waited = True
+            self._barrier.wait(10)
+        return cursor
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (database test) is needed: {exc}")
+    admin.execute(f"CREATE SCHEMA {schema}")
+    yield f"{PG}?options=-csearch_path%3D{schema}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+def test_two_racing_transfers_of_one_old_card_move_it_once(pg_url: str) -> None:
+    setup = Store(pg_url)
+    ensure_schema(setup)
+    register(setup, KIOSK_1)
+    # The old card's history: a confirmed load of 50 yuan.
+    setup.execute(
+        "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
+        "issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, "
+        "line, operator, tac, received_ms) VALUES ('kiosk-1', 1, 'completed', 'ok', 2, 'load', "
+        "'3des', ?, '1310000000000000', 0, 0, 5000, 0, ?, '20260105', '120000', 1, "
+        "'0000000000000000', 0, 'kiosk-1', '00000000', 1)",
+        (full_serial("1"), TERMINAL.hex().upper()),
+    )
+    setup.close()
+    barrier = threading.Barrier(2)
+    answers: dict[str, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+
+    def request(new_serial: str) -> None:
+        store = Store(pg_url)
+        try:
+            doc = authorize_message(str(uuid.uuid4()), load_request(new_serial, 5000))
+            doc.update(
+                op="transfer",
+                old_serial="1",
+                reason="exchange",
+                reported="2026-01-05",
+                profile="hangzhou",
+            )
+            answers[new_serial] = ask(cast(Store, PausedAfterCheck(store, barrier)), "kiosk-1", doc)
+        except BaseException as exc:  # the test reports what the request raised
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=request, args=(s,)) for s in ("2", "3")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    results = sorted((a["result"], a.get("reason")) for a in answers.values())
+    assert results == [("authorized", None), ("refused", "already_transferred")]
