@@ -91,6 +91,7 @@ def test_run_with_a_pcsc_reader_and_farelab_card_tap(tmp_path: Path) -> None:
     config = tmp_path / "devices.toml"
     config.write_text(DEVICES.format(reader="pcsc:Virtual PCD 00 00"))
     params = tmp_path / "params.json"
+    params.write_text(json.dumps({"version": 1}))
     path = card(tmp_path)
     proc = subprocess.Popen(
         [

@@ -116,6 +116,13 @@ class _Where:
             raise self.error(key, str(exc).replace("a device id ", "= ", 1)) from None
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to be a file
+        return False
+
+
 def _network(where: _Where, base: Path, cache: dict[str, Network]) -> Network:
     name = where.text("network")
     if name in cache:
@@ -124,11 +131,11 @@ def _network(where: _Where, base: Path, cache: dict[str, Network]) -> Network:
     if name in shipped:
         cache[name] = shipped[name]
         return shipped[name]
-    file_part, _, key = name.partition(":") if not Path(name).exists() else (name, "", "")
+    file_part, _, key = name.partition(":") if not _exists(Path(name)) else (name, "", "")
     path = Path(file_part)
     if not path.is_absolute():
         path = base / path
-    if not path.exists():
+    if not _exists(path):
         known = ", ".join(shipped)
         raise where.error(
             "network", f"= {values.shown(name)} is neither a shipped network ({known}) nor a file"

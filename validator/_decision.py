@@ -435,6 +435,15 @@ class Tap:
                 "exit", Quote(penalty, penalty, ("penalty",)), penalty, "exit_without_entry"
             )
         assert device.station is not None
+        if trip.entry_time is not None and self.now < trip.entry_time:
+            # This gate's clock is behind the entry gate's: the trip's length, its overtime and
+            # any transfer cannot be judged, so no fare is charged; the rider goes to the
+            # service desk, and the gate's log says why.
+            return self._reject(
+                "clock_error",
+                detail=f"now {self.now.isoformat()} is before the card's entry at "
+                f"{trip.entry_time.isoformat()}",
+            )
         quote = metro_trip_fare(
             net,
             rider,

@@ -122,7 +122,10 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
         if tap.pull_after is not None:
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
-        result = device.tap(reader, tap.at)
+        try:
+            result = device.tap(reader, tap.at)
+        finally:
+            card.close()  # out of the field: the next line's tap of this card may take it
         journal.tap_gate.between_taps()  # nothing here waits on a display: collect now
         yield result
         if tap.line % 500 == 0:

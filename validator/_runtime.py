@@ -55,6 +55,8 @@ _AFTER = {
 
 def _failure(exc: BaseException) -> str:
     """An exception as one short line for a log and a journalled tap."""
+    if isinstance(exc, ImageError):  # the card layer's own: says which image and why
+        return describe_path(str(exc))
     text = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
@@ -63,14 +65,10 @@ def _failure(exc: BaseException) -> str:
 
 def image_failure(path: Path, exc: BaseException) -> str:
     """Why a card image file could not be loaded, as one short line."""
-    text = str(exc)
-    if text.startswith(f"{path}: "):  # the card layer names the file first
-        text = text[len(str(path)) + 2 :]
-    elif isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    if not isinstance(exc, ImageError):
-        text = f"{type(exc).__name__}: {text}"
-    return f"{describe_path(path)}: {describe_path(text)}"
+    if isinstance(exc, ImageError):  # the card layer's message names the file, cut
+        return describe_path(str(exc))
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{describe_path(path)}: {describe_path(f'{type(exc).__name__}: {text}')}"
 
 
 class Validator:
