@@ -36,11 +36,12 @@ The configuration is one TOML file describing one or more devices:
   keys = "keys.toml"              # issuer master keys (default: the demo issuer's test keys)
 
   [[validator]]
-  id = "bus-7"
+  id = "bus-7"                    # 1-64 letters, digits, '.', '_', '-' (its broker username)
   kind = "bus"                    # or "metro-gate"
   network = "taiyuan"             # shipped: taiyuan, changzhou, nanjing, beijing; or FILE[:NAME]
   route = "7"                     # bus: route code (up to 4 characters)
-  route_fare = 1.0                # bus: base fare in yuan (default: the network's bus fare)
+  route_fare = 1.0                # bus: base fare in yuan, whole fen, at most 1000
+                                  # (default: the network's bus fare)
   line = "L2"                     # metro-gate: line key or number
   station = "大南门"              # metro-gate: Chinese or pinyin name ("Dananmen")
   direction = "both"              # metro-gate: "entry", "exit" or "both" (decided by the card)
