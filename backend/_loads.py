@@ -183,7 +183,7 @@ _KIOSK_KINDS = {
 
 def _serial(value: object) -> str:
     serial = str(value)
-    if not serial.isdigit() or len(serial) > 20:
+    if not (serial.isascii() and serial.isdigit()) or len(serial) > 20:
         raise ValueError(f"card serial {serial[:40]!r} is not up to 20 digits")
     return serial.rjust(20, "0")
 
@@ -202,10 +202,12 @@ def _kiosk_refusal(store: Store, kiosk: str, op: str, doc: dict[str, Any]) -> di
             "reason": "wrong_role",
             "detail": f"kiosk {kiosk!r} may not make {_KIOSK_KINDS[op]}s",
         }
-    if op != "transfer_quote" and str(doc["terminal"]).upper() != entry.terminal:
+    terminal = str(doc.get("terminal", "")).upper()
+    if op != "transfer_quote" and terminal != entry.terminal:
         return {
             "reason": "wrong_terminal",
-            "detail": f"kiosk {kiosk!r} is registered with terminal {entry.terminal}",
+            "detail": f"kiosk {kiosk!r} is registered with terminal {entry.terminal}, "
+            f"not {terminal[:12]!r}",
         }
     return None
 

@@ -135,6 +135,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="this kiosk's id (its MQTT username; default kiosk-1)",
     )
     parser.add_argument(
+        "--terminal",
+        metavar="HEX12",
+        help="this kiosk's 6-byte terminal id, as the host's device registry has it (default: "
+        "0000F000 and four hex digits made from --kiosk)",
+    )
+    parser.add_argument(
         "--journal",
         type=Path,
         default=Path("farelab-kiosk.db"),
@@ -169,6 +175,13 @@ def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     terminal = terminal_for(args.kiosk)
+    if args.terminal is not None:
+        try:
+            terminal = bytes.fromhex(args.terminal)
+        except ValueError:
+            terminal = b""
+        if len(terminal) != 6:
+            raise CliError(f"--terminal {shown(args.terminal)} is not 12 hex digits")
     try:
         journal = KioskJournal(args.journal)
     except KioskJournalError as exc:
@@ -296,7 +309,7 @@ def _transfer(args: argparse.Namespace) -> int:
         date.fromisoformat(args.reported)
     except ValueError:
         raise CliError(f"--reported {shown(args.reported)} is not a date (YYYY-MM-DD)") from None
-    if not args.old.isdigit() or len(args.old) > 20:
+    if not (args.old.isascii() and args.old.isdigit()) or len(args.old) > 20:
         raise CliError("--old must be a card serial (up to 20 digits)")
 
     def transfer(kiosk: Kiosk, run: Run[Any]) -> Coroutine[Any, Any, LoadResult]:

@@ -131,3 +131,22 @@ def test_a_folder_as_journal_and_a_bad_kiosk_id_are_clear_errors(
         assert main([*load, "--kiosk", "a/#", *broker]) == 2
         assert "--kiosk 'a/#' must be 1-64 letters" in capsys.readouterr().err
     assert load_image(card).balance == 0
+
+
+def test_the_host_knows_the_kiosk_by_its_registered_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = tmp_path / "c.json"
+    save_image(card, personalise(serial="9", issued=date(2026, 1, 1)))
+    monkeypatch.chdir(tmp_path)
+    load = ["topup", "load", str(card), "--amount", "1", "--json", "--kiosk", "k-7"]
+    assert main([*load, "--terminal", "0000F0000ABC"]) == 0  # registered with this terminal
+    assert main([*load]) == 1  # the same kiosk at another terminal
+    outs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(o["result"], o["reason"]) for o in outs] == [
+        ("loaded", None),
+        ("refused", "wrong_terminal"),
+    ]
+    assert main([*load, "--terminal", "XYZ"]) == 2
+    assert "--terminal 'XYZ' is not 12 hex digits" in capsys.readouterr().err
+    assert load_image(card).balance == 100
