@@ -12,9 +12,14 @@ import json
 from collections.abc import Iterable
 
 from backend._broker import PARAMS_TOPIC, STATUS_TOPIC, BrokerURL
+from backend._brokerconfig import MAX_PACKET_SIZE
 from backend._store import Store
 
-__all__ = ["devices_in", "next_params", "publish_params", "read_status"]
+__all__ = ["PARAMS_MAX", "devices_in", "next_params", "publish_params", "read_status"]
+
+# The broker disconnects a client that sends a packet over its limit; leave room for the
+# topic and the packet's header.
+PARAMS_MAX = MAX_PACKET_SIZE - 4096
 
 
 def next_params(
@@ -46,8 +51,14 @@ def devices_in(store: Store) -> list[str]:
 async def publish_params(
     broker: BrokerURL, params: dict[str, object], devices: Iterable[str]
 ) -> int:
-    """Publish ``params`` retained to every device; returns how many."""
+    """Publish ``params`` retained to every device; returns how many.  ValueError if the
+    message would pass the broker's packet limit (``PARAMS_MAX`` bytes)."""
     payload = json.dumps(params)
+    if len(payload.encode()) > PARAMS_MAX:
+        raise ValueError(
+            f"the parameters are {len(payload.encode())} bytes, more than the broker takes "
+            f"({PARAMS_MAX}): shorten the hotlist or the fare tables"
+        )
     n = 0
     async with broker.client() as client:
         for device in devices:

@@ -262,6 +262,8 @@ def _params(args: argparse.Namespace) -> int:
                 print(f"  {device}: running version {running.get(device, 'unknown')}")
     except MqttError as exc:
         raise CliError(f"broker {broker}: {exc}") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from backend._brokerconfig import MAX_PACKET_SIZE
+from backend._broker import BrokerURL
+from backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
 from backend._mosquitto import Mosquitto, free_port
+from backend._params import publish_params
 from backend._registry import DeviceEntry, hash_secret, register, revoke
 from backend._store import Store
 from backend._wire import Batch, Record, encode_batch
@@ -576,3 +578,28 @@ def test_broker_config_refuses_what_mosquitto_could_not_use(tmp_path: Path) -> N
         assert result.stderr.count("\n") == 1, result.stderr
         assert what.split(":")[0].lstrip("-") in result.stderr, result.stderr
     assert not (tmp_path / "broker" / "farelab.conf").exists()
+
+
+def test_the_shipped_files_are_what_broker_config_writes() -> None:
+    """``backend/mosquitto/farelab.conf`` and ``farelab.acl`` are examples of the command's
+    output (its defaults; a validator bus-1 and a kiosk kiosk-1), kept from drifting."""
+    shipped = ROOT / "backend" / "mosquitto"
+    conf = mosquitto_conf(
+        folder=Path("/etc/mosquitto/farelab"),
+        listener=("127.0.0.1", 1883),
+        plugin="/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    )
+    example = [
+        Account("farelab-backend", "backend", ""),
+        Account("bus-1", "validator", ""),
+        Account("kiosk-1", "kiosk", ""),
+    ]
+    assert (shipped / "farelab.conf").read_text().split("\n", 1)[1] == conf
+    assert (shipped / "farelab.acl").read_text().split("\n", 1)[1] == acl_text(example)
+
+
+def test_parameters_over_the_broker_limit_are_refused_before_sending() -> None:
+    big = {"version": 1, "hotlist": [str(n).rjust(20, "0") for n in range(180_000)]}
+    nowhere = BrokerURL("127.0.0.1", 1)  # never reached: the size is checked first
+    with pytest.raises(ValueError, match="more than the broker takes"):
+        asyncio.run(publish_params(nowhere, big, ["bus-1"]))
