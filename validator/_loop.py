@@ -32,7 +32,7 @@ from validator._journal import Journal
 from validator._network import NetworkError, parse_networks
 from validator._priority import TapGate
 from validator._replay import result_json
-from validator._runtime import Validator, favour_taps, image_failure
+from validator._runtime import Validator, failure_text, favour_taps
 
 __all__ = ["ParamsError", "ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
 
@@ -147,7 +147,7 @@ def _tap_safely(station: _Station, reader: Reader) -> TapResult:
     try:
         return validator.tap(reader, _now())
     except Exception as exc:  # the validator turns card and journal failures into results
-        detail = describe_path(f"{type(exc).__name__}: {exc}")
+        detail = failure_text(exc)
         log.error("device %s: tap failed: %s", validator.device.id, detail)  # noqa: TRY400
         return Rejected(validator.device.id, "", "card_error", detail=detail)
 
@@ -204,7 +204,7 @@ async def _feed(
             card = SimulatedCard.from_file(path)
         except Exception as exc:  # a card that cannot be loaded is this tap's card_error
             failed = functools.partial(
-                station.validator.card_failed, _now(), image_failure(path, exc)
+                station.validator.card_failed, _now(), failure_text(exc, path)
             )
             results.put_nowait(await _in_thread(station, failed))
             continue

@@ -19,7 +19,7 @@ from card import InProcessReader, SimulatedCard, step_of
 from validator._config import Config
 from validator._decision import TapResult
 from validator._journal import Journal
-from validator._runtime import Validator, image_failure
+from validator._runtime import Validator, failure_text
 from validator._values import shown
 
 __all__ = ["PULL_STEPS", "ReplayError", "TapLine", "parse_taps", "replay", "result_json"]
@@ -115,7 +115,7 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
         try:
             card = SimulatedCard.from_file(tap.card)
         except Exception as exc:  # any card that cannot be loaded is this tap's card_error
-            yield device.card_failed(tap.at, f"line {tap.line}: {image_failure(tap.card, exc)}")
+            yield device.card_failed(tap.at, f"line {tap.line}: {failure_text(exc, tap.card)}")
             continue
         reader = InProcessReader()
         reader.insert(card)

@@ -23,7 +23,7 @@ from validator._faults import checkpoint
 from validator._journal import Journal, JournalError
 from validator._network import NetworkError
 
-__all__ = ["TAP_SWITCH_INTERVAL_S", "Validator", "favour_taps", "image_failure"]
+__all__ = ["TAP_SWITCH_INTERVAL_S", "Validator", "failure_text", "favour_taps"]
 
 log = logging.getLogger("farelab.validator")
 
@@ -53,22 +53,14 @@ _AFTER = {
 }
 
 
-def _failure(exc: BaseException) -> str:
-    """An exception as one short line for a log and a journalled tap."""
-    if isinstance(exc, ImageError):  # the card layer's own: says which image and why
-        return describe_path(str(exc))
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    return describe_path(f"{type(exc).__name__}: {text}")
-
-
-def image_failure(path: Path, exc: BaseException) -> str:
-    """Why a card image file could not be loaded, as one short line."""
-    if isinstance(exc, ImageError):  # the card layer's message names the file, cut
+def failure_text(exc: BaseException, path: Path | None = None) -> str:
+    """A card's or reader's failure as one short line for the log and the journalled tap;
+    ``path``: the card image it concerns, if any."""
+    if isinstance(exc, ImageError):  # the card layer's own: it names the image, cut
         return describe_path(str(exc))
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return f"{describe_path(path)}: {describe_path(f'{type(exc).__name__}: {text}')}"
+    line = describe_path(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return line if path is None else f"{describe_path(path)}: {line}"
 
 
 class Validator:
@@ -185,7 +177,7 @@ class Validator:
                 except (CardRemovedError, ReaderError):
                     return tap.card_lost(), pending
                 except Exception as exc:  # any failure of the card or reader is this tap's result
-                    detail = _failure(exc)
+                    detail = failure_text(exc)
                     log.warning(
                         "device %s: card error at %s: %s", self.device.id, event.step, detail
                     )
