@@ -8,27 +8,21 @@ assuming 1883 is free.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from amqtt.broker import Broker
 
 from backend._broker import BrokerURL
+from backend._mosquitto import free_port
 
 __all__ = ["embedded_broker"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager
 async def embedded_broker() -> AsyncIterator[BrokerURL]:
     """A running amqtt broker on a free loopback port, for the duration of the block."""
-    port = _free_port()
+    port = free_port()
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
     broker = Broker(
