@@ -48,7 +48,9 @@ __all__ = [
     "balance_breaks",
     "batch_epoch",
     "classify",
+    "content_of_row",
     "decide",
+    "proof_of_row",
     "serial8",
     "tac_time_ms",
 ]
