@@ -46,7 +46,8 @@ devices add`), never in clear. Written into --out: farelab.conf, and dynamic-sec
 refuses a subscription, such as a device joining the backend's shared group) or
 farelab.passwd and farelab.acl (--format acl: for a broker without the plugin; Mosquitto's
 acl_file grants every subscription). Start the broker with `mosquitto -c OUT/farelab.conf`,
-and again after every change to the registry.""",
+and again after every change to the registry. The files are readable by their owner only and
+the broker keeps its persistence file beside them: write them as the user Mosquitto runs as.""",
     )
     cfg.add_argument("--db", required=True, metavar="URL", help="the ledger's database URL")
     cfg.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
@@ -97,7 +98,7 @@ def _broker_config(args: argparse.Namespace) -> int:
         password = secrets.token_urlsafe(18)
     plugin = args.plugin or find_dynsec_plugin()
     try:
-        store = Store(args.db)
+        store = Store(args.db, create=False)
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:

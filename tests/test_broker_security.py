@@ -578,6 +578,12 @@ def test_broker_config_refuses_what_mosquitto_could_not_use(tmp_path: Path) -> N
         assert result.stderr.count("\n") == 1, result.stderr
         assert what.split(":")[0].lstrip("-") in result.stderr, result.stderr
     assert not (tmp_path / "broker" / "farelab.conf").exists()
+    missing = farelab(
+        "backend", "broker-config", "--db", f"sqlite:///{tmp_path / 'no.db'}", "--out", out
+    )
+    assert missing.returncode == 2
+    assert "no farelab ledger" in missing.stderr
+    assert not (tmp_path / "no.db").exists()
 
 
 def test_the_shipped_files_are_what_broker_config_writes() -> None:
