@@ -20,10 +20,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 from backend._broker import (
     ACK_TOPIC,
@@ -165,12 +166,12 @@ async def run_worker(
         while not stop.is_set():
             try:
                 async with broker.client(identifier=client_id, keepalive=15, timeout=5) as client:
-                    if broker.mqtt5:
-                        await client.subscribe(SHARED_TX.format(group=group), qos=1)
-                        await client.subscribe(SHARED_LOAD_REQ.format(group=group), qos=1)
-                    else:  # no shared subscriptions before MQTT 5: one worker takes all
-                        await client.subscribe(SHARED_TX.split("/", 2)[2], qos=1)
-                        await client.subscribe(SHARED_LOAD_REQ.split("/", 2)[2], qos=1)
+                    for shared in (SHARED_TX, SHARED_LOAD_REQ):
+                        # no shared subscriptions before MQTT 5: one worker takes all
+                        topic = (
+                            shared.format(group=group) if broker.mqtt5 else shared.split("/", 2)[2]
+                        )
+                        _granted(topic, await client.subscribe(topic, qos=1))
                     backoff.reset()
                     log.info("%s: ingesting from %s", name, broker)
                     reader = asyncio.create_task(
@@ -199,6 +200,18 @@ async def run_worker(
                     await asyncio.wait_for(stop.wait(), delay)
     finally:
         store.close()
+
+
+def _granted(topic: str, codes: Sequence[int] | Sequence[ReasonCode]) -> None:
+    """ValueError if the broker refused the subscription: the worker would wait for ever for
+    messages it will never be given."""
+    code = codes[0] if codes else 0x80
+    value = code.value if isinstance(code, ReasonCode) else code
+    if value >= 0x80:
+        raise ValueError(
+            f"the broker refused the subscription {topic} (reason {value:#04x}): log in as the "
+            "backend's account, with a --group the broker's configuration allows"
+        )
 
 
 async def _consume(

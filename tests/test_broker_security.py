@@ -609,3 +609,24 @@ def test_parameters_over_the_broker_limit_are_refused_before_sending() -> None:
     nowhere = BrokerURL("127.0.0.1", 1)  # never reached: the size is checked first
     with pytest.raises(ValueError, match="more than the broker takes"):
         asyncio.run(publish_params(nowhere, big, ["bus-1"]))
+
+
+@pytest.mark.parametrize(
+    ("login_as", "group"),
+    [("farelab-backend:backend-pw", "another-group"), ("bus-1:bus1-pw", "farelab-backend")],
+)
+def test_a_backend_the_broker_refuses_to_feed_stops_saying_why(
+    tmp_path: Path, login_as: str, group: str
+) -> None:
+    """Not a worker that waits for ever on a subscription the broker refused."""
+    broker = secured_broker(tmp_path)
+    url = f"mqtt://{login_as}@127.0.0.1:{broker.port}"
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    try:
+        result = farelab("backend", "run", "--broker", url, "--db", db, "--group", group)
+    finally:
+        broker.stop()
+    assert result.returncode == 2
+    assert f"the broker refused the subscription $share/{group}/" in result.stderr
+    assert "starting it again" not in result.stderr
+    assert "Traceback" not in result.stderr
