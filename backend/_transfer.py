@@ -12,12 +12,22 @@ issuer profile, computed from the ledger.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
 from backend._store import Store
 
-__all__ = ["PROFILES", "Decision", "Profile", "decide", "last_known_balance", "working_days_after"]
+__all__ = [
+    "PROFILES",
+    "CardTransaction",
+    "Decision",
+    "Profile",
+    "balance_after_history",
+    "decide",
+    "last_known_balance",
+    "working_days_after",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +75,71 @@ def working_days_after(day: date, n: int) -> date:
     return current
 
 
+_LOAD = 0x02
+
+
+@dataclass(frozen=True, slots=True)
+class CardTransaction:
+    """One counted transaction of a card, as the balance history needs it."""
+
+    tx_type: int
+    counter: int
+    amount: int
+    balance_before: int
+    at_ms: int
+
+    @property
+    def balance_after(self) -> int:
+        """The balance the card had once this transaction was done."""
+        sign = 1 if self.tx_type == _LOAD else -1
+        return self.balance_before + sign * self.amount
+
+
+def balance_after_history(history: Sequence[CardTransaction]) -> int | None:
+    """The card's balance after the last of its transactions, in the card's own order.
+
+    A card numbers its purchases with one counter and its loads with another; the two runs are
+    merged where each transaction's balance before is the balance the one before it left.
+    Device clocks decide nothing (a kiosk's and a validator's disagree, and a transfer that
+    took the wrong "last" transaction would move a wrong balance); only where the chain has a
+    hole — a record not uploaded yet — is the earlier-timed head taken.  None without history.
+    """
+    if not history:
+        return None
+    runs = [
+        sorted((t for t in history if t.tx_type != _LOAD), key=lambda t: t.counter),
+        sorted((t for t in history if t.tx_type == _LOAD), key=lambda t: t.counter),
+    ]
+    best: tuple[int, int] | None = None  # (holes, balance after)
+    for first in (0, 1):
+        if not runs[first]:
+            continue
+        at = [0, 0]
+        at[first] = 1
+        balance = runs[first][0].balance_after
+        holes = 0
+        while at[0] < len(runs[0]) or at[1] < len(runs[1]):
+            heads = [i for i in (0, 1) if at[i] < len(runs[i])]
+            fits = [i for i in heads if runs[i][at[i]].balance_before == balance]
+            if not fits:
+                holes += 1
+                fits = heads
+            pick = min(fits, key=lambda i: runs[i][at[i]].at_ms)
+            balance = runs[pick][at[pick]].balance_after
+            at[pick] += 1
+        if best is None or holes < best[0]:
+            best = (holes, balance)
+    return None if best is None else best[1]
+
+
 def last_known_balance(store: Store, card_serial: str) -> int | None:
     """The balance after the card's last counted transaction, or None if the ledger has none."""
-    row = store.execute(
-        "SELECT tx_type, amount, balance_before FROM transactions WHERE card_serial = ? AND "
-        "verdict = 'ok' ORDER BY at_ms DESC, card_counter DESC LIMIT 1",
+    rows = store.execute(
+        "SELECT tx_type, card_counter, amount, balance_before, at_ms FROM transactions "
+        "WHERE card_serial = ? AND verdict = 'ok'",
         (card_serial.rjust(20, "0"),),
-    ).fetchone()
-    if row is None:
-        return None
-    tx_type, amount, before = row
-    return int(before + amount if tx_type == 2 else before - amount)
+    ).fetchall()
+    return balance_after_history([CardTransaction(*(int(v) for v in row)) for row in rows])
 
 
 def decide(

@@ -15,7 +15,14 @@ from backend._ingest import classify
 from backend._loads import ensure_schema
 from backend._registry import register
 from backend._store import Store
-from backend._transfer import PROFILES, decide, working_days_after
+from backend._transfer import (
+    PROFILES,
+    CardTransaction,
+    balance_after_history,
+    decide,
+    last_known_balance,
+    working_days_after,
+)
 from backend._wire import Batch
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
 from farelab._devices import entry_of
@@ -158,3 +165,52 @@ def test_changzhou_refund_empties_the_card_and_counts_the_cash(tmp_path: Path) -
     )
     assert report["purchase_fen"] == 50 + balance  # the bus ride and the refund
     assert "00000000000000005150" in report["hotlist"]
+
+
+def test_the_moved_balance_follows_the_cards_counters_not_device_clocks() -> None:
+    """A kiosk whose clock runs a week ahead of the validators' must not make the host take the
+    load for the card's last transaction: the ride after it would be moved as money again."""
+    week = 7 * 24 * 3600 * 1000
+    history = [
+        CardTransaction(tx_type=0x02, counter=0, amount=1000, balance_before=0, at_ms=2 * week),
+        CardTransaction(tx_type=0x06, counter=0, amount=50, balance_before=1000, at_ms=week),
+        CardTransaction(tx_type=0x09, counter=1, amount=200, balance_before=950, at_ms=week + 9),
+        CardTransaction(tx_type=0x02, counter=1, amount=100, balance_before=750, at_ms=3 * week),
+    ]
+    assert balance_after_history(history) == 850
+    assert balance_after_history(list(reversed(history))) == 850
+    assert balance_after_history([]) is None
+
+
+def test_a_hole_in_the_history_falls_back_to_time_order() -> None:
+    history = [  # the purchase at counter 1 has not been uploaded yet
+        CardTransaction(tx_type=0x06, counter=0, amount=50, balance_before=1000, at_ms=1),
+        CardTransaction(tx_type=0x06, counter=2, amount=50, balance_before=800, at_ms=3),
+    ]
+    assert balance_after_history(history) == 750
+
+
+def test_last_known_balance_ignores_the_kiosk_clock(tmp_path: Path) -> None:
+    device = bus("taiyuan")
+    lab = Lab([device])
+    card = new_card(balance=3000, serial="5160")
+    lab.tap("bus", card, 0)  # validators' clock: 2026-11-23
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    register(store, entry_of(device))
+    records = tuple(r for _, _, r in lab.journal.outbox(100))
+    store.ingest(
+        "bus", 1, classify(Batch(1, "bus", records), TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS}))
+    )
+    ride = records[0]
+    # an earlier load (the card's load counter 0, its balance before the ride's) journalled by a
+    # kiosk whose clock is a month ahead
+    store.execute(
+        "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial,"
+        " issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station,"
+        " line, operator, tac, received_ms) VALUES ('kiosk-1', 1, 'completed', 'ok', 2, 'load',"
+        " '3des', ?, ?, 0, 0, 1000, ?, '0000F0000001', '20261223', '080000', ?, "
+        "'0000000000000000', 0, 'kiosk-1', '00000000', 0)",
+        (ride.card_serial, ride.issuer, ride.balance_before - 1000, ride.at_ms + 30 * 86_400_000),
+    )
+    assert last_known_balance(store, ride.card_serial) == card.image.balance
+    store.close()
