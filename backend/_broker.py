@@ -8,11 +8,13 @@ import random
 import re
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
     "ACK_TOPIC",
@@ -23,9 +25,11 @@ __all__ = [
     "Backoff",
     "BrokerURL",
     "LinkState",
+    "SubscriptionRefusedError",
     "cancel_and_wait",
     "check_client_id",
     "honour_cancellation",
+    "subscribe_or_raise",
 ]
 
 TX_TOPIC = "farelab/v1/dev/{device}/tx"
@@ -147,6 +151,30 @@ class BrokerURL:
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+class SubscriptionRefusedError(aiomqtt.MqttError):
+    """The broker answered a SUBSCRIBE with a failure reason code (0x80 and up): the client
+    would wait for ever for messages the broker will never send it."""
+
+    def __init__(self, topic: str, code: int) -> None:
+        super().__init__(
+            f"the broker refused the subscription {topic} (reason {code:#04x}): this account "
+            "may not read it (see farelab backend broker-config)"
+        )
+        self.topic = topic
+        self.code = code
+
+
+async def subscribe_or_raise(client: aiomqtt.Client, topic: str, *, qos: int = 1) -> None:
+    """Subscribe, and raise :class:`SubscriptionRefusedError` unless the broker granted it.
+    (MQTT 3.1.1 answers 0x80 for a refusal; MQTT 5 a reason code of 0x80 or more.)"""
+    granted = await client.subscribe(topic, qos=qos)
+    codes: list[int | ReasonCode] = list(granted) if isinstance(granted, Sequence) else []
+    code = codes[0] if codes else 0x80
+    value = code.value if isinstance(code, ReasonCode) else int(code)
+    if value >= 0x80:
+        raise SubscriptionRefusedError(topic, value)
 
 
 class LinkState(enum.Enum):

@@ -20,11 +20,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiomqtt
-from paho.mqtt.reasoncodes import ReasonCode
 
 from backend._broker import (
     ACK_TOPIC,
@@ -32,8 +31,10 @@ from backend._broker import (
     SHARED_TX,
     Backoff,
     BrokerURL,
+    SubscriptionRefusedError,
     check_client_id,
     honour_cancellation,
+    subscribe_or_raise,
 )
 from backend._ingest import classify
 from backend._loads import LOAD_RESP, SHARED_LOAD_REQ, ensure_schema, handle_load_message
@@ -171,7 +172,13 @@ async def run_worker(
                         topic = (
                             shared.format(group=group) if broker.mqtt5 else shared.split("/", 2)[2]
                         )
-                        _granted(topic, await client.subscribe(topic, qos=1))
+                        try:
+                            await subscribe_or_raise(client, topic)
+                        except SubscriptionRefusedError as exc:
+                            raise ValueError(
+                                f"{exc}; log in as the backend's account, with a --group the "
+                                "broker's configuration allows"
+                            ) from None
                     backoff.reset()
                     log.info("%s: ingesting from %s", name, broker)
                     reader = asyncio.create_task(
@@ -200,18 +207,6 @@ async def run_worker(
                     await asyncio.wait_for(stop.wait(), delay)
     finally:
         store.close()
-
-
-def _granted(topic: str, codes: Sequence[int] | Sequence[ReasonCode]) -> None:
-    """ValueError if the broker refused the subscription: the worker would wait for ever for
-    messages it will never be given."""
-    code = codes[0] if codes else 0x80
-    value = code.value if isinstance(code, ReasonCode) else code
-    if value >= 0x80:
-        raise ValueError(
-            f"the broker refused the subscription {topic} (reason {value:#04x}): log in as the "
-            "backend's account, with a --group the broker's configuration allows"
-        )
 
 
 async def _consume(

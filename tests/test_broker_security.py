@@ -15,7 +15,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from backend._broker import BrokerURL
+from backend._broker import BrokerURL, LinkState, cancel_and_wait
 from backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
 from backend._mosquitto import Mosquitto, free_port
 from backend._params import publish_params
@@ -23,6 +23,9 @@ from backend._registry import DeviceEntry, hash_secret, register, revoke
 from backend._store import Store
 from backend._wire import Batch, Record, encode_batch
 from tests.test_uplink_backend import farelab, make_taps, stop
+from topup._host import HostUnreachableError, MqttHost
+from validator._journal import Journal
+from validator._uplink import MqttUplink
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = {
@@ -630,3 +633,51 @@ def test_a_backend_the_broker_refuses_to_feed_stops_saying_why(
     assert f"the broker refused the subscription $share/{group}/" in result.stderr
     assert "starting it again" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -> None:
+    """A kiosk started with a validator's account may not read `…/load/resp`: the refused
+    SUBACK is the answer (host unreachable, with the reason), not a wait until the timeout."""
+    broker = secured_broker(tmp_path)
+    host = MqttHost(
+        BrokerURL.parse(f"mqtt://bus-1:{SECRET['bus-1']}@127.0.0.1:{broker.port}"),
+        "bus-1",
+        timeout=30,
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(HostUnreachableError, match=r"refused the subscription.*0x87"):
+            asyncio.run(host.call({"id": "x", "op": "authorize"}))
+        assert time.monotonic() - started < 25  # the refusal, not the 30 s timeout, ended it
+    finally:
+        broker.stop()
+
+
+def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bus-2's id with bus-1's account: the broker refuses the ack subscription, so the uplink
+    says why and retries later rather than publishing batches it can never see acknowledged."""
+    broker = secured_broker(tmp_path)
+    url = BrokerURL.parse(f"mqtt://bus-1:{SECRET['bus-1']}@127.0.0.1:{broker.port}")
+
+    async def main() -> None:
+        journal = Journal(tmp_path / "j.db")
+        uplink = MqttUplink(url, ["bus-2"])
+        task = asyncio.create_task(uplink.run(journal))
+        try:
+            for _ in range(100):
+                if uplink.stats["bus-2"].state is LinkState.BACKOFF:
+                    break
+                await asyncio.sleep(0.05)
+            assert uplink.stats["bus-2"].state is LinkState.BACKOFF
+        finally:
+            await cancel_and_wait(task)
+            journal.close()
+
+    try:
+        with caplog.at_level("WARNING", logger="farelab.uplink"):
+            asyncio.run(main())
+        assert "refused the subscription farelab/v1/dev/bus-2/ack (reason 0x87)" in caplog.text
+    finally:
+        broker.stop()

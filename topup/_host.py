@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from backend._broker import BrokerURL, check_client_id
+from backend._broker import BrokerURL, check_client_id, subscribe_or_raise
 from backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
 from backend._registry import DeviceEntry, lookup, register
 from backend._store import Store
@@ -109,7 +109,7 @@ class MqttHost:
                     identifier=f"farelab-{self._kiosk}-{uuid.uuid4().hex[:6]}",
                     timeout=self._timeout,
                 ) as client:
-                    await client.subscribe(LOAD_RESP.format(kiosk=self._kiosk), qos=1)
+                    await subscribe_or_raise(client, LOAD_RESP.format(kiosk=self._kiosk))
                     await client.publish(
                         LOAD_REQ.format(kiosk=self._kiosk), json.dumps(message), qos=1
                     )

@@ -35,6 +35,7 @@ from backend._broker import (
     LinkState,
     cancel_and_wait,
     honour_cancellation,
+    subscribe_or_raise,
 )
 from backend._wire import BATCH_MAX, WireError, decode_ack, encode_batch_records
 from validator._journal import Journal
@@ -146,9 +147,11 @@ class MqttUplink:
                     if backoff.failures:
                         log.info("device %s: uplink to %s is back", device, self.broker)
                     backoff.reset()
-                    await client.subscribe(ACK_TOPIC.format(device=device), qos=1)
+                    # Without its acks the device would send the same batches for ever: a
+                    # refusal is a link failure, logged and retried with backoff.
+                    await subscribe_or_raise(client, ACK_TOPIC.format(device=device))
                     if self._on_params is not None:
-                        await client.subscribe(PARAMS_TOPIC.format(device=device), qos=1)
+                        await subscribe_or_raise(client, PARAMS_TOPIC.format(device=device))
                     await self._session(client, journal, device, stats, rejections)
             except aiomqtt.MqttError as exc:
                 stats.state = LinkState.BACKOFF
