@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from backend._registry import DeviceEntry
 from backend._wire import Batch, Record, encode_record
@@ -49,8 +50,8 @@ __all__ = [
     "batch_epoch",
     "classify",
     "content_of_row",
+    "counter_ranges",
     "decide",
-    "proof_of_row",
     "serial8",
     "tac_time_ms",
 ]
@@ -122,6 +123,36 @@ def batch_epoch(batch_id: int) -> int:
     return batch_id >> 40
 
 
+def counter_ranges(rows: Sequence[Classified]) -> list[tuple[str, int, int]]:
+    """Which counted transactions of the ledger :func:`decide` needs for ``rows``: per card, the
+    runs of card counters (lowest, highest, by card) that cover each counted record's own
+    counter and, for a purchase, its predecessor's (counter − 1).  One lookup per run serves
+    both the replay and clone checks and the balance chain."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for c in rows:
+        if c.verdict == "ok":
+            r = c.record
+            counter = r.card_counter
+            low = counter - 1 if counter > 0 and r.tx_type in PURCHASE_TYPES else counter
+            spans.setdefault(r.card_serial, []).append((low, counter))
+    out: list[tuple[str, int, int]] = []
+    for card in sorted(spans):
+        runs = spans[card]
+        if len(runs) == 1:
+            out.append((card, *runs[0]))
+            continue
+        runs.sort()
+        low, high = runs[0]
+        for start, end in runs[1:]:
+            if start > high + 1:
+                out.append((card, low, high))
+                low, high = start, end
+            else:
+                high = max(high, end)
+        out.append((card, low, high))
+    return out
+
+
 def admit(device: str, entry: DeviceEntry | None) -> str | None:
     """Why a batch from ``device`` is refused before any of its records is looked at (the
     quarantine reason), or None: only a registered, unrevoked validator uploads batches."""
@@ -134,6 +165,9 @@ def admit(device: str, entry: DeviceEntry | None) -> str | None:
     return None
 
 
+# A batch's records carry a few distinct seconds, and a ledger's days repeat: the conversion,
+# a third of the rules' time per record when it built a datetime each time, is remembered.
+@lru_cache(maxsize=4096)
 def tac_time_ms(day: str, time: str) -> int | None:
     """The TAC-covered day (YYYYMMDD) and time (HHMMSS), China Standard Time, in ms since the
     epoch; None if they are no date and time."""
@@ -163,9 +197,12 @@ class Held:
     tac: str
 
 
-@dataclass(frozen=True, slots=True)
-class Counted:
-    """A counted transaction of the ledger, found by its (card, counter, type)."""
+class Counted(NamedTuple):
+    """A counted transaction of the ledger, found by its (card, counter, type).
+
+    A named tuple, not a frozen dataclass: the store makes one per row it fetches for a batch,
+    and a frozen dataclass takes three times as long to make.
+    """
 
     device: str
     epoch: int
@@ -183,7 +220,8 @@ class LedgerView:
     Attributes:
         held: rows under this device and epoch at the batch's sequence numbers, by seq.
         counted: counted transactions under the batch's (card, counter, type) keys and their
-            predecessors' (counter − 1).
+            predecessors' (counter − 1), found by :func:`counter_ranges` (other transactions
+            in those ranges may be there too: the rules never look them up).
         top_seq: the highest sequence number held for this device and epoch, None if none.
         other_epochs: other journal epochs the ledger holds rows of this device under (only
             looked up when ``top_seq`` is None).
@@ -265,12 +303,6 @@ def _proof(r: Record) -> tuple[Any, ...]:
     return (r.issuer, r.amount, r.terminal, r.ttc, r.day, r.time, r.tac)
 
 
-def proof_of_row(row: Sequence[Any]) -> tuple[Any, ...]:
-    """:func:`_proof` of a stored row's issuer, amount, terminal, ttc, day, time, tac."""
-    issuer, amount, terminal, ttc, day, clock, tac = row
-    return (str(issuer), int(amount), str(terminal), int(ttc), str(day), str(clock), str(tac))
-
-
 def _kind_fault(r: Record, entry: DeviceEntry) -> str | None:
     if r.kind not in entry.kinds:
         return f"kind {r.kind!r}; this device makes {', '.join(sorted(entry.kinds))}"
@@ -302,12 +334,13 @@ def decide(
     """
     out = Decision()
     station = (entry.station or "0" * 16).lower()
-    counted = dict(view.counted)
     top = view.top_seq
+    held = view.held
     inserted: dict[int, int] = {}  # seq -> index in out.inserts
-    stored: dict[int, tuple[str, tuple[Any, ...], str]] = {
-        seq: (h.status, h.content, h.tac) for seq, h in view.held.items()
-    }
+    # This batch's records as stored so far, by seq: looked at again only by a later record
+    # of the same identity, so the common batch builds nothing for them.
+    written: dict[int, Record] = {}
+    counts = _Counts(device, epoch, view.counted)
 
     def anomaly(kind: str, r: Record, detail: str) -> None:
         out.anomalies.append((kind, r.card_serial, device, r.seq, detail))
@@ -321,11 +354,14 @@ def decide(
         )
     for c in rows:
         r, verdict = c.record, c.verdict
-        old = stored.get(r.seq)
+        before = written.get(r.seq)
+        if before is None:
+            old = held.get(r.seq)
+        else:
+            old = Held(before.status, _content(before), before.tac)
         if old is not None:
-            old_status, old_content, old_tac = old
-            both_final = old_status == "completed" and r.status == "completed"
-            if old_content != _content(r) or (both_final and old_tac != r.tac):
+            both_final = old.status == "completed" and r.status == "completed"
+            if old.content != _content(r) or (both_final and old.tac != r.tac):
                 anomaly(
                     "conflicting_duplicate",
                     r,
@@ -333,7 +369,7 @@ def decide(
                     f"{encode_record(r).hex()}",
                 )
                 continue
-            if not (old_status == "grey" and r.status != "grey"):
+            if not (old.status == "grey" and r.status != "grey"):
                 out.duplicates += 1
                 continue
         if top is None or r.seq > top:
@@ -343,16 +379,16 @@ def decide(
         if verdict == "forged":
             out.forged += 1
             anomaly("forged_tac", r, f"TAC {r.tac}")
-        mismatched = [
-            f"{name} {sent!r} (registry {ours!r})"
-            for name, sent, ours in (
-                ("operator", r.operator, entry.operator),
-                ("station", r.station.lower(), station),
-                ("line", r.line, entry.line),
-            )
-            if sent != ours
-        ]
-        if mismatched:
+        if r.operator != entry.operator or r.line != entry.line or r.station.lower() != station:
+            mismatched = [
+                f"{name} {sent!r} (registry {ours!r})"
+                for name, sent, ours in (
+                    ("operator", r.operator, entry.operator),
+                    ("station", r.station.lower(), station),
+                    ("line", r.line, entry.line),
+                )
+                if sent != ours
+            ]
             anomaly("field_mismatch", r, "; ".join(mismatched))
         at_ms = r.at_ms
         tac_ms = tac_time_ms(r.day, r.time)
@@ -370,9 +406,9 @@ def decide(
             elif tac_ms is None:
                 verdict = "bad_time"
                 anomaly("bad_time", r, f"TAC-covered day and time {r.day} {r.time}")
-        key = (r.card_serial, r.card_counter, r.tx_type)
         if verdict == "ok":
-            first = counted.get(key)
+            key = (r.card_serial, r.card_counter, r.tx_type)
+            first = counts.get(key)
             if first is not None and (first.device, first.epoch, first.seq) != (
                 device,
                 epoch,
@@ -387,14 +423,13 @@ def decide(
                     out.clones.append(r.card_serial)
                     anomaly("clone", r, f"card counter {r.card_counter} also at {where}")
             else:
-                _check_chain(out, counted, device, r, at_ms)
-                counted[key] = Counted(
-                    device, epoch, r.seq, _proof(r), r.balance_before, r.amount, at_ms
-                )
+                if r.tx_type in PURCHASE_TYPES and r.card_counter > 0:
+                    _check_chain(out, counts, r, at_ms)
+                counts.fresh[key] = (r, at_ms)
         if old is not None and r.seq not in inserted:
             out.updates.append((r.status, verdict, r.tac, device, epoch, r.seq))
             out.resolved += 1
-            stored[r.seq] = (r.status, _content(r), r.tac)
+            written[r.seq] = r
             continue
         if old is not None:
             out.resolved += 1  # a grey record resolved within this very batch
@@ -428,30 +463,46 @@ def decide(
         else:
             inserted[r.seq] = len(out.inserts)
             out.inserts.append(row)
-        stored[r.seq] = (r.status, _content(r), r.tac)
+        written[r.seq] = r
     return out
 
 
-def _check_chain(
-    out: Decision,
-    counted: Mapping[tuple[str, int, int], Counted],
-    device: str,
-    r: Record,
-    at_ms: int,
-) -> None:
+class _Counts:
+    """The counted transactions a batch sees: those it counted itself (kept as the record and
+    its time, a :class:`Counted` made only when looked up again), then the ledger's."""
+
+    __slots__ = ("device", "epoch", "fresh", "ledger")
+
+    def __init__(
+        self, device: str, epoch: int, ledger: Mapping[tuple[str, int, int], Counted]
+    ) -> None:
+        self.device = device
+        self.epoch = epoch
+        self.ledger = ledger
+        self.fresh: dict[tuple[str, int, int], tuple[Record, int]] = {}
+
+    def get(self, key: tuple[str, int, int]) -> Counted | None:
+        """The counted transaction under ``key`` (card, counter, type), if any."""
+        mine = self.fresh.get(key)
+        if mine is None:
+            return self.ledger.get(key)
+        r, at_ms = mine
+        proof = _proof(r)
+        return Counted(self.device, self.epoch, r.seq, proof, r.balance_before, r.amount, at_ms)
+
+
+def _check_chain(out: Decision, counts: _Counts, r: Record, at_ms: int) -> None:
     """Compare a counted purchase's balance before with its predecessor's balance after, where
-    the ledger holds the predecessor (the same card's purchase at counter − 1)."""
-    if r.tx_type not in PURCHASE_TYPES or r.card_counter == 0:
-        return
+    the batch or the ledger holds the predecessor (the same card's purchase at counter − 1)."""
     for tx_type in PURCHASE_TYPES:
-        before = counted.get((r.card_serial, r.card_counter - 1, tx_type))
+        before = counts.get((r.card_serial, r.card_counter - 1, tx_type))
         if before is not None:
             expected = before.balance_before - before.amount
             if expected != r.balance_before:
                 out.chain.append(
                     ChainCheck(
                         r.card_serial,
-                        device,
+                        counts.device,
                         r.seq,
                         before.at_ms,
                         at_ms,
