@@ -43,7 +43,14 @@ from backend._store import Store
 from backend._wire import Ack, WireError, decode_batch, encode_ack
 from card import IssuerKeys, LoadAuthority, TacVerifier
 
-__all__ = ["LOAD_REQUEST_MAX", "WorkerStats", "instance_id", "run_worker", "run_workers"]
+__all__ = [
+    "LOAD_REQUEST_MAX",
+    "ConfigurationError",
+    "WorkerStats",
+    "instance_id",
+    "run_worker",
+    "run_workers",
+]
 
 log = logging.getLogger("farelab.backend")
 
@@ -55,6 +62,12 @@ LOAD_REQUEST_MAX = 16 * 1024
 CONFIG_ERROR = 2
 # How long a worker whose supervisor died may take to stop cleanly before it exits anyway.
 _ORPHAN_GRACE = 10.0
+
+
+class ConfigurationError(ValueError):
+    """A worker cannot run as it is configured (its broker URL or CA file, its group, an account
+    the broker refuses its subscriptions): starting it again would only meet this again.  Only
+    this stops the backend; what a message does while it is handled never is one."""
 
 
 def instance_id() -> str:
@@ -154,7 +167,10 @@ async def run_worker(
 ) -> None:
     """One ingest worker until ``stop`` is set.  ``client_id``: its MQTT client id, unique on
     the broker (default ``farelab-backend-<host>-<random>-<name>``)."""
-    check_client_id(group, "shared-subscription group")
+    try:
+        check_client_id(group, "shared-subscription group")
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     client_id = client_id or f"farelab-backend-{instance_id()}-{name}"
     stop = stop or asyncio.Event()
     stats = stats or WorkerStats()
@@ -175,7 +191,7 @@ async def run_worker(
                         try:
                             await subscribe_or_raise(client, topic)
                         except SubscriptionRefusedError as exc:
-                            raise ValueError(
+                            raise ConfigurationError(
                                 f"{exc}; log in as the backend's account, with a --group the "
                                 "broker's configuration allows"
                             ) from None
@@ -277,8 +293,12 @@ def _worker_main(
                 loop.call_later(_ORPHAN_GRACE, os._exit, 1)
 
             loop.add_reader(parent.sentinel, orphaned)
+        try:
+            url = BrokerURL.parse(broker)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         await run_worker(
-            BrokerURL.parse(broker),
+            url,
             db_url,
             issuers=issuers,
             group=group,
@@ -289,7 +309,9 @@ def _worker_main(
 
     try:
         asyncio.run(main())
-    except ValueError as exc:  # the broker URL, its CA file or the group: starting again won't help
+    except ConfigurationError as exc:
+        # A ValueError from handling a message is not one: that worker fails as any crash
+        # does and is started again, and the others go on.
         problem = str(exc)
     else:
         return

@@ -4,13 +4,13 @@ with a reason, never another exception.
 
 Batch v1 (big-endian)::
 
-    "FLB" version=1 (1) · batch id (8) · device id length (1) · device id (UTF-8) · count (2) ·
-    count × record (82 bytes)
+    "FLB" version=1 (1) · batch id (8, below 2**63) · device id length (1) · device id (UTF-8) ·
+    count (2) · count × record (82 bytes)
 
     record: seq 4 · status 1 (0 completed, 1 void, 2 grey) · tx type 1 · kind 1 · alg 1 ·
             card serial 10 (BCD) · issuer 8 · card counter 2 · TTC 4 · amount 4 ·
             balance before 4 · terminal 6 · date 4 (BCD) · time 3 (BCD) · at (ms since the
-            epoch) 8 · station 8 · line 1 · operator 8 (ASCII, zero-padded) · TAC 4
+            epoch) 8 · station 8 · line 1 · operator 8 (UTF-8, zero-padded) · TAC 4
 
 Ack v1: "FLA" version=1 · batch id (8) · count (2) · status 1 (0 committed, 1 rejected).
 
@@ -47,6 +47,7 @@ __all__ = [
 
 VERSION = 1
 BATCH_MAX = 500
+_BATCH_ID_LIMIT = 1 << 63
 _MAGIC, _ACK_MAGIC = b"FLB", b"FLA"
 _RECORD = struct.Struct(">IBBBB10s8sHIII6s4s3sq8sB8s4s")
 RECORD_SIZE = _RECORD.size
@@ -211,6 +212,9 @@ def decode_batch(payload: bytes, *, max_bytes: int = 64 * 1024) -> Batch:
     if payload[3] != VERSION:
         raise WireError("unknown_version", f"version {payload[3]}, this backend speaks {VERSION}")
     batch_id = int.from_bytes(payload[4:12], "big")
+    if batch_id >= _BATCH_ID_LIMIT:
+        # The ledger keeps batch ids as signed 64-bit integers; farelab's uplink makes 63-bit ones.
+        raise WireError("malformed", f"batch id {batch_id} is not below 2**63")
     n = payload[12]
     end = 13 + n
     if n == 0 or len(payload) < end + 2:
@@ -264,6 +268,11 @@ def _record(i: int, fields: tuple[Any, ...]) -> Record:
     serial_digits = serial.hex()
     if not serial_digits.isdigit():
         raise WireError("malformed", f"record {i}: card serial is not BCD")
+    try:
+        # Strictly: a replacement character would make a record that cannot be encoded again.
+        operator_name = operator.rstrip(b"\x00").decode()
+    except UnicodeDecodeError:
+        raise WireError("malformed", f"record {i}: the operator is not UTF-8") from None
     return Record(
         seq,
         STATUSES[status],
@@ -282,7 +291,7 @@ def _record(i: int, fields: tuple[Any, ...]) -> Record:
         at_ms,
         station.hex(),
         line,
-        operator.rstrip(b"\x00").decode(errors="replace"),
+        operator_name,
         tac.hex().upper(),
     )
 
