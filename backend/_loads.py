@@ -163,7 +163,10 @@ def handle_load_message(
                     return {"id": request_id, "result": "void"}
                 return {"id": request_id, "result": row[0]}
             return {"id": request_id, "result": "error", "reason": "unknown_op"}
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # A field missing, of the wrong JSON type (a number where a label goes, so no .upper())
+        # or out of its range (an amount past 4 bytes): the kiosk's message, not the backend,
+        # is wrong; the transaction rolled back, and the worker answers and goes on.
         return {
             "id": request_id,
             "result": "error",

@@ -1,10 +1,11 @@
-"""What one device can send must not stop the backend: every batch the wire decoder accepts can
-be stored and encoded again, and only a configuration error (never a message) stops the
-backend."""
+"""What one device or kiosk can send must not stop the backend: every batch the wire decoder
+accepts can be stored and encoded again, a kiosk's message of the wrong types is answered, and
+only a configuration error (never a message) stops the backend."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +14,12 @@ import aiomqtt
 import pytest
 
 import backend._service as service
+from backend._loads import ensure_schema, handle_load_message
 from backend._mosquitto import Mosquitto
+from backend._registry import DeviceEntry, register
+from backend._store import Store
 from backend._wire import Batch, Record, WireError, decode_batch, encode_batch
-from card import DEMO_ISSUER_ID, DEMO_KEYS
+from card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
 from tests.test_uplink_backend import DEVICES, farelab, make_taps, replay, start_backend, stop
 
 _COLUMNS = (
@@ -148,3 +152,76 @@ def test_a_devices_conflicting_batch_with_a_bad_operator_byte_leaves_the_backend
     report = farelab("backend", "report", "--db", db, "--json")
     assert '"transactions": 6' in report.stdout
     assert '"malformed": 1' in report.stdout
+
+
+KIOSK_AUTHORIZE = {
+    "op": "authorize",
+    "card_serial": "650001",
+    "issuer": "1310000000000000",
+    "alg": "3des",
+    "key_version": 1,
+    "balance": 0,
+    "counter": 0,
+    "random": "01020304",
+    "mac1": "01020304",
+    "amount": 100,
+    "terminal": "0000F0000001",
+}
+KIOSK_REFUND = {
+    "op": "refund",
+    "card_serial": "650001",
+    "issuer": "1310000000000000",
+    "alg": "3des",
+    "amount": 100,
+    "balance_before": 100,
+    "card_counter": 1,
+    "terminal": "0000F0000001",
+    "ttc": 1,
+    "day": "20261123",
+    "time": "080000",
+    "tac": "01020304",
+}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {**KIOSK_AUTHORIZE, "alg": None},
+        {**KIOSK_AUTHORIZE, "alg": 3},
+        {**KIOSK_AUTHORIZE, "counter": -1},
+        {**KIOSK_AUTHORIZE, "amount": 2**70},
+        {**KIOSK_REFUND, "amount": 2**70},
+    ],
+    ids=[
+        "alg-null",
+        "alg-number",
+        "counter-negative",
+        "amount-huge",
+        "refund-huge",
+        "issuer-number",
+    ],
+)
+def test_a_kiosk_message_with_values_of_the_wrong_type_or_range_is_answered_malformed(
+    tmp_path: Path, message: dict[str, object]
+) -> None:
+    """Not an exception out of the worker (which drops what it was doing, and is started
+    again): an answer, and nothing stored."""
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ensure_schema(store)
+    register(
+        store,
+        DeviceEntry(
+            id="kiosk-1",
+            role="kiosk",
+            operator="K1",
+            kinds=frozenset({"load", "refund"}),
+            terminal="0000F0000001",
+        ),
+    )
+    authority = LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS})
+    verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
+    payload = json.dumps({"id": "r1", **message}).encode()
+    answer = handle_load_message(store, authority, verifier, "kiosk-1", payload)
+    assert (answer["id"], answer["result"], answer["reason"]) == ("r1", "error", "malformed")
+    assert store.execute("SELECT count(*) FROM loads").fetchone()[0] == 0
+    store.close()
