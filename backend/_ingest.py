@@ -341,6 +341,8 @@ def decide(
     # of the same identity, so the common batch builds nothing for them.
     written: dict[int, Record] = {}
     counts = _Counts(device, epoch, view.counted)
+    counted = view.counted
+    kind_faults: dict[tuple[str, int], str | None] = {}  # by (kind, transaction type)
 
     def anomaly(kind: str, r: Record, detail: str) -> None:
         out.anomalies.append((kind, r.card_serial, device, r.seq, detail))
@@ -396,7 +398,10 @@ def decide(
             anomaly("time_mismatch", r, f"at {r.at_ms} ms, the TAC's day and time {r.day} {r.time}")
             at_ms = tac_ms
         if verdict == "ok":
-            kind_fault = _kind_fault(r, entry)
+            kind = (r.kind, r.tx_type)
+            if kind not in kind_faults:
+                kind_faults[kind] = _kind_fault(r, entry)
+            kind_fault = kind_faults[kind]
             if r.terminal != entry.terminal:
                 verdict = "wrong_device"
                 anomaly("wrong_device", r, f"terminal {r.terminal}, registry {entry.terminal}")
@@ -408,7 +413,7 @@ def decide(
                 anomaly("bad_time", r, f"TAC-covered day and time {r.day} {r.time}")
         if verdict == "ok":
             key = (r.card_serial, r.card_counter, r.tx_type)
-            first = counts.get(key)
+            first = counted.get(key) if key not in counts.fresh else counts.get(key)
             if first is not None and (first.device, first.epoch, first.seq) != (
                 device,
                 epoch,
