@@ -198,7 +198,6 @@ KIOSK_REFUND = {
         "counter-negative",
         "amount-huge",
         "refund-huge",
-        "issuer-number",
     ],
 )
 def test_a_kiosk_message_with_values_of_the_wrong_type_or_range_is_answered_malformed(
