@@ -193,9 +193,15 @@ def _run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
-        devices_cli.register_configs(store, args.devices)
+        _, revoked = devices_cli.register_configs(store, args.devices)
     finally:
         store.close()
+    if revoked:
+        print(
+            f"farelab backend: --devices: left revoked: {', '.join(revoked)}",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}",
         file=sys.stderr,

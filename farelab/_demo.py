@@ -253,7 +253,7 @@ async def _backend(folder: Path) -> None:
     journal = Journal(folder / "journal.db")
     devices = sorted({device for _, device, _ in journal.outbox(10_000)})
     store = Store(db)
-    registered = register_configs(store, [folder / "taiyuan.toml"])  # before they upload
+    registered, _ = register_configs(store, [folder / "taiyuan.toml"])  # before they upload
     store.close()
     _say(f"  registry: {len(registered)} devices registered from taiyuan.toml")
     async with embedded_broker() as broker:

@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from backend._registry import ROLES, DeviceEntry, entries, hash_secret, register, revoke
+from backend._registry import ROLES, DeviceEntry, entries, hash_secret, lookup, register, revoke
 from backend._store import Store, StoreError
 from farelab._errors import CliError
 from validator._config import ConfigError, load_config
@@ -38,10 +38,17 @@ def entry_of(device: Device) -> DeviceEntry:
     )
 
 
-def register_configs(store: Store, paths: Iterable[Path]) -> list[str]:
+def register_configs(store: Store, paths: Iterable[Path]) -> tuple[list[str], list[str]]:
     """Register every ``[[validator]]`` of these configuration files (their ``mqtt_password``
-    kept hashed); the ids registered.  CliError for a file that cannot be used."""
+    kept hashed); the ids registered, and the ids left as they were because the registry holds
+    them revoked.  CliError for a file that cannot be used.
+
+    A configuration lists the devices a site has, including one revoked since (stolen, say):
+    registering it again from the file — at every ``backend run --devices`` — would undo the
+    revocation unnoticed.  Only ``devices add ID``, naming the device, reinstates it.
+    """
     done: list[str] = []
+    revoked: list[str] = []
     for path in paths:
         try:
             config = load_config(path)
@@ -49,9 +56,13 @@ def register_configs(store: Store, paths: Iterable[Path]) -> list[str]:
         except (ConfigError, ValueError) as exc:
             raise CliError(f"--config {path}: {exc}") from None
         for entry, password in pairs:
+            known = lookup(store, entry.id)
+            if known is not None and known.revoked:
+                revoked.append(entry.id)
+                continue
             register(store, entry, secret_hash=hash_secret(password) if password else "")
             done.append(entry.id)
-    return done
+    return done, revoked
 
 
 def add_parser(cmds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -142,11 +153,14 @@ def _add(args: argparse.Namespace) -> int:
             secret = hash_secret(args.password) if args.password else ""
             register(store, entry, secret_hash=secret)
             added: Sequence[str] = [entry.id]
+            revoked: Sequence[str] = []
         else:
-            added = register_configs(store, args.config)
+            added, revoked = register_configs(store, args.config)
     finally:
         store.close()
     print(f"registered {len(added)} device(s): {', '.join(added)}")
+    if revoked:
+        print(f"left revoked: {', '.join(revoked)} (devices add ID reinstates one)")
     return 0
 
 

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backend._mosquitto import Mosquitto
 from backend._registry import lookup
 from backend._store import Store
-from tests.test_uplink_backend import DEVICES
+from tests.test_uplink_backend import DEVICES, start_backend, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,3 +105,40 @@ def test_bad_registry_input_is_one_line_and_writes_nothing(tmp_path: Path) -> No
         assert says in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "ledger.db").exists()
+
+
+def test_a_device_revoked_stays_revoked_when_its_config_is_registered_again(
+    tmp_path: Path,
+) -> None:
+    """The site's config still lists a stolen validator: adding the config again (a new device
+    in it) leaves the revocation; only naming the device reinstates it."""
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert farelab("add", "--config", str(config), "--db", db).returncode == 0
+    assert farelab("revoke", "gate-a", "--db", db).returncode == 0
+    again = farelab("add", "--config", str(config), "--db", db)
+    assert again.returncode == 0, again.stderr
+    assert "left revoked: gate-a" in again.stdout
+    listed = {
+        d["id"]: d["revoked"] for d in json.loads(farelab("list", "--db", db, "--json").stdout)
+    }
+    assert listed == {"bus-1": False, "gate-a": True, "gate-b": False}
+
+
+def test_backend_run_with_devices_does_not_undo_a_revocation(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """``backend run --devices`` registers its configs at every start: a device revoked since
+    must not come back with the restart."""
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert farelab("add", "--config", str(config), "--db", db).returncode == 0
+    assert farelab("revoke", "gate-a", "--db", db).returncode == 0
+    stop(start_backend(broker, db, devices=config))
+    store = Store(db, create=False)
+    gate = lookup(store, "gate-a")
+    store.close()
+    assert gate is not None
+    assert gate.revoked
