@@ -341,7 +341,8 @@ def decide(
     # of the same identity, so the common batch builds nothing for them.
     written: dict[int, Record] = {}
     counts = _Counts(device, epoch, view.counted)
-    counted = view.counted
+    counted, fresh = view.counted, counts.fresh
+    operator, line, terminal = entry.operator, entry.line, entry.terminal
     kind_faults: dict[tuple[str, int], str | None] = {}  # by (kind, transaction type)
 
     def anomaly(kind: str, r: Record, detail: str) -> None:
@@ -356,11 +357,12 @@ def decide(
         )
     for c in rows:
         r, verdict = c.record, c.verdict
-        before = written.get(r.seq)
-        if before is None:
-            old = held.get(r.seq)
-        else:
+        old: Held | None = None
+        if r.seq in written:
+            before = written[r.seq]
             old = Held(before.status, _content(before), before.tac)
+        elif r.seq in held:
+            old = held[r.seq]
         if old is not None:
             both_final = old.status == "completed" and r.status == "completed"
             if old.content != _content(r) or (both_final and old.tac != r.tac):
@@ -381,7 +383,7 @@ def decide(
         if verdict == "forged":
             out.forged += 1
             anomaly("forged_tac", r, f"TAC {r.tac}")
-        if r.operator != entry.operator or r.line != entry.line or r.station.lower() != station:
+        if r.operator != operator or r.line != line or r.station.lower() != station:
             mismatched = [
                 f"{name} {sent!r} (registry {ours!r})"
                 for name, sent, ours in (
@@ -394,7 +396,7 @@ def decide(
             anomaly("field_mismatch", r, "; ".join(mismatched))
         at_ms = r.at_ms
         tac_ms = tac_time_ms(r.day, r.time)
-        if tac_ms is not None and abs(r.at_ms - tac_ms) > TIME_TOLERANCE_MS:
+        if tac_ms is not None and not -TIME_TOLERANCE_MS <= at_ms - tac_ms <= TIME_TOLERANCE_MS:
             anomaly("time_mismatch", r, f"at {r.at_ms} ms, the TAC's day and time {r.day} {r.time}")
             at_ms = tac_ms
         if verdict == "ok":
@@ -402,7 +404,7 @@ def decide(
             if kind not in kind_faults:
                 kind_faults[kind] = _kind_fault(r, entry)
             kind_fault = kind_faults[kind]
-            if r.terminal != entry.terminal:
+            if r.terminal != terminal:
                 verdict = "wrong_device"
                 anomaly("wrong_device", r, f"terminal {r.terminal}, registry {entry.terminal}")
             elif kind_fault is not None:
@@ -413,7 +415,7 @@ def decide(
                 anomaly("bad_time", r, f"TAC-covered day and time {r.day} {r.time}")
         if verdict == "ok":
             key = (r.card_serial, r.card_counter, r.tx_type)
-            first = counted.get(key) if key not in counts.fresh else counts.get(key)
+            first = counts.get(key) if key in fresh else counted.get(key)
             if first is not None and (first.device, first.epoch, first.seq) != (
                 device,
                 epoch,
@@ -428,9 +430,9 @@ def decide(
                     out.clones.append(r.card_serial)
                     anomaly("clone", r, f"card counter {r.card_counter} also at {where}")
             else:
-                if r.tx_type in PURCHASE_TYPES and r.card_counter > 0:
+                if r.card_counter > 0 and r.tx_type in PURCHASE_TYPES:
                     _check_chain(out, counts, r, at_ms)
-                counts.fresh[key] = (r, at_ms)
+                fresh[key] = (r, at_ms)
         if old is not None and r.seq not in inserted:
             out.updates.append((r.status, verdict, r.tac, device, epoch, r.seq))
             out.resolved += 1
@@ -499,14 +501,17 @@ class _Counts:
 def _check_chain(out: Decision, counts: _Counts, r: Record, at_ms: int) -> None:
     """Compare a counted purchase's balance before with its predecessor's balance after, where
     the batch or the ledger holds the predecessor (the same card's purchase at counter − 1)."""
+    fresh, ledger = counts.fresh, counts.ledger
+    serial, prior = r.card_serial, r.card_counter - 1
     for tx_type in PURCHASE_TYPES:
-        before = counts.get((r.card_serial, r.card_counter - 1, tx_type))
+        key = (serial, prior, tx_type)
+        before = counts.get(key) if key in fresh else ledger.get(key)
         if before is not None:
             expected = before.balance_before - before.amount
             if expected != r.balance_before:
                 out.chain.append(
                     ChainCheck(
-                        r.card_serial,
+                        serial,
                         counts.device,
                         r.seq,
                         before.at_ms,

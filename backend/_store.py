@@ -420,13 +420,15 @@ class Store:
         """Store a classified batch in one transaction, retrying if another worker raced us to
         the same records.  A batch from a device the registry does not admit writes nothing:
         its result's ``rejected`` names the quarantine reason."""
+        # Pure, so outside the transaction: on SQLite, the other workers wait for none of it.
+        ranges = counter_ranges(rows)
         for attempt in range(5):
             try:
                 if self.postgres:
-                    return self._ingest_postgres(device, batch_id, rows, worker)
+                    return self._ingest_postgres(device, batch_id, rows, worker, ranges)
                 with self.transaction():
                     entry = lookup(self, device)
-                    view = self._view(device, batch_epoch(batch_id), rows)
+                    view = self._view(device, batch_epoch(batch_id), rows, ranges)
                     return self._ingest(device, batch_id, rows, worker, entry=entry, view=view())
             except self._integrity:
                 if attempt == 4:
@@ -435,7 +437,12 @@ class Store:
         raise RuntimeError("unreachable")
 
     def _ingest_postgres(
-        self, device: str, batch_id: int, rows: Sequence[Classified], worker: str
+        self,
+        device: str,
+        batch_id: int,
+        rows: Sequence[Classified],
+        worker: str,
+        ranges: list[tuple[str, int, int]],
     ) -> IngestResult:
         """:meth:`_ingest` in three round trips to the server, whatever the batch: every read
         with the BEGIN in one pipeline, the records in one COPY, the other writes with the
@@ -444,7 +451,7 @@ class Store:
         try:
             with db.pipeline():
                 db.execute("BEGIN")
-                view = self._view(device, batch_epoch(batch_id), rows)
+                view = self._view(device, batch_epoch(batch_id), rows, ranges)
                 # The last read: fetching its row sends the pipeline and brings every result.
                 entry = lookup(self, device)
             return self._ingest(device, batch_id, rows, worker, entry=entry, view=view())
@@ -454,14 +461,18 @@ class Store:
             raise
 
     def _view(
-        self, device: str, epoch: int, rows: Sequence[Classified]
+        self,
+        device: str,
+        epoch: int,
+        rows: Sequence[Classified],
+        ranges: list[tuple[str, int, int]],
     ) -> Callable[[], LedgerView]:
-        """Send the reads the ingest rules need of the ledger for one batch; the returned
-        function fetches their results (on PostgreSQL, inside a pipeline, every statement goes
-        out before the first result is waited for)."""
+        """Send the reads the ingest rules need of the ledger for one batch (``ranges``: its
+        :func:`counter_ranges`); the returned function fetches their results (on PostgreSQL,
+        inside a pipeline, every statement goes out before the first result is waited for)."""
         seqs = [c.record.seq for c in rows]
         journal = self.execute(_JOURNAL, (*(device, epoch) * 4, min(seqs), max(seqs)))
-        counted = self._counted(counter_ranges(rows))
+        counted = self._counted(ranges)
 
         def fetch() -> LedgerView:
             found = journal.fetchall()
