@@ -18,6 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
     "ACK_TOPIC",
+    "DEVICE_CLIENT_ID",
     "PARAMS_TOPIC",
     "SHARED_TX",
     "STATUS_TOPIC",
@@ -37,6 +38,9 @@ ACK_TOPIC = "farelab/v1/dev/{device}/ack"
 PARAMS_TOPIC = "farelab/v1/dev/{device}/params"
 STATUS_TOPIC = "farelab/v1/dev/{device}/status"
 SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
+#: A validator's MQTT client id: stable (its session persists), and the only one the broker lets
+#: that device's account use, so no account can take another device's session over.
+DEVICE_CLIENT_ID = "farelab-dev-{device}"
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

@@ -39,7 +39,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend._broker import ACK_TOPIC, PARAMS_TOPIC, STATUS_TOPIC, TX_TOPIC, check_client_id
+from backend._broker import (
+    ACK_TOPIC,
+    DEVICE_CLIENT_ID,
+    PARAMS_TOPIC,
+    STATUS_TOPIC,
+    TX_TOPIC,
+    check_client_id,
+)
 from backend._loads import LOAD_REQ, LOAD_RESP
 from backend._registry import entries, hash_secret
 from backend._store import Store
@@ -199,16 +206,20 @@ def dynsec_document(
         if account.role != "backend":
             client_roles.append({"rolename": f"farelab-{account.role}", "priority": 0})
         iterations, salt, digest = _split_hash(account)
-        clients.append(
-            {
-                "username": account.username,
-                "textname": f"farelab {account.role}",
-                "roles": client_roles,
-                "password": base64.b64encode(digest).decode(),
-                "salt": base64.b64encode(salt).decode(),
-                "iterations": iterations,
-            }
-        )
+        client: dict[str, object] = {
+            "username": account.username,
+            "textname": f"farelab {account.role}",
+            "roles": client_roles,
+            "password": base64.b64encode(digest).decode(),
+            "salt": base64.b64encode(salt).decode(),
+            "iterations": iterations,
+        }
+        if account.role == "validator":
+            # Any account may connect with any client id, and a second connection under an id
+            # throws the first off: pinned, a validator's account can neither take another
+            # device's (or a backend worker's) session, nor be taken over by another validator.
+            client["clientid"] = DEVICE_CLIENT_ID.format(device=account.username)
+        clients.append(client)
     return {
         "defaultACLAccess": {
             "publishClientSend": False,

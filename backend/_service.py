@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
 from backend._broker import (
     ACK_TOPIC,
@@ -68,6 +69,18 @@ class ConfigurationError(ValueError):
     """A worker cannot run as it is configured (its broker URL or CA file, its group, an account
     the broker refuses its subscriptions): starting it again would only meet this again.  Only
     this stops the backend; what a message does while it is handled never is one."""
+
+
+# CONNACK codes that say who logs in, not whether the broker is up: bad user name or password,
+# not authorized (MQTT 3.1.1's 4 and 5, MQTT 5's 0x86 and 0x87) — retrying cannot change them.
+_LOGIN_REFUSED = frozenset({4, 5, 0x86, 0x87})
+
+
+def _login_refused(exc: aiomqtt.MqttError) -> bool:
+    if not isinstance(exc, MqttConnectError):
+        return False
+    code = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
+    return code in _LOGIN_REFUSED
 
 
 def instance_id() -> str:
@@ -209,6 +222,10 @@ async def run_worker(
                     if reader in done:
                         reader.result()
             except aiomqtt.MqttError as exc:
+                if _login_refused(exc):
+                    raise ConfigurationError(
+                        f"the broker refused the login ({exc}); log in as the backend's account"
+                    ) from None
                 delay = backoff.next_delay()
                 level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
                 log.log(

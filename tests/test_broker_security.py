@@ -15,7 +15,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from backend._broker import BrokerURL, LinkState, cancel_and_wait
+from backend._broker import DEVICE_CLIENT_ID, BrokerURL, LinkState, cancel_and_wait
 from backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
 from backend._mosquitto import Mosquitto, free_port
 from backend._params import publish_params
@@ -92,6 +92,11 @@ def secured_broker(folder: Path, *, fmt: str = "dynsec", tls: Sequence[str] = ()
     return broker
 
 
+def own_client_id(user: str | None) -> str | None:
+    """The client id the broker lets a validator's account use (any other account: any)."""
+    return DEVICE_CLIENT_ID.format(device=user) if user and user.startswith("bus-") else None
+
+
 def login(port: int, user: str | None, password: str | None = None) -> aiomqtt.Client:
     if user is not None and password is None:
         password = SECRET[user]
@@ -100,6 +105,7 @@ def login(port: int, user: str | None, password: str | None = None) -> aiomqtt.C
         port,
         username=user,
         password=password,
+        identifier=own_client_id(user),
         protocol=aiomqtt.ProtocolVersion.V5,
         timeout=5,
     )
@@ -145,7 +151,12 @@ def foreign_batch() -> bytes:
 
 async def publish(port: int, user: str, password: str, topic: str, payload: bytes) -> None:
     async with aiomqtt.Client(
-        "127.0.0.1", port, username=user, password=password, protocol=aiomqtt.ProtocolVersion.V5
+        "127.0.0.1",
+        port,
+        username=user,
+        password=password,
+        identifier=own_client_id(user),
+        protocol=aiomqtt.ProtocolVersion.V5,
     ) as client:
         await client.publish(topic, payload, qos=1)
 
@@ -630,18 +641,21 @@ def test_a_backend_the_broker_refuses_to_feed_stops_saying_why(
     finally:
         broker.stop()
     assert result.returncode == 2
-    assert f"the broker refused the subscription $share/{group}/" in result.stderr
+    if login_as.startswith("bus-1"):  # a validator's account may use its own client id only
+        assert "the broker refused the login ([code:135] Not authorized)" in result.stderr
+    else:
+        assert f"the broker refused the subscription $share/{group}/" in result.stderr
     assert "starting it again" not in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -> None:
-    """A kiosk started with a validator's account may not read `…/load/resp`: the refused
+    """A kiosk started with another kiosk's account may not read `…/load/resp`: the refused
     SUBACK is the answer (host unreachable, with the reason), not a wait until the timeout."""
     broker = secured_broker(tmp_path)
     host = MqttHost(
-        BrokerURL.parse(f"mqtt://bus-1:{SECRET['bus-1']}@127.0.0.1:{broker.port}"),
-        "bus-1",
+        BrokerURL.parse(f"mqtt://kiosk-1:{SECRET['kiosk-1']}@127.0.0.1:{broker.port}"),
+        "kiosk-2",
         timeout=30,
     )
     try:
@@ -656,10 +670,11 @@ def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -
 def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """bus-2's id with bus-1's account: the broker refuses the ack subscription, so the uplink
-    says why and retries later rather than publishing batches it can never see acknowledged."""
+    """bus-2's id with a kiosk's account (a validator's may use its own client id only): the
+    broker refuses the ack subscription, so the uplink says why and retries later rather than
+    publishing batches it can never see acknowledged."""
     broker = secured_broker(tmp_path)
-    url = BrokerURL.parse(f"mqtt://bus-1:{SECRET['bus-1']}@127.0.0.1:{broker.port}")
+    url = BrokerURL.parse(f"mqtt://kiosk-1:{SECRET['kiosk-1']}@127.0.0.1:{broker.port}")
 
     async def main() -> None:
         journal = Journal(tmp_path / "j.db")
@@ -679,5 +694,37 @@ def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
         with caplog.at_level("WARNING", logger="farelab.uplink"):
             asyncio.run(main())
         assert "refused the subscription farelab/v1/dev/bus-2/ack (reason 0x87)" in caplog.text
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    ["farelab-dev-bus-2", "farelab-backend-somehost-abc123-w1", "anything-else"],
+)
+def test_a_validator_account_may_use_only_its_own_client_id(
+    tmp_path: Path, identifier: str
+) -> None:
+    """A second connection under a client id throws the first off: bus-1's account must not
+    be able to take bus-2's session (or a backend worker's) over, again and again."""
+    broker = secured_broker(tmp_path)
+
+    async def attempt(client_id: str) -> None:
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            broker.port,
+            username="bus-1",
+            password=SECRET["bus-1"],
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=5,
+        ):
+            pass
+
+    try:
+        asyncio.run(attempt("farelab-dev-bus-1"))
+        with pytest.raises(aiomqtt.MqttCodeError) as refused:
+            asyncio.run(attempt(identifier))
+        assert refused.value.rc == 135  # not authorized
     finally:
         broker.stop()

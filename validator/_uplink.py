@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 
 from backend._broker import (
     ACK_TOPIC,
+    DEVICE_CLIENT_ID,
     PARAMS_TOPIC,
     STATUS_TOPIC,
     TX_TOPIC,
@@ -125,7 +126,7 @@ class MqttUplink:
             else {"clean_session": False}
         )
         return self.broker.client(
-            identifier=f"farelab-dev-{device}",
+            identifier=DEVICE_CLIENT_ID.format(device=device),
             username=username,
             password=password,
             keepalive=15,
