@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from datetime import date
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from aiomqtt import MqttError
@@ -24,6 +26,7 @@ from farelab import _brokercli as broker_cli
 from farelab import _devices as devices_cli
 from farelab._errors import CliError
 from validator._network import NetworkError, parse_networks
+from validator._values import positive_seconds
 
 __all__ = ["register"]
 
@@ -136,7 +139,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     par.add_argument(
         "--wait",
-        type=float,
+        type=_wait_seconds,
         default=0.0,
         metavar="SECONDS",
         help="then wait this long for the devices to report the version they run",
@@ -271,6 +274,18 @@ def _params(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return 0
+
+
+def _wait_seconds(text: str) -> float:
+    """``--wait``: 0 (do not wait) or a positive, finite number of seconds (``nan`` is no time
+    and would silently not wait; ``1e300`` would never end)."""
+    with contextlib.suppress(InvalidOperation):
+        if Decimal(text.strip()) == 0:
+            return 0.0
+    try:
+        return positive_seconds(text, "a wait")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _clear(args: argparse.Namespace) -> int:

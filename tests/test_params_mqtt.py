@@ -195,3 +195,24 @@ def test_new_fare_table_from_the_backend_applies_at_the_next_tap(
         validator.send_signal(signal.SIGTERM)
         validator.wait(15)
     assert fares == [50, 100]  # local adult card: 50% of 1 yuan, then 50% of 2 yuan
+
+
+def test_a_wait_that_is_no_time_is_refused() -> None:
+    """``nan`` would never wait (and say nothing), ``-1`` neither, ``1e300`` would never end."""
+    for wait, says in (
+        ("nan", "a wait must be a finite number, not 'nan'"),
+        ("-1", "a wait must be a positive number of seconds"),
+        ("1e300", "a wait must be a positive number of seconds"),
+    ):
+        command = ["backend", "params", "--broker", "mqtt://127.0.0.1:1", "--db", "sqlite:///x.db"]
+        refused = subprocess.run(
+            [sys.executable, "-m", "farelab", *command, "--device", "bus-7", "--wait", wait],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert refused.returncode == 2
+        assert says in refused.stderr
+        assert "Traceback" not in refused.stderr

@@ -410,3 +410,12 @@ def test_long_paths_and_values_are_cut_in_error_messages(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as bad_network:
         load_config(config_path)
     assert len(str(bad_network.value)) < 400
+
+
+def test_an_empty_device_id_is_named_once_in_its_error(tmp_path: Path) -> None:
+    config = tmp_path / "devices.toml"
+    config.write_text(TWO_BUSES.replace('id = "bus-1"', 'id = ""'))
+    with pytest.raises(ConfigError) as refused:
+        load_config(config)
+    assert str(refused.value).endswith("validator[0] (id ''): key 'id' must be a non-empty string")
+    assert str(refused.value).count("devices.toml") == 1

@@ -110,8 +110,9 @@ class _Where:
             raise self.error(key, str(exc).replace("an amount in yuan ", "", 1)) from None
 
     def device_id(self, key: str) -> str:
+        text = self.text(key)  # its own error (a ConfigError, a ValueError) is not wrapped again
         try:
-            return values.device_id(self.text(key), "a device id")
+            return values.device_id(text, "a device id")
         except ValueError as exc:
             raise self.error(key, str(exc).replace("a device id ", "= ", 1)) from None
 
