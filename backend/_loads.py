@@ -12,7 +12,9 @@ revoked one ``revoked``, a validator (or a kiosk without the kind: ``load`` for 
 transfers, ``refund`` for refunds) ``wrong_role``, and a request whose terminal is not the
 registered kiosk's ``wrong_terminal``.  The host loads no card on its own hotlist; a transfer
 (R6) moves one old card's balance once, onto another card that is neither hotlisted, replaced,
-nor already given a transfer.
+nor already given a transfer.  A balance that has moved is not paid out in cash as well: a
+kiosk asks ``{"id", "op": "refund_check", "card_serial", "terminal"}`` before it empties a card
+(``{"result": "ok"}`` or refused ``already_transferred``), and ``refund`` is refused so too.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def handle_load_message(
                 return {"id": request_id, **_quote(store, doc, now)}
             if op == "transfer":
                 return _transfer(store, authority, kiosk, request_id, doc, now=now)
+            if op == "refund_check":
+                return {"id": request_id, **_refund_check(store, _serial(doc["card_serial"]))}
             if op == "refund":
                 return _refund(store, verifier, kiosk, request_id, doc)
             if row is None or row[2] != kiosk:
@@ -180,6 +184,7 @@ _KIOSK_KINDS = {
     "authorize": "load",
     "transfer": "load",
     "transfer_quote": "load",
+    "refund_check": "refund",
     "refund": "refund",
 }
 
@@ -455,11 +460,24 @@ def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str,
     }
 
 
+def _refund_check(store: Store, serial: str) -> dict[str, Any]:
+    """Whether a card's balance may be paid out in cash: not once it has moved (or is moving) to
+    a replacement card — the card still holds it, but it is no longer the rider's."""
+    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (serial,)).fetchone():
+        return {
+            "result": "refused",
+            "reason": "already_transferred",
+            "detail": f"card {serial}'s balance has moved to a replacement card",
+        }
+    return {"result": "ok"}
+
+
 def _refund(
     store: Store, verifier: TacVerifier, kiosk: str, request_id: str, doc: dict[str, Any]
 ) -> dict[str, Any]:
     """An outlet emptied a card with a purchase of its whole balance and paid it back in cash
-    (Changzhou 退值): verify that purchase's TAC, count it, hotlist the card."""
+    (Changzhou 退值): verify that purchase's TAC, count it, hotlist the card — unless the
+    card's balance has moved to a replacement card (:func:`_refund_check`)."""
     serial = _serial(doc["card_serial"])
     tac = str(doc["tac"]).upper()
     expected = verifier.purchase_tac(
@@ -475,6 +493,9 @@ def _refund(
     )
     if expected is None or expected.hex().upper() != tac:
         return {"id": request_id, "result": "error", "reason": "tac_invalid"}
+    check = _refund_check(store, serial)
+    if check["result"] != "ok":
+        return {"id": request_id, **check}
     answer = {"id": request_id, "result": "refunded", "amount_fen": int(doc["amount"])}
     now_ms = int(time.time() * 1000)
     store.execute(

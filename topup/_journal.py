@@ -137,6 +137,10 @@ class KioskJournal:
         """The card never took it."""
         self._set(load_id, "void")
 
+    def refused(self, load_id: str) -> None:
+        """The host will never count it (a refund of a balance that had moved elsewhere)."""
+        self._set(load_id, "refused")
+
     def unsettled(self, serial: str | None = None) -> list[PendingLoad]:
         """Loads still authorized or credited (of one card)."""
         query = (

@@ -401,6 +401,28 @@ class Kiosk:
             return self._card_fault(exc, 0, None)
         if not isinstance(snapshot, CardSnapshot) or balance is None:
             return self._refused("card_error", 0, None, "the card cannot be read; try again")
+        # Asked before the card is emptied: a balance that moved to a replacement card is not
+        # the rider's any more, and paying it out too would pay it twice.
+        check_message = {
+            "id": new_request_id(),
+            "op": "refund_check",
+            "card_serial": snapshot.serial,
+            "terminal": self.terminal_id.hex().upper(),
+        }
+        try:
+            check = await self.host.call(check_message)
+        except HostUnreachableError as exc:
+            return self._refused(
+                "host_unreachable", 0, balance, f"{exc}; no refund is possible now"
+            )
+        if check.get("result") != "ok":
+            why = str(check.get("reason") or "refund_refused")
+            return self._refused(
+                why,
+                0,
+                balance,
+                f"no refund ({why}): {check.get('detail', '')}; the card is untouched",
+            )
         flow = Purchase(psam=psam, card=snapshot, amount=balance, when=datetime.now(UTC))
         refund_id = new_request_id()
 
@@ -435,23 +457,31 @@ class Kiosk:
             return self._refused("card_error", balance, balance, "the card refused the refund")
         tac = done.tac.hex().upper()
         self.journal.credited(refund_id, tac)
-        notes = await self._finish_refund(refund_id, tac)
-        if notes is None:
+        answer = await self._finish_refund(refund_id, tac)
+        if answer is None:
             return self._refused(
                 "host_unreachable",
                 balance,
                 0,
                 f"the card is emptied; the host will be told (TAC {tac})",
             )
+        if answer.get("result") != "refunded":
+            # No cash without the host's count: the card is emptied, and its value is either
+            # the replacement card's already (refused) or waits for the host (an error).
+            why = str(answer.get("reason") or answer.get("result"))
+            return self._refused(
+                why, balance, 0, f"no cash: the host did not count the refund ({why}; TAC {tac})"
+            )
         return LoadResult(
             "refunded", None, balance, 0, tac, f"refunded {balance / 100:.2f} yuan in cash"
         )
 
-    async def _finish_refund(self, refund_id: str, tac: str) -> list[str] | None:
-        """Tell the host about a completed refund; None if it cannot be reached."""
+    async def _finish_refund(self, refund_id: str, tac: str) -> dict[str, Any] | None:
+        """Tell the host about a completed refund; its answer, None if it cannot be reached.
+        The journal keeps the refund unsettled unless the host counted (or refused) it."""
         pending = [p for p in self.journal.unsettled() if p.id == refund_id]
         if not pending:
-            return []
+            return {"result": "refunded"}
         record = {**json.loads(pending[0].detail), "id": refund_id, "op": "refund", "tac": tac}
         try:
             answer = await self.host.call(record)
@@ -459,7 +489,9 @@ class Kiosk:
             return None
         if answer.get("result") == "refunded":
             self.journal.confirmed(refund_id)
-        return [f"a refund of {pending[0].amount / 100:.2f} yuan: {answer.get('result')}"]
+        elif answer.get("result") == "refused":
+            self.journal.refused(refund_id)
+        return answer
 
     async def _settle_refund(self, run: Run[Any], pending: PendingLoad) -> list[str]:
         tac = pending.tac
@@ -477,10 +509,10 @@ class Kiosk:
                 raise CardRemovedError("the card did not answer GET TRANSACTION PROOF")
             tac = found.tac.hex().upper()
             self.journal.credited(pending.id, tac)
-        notes = await self._finish_refund(pending.id, tac)
-        if notes is None:
+        answer = await self._finish_refund(pending.id, tac)
+        if answer is None:
             raise HostUnreachableError("the host cannot be told of an interrupted refund")
-        return notes
+        return [f"a refund of {pending.amount / 100:.2f} yuan: {answer.get('result')}"]
 
     async def _void(self, load_id: str) -> None:
         try:
