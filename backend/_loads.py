@@ -230,6 +230,10 @@ def _card_refusal(store: Store, serial: str) -> dict[str, str] | None:
     why = _hotlisted(store, serial)
     if why is not None:
         return {"reason": "hotlisted", "detail": f"card {serial} is on the hotlist ({why})"}
+    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (serial,)).fetchone():
+        # Its balance is moving to a replacement card (hotlisted once that load is confirmed):
+        # money loaded now would be left on a card about to be blocked.
+        return {"reason": "replaced", "detail": f"card {serial} was replaced"}
     return None
 
 

@@ -141,3 +141,14 @@ def test_a_balance_moved_onto_a_new_card_is_not_also_refunded_in_cash(tmp_path: 
     assert (refused["result"], refused["reason"]) == ("refused", "already_transferred")
     shown = farelab(tmp_path, "card", "show", "a.json", "--json")
     assert shown["balance_fen"] == 10_000
+
+
+def test_a_card_whose_balance_is_moving_to_a_replacement_is_not_loaded(tmp_path: Path) -> None:
+    """Between the transfer's authorization and its confirmation the old card is not on the
+    hotlist yet: a load then would be left on a card about to be blocked."""
+    station = Station(tmp_path, balance=4321)
+    claim_transfer(station.host)
+    result = station.load(1000)
+    assert (result.result, result.reason) == ("refused", "replaced")
+    assert station.card.image.balance == 4321
+    assert station.host.loads() == {}
