@@ -11,6 +11,7 @@ import base64
 import hashlib
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,17 @@ from backend._broker import check_client_id
 if TYPE_CHECKING:  # the store looks devices up while it ingests: no import cycle at run time
     from backend._store import Store
 
-__all__ = ["ROLES", "DeviceEntry", "entries", "hash_secret", "lookup", "register", "revoke"]
+__all__ = [
+    "ENTRY_COLUMNS",
+    "ROLES",
+    "DeviceEntry",
+    "entries",
+    "entry_of_row",
+    "hash_secret",
+    "lookup",
+    "register",
+    "revoke",
+]
 
 ROLES = ("validator", "kiosk")
 _KINDS_BY_ROLE = {
@@ -83,10 +94,14 @@ def hash_secret(password: str, *, salt: bytes | None = None) -> str:
     return f"pbkdf2-sha512${SECRET_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
 
 
+#: The ``devices`` columns :func:`entry_of_row` reads, in its order (for a query that reads an
+#: entry along with other rows, as ingest does).
+ENTRY_COLUMNS = ("id", "role", "operator", "kinds", "terminal", "station", "line", "revoked")
 _SELECT = "SELECT id, role, operator, kinds, terminal, station, line, revoked FROM devices"
 
 
-def _entry(row: tuple[object, ...]) -> DeviceEntry:
+def entry_of_row(row: Sequence[object]) -> DeviceEntry:
+    """The entry a row of :data:`ENTRY_COLUMNS` describes."""
     device, role, operator, kinds, terminal, station, line, revoked = row
     return DeviceEntry(
         id=str(device),
@@ -127,12 +142,12 @@ def register(store: Store, entry: DeviceEntry, *, secret_hash: str = "") -> None
 def lookup(store: Store, device_id: str) -> DeviceEntry | None:
     """The registered device, revoked or not; None if the backend never heard of it."""
     row = store.execute(f"{_SELECT} WHERE id = ?", (device_id,)).fetchone()
-    return None if row is None else _entry(row)
+    return None if row is None else entry_of_row(row)
 
 
 def entries(store: Store) -> list[DeviceEntry]:
     """Every registered device, by id."""
-    return [_entry(row) for row in store.execute(f"{_SELECT} ORDER BY id").fetchall()]
+    return [entry_of_row(row) for row in store.execute(f"{_SELECT} ORDER BY id").fetchall()]
 
 
 def revoke(store: Store, device_id: str) -> bool:

@@ -39,7 +39,7 @@ from backend._ingest import (
     counter_ranges,
     decide,
 )
-from backend._registry import DeviceEntry, lookup
+from backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
 
 __all__ = ["IngestResult", "Store", "StoreError"]
 
@@ -133,26 +133,28 @@ _MIGRATE_EPOCH_PG = (
 )
 _OLD_COLUMNS = LEDGER_COLUMNS.replace("epoch, ", "")
 
-# What the ledger holds of a batch's device and journal epoch, in one statement: its highest
-# sequence number; only when it has none (a new journal, rare), the nearest other epochs; and
-# the rows under the batch's sequence numbers (none, usually: one row of NULLs then).  Each a
-# probe of the primary key (CASE runs a branch's subquery only when it takes it).  ORDER BY …
-# LIMIT 1, not max(): PostgreSQL's planner, with statistics older than the rows a backend just
-# wrote, computed max() by reading every row of the device's epoch, a cost that grew with its
-# history (measured: 1.8 ms of server time per batch at 10 000 rows of a device, 0.06 ms so).
+# What the ledger knows of a batch's device, in one statement: its registry entry (NULLs if it
+# has none); the highest sequence number of its journal epoch; only when that has none (a new
+# journal, rare), the nearest other epochs; and the rows under the batch's sequence numbers
+# (none, usually: one row then).  Each a probe of a primary key (CASE runs a branch's subquery
+# only when it takes it).  ORDER BY … LIMIT 1, not max(): PostgreSQL's planner, with statistics
+# older than the rows a backend just wrote, computed max() by reading every row of the device's
+# epoch, a cost that grew with its history (measured: 1.8 ms of server time per batch at 10 000
+# rows of a device, 0.06 ms so).
 _JOURNAL = (
     "WITH s (top) AS MATERIALIZED (SELECT (SELECT seq FROM transactions "
     "WHERE device = ? AND epoch = ? ORDER BY seq DESC LIMIT 1)) "
-    "SELECT top, "
+    "SELECT " + ", ".join(f"d.{column}" for column in ENTRY_COLUMNS) + ", top, "
     "CASE WHEN top IS NULL THEN (SELECT epoch FROM transactions WHERE device = ? AND epoch < ? "
     "ORDER BY epoch DESC LIMIT 1) END, "
     "CASE WHEN top IS NULL THEN (SELECT epoch FROM transactions WHERE device = ? AND epoch > ? "
     "ORDER BY epoch LIMIT 1) END, "
     "h.seq, h.status, h.tac, h.tx_type, h.kind, h.alg, h.card_serial, h.issuer, h.card_counter, "
     "h.ttc, h.amount, h.balance_before, h.terminal, h.day, h.time "
-    "FROM s LEFT JOIN transactions h "
-    "ON h.device = ? AND h.epoch = ? AND h.seq BETWEEN ? AND ?"
+    "FROM s LEFT JOIN devices d ON d.id = ? "
+    "LEFT JOIN transactions h ON h.device = ? AND h.epoch = ? AND h.seq BETWEEN ? AND ?"
 )
+_ENTRY = len(ENTRY_COLUMNS)  # where the journal's own columns start in its rows
 _COUNTED_COLUMNS = (
     "{t}.card_serial, {t}.card_counter, {t}.tx_type, {t}.device, {t}.epoch, {t}.seq, {t}.issuer, "
     "{t}.amount, {t}.terminal, {t}.ttc, {t}.day, {t}.time, {t}.tac, {t}.balance_before, {t}.at_ms"
@@ -427,9 +429,8 @@ class Store:
                 if self.postgres:
                     return self._ingest_postgres(device, batch_id, rows, worker, ranges)
                 with self.transaction():
-                    entry = lookup(self, device)
-                    view = self._view(device, batch_epoch(batch_id), rows, ranges)
-                    return self._ingest(device, batch_id, rows, worker, entry=entry, view=view())
+                    entry, view = self._read(device, batch_epoch(batch_id), rows, ranges)()
+                    return self._ingest(device, batch_id, rows, worker, entry=entry, view=view)
             except self._integrity:
                 if attempt == 4:
                     raise
@@ -444,44 +445,49 @@ class Store:
         worker: str,
         ranges: list[tuple[str, int, int]],
     ) -> IngestResult:
-        """:meth:`_ingest` in three round trips to the server, whatever the batch: every read
-        with the BEGIN in one pipeline, the records in one COPY, the other writes with the
+        """:meth:`_ingest` in four round trips to the server, whatever the batch: every read
+        with the BEGIN in one pipeline, the records in one COPY (two), the other writes with the
         COMMIT in another pipeline (one round trip per statement had been twice the time)."""
         db = self._db
         try:
             with db.pipeline():
                 db.execute("BEGIN")
-                view = self._view(device, batch_epoch(batch_id), rows, ranges)
-                # The last read: fetching its row sends the pipeline and brings every result.
-                entry = lookup(self, device)
-            return self._ingest(device, batch_id, rows, worker, entry=entry, view=view())
+                read = self._read(device, batch_epoch(batch_id), rows, ranges)
+            entry, view = read()  # the pipeline has brought every result
+            return self._ingest(device, batch_id, rows, worker, entry=entry, view=view)
         except BaseException:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
             raise
 
-    def _view(
+    def _read(
         self,
         device: str,
         epoch: int,
         rows: Sequence[Classified],
         ranges: list[tuple[str, int, int]],
-    ) -> Callable[[], LedgerView]:
-        """Send the reads the ingest rules need of the ledger for one batch (``ranges``: its
-        :func:`counter_ranges`); the returned function fetches their results (on PostgreSQL,
-        inside a pipeline, every statement goes out before the first result is waited for)."""
+    ) -> Callable[[], tuple[DeviceEntry | None, LedgerView]]:
+        """Send the reads of one batch: the device's registry entry and what the ingest rules
+        need of the ledger (``ranges``: the batch's :func:`counter_ranges`).  The returned
+        function fetches their results (on PostgreSQL, inside a pipeline, every statement goes
+        out before the first result is waited for)."""
         seqs = [c.record.seq for c in rows]
-        journal = self.execute(_JOURNAL, (*(device, epoch) * 4, min(seqs), max(seqs)))
+        journal = self.execute(
+            _JOURNAL, (device, epoch) * 3 + (device, device, epoch, min(seqs), max(seqs))
+        )
         counted = self._counted(ranges)
 
-        def fetch() -> LedgerView:
+        def fetch() -> tuple[DeviceEntry | None, LedgerView]:
             found = journal.fetchall()
-            last, below, above = found[0][:3]
-            return LedgerView(
+            first = found[0]
+            entry = None if first[0] is None else entry_of_row(first[:_ENTRY])
+            last, below, above = first[_ENTRY : _ENTRY + 3]
+            held = _ENTRY + 3
+            view = LedgerView(
                 held={
-                    row[3]: Held(row[4], content_of_row(row[6:]), row[5])
+                    row[held]: Held(row[held + 1], content_of_row(row[held + 3 :]), row[held + 2])
                     for row in found
-                    if row[3] is not None
+                    if row[held] is not None
                 },
                 counted={
                     (row[0], row[1], row[2]): Counted(
@@ -493,6 +499,7 @@ class Store:
                 top_seq=last,
                 other_epochs=frozenset(e for e in (below, above) if e is not None),
             )
+            return entry, view
 
         return fetch
 
