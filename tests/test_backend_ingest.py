@@ -11,8 +11,8 @@ from dataclasses import replace
 import psycopg
 import pytest
 
-from backend._ingest import classify
-from backend._registry import register
+from backend._ingest import LEDGER_COLUMNS, Classified, LedgerView, classify, decide
+from backend._registry import DeviceEntry, register
 from backend._report import report
 from backend._store import Store
 from backend._wire import Batch, Record, decode_batch, encode_batch
@@ -199,3 +199,33 @@ def test_a_counted_transaction_resent_under_new_sequence_numbers_is_a_replay_not
     doc = report(store)
     assert (doc["transactions"], doc["purchase_fen"]) == (500, 500 * 200)
     assert (doc["replays"], doc["clones"], doc["hotlist"]) == (500, 0, [])
+
+
+def test_balance_breaks_of_several_cards_are_each_weighed_against_that_cards_loads(
+    store: Store,
+) -> None:
+    # Two cards' rides at counters 0 and 1; between them one card was loaded 5 yuan at a kiosk.
+    [made] = make_batches(4, 1, 4, run=1, cards_per_device=2)["bench-1-0"]
+    batch = decode_batch(encode_batch(made))
+    loaded, unloaded = batch.records[0].card_serial, batch.records[1].card_serial
+    ingest(store, Batch(1, "bench-1-0", batch.records[:2]))
+    load = replace(batch.records[0], seq=1, tx_type=2, kind="load", amount=500)
+    kiosk = DeviceEntry(
+        id="kiosk-1",
+        role="kiosk",
+        operator="OP",
+        kinds=frozenset({"load"}),
+        terminal=load.terminal,
+    )
+    decision = decide(
+        "kiosk-1", 0, [Classified("kiosk-1", load, "ok")], kiosk, LedgerView(), now_ms=1
+    )
+    with store.transaction():
+        store.insert("transactions", LEDGER_COLUMNS, decision.inserts)
+    later = tuple(replace(r, balance_before=r.balance_before + 500) for r in batch.records[2:])
+    ingest(store, Batch(2, "bench-1-0", later))
+    breaks = store.execute(
+        "SELECT card_serial FROM anomalies WHERE kind = 'balance_break'"
+    ).fetchall()
+    assert breaks == [(unloaded,)]
+    assert loaded != unloaded

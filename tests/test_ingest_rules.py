@@ -15,6 +15,7 @@ from backend._ingest import (
     LedgerView,
     admit,
     balance_breaks,
+    counter_ranges,
     decide,
     tac_time_ms,
 )
@@ -129,6 +130,30 @@ def test_a_balance_that_does_not_follow_the_cards_chain_is_a_break() -> None:
     # A load between the two explains the difference.
     loads = {first.card_serial: [(first.at_ms, 500)]}
     assert balance_breaks([check], loads) == []
+
+
+def test_a_balance_that_breaks_within_one_batch_is_a_break() -> None:
+    first, second = RECORDS[0], RECORDS[1]
+    broken = decide_on([first, replace(second, balance_before=second.balance_before + 500)])
+    assert [(check.seq, check.got - check.expected) for check in broken.chain] == [
+        (second.seq, 500)
+    ]
+
+
+def test_one_ledger_lookup_range_covers_a_cards_rides_and_their_predecessors() -> None:
+    rows = [Classified(DEVICE, r, "ok") for r in RECORDS]  # counters 0, 1, 2, 3 of one card
+    serial = RECORDS[0].card_serial
+    assert counter_ranges(rows) == [(serial, 0, 3)]
+    # A ride far on: its own range, from its predecessor.
+    far = replace(RECORDS[3], seq=9, card_counter=40)
+    assert counter_ranges([*rows[:2], Classified(DEVICE, far, "ok")]) == [
+        (serial, 0, 1),
+        (serial, 39, 40),
+    ]
+    # A load has no predecessor in the chain; a record that does not count is not looked up.
+    load = replace(RECORDS[0], card_counter=7, tx_type=2, kind="load")
+    forged = Classified(DEVICE, replace(RECORDS[0], card_serial="1" * 20), "forged")
+    assert counter_ranges([Classified(DEVICE, load, "ok"), forged]) == [(serial, 7, 7)]
 
 
 def test_a_counted_transaction_under_a_new_sequence_number_is_a_replay_not_a_clone() -> None:
