@@ -16,7 +16,7 @@ from psycopg import pq
 
 from backend._ingest import LEDGER_COLUMNS, LedgerView, batch_epoch, classify, decide
 from backend._registry import register
-from backend._store import Store, _text_array
+from backend._store import IngestResult, Store, _text_array
 from backend._wire import Batch, decode_batch, encode_batch
 from bench.ingest import bench_entry, make_batches
 from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
@@ -122,7 +122,7 @@ def test_two_workers_storing_one_batch_at_once_store_it_once(schema: str) -> Non
     [batch] = batches(200)
     rows = classify(batch, VERIFIER)
     first, second = registered(schema), Store(schema)
-    result: list[object] = []
+    result: list[IngestResult] = []
     try:
         epoch = batch_epoch(batch.batch_id)
         entry = bench_entry(DEVICE, 0)
@@ -151,7 +151,7 @@ def test_two_workers_storing_one_batch_at_once_store_it_once(schema: str) -> Non
         first.close()
         second.close()
     [done] = result
-    assert (done.inserted, done.duplicates) == (0, 200)  # type: ignore[attr-defined]
+    assert (done.inserted, done.duplicates) == (0, 200)
     assert stored == (200,)
 
 
