@@ -4,11 +4,14 @@ until every batch's application ack is back.
 
     python -m bench.ingest --broker mqtt://127.0.0.1:PORT --db URL --n 20000 [--devices 10]
     python -m bench.ingest --postgres postgresql://postgres@127.0.0.1/test --n 20000
+    python -m bench.ingest --db sqlite:///ledger.db --n 20000
 
-With ``--broker`` alone the backend must already run against that broker (``farelab backend
-run --broker … --db …``), and ``--db`` names its ledger, where the bench registers its devices.
+With ``--broker`` the backend must already run against that broker (``farelab backend run
+--broker … --db …``), and ``--db`` names its ledger, where the bench registers its devices.
 With ``--postgres`` the bench starts its own backend (and, without ``--broker``, its own
-Mosquitto) on a fresh schema of that database, and drops it afterwards.
+Mosquitto) on a fresh schema of that database, and drops it afterwards.  With ``--db`` alone it
+starts its own Mosquitto and backend on that ledger (``farelab bench``'s SQLite ingest, on a
+ledger of your choosing: a new file measures an empty ledger, an existing one a grown one).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "main",
     "make_batches",
     "measure",
+    "measure_own",
     "measure_postgres",
     "postgres_schema",
     "register_bench_devices",
@@ -254,22 +258,54 @@ def measure_postgres(
     }
 
 
+def measure_own(
+    ledger: str, n: int, folder: Path, *, workers: int = 2, devices: int = 10, batch: int = 200
+) -> dict[str, float]:
+    """End-to-end ingest through a Mosquitto and a backend of ``workers`` workers that the bench
+    starts on ``ledger`` (their output goes to ``folder``), then :func:`measure`."""
+    broker = Mosquitto(folder)
+    broker.start()
+    try:
+        with running_backend(broker.url, ledger, workers=workers, log=folder / "backend.log"):
+            return asyncio.run(
+                measure(BrokerURL.parse(broker.url), n, devices, batch, ledger=ledger)
+            )
+    finally:
+        broker.stop()
+
+
 def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--broker", help="the broker (default with --postgres: a Mosquitto)")
+    parser.add_argument(
+        "--broker", help="the broker (default with --postgres or --db alone: a Mosquitto)"
+    )
     parser.add_argument("--postgres", metavar="URL", help="start a backend on this database")
     parser.add_argument(
-        "--db", metavar="URL", help="with --broker alone: the running backend's ledger"
+        "--db",
+        metavar="URL",
+        help="with --broker: the running backend's ledger; alone: start a backend on it",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--batch", type=int, default=200)
     args = parser.parse_args()
-    if args.postgres is None:
+    if args.postgres is None and args.db is not None and args.broker is None:
+        with tempfile.TemporaryDirectory(prefix="farelab-ingest-") as tmp:
+            result = measure_own(
+                args.db,
+                args.n,
+                Path(tmp),
+                workers=args.workers,
+                devices=args.devices,
+                batch=args.batch,
+            )
+    elif args.postgres is None:
         if args.broker is None or args.db is None:
-            parser.error("--broker and --db (the backend's ledger) are needed (or --postgres)")
+            parser.error(
+                "--db (the ledger), with --broker when a backend runs on it (or --postgres)"
+            )
         result = asyncio.run(
             measure(BrokerURL.parse(args.broker), args.n, args.devices, args.batch, ledger=args.db)
         )

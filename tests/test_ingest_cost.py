@@ -4,11 +4,14 @@ even when two workers race on it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -161,3 +164,17 @@ def test_array_literals_carry_any_text() -> None:
         row = db.execute("SELECT %s::text[]", (_text_array(values),)).fetchone()
     assert row is not None
     assert row[0] == values
+
+
+def test_the_ingest_bench_starts_its_own_broker_and_backend_on_a_ledger(tmp_path: Path) -> None:
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    command = [sys.executable, "-m", "bench.ingest", "--db", ledger, "--n", "400", "--devices", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = {k.strip(): v for k, v in (line.split(":") for line in done.stdout.splitlines())}
+    assert float(figures["transactions"].replace(",", "")) == 400
+    store = Store(ledger, create=False)
+    try:
+        assert store.execute("SELECT count(*) FROM transactions").fetchone() == (400,)
+    finally:
+        store.close()
