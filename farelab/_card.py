@@ -163,7 +163,11 @@ def _parse_day(text: str | None, what: str) -> date | None:
 
 def _new(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if path.exists() and not args.force:
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long to be a file, say
+        raise CliError(f"{describe_path(path)}: cannot be a card image: {exc.strerror}") from None
+    if exists and not args.force:
         raise CliError(f"{describe_path(path)} already exists; use --force to overwrite it")
     try:
         balance = yuan_to_fen(args.balance, what="--balance")

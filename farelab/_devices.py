@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from backend._dbfile import describe_path
 from backend._registry import ROLES, DeviceEntry, entries, hash_secret, lookup, register, revoke
 from backend._store import Store, StoreError
 from farelab._errors import CliError
@@ -54,7 +55,7 @@ def register_configs(store: Store, paths: Iterable[Path]) -> tuple[list[str], li
             config = load_config(path)
             pairs = [(entry_of(dc.device), dc.mqtt_password) for dc in config.devices]
         except (ConfigError, ValueError) as exc:
-            raise CliError(f"--config {path}: {exc}") from None
+            raise CliError(f"--config {describe_path(path)}: {exc}") from None
         for entry, password in pairs:
             known = lookup(store, entry.id)
             if known is not None and known.revoked:

@@ -74,7 +74,13 @@ class KioskJournal:
         """Open or create the journal; KioskJournalError for a file that is not one (another
         program's database, a validator journal, a ledger, a folder), left untouched."""
         where = describe_path(path)
-        if Path(path).is_dir():
+        try:
+            folder = Path(path).is_dir()
+        except OSError as exc:  # a name too long to be a file, say
+            raise KioskJournalError(
+                f"{where}: not a usable kiosk journal: {exc.strerror}"
+            ) from None
+        if folder:
             raise KioskJournalError(f"{where}: not a usable kiosk journal: it is a folder")
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
