@@ -162,8 +162,9 @@ def handle_load_message(
                 return _confirm(store, verifier, request_id, row[0], doc)
             if op == "void":
                 if row[0] == "authorized":
+                    # A voided transfer keeps its claim on the old card: only its own retry,
+                    # provably not credited, may take it up again (_claim_blocks).
                     store.execute("UPDATE loads SET status = 'void' WHERE id = ?", (request_id,))
-                    store.execute("DELETE FROM transfers WHERE load_id = ?", (request_id,))
                     return {"id": request_id, "result": "void"}
                 return {"id": request_id, "result": row[0]}
             return {"id": request_id, "result": "error", "reason": "unknown_op"}
@@ -256,6 +257,36 @@ def _target_refusal(store: Store, old: str, new: str) -> dict[str, str] | None:
     return None
 
 
+def _claim(store: Store, old: str) -> tuple[str, str, str, int] | None:
+    """The claim on an old card's balance: (load id, that load's status, the card it credits,
+    that card's load counter at the claim), or None."""
+    row = store.execute(
+        "SELECT t.load_id, l.status, l.card_serial, l.card_counter FROM transfers t "
+        "JOIN loads l ON l.id = t.load_id WHERE t.old_serial = ?",
+        (old,),
+    ).fetchone()
+    return None if row is None else (str(row[0]), str(row[1]), str(row[2]), int(row[3]))
+
+
+def _claim_blocks(
+    claim: tuple[str, str, str, int] | None, new: str | None, counter: int | None
+) -> bool:
+    """Whether a claim keeps an old card's balance from moving onto ``new`` (whose load counter
+    is ``counter``, when known).
+
+    A kiosk's word that a transfer's CREDIT never reached the card (a void) is not proof: a
+    void after a CREDIT that did happen would let the balance move a second time.  The card is
+    the proof — it counts every load it takes — so after a void only the same card may take the
+    balance again, and only while its load counter is still the one the voided MAC2 was for.
+    """
+    if claim is None:
+        return False
+    _, status, serial, claimed_counter = claim
+    if status != "void" or new is None or serial != new:
+        return True
+    return counter is not None and counter != claimed_counter
+
+
 def _transfer(
     store: Store,
     authority: LoadAuthority,
@@ -276,13 +307,23 @@ def _transfer(
         }
     # Claimed before it is authorized: of two requests racing for one old card (two workers,
     # two kiosks), the second finds the claim — at once, or once the first commits — and is
-    # refused; a void gives the claim back.
-    claimed = store.execute(
-        "INSERT INTO transfers (old_serial, load_id, amount) VALUES (?, ?, ?) "
-        "ON CONFLICT (old_serial) DO NOTHING",
-        (quote["old_serial"], request_id, quote["amount_fen"]),
-    )
-    if claimed.rowcount != 1:
+    # refused.  A voided claim passes only to its own retry (_claim_blocks), by the same race.
+    old, new = quote["old_serial"], _serial(doc["card_serial"])
+    claim = _claim(store, old)
+    if claim is None:
+        claimed = store.execute(
+            "INSERT INTO transfers (old_serial, load_id, amount) VALUES (?, ?, ?) "
+            "ON CONFLICT (old_serial) DO NOTHING",
+            (old, request_id, quote["amount_fen"]),
+        )
+    elif not _claim_blocks(claim, new, int(doc["counter"])):
+        claimed = store.execute(
+            "UPDATE transfers SET load_id = ?, amount = ? WHERE old_serial = ? AND load_id = ?",
+            (request_id, quote["amount_fen"], old, claim[0]),
+        )
+    else:
+        claimed = None
+    if claimed is None or claimed.rowcount != 1:
         return {
             "id": request_id,
             "result": "refused",
@@ -440,7 +481,8 @@ def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str,
             "available_on": None,
         }
 
-    if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (old,)).fetchone():
+    new = _serial(doc["card_serial"]) if doc.get("card_serial") is not None else None
+    if _claim_blocks(_claim(store, old), new, None):
         return nothing("already_transferred")
     if _hotlisted(store, old) == "refunded":
         return nothing("refunded")

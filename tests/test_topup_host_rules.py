@@ -369,3 +369,85 @@ def test_two_racing_transfers_of_one_old_card_move_it_once(pg_url: str) -> None:
     assert errors == []
     results = sorted((a["result"], a.get("reason")) for a in answers.values())
     assert results == [("authorized", None), ("refused", "already_transferred")]
+
+
+def card_request(serial: str, amount: int, *, loads_taken: int = 0) -> LoadRequest:
+    """INITIALIZE FOR LOAD of a card that has taken ``loads_taken`` loads (its load counter)."""
+    reader = InProcessReader()
+    image = personalise(serial=serial, issued=date(2026, 1, 1)).replace(online_counter=loads_taken)
+    reader.insert(SimulatedCard(image, store=MemoryStore()))
+    snapshot = drive(reader, ReadCard(records=[]))
+    assert isinstance(snapshot, CardSnapshot)
+    flow = Load(terminal_id=TERMINAL, card=snapshot, amount=amount)
+    event = flow.receive(reader.transmit(flow.start().apdu))
+    assert isinstance(event, NeedAuthorization)
+    return event.request
+
+
+def transfer_of_card_1(request_id: str, request: LoadRequest) -> dict[str, Any]:
+    doc = authorize_message(request_id, request)
+    doc.update(
+        op="transfer", old_serial="1", reason="exchange", reported="2026-01-05", profile="hangzhou"
+    )
+    return doc
+
+
+@pytest.fixture
+def host_with_old_card(tmp_path: Path) -> Iterator[Store]:
+    """A host whose ledger knows card 1 took a 50-yuan load (its whole balance)."""
+    store = Store(f"sqlite:///{tmp_path / 'host.db'}")
+    ensure_schema(store)
+    register(store, KIOSK_1)
+    store.execute(
+        "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
+        "issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, "
+        "line, operator, tac, received_ms) VALUES ('kiosk-1', 1, 'completed', 'ok', 2, 'load', "
+        "'3des', ?, '1310000000000000', 0, 0, 5000, 0, ?, '20260105', '120000', 1, "
+        "'0000000000000000', 0, 'kiosk-1', '00000000', 1)",
+        (full_serial("1"), TERMINAL.hex().upper()),
+    )
+    yield store
+    store.close()
+
+
+def test_a_voided_transfer_does_not_free_the_old_card_for_another_card(
+    host_with_old_card: Store,
+) -> None:
+    """A kiosk that voids a transfer whose CREDIT did reach card 2 must not get the same balance
+    again for card 3: the void is only the kiosk's word."""
+    store = host_with_old_card
+    first = ask(store, "kiosk-1", transfer_of_card_1("t1", card_request("2", 5000)))
+    assert first["result"] == "authorized"
+    assert ask(store, "kiosk-1", {"id": "t1", "op": "void"})["result"] == "void"
+    again = ask(store, "kiosk-1", transfer_of_card_1("t2", card_request("3", 5000)))
+    assert (again["result"], again["reason"]) == ("refused", "already_transferred")
+
+
+def test_a_voided_transfer_is_retried_onto_its_card_while_its_load_counter_has_not_moved(
+    host_with_old_card: Store,
+) -> None:
+    """The card pulled before the CREDIT: its load counter is unchanged, which proves the
+    voided MAC2 was never used, so the same card may take the balance again — once."""
+    store = host_with_old_card
+    assert ask(store, "kiosk-1", transfer_of_card_1("t1", card_request("2", 5000)))["result"] == (
+        "authorized"
+    )
+    assert ask(store, "kiosk-1", {"id": "t1", "op": "void"})["result"] == "void"
+    retry = ask(store, "kiosk-1", transfer_of_card_1("t2", card_request("2", 5000)))
+    assert retry["result"] == "authorized"
+    third = ask(store, "kiosk-1", transfer_of_card_1("t3", card_request("2", 5000)))
+    assert (third["result"], third["reason"]) == ("refused", "already_transferred")
+
+
+def test_a_void_after_the_card_took_the_credit_moves_nothing_again(
+    host_with_old_card: Store,
+) -> None:
+    """Card 2's load counter moved on since the voided MAC2: it took that CREDIT, so the void
+    was false and the balance stays moved."""
+    store = host_with_old_card
+    assert ask(store, "kiosk-1", transfer_of_card_1("t1", card_request("2", 5000)))["result"] == (
+        "authorized"
+    )
+    assert ask(store, "kiosk-1", {"id": "t1", "op": "void"})["result"] == "void"
+    again = ask(store, "kiosk-1", transfer_of_card_1("t2", card_request("2", 5000, loads_taken=1)))
+    assert (again["result"], again["reason"]) == ("refused", "already_transferred")
