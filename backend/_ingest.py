@@ -52,6 +52,7 @@ __all__ = [
     "content_of_row",
     "counter_ranges",
     "decide",
+    "own_keys",
     "serial8",
     "tac_time_ms",
 ]
@@ -153,6 +154,19 @@ def counter_ranges(rows: Sequence[Classified]) -> list[tuple[str, int, int]]:
     return out
 
 
+def own_keys(rows: Sequence[Classified]) -> dict[tuple[str, int, int], int | None]:
+    """The (card, counter, type) keys of the records of ``rows`` that may count, each with its
+    record's sequence number, None when records of several numbers have it."""
+    own: dict[tuple[str, int, int], int | None] = {}
+    for c in rows:
+        if c.verdict == "ok":
+            r = c.record
+            key = (r.card_serial, r.card_counter, r.tx_type)
+            if own.setdefault(key, r.seq) != r.seq:
+                own[key] = None
+    return own
+
+
 def admit(device: str, entry: DeviceEntry | None) -> str | None:
     """Why a batch from ``device`` is refused before any of its records is looked at (the
     quarantine reason), or None: only a registered, unrevoked validator uploads batches."""
@@ -221,7 +235,9 @@ class LedgerView:
         held: rows under this device and epoch at the batch's sequence numbers, by seq.
         counted: counted transactions under the batch's (card, counter, type) keys and their
             predecessors' (counter − 1), found by :func:`counter_ranges` (other transactions
-            in those ranges may be there too: the rules never look them up).
+            in those ranges may be there too: the rules never look them up).  The rules read a
+            proof only of one under a key of the batch held under another identity than the
+            record's (:func:`own_keys`); the others may come with an empty proof.
         top_seq: the highest sequence number held for this device and epoch, None if none.
         other_epochs: other journal epochs the ledger holds rows of this device under (only
             looked up when ``top_seq`` is None).

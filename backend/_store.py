@@ -19,7 +19,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from backend._ingest import (
     content_of_row,
     counter_ranges,
     decide,
+    own_keys,
 )
 from backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
 
@@ -155,32 +156,53 @@ _JOURNAL = (
     "LEFT JOIN transactions h ON h.device = ? AND h.epoch = ? AND h.seq BETWEEN ? AND ?"
 )
 _ENTRY = len(ENTRY_COLUMNS)  # where the journal's own columns start in its rows
+# What the ingest rules read of a counted transaction: the balance chain needs its balance
+# and time, the replay and clone checks its identity and, only when a record of the batch has
+# its key under another identity (rare), its proof, read then by a second lookup.  Each column
+# fetched costs: the proof's seven had made the lookup twice as long on SQLite.
 _COUNTED_COLUMNS = (
-    "{t}.card_serial, {t}.card_counter, {t}.tx_type, {t}.device, {t}.epoch, {t}.seq, {t}.issuer, "
-    "{t}.amount, {t}.terminal, {t}.ttc, {t}.day, {t}.time, {t}.tac, {t}.balance_before, {t}.at_ms"
+    "device",
+    "epoch",
+    "seq",
+    "balance_before",
+    "amount",
+    "at_ms",
 )
+_PROOF_COLUMNS = ("issuer", "amount", "terminal", "ttc", "day", "time", "tac")
 
-# A batch's counted transactions: one range of the counted index per run of a card's counters
-# (:func:`counter_ranges`), which holds both the batch's own keys and the predecessors the
-# balance chain needs — a third of the probes of one per key and type.  SQLite probes the index
-# per range.  PostgreSQL's planner, left to choose, hash-joins the keys against the whole table
-# once it holds ~100 000 rows (measured: 44 000 tx/s at 20 000 rows, 8 700 at 200 000); a
-# LATERAL subquery it may not flatten (OFFSET 0) makes it one index range scan per run at any
-# size.
-_COUNTED_LOOKUP_SQLITE = (
-    "WITH k (card_serial, low, high) AS (VALUES {marks}) "
-    "SELECT " + _COUNTED_COLUMNS.format(t="t") + " "
-    "FROM k JOIN transactions t ON t.card_serial = k.card_serial "
-    "AND t.card_counter BETWEEN k.low AND k.high "
-    "WHERE t.verdict = 'ok'"
-)
-_COUNTED_LOOKUP_PG = (
-    "SELECT " + _COUNTED_COLUMNS.format(t="t") + " "
-    "FROM unnest(%s::text[], %s::integer[], %s::integer[]) AS k (card_serial, low, high) "
-    "CROSS JOIN LATERAL (SELECT " + _COUNTED_COLUMNS.format(t="c") + " "
-    "FROM transactions c WHERE c.card_serial = k.card_serial "
-    "AND c.card_counter BETWEEN k.low AND k.high AND c.verdict = 'ok' OFFSET 0) AS t"
-)
+
+def _range_lookup(columns: Sequence[str], *, postgres: bool) -> str:
+    """The lookup of the counted transactions in (card, lowest counter, highest counter)
+    ranges: their card, counter and type, then ``columns``.
+
+    One range of the counted index per run of a card's counters (:func:`counter_ranges`) holds
+    both the batch's own keys and the predecessors the balance chain needs, a third of the
+    probes of one per key and type.  SQLite probes the index per range.  PostgreSQL's planner,
+    left to choose, hash-joins the ranges against the whole table once it holds ~100 000 rows
+    (measured: 44 000 tx/s at 20 000 rows, 8 700 at 200 000); a LATERAL subquery it may not
+    flatten (OFFSET 0) makes it one index range scan per range at any size.
+    """
+    names = ("card_serial", "card_counter", "tx_type", *columns)
+    if not postgres:
+        return (
+            "WITH k (card_serial, low, high) AS (VALUES {marks}) SELECT "
+            + ", ".join(f"t.{name}" for name in names)
+            + " FROM k JOIN transactions t ON t.card_serial = k.card_serial "
+            "AND t.card_counter BETWEEN k.low AND k.high WHERE t.verdict = 'ok'"
+        )
+    return (
+        "SELECT "
+        + ", ".join(f"t.{name}" for name in names)
+        + " FROM unnest(%s::text[], %s::integer[], %s::integer[]) AS k (card_serial, low, high) "
+        "CROSS JOIN LATERAL (SELECT "
+        + ", ".join(f"c.{name}" for name in names)
+        + " FROM transactions c WHERE c.card_serial = k.card_serial "
+        "AND c.card_counter BETWEEN k.low AND k.high AND c.verdict = 'ok' OFFSET 0) AS t"
+    )
+
+
+_COUNTED_LOOKUP = {db: _range_lookup(_COUNTED_COLUMNS, postgres=db) for db in (False, True)}
+_PROOF_LOOKUP = {db: _range_lookup(_PROOF_COLUMNS, postgres=db) for db in (False, True)}
 _LOADS = "SELECT card_serial, at_ms, amount FROM transactions WHERE tx_type = 2 AND verdict = 'ok' "
 _LOADS_SQLITE = _LOADS + "AND card_serial IN ({marks})"
 _LOADS_PG = _LOADS + "AND card_serial = ANY(%s::text[])"
@@ -470,12 +492,12 @@ class Store:
         """Send the reads of one batch: the device's registry entry and what the ingest rules
         need of the ledger (``ranges``: the batch's :func:`counter_ranges`).  The returned
         function fetches their results (on PostgreSQL, inside a pipeline, every statement goes
-        out before the first result is waited for)."""
+        out before the first result is waited for; after it, the rare proof lookup)."""
         seqs = [c.record.seq for c in rows]
         journal = self.execute(
             _JOURNAL, (device, epoch) * 3 + (device, device, epoch, min(seqs), max(seqs))
         )
-        counted = self._counted(ranges)
+        counted = self._lookup(_COUNTED_LOOKUP[self.postgres], ranges)
 
         def fetch() -> tuple[DeviceEntry | None, LedgerView]:
             found = journal.fetchall()
@@ -483,6 +505,8 @@ class Store:
             entry = None if first[0] is None else entry_of_row(first[:_ENTRY])
             last, below, above = first[_ENTRY : _ENTRY + 3]
             held = _ENTRY + 3
+            rows_counted = [row for cursor in counted for row in cursor.fetchall()]
+            proofs = self._proofs(device, epoch, own_keys(rows), rows_counted)
             view = LedgerView(
                 held={
                     row[held]: Held(row[held + 1], content_of_row(row[held + 3 :]), row[held + 2])
@@ -491,10 +515,9 @@ class Store:
                 },
                 counted={
                     (row[0], row[1], row[2]): Counted(
-                        row[3], row[4], row[5], row[6:13], row[13], row[7], row[14]
+                        row[3], row[4], row[5], proofs.get(row[:3], ()), row[6], row[7], row[8]
                     )
-                    for cursor in counted
-                    for row in cursor.fetchall()
+                    for row in rows_counted
                 },
                 top_seq=last,
                 other_epochs=frozenset(e for e in (below, above) if e is not None),
@@ -503,8 +526,33 @@ class Store:
 
         return fetch
 
-    def _counted(self, ranges: list[tuple[str, int, int]]) -> list[Any]:
-        """Send the lookup of the ledger's counted transactions in these (card, lowest counter,
+    def _proofs(
+        self,
+        device: str,
+        epoch: int,
+        own: Mapping[tuple[Any, ...], int | None],
+        found: Sequence[tuple[Any, ...]],
+    ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        """The proofs of the counted transactions in ``found`` (rows of the counted lookup)
+        that the rules compare with a record of the batch: those under a key of the batch
+        (``own``: its :func:`own_keys`) held under another identity than the record's."""
+        wanted = []
+        for row in found:
+            key = row[:3]
+            if key in own:
+                seq = own[key]
+                if seq is None or (row[3], row[4], row[5]) != (device, epoch, seq):
+                    wanted.append((row[0], row[1], row[1]))
+        if not wanted:
+            return {}
+        return {
+            tuple(row[:3]): tuple(row[3:])
+            for cursor in self._lookup(_PROOF_LOOKUP[self.postgres], wanted)
+            for row in cursor.fetchall()
+        }
+
+    def _lookup(self, statement: str, ranges: Sequence[tuple[str, int, int]]) -> list[Any]:
+        """Send a lookup of the ledger's counted transactions in these (card, lowest counter,
         highest counter) ranges; the cursors to fetch them from."""
         if not ranges:
             return []
@@ -515,15 +563,13 @@ class Store:
             # py-spy samples, and psycopg's dumping of Python lists a tenth of the rest.
             serials, lows, highs = zip(*ranges, strict=True)
             args = (_text_array(serials), _int_array(lows), _int_array(highs))
-            return [self._db.execute(_COUNTED_LOOKUP_PG, args)]
+            return [self._db.execute(statement, args)]
         cursors = []
         for start in range(0, len(ranges), 300):
             chunk = ranges[start : start + 300]
             marks = ",".join(["(?, ?, ?)"] * len(chunk))
             cursors.append(
-                self._db.execute(
-                    _COUNTED_LOOKUP_SQLITE.format(marks=marks), [v for key in chunk for v in key]
-                )
+                self._db.execute(statement.format(marks=marks), [v for key in chunk for v in key])
             )
         return cursors
 

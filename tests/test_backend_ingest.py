@@ -229,3 +229,15 @@ def test_balance_breaks_of_several_cards_are_each_weighed_against_that_cards_loa
     ).fetchall()
     assert breaks == [(unloaded,)]
     assert loaded != unloaded
+
+
+def test_a_resent_record_and_its_replay_in_one_batch_are_a_duplicate_and_a_replay(
+    store: Store,
+) -> None:
+    [batch] = make_batches(2, 1, 2, run=1)["bench-1-0"]
+    ingest(store, batch)
+    first = batch.records[0]
+    ingest(store, Batch(2, "bench-1-0", (first, replace(first, seq=first.seq + 1000))))
+    doc = report(store)
+    assert (doc["transactions"], doc["duplicates"]) == (2, 1)
+    assert (doc["replays"], doc["clones"], doc["hotlist"]) == (1, 0, [])

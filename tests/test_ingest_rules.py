@@ -17,6 +17,7 @@ from backend._ingest import (
     balance_breaks,
     counter_ranges,
     decide,
+    own_keys,
     tac_time_ms,
 )
 from backend._registry import DeviceEntry
@@ -154,6 +155,16 @@ def test_one_ledger_lookup_range_covers_a_cards_rides_and_their_predecessors() -
     load = replace(RECORDS[0], card_counter=7, tx_type=2, kind="load")
     forged = Classified(DEVICE, replace(RECORDS[0], card_serial="1" * 20), "forged")
     assert counter_ranges([Classified(DEVICE, load, "ok"), forged]) == [(serial, 7, 7)]
+
+
+def test_a_key_several_records_of_a_batch_have_has_no_one_sequence_number() -> None:
+    first = RECORDS[0]
+    again = replace(first, seq=first.seq + 1000)
+    key = (first.card_serial, first.card_counter, first.tx_type)
+    rows = [Classified(DEVICE, r, "ok") for r in (first, first, RECORDS[1])]
+    assert own_keys(rows)[key] == first.seq
+    assert own_keys([*rows, Classified(DEVICE, again, "ok")])[key] is None
+    assert own_keys([Classified(DEVICE, first, "forged")]) == {}
 
 
 def test_a_counted_transaction_under_a_new_sequence_number_is_a_replay_not_a_clone() -> None:
