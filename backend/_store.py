@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from backend._dbfile import ForeignFileError, claim, describe_path
 from backend._ingest import (
@@ -206,6 +206,14 @@ _PROOF_LOOKUP = {db: _range_lookup(_PROOF_COLUMNS, postgres=db) for db in (False
 _LOADS = "SELECT card_serial, at_ms, amount FROM transactions WHERE tx_type = 2 AND verdict = 'ok' "
 _LOADS_SQLITE = _LOADS + "AND card_serial IN ({marks})"
 _LOADS_PG = _LOADS + "AND card_serial = ANY(%s::text[])"
+
+
+class _Keys(NamedTuple):
+    """A batch's card keys, worked out before its transaction: the :func:`counter_ranges` to
+    look up, and its :func:`own_keys`."""
+
+    ranges: list[tuple[str, int, int]]
+    own: dict[tuple[str, int, int], int | None]
 
 
 class StoreError(Exception):
@@ -445,13 +453,13 @@ class Store:
         the same records.  A batch from a device the registry does not admit writes nothing:
         its result's ``rejected`` names the quarantine reason."""
         # Pure, so outside the transaction: on SQLite, the other workers wait for none of it.
-        ranges = counter_ranges(rows)
+        keys = _Keys(counter_ranges(rows), own_keys(rows))
         for attempt in range(5):
             try:
                 if self.postgres:
-                    return self._ingest_postgres(device, batch_id, rows, worker, ranges)
+                    return self._ingest_postgres(device, batch_id, rows, worker, keys)
                 with self.transaction():
-                    entry, view = self._read(device, batch_epoch(batch_id), rows, ranges)()
+                    entry, view = self._read(device, batch_epoch(batch_id), rows, keys)()
                     return self._ingest(device, batch_id, rows, worker, entry=entry, view=view)
             except self._integrity:
                 if attempt == 4:
@@ -465,7 +473,7 @@ class Store:
         batch_id: int,
         rows: Sequence[Classified],
         worker: str,
-        ranges: list[tuple[str, int, int]],
+        keys: _Keys,
     ) -> IngestResult:
         """:meth:`_ingest` in four round trips to the server, whatever the batch: every read
         with the BEGIN in one pipeline, the records in one COPY (two), the other writes with the
@@ -474,7 +482,7 @@ class Store:
         try:
             with db.pipeline():
                 db.execute("BEGIN")
-                read = self._read(device, batch_epoch(batch_id), rows, ranges)
+                read = self._read(device, batch_epoch(batch_id), rows, keys)
             entry, view = read()  # the pipeline has brought every result
             return self._ingest(device, batch_id, rows, worker, entry=entry, view=view)
         except BaseException:
@@ -487,17 +495,17 @@ class Store:
         device: str,
         epoch: int,
         rows: Sequence[Classified],
-        ranges: list[tuple[str, int, int]],
+        keys: _Keys,
     ) -> Callable[[], tuple[DeviceEntry | None, LedgerView]]:
         """Send the reads of one batch: the device's registry entry and what the ingest rules
-        need of the ledger (``ranges``: the batch's :func:`counter_ranges`).  The returned
+        need of the ledger (``keys``: the batch's card keys).  The returned
         function fetches their results (on PostgreSQL, inside a pipeline, every statement goes
         out before the first result is waited for; after it, the rare proof lookup)."""
         seqs = [c.record.seq for c in rows]
         journal = self.execute(
             _JOURNAL, (device, epoch) * 3 + (device, device, epoch, min(seqs), max(seqs))
         )
-        counted = self._lookup(_COUNTED_LOOKUP[self.postgres], ranges)
+        counted = self._lookup(_COUNTED_LOOKUP[self.postgres], keys.ranges)
 
         def fetch() -> tuple[DeviceEntry | None, LedgerView]:
             found = journal.fetchall()
@@ -506,7 +514,7 @@ class Store:
             last, below, above = first[_ENTRY : _ENTRY + 3]
             held = _ENTRY + 3
             rows_counted = [row for cursor in counted for row in cursor.fetchall()]
-            proofs = self._proofs(device, epoch, own_keys(rows), rows_counted)
+            proofs = self._proofs(device, epoch, keys.own, rows_counted)
             view = LedgerView(
                 held={
                     row[held]: Held(row[held + 1], content_of_row(row[held + 3 :]), row[held + 2])
