@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from card._messages import describe_path
+
 __all__ = ["FileKind", "ForeignFileError", "claim", "describe_path"]
 
 FileKind = Literal["journal", "ledger", "kiosk"]
@@ -61,12 +63,6 @@ _MARKS: dict[str, _Mark] = {
 
 class ForeignFileError(Exception):
     """The file is not the farelab file the command needs; the message says what it is."""
-
-
-def describe_path(path: Path | str) -> str:
-    """A path as an error message shows it: long ones cut in the middle."""
-    text = str(path)
-    return text if len(text) <= 120 else f"{text[:60]}…{text[-50:]}"
 
 
 def claim(db: sqlite3.Connection, path: Path | str, kind: FileKind) -> None:

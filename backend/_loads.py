@@ -416,9 +416,7 @@ def _confirm(
     if expected is None or expected.hex().upper() != tac:
         return {"id": request_id, "result": "error", "reason": "tac_invalid"}
     store.execute("UPDATE loads SET status = 'confirmed', tac = ? WHERE id = ?", (tac, request_id))
-    seq = store.execute(
-        "SELECT coalesce(max(seq), 0) + 1 FROM transactions WHERE device = ?", (kiosk,)
-    ).fetchone()[0]
+    seq = _next_seq(store, kiosk)
     at_ms = int(time.time() * 1000)
     store.execute(
         "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
@@ -451,6 +449,17 @@ def _confirm(
         if old_serial is not None:
             _hotlist(store, old_serial[0], "replaced")
     return {"id": request_id, "result": "confirmed"}
+
+
+def _next_seq(store: Store, kiosk: str) -> int:
+    """The next sequence number of a kiosk's ledger rows (all of journal epoch 0): one probe at
+    the end of the primary key, not ``max()``, which PostgreSQL may compute by reading every row
+    of the kiosk's history while its statistics lag behind."""
+    row = store.execute(
+        "SELECT seq FROM transactions WHERE device = ? AND epoch = 0 ORDER BY seq DESC LIMIT 1",
+        (kiosk,),
+    ).fetchone()
+    return 1 if row is None else int(row[0]) + 1
 
 
 def _hotlist(store: Store, serial: str, reason: str) -> None:
@@ -564,9 +573,7 @@ def _refund(
             now_ms,
         ),
     )
-    seq = store.execute(
-        "SELECT coalesce(max(seq), 0) + 1 FROM transactions WHERE device = ?", (kiosk,)
-    ).fetchone()[0]
+    seq = _next_seq(store, kiosk)
     store.execute(
         "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
         "issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, "

@@ -266,7 +266,7 @@ class Store:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(f"cannot open {_redact(url)}: {exc}") from exc
+            raise StoreError(f"cannot open {_redact(url)}: {describe_path(str(exc))}") from exc
 
     def _open_postgres(self, url: str, *, create: bool) -> None:
         import psycopg  # noqa: PLC0415 - only the PostgreSQL path needs it
@@ -687,7 +687,8 @@ def _int_array(values: Iterable[int]) -> str:
 
 
 def _redact(url: str) -> str:
+    """The URL as a message shows it: no password, a long one cut in the middle."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
-        return f"{scheme}://…@{rest.split('@', 1)[1]}"
-    return url
+        url = f"{scheme}://…@{rest.split('@', 1)[1]}"
+    return describe_path(url)

@@ -230,3 +230,12 @@ def test_a_sequence_number_of_0xffffffff_is_one_jump_not_billions_of_gaps(
     text = farelab("backend", "report", "--db", db).stdout
     gaps = next(line for line in text.splitlines() if line.startswith("gaps"))
     assert gaps.split() == ["gaps", "0"]
+
+
+def test_a_database_url_too_long_to_open_is_one_short_line(tmp_path: Path) -> None:
+    """The URL and the system's own error (which repeats the path) are both cut."""
+    url = f"sqlite:///{tmp_path}/{'x' * 100_000}.db"
+    result = farelab("backend", "report", "--db", url)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr) < 600, result.stderr[:300]
