@@ -19,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 __all__ = [
     "ACK_TOPIC",
     "DEVICE_CLIENT_ID",
+    "KIOSK_CLIENT_ID",
     "PARAMS_TOPIC",
     "SHARED_TX",
     "STATUS_TOPIC",
@@ -41,6 +42,7 @@ SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
 #: A validator's MQTT client id: stable (its session persists), and the only one the broker lets
 #: that device's account use, so no account can take another device's session over.
 DEVICE_CLIENT_ID = "farelab-dev-{device}"
+KIOSK_CLIENT_ID = "farelab-kiosk-{kiosk}"
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from backend._broker import (
     ACK_TOPIC,
     DEVICE_CLIENT_ID,
+    KIOSK_CLIENT_ID,
     PARAMS_TOPIC,
     STATUS_TOPIC,
     TX_TOPIC,
@@ -214,11 +215,13 @@ def dynsec_document(
             "salt": base64.b64encode(salt).decode(),
             "iterations": iterations,
         }
+        # Any account may connect with any client id, and a second connection under an id
+        # throws the first off: pinned, a device's or kiosk's account can neither take another
+        # client's session (a validator's, a kiosk's, a backend worker's) nor be taken over.
         if account.role == "validator":
-            # Any account may connect with any client id, and a second connection under an id
-            # throws the first off: pinned, a validator's account can neither take another
-            # device's (or a backend worker's) session, nor be taken over by another validator.
             client["clientid"] = DEVICE_CLIENT_ID.format(device=account.username)
+        elif account.role == "kiosk":
+            client["clientid"] = KIOSK_CLIENT_ID.format(kiosk=account.username)
         clients.append(client)
     return {
         "defaultACLAccess": {

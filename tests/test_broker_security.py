@@ -9,13 +9,20 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
 
-from backend._broker import DEVICE_CLIENT_ID, BrokerURL, LinkState, cancel_and_wait
+from backend._broker import (
+    DEVICE_CLIENT_ID,
+    KIOSK_CLIENT_ID,
+    BrokerURL,
+    LinkState,
+    cancel_and_wait,
+)
 from backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
 from backend._mosquitto import Mosquitto, free_port
 from backend._params import publish_params
@@ -63,9 +70,16 @@ def registry(db: str) -> None:
         store.close()
 
 
-def secured_broker(folder: Path, *, fmt: str = "dynsec", tls: Sequence[str] = ()) -> Mosquitto:
+def secured_broker(
+    folder: Path,
+    *,
+    fmt: str = "dynsec",
+    tls: Sequence[str] = (),
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> Mosquitto:
     """A Mosquitto on the configuration `broker-config` writes from :func:`registry`'s ledger
-    (``folder/ledger.db``)."""
+    (``folder/ledger.db``); ``edit`` changes its dynamic-security document first (a broker
+    misconfigured by hand)."""
     db = f"sqlite:///{folder / 'ledger.db'}"
     registry(db)
     port = free_port()
@@ -87,14 +101,33 @@ def secured_broker(folder: Path, *, fmt: str = "dynsec", tls: Sequence[str] = ()
     )
     assert result.returncode == 0, result.stderr
     assert "left out (revoked, or registered without a password): bus-3, kiosk-3" in result.stdout
+    if edit is not None:
+        document = out / "dynamic-security.json"
+        doc = json.loads(document.read_text())
+        edit(doc)
+        document.write_text(json.dumps(doc))
     broker = Mosquitto(folder, config=(out / "farelab.conf").read_text(), port=port)
     broker.start()
     return broker
 
 
 def own_client_id(user: str | None) -> str | None:
-    """The client id the broker lets a validator's account use (any other account: any)."""
-    return DEVICE_CLIENT_ID.format(device=user) if user and user.startswith("bus-") else None
+    """The client id the broker lets a validator's or kiosk's account use (the backend's: any)."""
+    if user and user.startswith("bus-"):
+        return DEVICE_CLIENT_ID.format(device=user)
+    if user and user.startswith("kiosk-"):
+        return KIOSK_CLIENT_ID.format(kiosk=user)
+    return None
+
+
+def without_grant(topic: str) -> Callable[[dict[str, Any]], None]:
+    """An edit that takes the grant to subscribe to ``topic`` away from its account's role."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        for role in doc["roles"]:
+            role["acls"] = [acl for acl in role["acls"] if acl["topic"] != topic]
+
+    return edit
 
 
 def login(port: int, user: str | None, password: str | None = None) -> aiomqtt.Client:
@@ -650,12 +683,12 @@ def test_a_backend_the_broker_refuses_to_feed_stops_saying_why(
 
 
 def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -> None:
-    """A kiosk started with another kiosk's account may not read `…/load/resp`: the refused
-    SUBACK is the answer (host unreachable, with the reason), not a wait until the timeout."""
-    broker = secured_broker(tmp_path)
+    """A broker that does not let the kiosk read `…/load/resp`: the refused SUBACK is the
+    answer (host unreachable, with the reason), not a wait until the timeout."""
+    broker = secured_broker(tmp_path, edit=without_grant("farelab/v1/kiosk/kiosk-1/load/resp"))
     host = MqttHost(
         BrokerURL.parse(f"mqtt://kiosk-1:{SECRET['kiosk-1']}@127.0.0.1:{broker.port}"),
-        "kiosk-2",
+        "kiosk-1",
         timeout=30,
     )
     try:
@@ -670,22 +703,21 @@ def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -
 def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """bus-2's id with a kiosk's account (a validator's may use its own client id only): the
-    broker refuses the ack subscription, so the uplink says why and retries later rather than
-    publishing batches it can never see acknowledged."""
-    broker = secured_broker(tmp_path)
-    url = BrokerURL.parse(f"mqtt://kiosk-1:{SECRET['kiosk-1']}@127.0.0.1:{broker.port}")
+    """A broker that does not let bus-1 read its acks: the uplink says why and retries later
+    rather than publishing batches it can never see acknowledged."""
+    broker = secured_broker(tmp_path, edit=without_grant("farelab/v1/dev/bus-1/ack"))
+    url = BrokerURL.parse(f"mqtt://bus-1:{SECRET['bus-1']}@127.0.0.1:{broker.port}")
 
     async def main() -> None:
         journal = Journal(tmp_path / "j.db")
-        uplink = MqttUplink(url, ["bus-2"])
+        uplink = MqttUplink(url, ["bus-1"])
         task = asyncio.create_task(uplink.run(journal))
         try:
             for _ in range(100):
-                if uplink.stats["bus-2"].state is LinkState.BACKOFF:
+                if uplink.stats["bus-1"].state is LinkState.BACKOFF:
                     break
                 await asyncio.sleep(0.05)
-            assert uplink.stats["bus-2"].state is LinkState.BACKOFF
+            assert uplink.stats["bus-1"].state is LinkState.BACKOFF
         finally:
             await cancel_and_wait(task)
             journal.close()
@@ -693,28 +725,35 @@ def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
     try:
         with caplog.at_level("WARNING", logger="farelab.uplink"):
             asyncio.run(main())
-        assert "refused the subscription farelab/v1/dev/bus-2/ack (reason 0x87)" in caplog.text
+        assert "refused the subscription farelab/v1/dev/bus-1/ack (reason 0x87)" in caplog.text
     finally:
         broker.stop()
 
 
+@pytest.mark.parametrize("user", ["bus-1", "kiosk-1"])
 @pytest.mark.parametrize(
     "identifier",
-    ["farelab-dev-bus-2", "farelab-backend-somehost-abc123-w1", "anything-else"],
+    [
+        "farelab-dev-bus-2",
+        "farelab-kiosk-kiosk-2",
+        "farelab-backend-somehost-abc123-w1",
+        "anything-else",
+    ],
 )
-def test_a_validator_account_may_use_only_its_own_client_id(
-    tmp_path: Path, identifier: str
+def test_a_device_or_kiosk_account_may_use_only_its_own_client_id(
+    tmp_path: Path, user: str, identifier: str
 ) -> None:
-    """A second connection under a client id throws the first off: bus-1's account must not
-    be able to take bus-2's session (or a backend worker's) over, again and again."""
+    """A second connection under a client id throws the first off: bus-1's or kiosk-1's
+    account must not be able to take another validator's, kiosk's or backend worker's session
+    over, again and again."""
     broker = secured_broker(tmp_path)
 
-    async def attempt(client_id: str) -> None:
+    async def attempt(client_id: str | None) -> None:
         async with aiomqtt.Client(
             "127.0.0.1",
             broker.port,
-            username="bus-1",
-            password=SECRET["bus-1"],
+            username=user,
+            password=SECRET[user],
             identifier=client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             timeout=5,
@@ -722,7 +761,7 @@ def test_a_validator_account_may_use_only_its_own_client_id(
             pass
 
     try:
-        asyncio.run(attempt("farelab-dev-bus-1"))
+        asyncio.run(attempt(own_client_id(user)))
         with pytest.raises(aiomqtt.MqttCodeError) as refused:
             asyncio.run(attempt(identifier))
         assert refused.value.rc == 135  # not authorized

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from backend._broker import BrokerURL, check_client_id, subscribe_or_raise
+from backend._broker import KIOSK_CLIENT_ID, BrokerURL, check_client_id, subscribe_or_raise
 from backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
 from backend._registry import DeviceEntry, lookup, register
 from backend._store import Store
@@ -106,7 +106,9 @@ class MqttHost:
         try:
             async with asyncio.timeout(self._timeout):
                 async with broker.client(
-                    identifier=f"farelab-{self._kiosk}-{uuid.uuid4().hex[:6]}",
+                    # the one client id the broker lets this kiosk's account use: a kiosk
+                    # serves one card at a time, so its requests never overlap
+                    identifier=KIOSK_CLIENT_ID.format(kiosk=self._kiosk),
                     timeout=self._timeout,
                 ) as client:
                     await subscribe_or_raise(client, LOAD_RESP.format(kiosk=self._kiosk))
