@@ -1,1 +1,1 @@
-"""The clearing backend (issue 4): ingest, TAC verification, clearing, parameters."""
+"""The clearing backend: ingest, TAC verification, clearing, parameters."""

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend._broker import (
+from farelab.backend._broker import (
     ACK_TOPIC,
     DEVICE_CLIENT_ID,
     KIOSK_CLIENT_ID,
@@ -48,9 +48,9 @@ from backend._broker import (
     TX_TOPIC,
     check_client_id,
 )
-from backend._loads import LOAD_REQ, LOAD_RESP
-from backend._registry import entries, hash_secret
-from backend._store import Store
+from farelab.backend._loads import LOAD_REQ, LOAD_RESP
+from farelab.backend._registry import entries, hash_secret
+from farelab.backend._store import Store
 
 __all__ = [
     "BACKEND_ACCOUNT",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backend._store import Store
+from farelab.backend._store import Store
 
 __all__ = ["Clearing", "clear", "clear_ledger"]
 

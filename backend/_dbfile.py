@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from card._messages import describe_path
+from farelab.card._messages import describe_path
 
 __all__ = ["FileKind", "ForeignFileError", "claim", "describe_path"]
 

@@ -30,9 +30,9 @@ from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from backend._registry import DeviceEntry
-from backend._wire import Batch, Record, encode_record
-from card import Alg, TacVerifier
+from farelab.backend._registry import DeviceEntry
+from farelab.backend._wire import Batch, Record, encode_record
+from farelab.card import Alg, TacVerifier
 
 __all__ = [
     "LEDGER_COLUMNS",

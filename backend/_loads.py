@@ -24,10 +24,10 @@ import time
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from backend._registry import lookup
-from backend._store import Store
-from backend._transfer import PROFILES, decide, last_known_balance
-from card import Alg, LoadAuthority, LoadAuthorization, LoadRequest, TacVerifier
+from farelab.backend._registry import lookup
+from farelab.backend._store import Store
+from farelab.backend._transfer import PROFILES, decide, last_known_balance
+from farelab.card import Alg, LoadAuthority, LoadAuthorization, LoadRequest, TacVerifier
 
 __all__ = [
     "LOAD_REQ",

@@ -11,9 +11,9 @@ import asyncio
 import json
 from collections.abc import Iterable
 
-from backend._broker import PARAMS_TOPIC, STATUS_TOPIC, BrokerURL
-from backend._brokerconfig import MAX_PACKET_SIZE
-from backend._store import Store
+from farelab.backend._broker import PARAMS_TOPIC, STATUS_TOPIC, BrokerURL
+from farelab.backend._brokerconfig import MAX_PACKET_SIZE
+from farelab.backend._store import Store
 
 __all__ = ["PARAMS_MAX", "devices_in", "next_params", "publish_params", "read_status"]
 

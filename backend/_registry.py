@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from backend._broker import check_client_id
+from farelab.backend._broker import check_client_id
 
 if TYPE_CHECKING:  # the store looks devices up while it ingests: no import cycle at run time
-    from backend._store import Store
+    from farelab.backend._store import Store
 
 __all__ = [
     "ENTRY_COLUMNS",

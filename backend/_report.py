@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from backend._ingest import SEQ_JUMP
-from backend._store import Store
+from farelab.backend._ingest import SEQ_JUMP
+from farelab.backend._store import Store
 
 __all__ = ["ANOMALY_KEYS", "report"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
-from backend._broker import (
+from farelab.backend._broker import (
     ACK_TOPIC,
     PARAMS_TOPIC,
     SHARED_TX,
@@ -37,12 +37,12 @@ from backend._broker import (
     honour_cancellation,
     subscribe_or_raise,
 )
-from backend._ingest import classify
-from backend._loads import LOAD_RESP, SHARED_LOAD_REQ, ensure_schema, handle_load_message
-from backend._params import devices_in, next_params
-from backend._store import Store
-from backend._wire import Ack, WireError, decode_batch, encode_ack
-from card import IssuerKeys, LoadAuthority, TacVerifier
+from farelab.backend._ingest import classify
+from farelab.backend._loads import LOAD_RESP, SHARED_LOAD_REQ, ensure_schema, handle_load_message
+from farelab.backend._params import devices_in, next_params
+from farelab.backend._store import Store
+from farelab.backend._wire import Ack, WireError, decode_batch, encode_ack
+from farelab.card import IssuerKeys, LoadAuthority, TacVerifier
 
 __all__ = [
     "LOAD_REQUEST_MAX",

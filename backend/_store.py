@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from backend._dbfile import ForeignFileError, claim, describe_path
-from backend._ingest import (
+from farelab.backend._dbfile import ForeignFileError, claim, describe_path
+from farelab.backend._ingest import (
     LEDGER_COLUMNS,
     Classified,
     Counted,
@@ -40,7 +40,7 @@ from backend._ingest import (
     decide,
     own_keys,
 )
-from backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
+from farelab.backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
 
 __all__ = ["IngestResult", "Store", "StoreError"]
 

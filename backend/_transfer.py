@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from backend._store import Store
+from farelab.backend._store import Store
 
 __all__ = [
     "PROFILES",

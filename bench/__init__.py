@@ -1,1 +1,1 @@
-"""Benchmarks of tap latency and throughput (issue 6)."""
+"""Benchmarks of tap latency and throughput."""

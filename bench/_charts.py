@@ -24,8 +24,8 @@ from matplotlib.ticker import (
     NullFormatter,
 )
 
-from bench._suite import BUDGETS, Budget
-from bench._taps import percentile
+from farelab.bench._suite import BUDGETS, Budget
+from farelab.bench._taps import percentile
 
 __all__ = ["LATENCY_CHARTS", "MEMORY_CHARTS", "Chart", "latency_charts", "memory_charts"]
 

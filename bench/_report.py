@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 
-from bench._charts import Chart, latency_charts, memory_charts
-from bench._suite import BUDGETS, checked, limit_text, mark
+from farelab.bench._charts import Chart, latency_charts, memory_charts
+from farelab.bench._suite import BUDGETS, checked, limit_text, mark
 
 __all__ = ["COMMANDS", "write_report"]
 

@@ -1,4 +1,4 @@
-"""``farelab bench``: every figure of issue 6 that is measured so far, checked against its budget.
+"""``farelab bench``: every figure of the benchmark, checked against its budget.
 
 Each measure is a function returning named figures; the budgets are checked here, by the
 benchmark run, never by the unit tests.  ``quick`` shrinks the counts so that CI can run the
@@ -29,22 +29,22 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from backend._broker import BrokerURL
-from backend._clearing import clear
-from backend._mosquitto import Mosquitto
-from backend._registry import register
-from backend._store import Store
-from backend._wire import BATCH_MAX, encode_record
-from bench._backend import process_tree, running_backend
-from bench._taps import TapBench, bench_card, bus_devices, percentile, uplink_running
-from bench._watchdog import StepTimeout, time_limit
-from bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
-from bench.ingest import measure as measure_ingest
-from bench.topup_latency import TOPUP_KIOSK
-from bench.topup_latency import measure as measure_topup
-from card import Alg, CardEndpoint, Reader
 from farelab._devices import entry_of
-from validator._runtime import favour_taps
+from farelab.backend._broker import BrokerURL
+from farelab.backend._clearing import clear
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._registry import register
+from farelab.backend._store import Store
+from farelab.backend._wire import BATCH_MAX, encode_record
+from farelab.bench._backend import process_tree, running_backend
+from farelab.bench._taps import TapBench, bench_card, bus_devices, percentile, uplink_running
+from farelab.bench._watchdog import StepTimeout, time_limit
+from farelab.bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
+from farelab.bench.ingest import measure as measure_ingest
+from farelab.bench.topup_latency import TOPUP_KIOSK
+from farelab.bench.topup_latency import measure as measure_topup
+from farelab.card import Alg, CardEndpoint, Reader
+from farelab.validator._runtime import favour_taps
 
 __all__ = [
     "BUDGETS",
@@ -190,9 +190,9 @@ def _taps_inproc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
 
 
 def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
-    from card._pcsc import PcscReader  # noqa: PLC0415
-    from card._pcscd import VIRTUAL_READER, running_pcscd  # noqa: PLC0415
-    from card._vicc import ViccClient  # noqa: PLC0415
+    from farelab.card._pcsc import PcscReader  # noqa: PLC0415
+    from farelab.card._pcscd import VIRTUAL_READER, running_pcscd  # noqa: PLC0415
+    from farelab.card._vicc import ViccClient  # noqa: PLC0415
 
     with running_pcscd(folder / "pcscd.log"):
         client = ViccClient(bench_card())
@@ -524,9 +524,9 @@ def _ingest_postgres(n: int, folder: Path, out: Figures) -> None:
 
 
 class _BackendMemoryRun:
-    """``bench.backend_memory`` in a process of its own: ``n`` transactions into a PostgreSQL
-    ledger — the scale path (a fresh schema of ``FARELAB_BENCH_POSTGRES``, dropped afterwards)
-    — through a broker and backend of its own.
+    """``farelab.bench.backend_memory`` in a process of its own: ``n`` transactions into a
+    PostgreSQL ledger — the scale path (a fresh schema of ``FARELAB_BENCH_POSTGRES``, dropped
+    afterwards) — through a broker and backend of its own.
 
     It starts beside the validator's memory run, confined with its PostgreSQL connections to
     the CPUs the validator does not use, and has every CPU once that run is over: the two
@@ -550,7 +550,7 @@ class _BackendMemoryRun:
         postgres = os.environ.get("FARELAB_BENCH_POSTGRES", POSTGRES)
         ledger = self._schema.enter_context(postgres_schema(postgres))
         ledger += f"&application_name={self._app}"
-        command = [sys.executable, "-m", "bench.backend_memory", "--n", str(self.n)]
+        command = [sys.executable, "-m", "farelab.bench.backend_memory", "--n", str(self.n)]
         self.proc = subprocess.Popen(
             [*command, "--db", ledger],
             stdout=subprocess.PIPE,
@@ -615,7 +615,7 @@ class _BackendMemoryRun:
                 self._reader.join(10)
             if code != 0:
                 tail = "\n".join(self._errors[-15:])
-                raise RuntimeError(f"bench.backend_memory exited with {code}: {tail}")
+                raise RuntimeError(f"farelab.bench.backend_memory exited with {code}: {tail}")
             doc = json.loads(stdout)
         finally:
             self.stop()
@@ -677,12 +677,12 @@ def _validator_memory(
     series: Series,
     beside: _BackendMemoryRun | None = None,
 ) -> None:
-    """``bench.validator_memory`` in a process of its own on one core, its uplink draining to
-    the backend on the other core; ``beside`` (the backend's memory run) is started first and
-    kept off the validator's core while it runs."""
+    """``farelab.bench.validator_memory`` in a process of its own on one core, its uplink
+    draining to the backend on the other core; ``beside`` (the backend's memory run) is started
+    first and kept off the validator's core while it runs."""
     url = services.url()
     cpus = os.sched_getaffinity(0)
-    command = [sys.executable, "-m", "bench.validator_memory", "--taps", str(taps)]
+    command = [sys.executable, "-m", "farelab.bench.validator_memory", "--taps", str(taps)]
     command += ["--broker", str(url)]
     if len(cpus) > 1:
         command += ["--cpu", str(min(cpus))]
@@ -692,7 +692,7 @@ def _validator_memory(
         stack.enter_context(_pinned_apart(far=services.far()))
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"bench.validator_memory failed: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"farelab.bench.validator_memory failed: {done.stderr.strip()[-500:]}")
     doc = json.loads(done.stdout)
     series.update(doc.pop("series"))
     out.update({k: float(v) for k, v in doc.items()})

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from backend._broker import BrokerURL, cancel_and_wait
-from card import (
+from farelab.backend._broker import BrokerURL, cancel_and_wait
+from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -23,13 +23,13 @@ from card import (
     SimulatedCard,
     personalise,
 )
-from validator._config import DeviceConfig
-from validator._decision import TapResult
-from validator._device import Device, Kind, Parameters
-from validator._journal import Journal
-from validator._network import shipped_networks
-from validator._runtime import Validator
-from validator._uplink import MqttUplink
+from farelab.validator._config import DeviceConfig
+from farelab.validator._decision import TapResult
+from farelab.validator._device import Device, Kind, Parameters
+from farelab.validator._journal import Journal
+from farelab.validator._network import shipped_networks
+from farelab.validator._runtime import Validator
+from farelab.validator._uplink import MqttUplink
 
 __all__ = [
     "RunningUplink",

@@ -2,7 +2,7 @@
 through the broker into a running backend while the resident set of its processes (the
 supervisor and every worker) is sampled.
 
-    python -m bench.backend_memory --n 10000000 [--cards 200000] [--devices 8] [--workers 2]
+    python -m farelab.bench.backend_memory --n 10000000 [--cards 200000] [--devices 8] [--workers 2]
 
 The command line starts its own Mosquitto and backend (SQLite ledger in a temporary folder),
 prints the figures as JSON on stdout and its progress on stderr.
@@ -30,15 +30,15 @@ from pathlib import Path
 
 import aiomqtt
 
-from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
-from backend._ingest import classify
-from backend._mosquitto import Mosquitto
-from backend._registry import DeviceEntry, register
-from backend._store import Store
-from backend._wire import VERSION, decode_batch
-from bench._backend import process_tree, rss_mb, running_backend
-from bench.ingest import acks_of
-from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
+from farelab.backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
+from farelab.backend._ingest import classify
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._registry import DeviceEntry, register
+from farelab.backend._store import Store
+from farelab.backend._wire import VERSION, decode_batch
+from farelab.bench._backend import process_tree, rss_mb, running_backend
+from farelab.bench.ingest import acks_of
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
 __all__ = ["Traffic", "main", "measure_backend_rss"]
 

@@ -2,9 +2,9 @@
 published by simulated devices to a broker, ingested by ``farelab backend run`` workers, timed
 until every batch's application ack is back.
 
-    python -m bench.ingest --broker mqtt://127.0.0.1:PORT --db URL --n 20000 [--devices 10]
-    python -m bench.ingest --postgres postgresql://postgres@127.0.0.1/test --n 20000
-    python -m bench.ingest --db sqlite:///ledger.db --n 20000
+    python -m farelab.bench.ingest --broker mqtt://127.0.0.1:PORT --db URL --n 20000 [--devices 10]
+    python -m farelab.bench.ingest --postgres postgresql://postgres@127.0.0.1/test --n 20000
+    python -m farelab.bench.ingest --db sqlite:///ledger.db --n 20000
 
 With ``--broker`` the backend must already run against that broker (``farelab backend run
 --broker … --db …``), and ``--db`` names its ledger, where the bench registers its devices.
@@ -31,13 +31,13 @@ import aiomqtt
 import psycopg
 from psycopg import sql
 
-from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
-from backend._mosquitto import Mosquitto
-from backend._registry import DeviceEntry, register
-from backend._store import Store
-from backend._wire import Ack, Batch, Record, decode_ack, encode_batch
-from bench._backend import running_backend
-from card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
+from farelab.backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._registry import DeviceEntry, register
+from farelab.backend._store import Store
+from farelab.backend._wire import Ack, Batch, Record, decode_ack, encode_batch
+from farelab.bench._backend import running_backend
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 
 __all__ = [
     "acks_of",

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from card import CST, InProcessReader, MemoryStore, SimulatedCard, personalise
-from card._pcscd import VIRTUAL_READER, running_pcscd
-from tests.validator_support import Lab, bus, gate
+from farelab.bench._taps import TapBench
+from farelab.card import InProcessReader, MemoryStore, SimulatedCard, personalise
+from farelab.card._pcscd import VIRTUAL_READER, running_pcscd
 
 GET_BALANCE = bytes.fromhex("805C000204")
 SELECT = bytes.fromhex("00A4040008A000000632010105")
@@ -35,8 +35,8 @@ def test_apdu_round_trip_in_process(benchmark: Any) -> None:
 
 @pytest.fixture(scope="module")
 def pcsc_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from card._pcsc import PcscReader  # noqa: PLC0415
-    from card._vicc import ViccClient  # noqa: PLC0415
+    from farelab.card._pcsc import PcscReader  # noqa: PLC0415
+    from farelab.card._vicc import ViccClient  # noqa: PLC0415
 
     with running_pcscd(tmp_path_factory.mktemp("pcscd") / "log"):
         client = ViccClient(_card())
@@ -59,52 +59,26 @@ def test_apdu_round_trip_pcscd(benchmark: Any, pcsc_reader: Any) -> None:
 
 
 class _Taps:
-    """Alternating entry/exit taps of one card at two gates, each at a later time."""
+    """Alternating taps of one card at the bench's two devices, each at a later time."""
 
-    def __init__(self, lab: Lab, reader: Any, card: SimulatedCard | None) -> None:
-        self.lab, self.reader, self.card = lab, reader, card
-        self.t = datetime(2026, 11, 23, 6, 0, tzinfo=CST)
+    def __init__(self, bench: TapBench) -> None:
+        self.bench = bench
         self.i = 0
 
     def __call__(self) -> Any:
         self.i += 1
-        self.t += timedelta(minutes=2)
-        if self.card is not None:
-            self.reader.insert(self.card)
-        device = "in" if self.i % 2 else "out"
-        return self.lab.validators[device].tap(self.reader, self.t)
+        result, _ = self.bench.tap(self.i)
+        return result
 
 
 @pytest.mark.parametrize("kind", ["bus", "metro"])
 def test_tap_in_process(benchmark: Any, kind: str, tmp_path: Path) -> None:
-    from validator._journal import Journal  # noqa: PLC0415
-
-    journal = Journal(tmp_path / "j.db", max_outbox=10**9)
-    if kind == "bus":
-        devices = [
-            bus("taiyuan", device_id="in"),
-            bus("taiyuan", device_id="out", terminal="000000000B02"),
-        ]
-    else:
-        devices = [
-            gate("taiyuan", "尖草坪", device_id="in"),
-            gate("taiyuan", "西桥", device_id="out"),
-        ]
-    lab = Lab(devices, journal=journal)
-    reader = InProcessReader()
-    card = _card()
-    taps = _Taps(lab, reader, card)
+    taps = _Taps(TapBench.make(kind, tmp_path / "j.db"))
     result = benchmark.pedantic(taps, rounds=2000, iterations=1, warmup_rounds=20)
     assert result.result == "accepted"
 
 
 def test_tap_pcscd(benchmark: Any, pcsc_reader: Any, tmp_path: Path) -> None:
-    from validator._journal import Journal  # noqa: PLC0415
-
-    lab = Lab(
-        [gate("taiyuan", "尖草坪", device_id="in"), gate("taiyuan", "西桥", device_id="out")],
-        journal=Journal(tmp_path / "j.db", max_outbox=10**9),
-    )
-    taps = _Taps(lab, pcsc_reader, None)
+    taps = _Taps(TapBench.make("metro", tmp_path / "j.db", reader=pcsc_reader))
     result = benchmark.pedantic(taps, rounds=2000, iterations=1, warmup_rounds=20)
     assert result.result == "accepted"

@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from backend._clearing import clear
-from backend._ingest import classify
-from backend._wire import BATCH_MAX, decode_batch, encode_batch
-from bench.ingest import make_batches
-from card import CST, DEMO_ISSUER_ID, DEMO_KEYS, CardType, TacVerifier
-from card._crypto import Alg, mac
-from validator._fares import Rider, metro_trip_fare
-from validator._network import shipped_networks
+from farelab.backend._clearing import clear
+from farelab.backend._ingest import classify
+from farelab.backend._wire import BATCH_MAX, decode_batch, encode_batch
+from farelab.bench.ingest import make_batches
+from farelab.card import CST, DEMO_ISSUER_ID, DEMO_KEYS, CardType, TacVerifier
+from farelab.card._crypto import Alg, mac
+from farelab.validator._fares import Rider, metro_trip_fare
+from farelab.validator._network import shipped_networks
 
 
 def test_decode_a_full_batch(benchmark: Any) -> None:

@@ -1,7 +1,7 @@
 """Top-up latency card → host → card over a real broker: ``farelab topup`` loads through the
 backend's load authorization, timed from presentation to receipt.
 
-    python -m bench.topup_latency --broker mqtt://127.0.0.1:PORT [--n 200]
+    python -m farelab.bench.topup_latency --broker mqtt://127.0.0.1:PORT [--n 200]
 
 The backend must run against that broker (``farelab backend run --broker … --db …``).
 """
@@ -18,12 +18,12 @@ from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
-from backend._broker import BrokerURL
-from backend._registry import DeviceEntry
-from card import InProcessReader, MemoryStore, Reader, SimulatedCard, personalise
-from topup._host import MqttHost
-from topup._journal import KioskJournal
-from topup._station import Kiosk
+from farelab.backend._broker import BrokerURL
+from farelab.backend._registry import DeviceEntry
+from farelab.card import InProcessReader, MemoryStore, Reader, SimulatedCard, personalise
+from farelab.topup._host import MqttHost
+from farelab.topup._journal import KioskJournal
+from farelab.topup._station import Kiosk
 
 __all__ = ["TOPUP_KIOSK", "measure"]
 

@@ -2,7 +2,8 @@
 on-disk journal, an in-process card, and (with ``--broker``) the uplink draining the outbox to
 a backend as in ``farelab validator run``.  RSS is sampled from ``/proc/self/status``.
 
-    python -m bench.validator_memory --taps 1000000 [--broker mqtt://127.0.0.1:PORT] [--cpu 0]
+    python -m farelab.bench.validator_memory --taps 1000000 \
+        [--broker mqtt://127.0.0.1:PORT] [--cpu 0]
 
 Prints one JSON document: ``validator_rss_growth_mb`` (RSS at the end minus RSS after the
 warm-up, the first 2 %), ``validator_taps_per_s``, ``journal_bytes_per_tx`` (the journal's
@@ -19,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend._broker import BrokerURL
-from bench._backend import rss_mb
-from bench._taps import TapBench, uplink_running
-from validator._runtime import favour_taps
+from farelab.backend._broker import BrokerURL
+from farelab.bench._backend import rss_mb
+from farelab.bench._taps import TapBench, uplink_running
+from farelab.validator._runtime import favour_taps
 
 __all__ = ["measure"]
 
@@ -99,7 +100,7 @@ def main() -> None:
         try:
             doc = measure(args.taps, Path(tmp), broker)
         except (ValueError, RuntimeError) as exc:
-            print(f"bench.validator_memory: {exc}", file=sys.stderr)
+            print(f"farelab.bench.validator_memory: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     print(json.dumps(doc))
 

@@ -11,8 +11,8 @@
   :class:`PcscReader` live in ``card._vicc`` and ``card._pcsc``.
 """
 
-from card._apdu import SW, ApduFormatError, Command, Response, parse_command, parse_response
-from card._applet import (
+from farelab.card._apdu import SW, ApduFormatError, Command, Response, parse_command, parse_response
+from farelab.card._applet import (
     BANK_AID,
     SOCIAL_AID,
     TRANSIT_AID,
@@ -23,8 +23,8 @@ from card._applet import (
     maintenance_mac,
     process,
 )
-from card._crypto import Alg, diversify, mac, session_key, tac_key
-from card._files import (
+from farelab.card._crypto import Alg, diversify, mac, session_key, tac_key
+from farelab.card._files import (
     CST,
     BusRecord,
     CardType,
@@ -39,8 +39,8 @@ from card._files import (
     bcd_datetime,
     bcd_time,
 )
-from card._host import LoadAuthority, LoadAuthorization, LoadRefusal, TacVerifier
-from card._image import (
+from farelab.card._host import LoadAuthority, LoadAuthorization, LoadRefusal, TacVerifier
+from farelab.card._image import (
     CardBusyError,
     CardImage,
     ImageError,
@@ -50,8 +50,8 @@ from card._image import (
     load_image,
     save_image,
 )
-from card._inproc import InProcessReader, step_of
-from card._keys import (
+from farelab.card._inproc import InProcessReader, step_of
+from farelab.card._keys import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     CardKeys,
@@ -61,17 +61,17 @@ from card._keys import (
     diversify_card_key,
     load_keys_file,
 )
-from card._personalise import personalise
-from card._psam import Psam, PsamError, PsamKeys, PurchaseTicket
-from card._reader import (
+from farelab.card._personalise import personalise
+from farelab.card._psam import Psam, PsamError, PsamKeys, PurchaseTicket
+from farelab.card._reader import (
     CardEndpoint,
     CardRemovedError,
     Reader,
     ReaderError,
     ReaderUnavailableError,
 )
-from card._simcard import ATR, FileStore, ImageStore, MemoryStore, SimulatedCard
-from card._terminal import (
+from farelab.card._simcard import ATR, FileStore, ImageStore, MemoryStore, SimulatedCard
+from farelab.card._terminal import (
     BlockApplication,
     CappUpdate,
     CardSnapshot,

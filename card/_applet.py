@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
 
-from card._apdu import SW, ApduFormatError, Command, parse_command, pin_tries_left
-from card._crypto import mac, session_key, tac_key
-from card._files import EF1A_LEN, EF1E_LEN, LogRecord, TxType
-from card._image import CardImage, Proof
+from farelab.card._apdu import SW, ApduFormatError, Command, parse_command, pin_tries_left
+from farelab.card._crypto import mac, session_key, tac_key
+from farelab.card._files import EF1A_LEN, EF1E_LEN, LogRecord, TxType
+from farelab.card._image import CardImage, Proof
 
 __all__ = [
     "BANK_AID",

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from card._crypto import Alg, Diversifier, MacKey, diversify, mac, session_key, tac_key
-from card._files import CST, TxType, bcd_date, bcd_time
-from card._image import MAX_BALANCE_FEN
-from card._keys import IssuerKeys, diversify_card_key
-from card._terminal import LoadRequest
+from farelab.card._crypto import Alg, Diversifier, MacKey, diversify, mac, session_key, tac_key
+from farelab.card._files import CST, TxType, bcd_date, bcd_time
+from farelab.card._image import MAX_BALANCE_FEN
+from farelab.card._keys import IssuerKeys, diversify_card_key
+from farelab.card._terminal import LoadRequest
 
 __all__ = ["LoadAuthority", "LoadAuthorization", "LoadRefusal", "TacVerifier"]
 

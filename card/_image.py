@@ -27,8 +27,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from card._crypto import Alg
-from card._files import (
+from farelab.card._crypto import Alg
+from farelab.card._files import (
     EF1A_LEN,
     EF1E_LEN,
     EF18_LEN,
@@ -36,9 +36,9 @@ from card._files import (
     MetroRecord,
     PublicInfo,
 )
-from card._keys import CardKeys
-from card._messages import describe_path
-from card._money import fen_to_yuan
+from farelab.card._keys import CardKeys
+from farelab.card._messages import describe_path
+from farelab.card._money import fen_to_yuan
 
 __all__ = [
     "BUSY_WAIT_S",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from card._reader import CardEndpoint, CardRemovedError
+from farelab.card._reader import CardEndpoint, CardRemovedError
 
 __all__ = ["InProcessReader", "step_of"]
 

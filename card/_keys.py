@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from card._crypto import Alg, diversify
-from card._messages import describe_path
+from farelab.card._crypto import Alg, diversify
+from farelab.card._messages import describe_path
 
 __all__ = [
     "DEMO_ISSUER_ID",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from card._messages import shown
+from farelab.card._messages import shown
 
 __all__ = ["fen_to_yuan", "yuan_to_fen"]
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from smartcard import scard
 
-from card._reader import CardRemovedError, Reader, ReaderError, ReaderUnavailableError
+from farelab.card._reader import CardRemovedError, Reader, ReaderError, ReaderUnavailableError
 
 __all__ = ["PcscReader", "ReaderThread", "list_readers"]
 

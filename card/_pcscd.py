@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from card._pcsc import list_readers
+from farelab.card._pcsc import list_readers
 
 VIRTUAL_READER = "Virtual PCD 00 00"
 VPCD_PORT = 35963

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import date
 
-from card._crypto import Alg
-from card._files import CardType, PublicInfo, holder_file, management_file
-from card._image import CardImage, SocialSecurity
-from card._keys import DEMO_ISSUER_ID, DEMO_KEYS, IssuerKeys, card_keys
+from farelab.card._crypto import Alg
+from farelab.card._files import CardType, PublicInfo, holder_file, management_file
+from farelab.card._image import CardImage, SocialSecurity
+from farelab.card._keys import DEMO_ISSUER_ID, DEMO_KEYS, IssuerKeys, card_keys
 
 __all__ = ["VALIDITY_YEARS", "personalise"]
 

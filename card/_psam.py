@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from card._crypto import Alg, mac, session_key
-from card._files import CST, bcd_date, bcd_time
-from card._keys import IssuerKeys, diversify_card_key
+from farelab.card._crypto import Alg, mac, session_key
+from farelab.card._files import CST, bcd_date, bcd_time
+from farelab.card._keys import IssuerKeys, diversify_card_key
 
 __all__ = ["Psam", "PsamError", "PsamKeys", "PurchaseTicket"]
 

@@ -21,9 +21,9 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Protocol
 
-from card._applet import Session, process
-from card._files import CST
-from card._image import BUSY_WAIT_S, CardImage, ImageLock, load_image, save_image
+from farelab.card._applet import Session, process
+from farelab.card._files import CST
+from farelab.card._image import BUSY_WAIT_S, CardImage, ImageLock, load_image, save_image
 
 __all__ = ["ATR", "FileStore", "ImageStore", "MemoryStore", "SimulatedCard"]
 

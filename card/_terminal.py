@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from card._apdu import SW, Command, Response, parse_response
-from card._applet import TRANSIT_AID
-from card._crypto import Alg
-from card._files import CST, PublicInfo, TxType, bcd_date, bcd_time
-from card._psam import Psam, PsamError, PurchaseTicket
-from card._reader import Reader
+from farelab.card._apdu import SW, Command, Response, parse_response
+from farelab.card._applet import TRANSIT_AID
+from farelab.card._crypto import Alg
+from farelab.card._files import CST, PublicInfo, TxType, bcd_date, bcd_time
+from farelab.card._psam import Psam, PsamError, PurchaseTicket
+from farelab.card._reader import Reader
 
 __all__ = [
     "BlockApplication",

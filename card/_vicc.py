@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from card._reader import CardEndpoint, ReaderError
+from farelab.card._reader import CardEndpoint, ReaderError
 
 __all__ = ["DEFAULT_PORT", "ViccClient", "ViccError", "serve", "tap"]
 

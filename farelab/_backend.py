@@ -13,20 +13,20 @@ from pathlib import Path
 
 from aiomqtt import MqttError
 
-from backend._broker import BrokerURL, check_client_id
-from backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
-from backend._clearing import clear_ledger
-from backend._params import devices_in, next_params, publish_params, read_status
-from backend._report import ANOMALY_KEYS, report
-from backend._service import run_workers
-from backend._store import Store, StoreError
-from card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
-from card._money import fen_to_yuan
 from farelab import _brokercli as broker_cli
 from farelab import _devices as devices_cli
 from farelab._errors import CliError
-from validator._network import NetworkError, parse_networks
-from validator._values import positive_seconds
+from farelab.backend._broker import BrokerURL, check_client_id
+from farelab.backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
+from farelab.backend._clearing import clear_ledger
+from farelab.backend._params import devices_in, next_params, publish_params, read_status
+from farelab.backend._report import ANOMALY_KEYS, report
+from farelab.backend._service import run_workers
+from farelab.backend._store import Store, StoreError
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
+from farelab.card._money import fen_to_yuan
+from farelab.validator._network import NetworkError, parse_networks
+from farelab.validator._values import positive_seconds
 
 __all__ = ["register"]
 

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from bench._suite import budget_table, checked, dump, run_suite
-from bench._watchdog import where_threads_are
 from farelab._errors import CliError
+from farelab.bench._suite import budget_table, checked, dump, run_suite
+from farelab.bench._watchdog import where_threads_are
 
 __all__ = ["register"]
 
@@ -85,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
     if args.report is not None:
-        from bench._report import write_report  # noqa: PLC0415  (matplotlib is slow to import)
+        from farelab.bench._report import write_report  # noqa: PLC0415  (matplotlib is slow to import)
 
         try:
             page = write_report(doc, args.report)

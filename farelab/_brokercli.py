@@ -8,15 +8,15 @@ import os
 import secrets
 from pathlib import Path
 
-from backend._brokerconfig import (
+from farelab._errors import CliError
+from farelab.backend._brokerconfig import (
     BACKEND_ACCOUNT,
     DEFAULT_GROUP,
     FORMATS,
     find_dynsec_plugin,
     write_broker_config,
 )
-from backend._store import Store, StoreError
-from farelab._errors import CliError
+from farelab.backend._store import Store, StoreError
 
 __all__ = ["add_parser"]
 

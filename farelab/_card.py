@@ -12,7 +12,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from card import (
+from farelab._errors import CliError
+from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -34,10 +35,9 @@ from card import (
     personalise,
     save_image,
 )
-from card._files import parse_bcd_date
-from card._messages import describe_path, shown
-from card._money import fen_to_yuan, yuan_to_fen
-from farelab._errors import CliError
+from farelab.card._files import parse_bcd_date
+from farelab.card._messages import describe_path, shown
+from farelab.card._money import fen_to_yuan, yuan_to_fen
 
 __all__ = ["card_json", "parse_vpcd", "register"]
 
@@ -408,7 +408,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from card._vicc import ViccError, serve  # noqa: PLC0415 - socket code only when presenting
+    from farelab.card._vicc import ViccError, serve  # noqa: PLC0415 - socket code only when presenting
 
     host, port = parse_vpcd(args.vpcd)
     try:
@@ -433,7 +433,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tap(args: argparse.Namespace) -> int:
-    from card._vicc import ViccError, tap  # noqa: PLC0415 - socket code only when presenting
+    from farelab.card._vicc import ViccError, tap  # noqa: PLC0415 - socket code only when presenting
 
     host, port = parse_vpcd(args.vpcd)
     if not 0 < args.hold <= 3600:

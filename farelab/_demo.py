@@ -16,7 +16,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from card import (
+from farelab._errors import CliError
+from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -41,8 +42,7 @@ from card import (
     personalise,
     save_image,
 )
-from card._money import fen_to_yuan
-from farelab._errors import CliError
+from farelab.card._money import fen_to_yuan
 
 __all__ = ["register", "run_demo"]
 
@@ -200,9 +200,9 @@ def run_demo(folder: Path, *, pcsc: bool) -> None:
 
 
 def _validators(folder: Path, card_path: Path, now: Callable[[], datetime]) -> None:
-    from validator._config import load_config  # noqa: PLC0415
-    from validator._journal import Journal  # noqa: PLC0415
-    from validator._replay import TapLine, replay  # noqa: PLC0415
+    from farelab.validator._config import load_config  # noqa: PLC0415
+    from farelab.validator._journal import Journal  # noqa: PLC0415
+    from farelab.validator._replay import TapLine, replay  # noqa: PLC0415
 
     config_path = folder / "taiyuan.toml"
     config_path.write_text(DEMO_DEVICES, encoding="utf-8")
@@ -240,14 +240,14 @@ def _validators(folder: Path, card_path: Path, now: Callable[[], datetime]) -> N
 
 
 async def _backend(folder: Path) -> None:
-    from backend._clearing import clear_ledger  # noqa: PLC0415
-    from backend._embedded import embedded_broker  # noqa: PLC0415
-    from backend._report import report  # noqa: PLC0415
-    from backend._service import run_worker  # noqa: PLC0415
-    from backend._store import Store  # noqa: PLC0415
     from farelab._devices import register_configs  # noqa: PLC0415
-    from validator._journal import Journal  # noqa: PLC0415
-    from validator._uplink import MqttUplink  # noqa: PLC0415
+    from farelab.backend._clearing import clear_ledger  # noqa: PLC0415
+    from farelab.backend._embedded import embedded_broker  # noqa: PLC0415
+    from farelab.backend._report import report  # noqa: PLC0415
+    from farelab.backend._service import run_worker  # noqa: PLC0415
+    from farelab.backend._store import Store  # noqa: PLC0415
+    from farelab.validator._journal import Journal  # noqa: PLC0415
+    from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
 
     db = f"sqlite:///{folder / 'ledger.db'}"
     journal = Journal(folder / "journal.db")

@@ -9,12 +9,20 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from backend._dbfile import describe_path
-from backend._registry import ROLES, DeviceEntry, entries, hash_secret, lookup, register, revoke
-from backend._store import Store, StoreError
 from farelab._errors import CliError
-from validator._config import ConfigError, load_config
-from validator._device import Device, Direction, Kind
+from farelab.backend._dbfile import describe_path
+from farelab.backend._registry import (
+    ROLES,
+    DeviceEntry,
+    entries,
+    hash_secret,
+    lookup,
+    register,
+    revoke,
+)
+from farelab.backend._store import Store, StoreError
+from farelab.validator._config import ConfigError, load_config
+from farelab.validator._device import Device, Direction, Kind
 
 __all__ = ["add_parser", "entry_of", "register_configs"]
 

@@ -19,10 +19,10 @@ from rich.panel import Panel
 from rich.prompt import Prompt
 from rich.table import Table
 
-from card import CST, ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
-from card._money import fen_to_yuan
-from topup._rules import parse_amount
-from topup._station import CardView, Kiosk, LoadResult
+from farelab.card import CST, ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
+from farelab.card._money import fen_to_yuan
+from farelab.topup._rules import parse_amount
+from farelab.topup._station import CardView, Kiosk, LoadResult
 
 __all__ = ["run_kiosk"]
 
@@ -128,7 +128,7 @@ def run_kiosk(kiosk: Kiosk, *, reader_spec: str, console: Console | None = None)
     )
     pcsc: Reader | None = None
     if reader_spec.startswith("pcsc:"):
-        from card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
+        from farelab.card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
 
         pcsc = PcscReader(reader_spec.removeprefix("pcsc:"))
     while True:

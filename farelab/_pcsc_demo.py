@@ -6,11 +6,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from card import Reader, SimulatedCard
-from card._pcsc import PcscReader
-from card._pcscd import PcscdError, running_pcscd
-from card._vicc import ViccClient, ViccError
 from farelab._errors import CliError
+from farelab.card import Reader, SimulatedCard
+from farelab.card._pcsc import PcscReader
+from farelab.card._pcscd import PcscdError, running_pcscd
+from farelab.card._vicc import ViccClient, ViccError
 
 __all__ = ["through_pcscd"]
 

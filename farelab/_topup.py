@@ -10,9 +10,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backend._broker import BrokerURL, check_client_id
-from backend._store import StoreError
-from card import (
+from farelab._errors import CliError
+from farelab.backend._broker import BrokerURL, check_client_id
+from farelab.backend._store import StoreError
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     ImageError,
@@ -23,13 +24,12 @@ from card import (
     ReaderError,
     SimulatedCard,
 )
-from card._messages import shown
-from card._money import fen_to_yuan
-from farelab._errors import CliError
-from topup._host import Host, LocalHost, MqttHost
-from topup._journal import KioskJournal, KioskJournalError
-from topup._rules import AmountRules, parse_amount
-from topup._station import Kiosk, LoadResult, Run, terminal_for
+from farelab.card._messages import shown
+from farelab.card._money import fen_to_yuan
+from farelab.topup._host import Host, LocalHost, MqttHost
+from farelab.topup._journal import KioskJournal, KioskJournalError
+from farelab.topup._rules import AmountRules, parse_amount
+from farelab.topup._station import Kiosk, LoadResult, Run, terminal_for
 
 __all__ = ["register"]
 
@@ -219,7 +219,7 @@ def _reader(args: argparse.Namespace) -> Reader:
     if args.reader is not None:
         if not args.reader.startswith("pcsc:"):
             raise CliError('--reader must be "pcsc:<reader name>"')
-        from card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
+        from farelab.card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
 
         try:
             pcsc = PcscReader(args.reader.removeprefix("pcsc:"))

@@ -10,17 +10,17 @@ import signal
 import sys
 from pathlib import Path
 
-from backend._broker import BrokerURL, cancel_and_wait
-from backend._dbfile import describe_path
 from farelab._errors import CliError
-from validator._config import Config, ConfigError, load_config
-from validator._device import Parameters
-from validator._journal import Journal, JournalError
-from validator._loop import ParamsError, load_params
-from validator._loop import run as run_loop
-from validator._replay import PULL_STEPS, ReplayError, parse_taps, replay, result_json
-from validator._uplink import MqttUplink
-from validator._values import positive_seconds
+from farelab.backend._broker import BrokerURL, cancel_and_wait
+from farelab.backend._dbfile import describe_path
+from farelab.validator._config import Config, ConfigError, load_config
+from farelab.validator._device import Parameters
+from farelab.validator._journal import Journal, JournalError
+from farelab.validator._loop import ParamsError, load_params
+from farelab.validator._loop import run as run_loop
+from farelab.validator._replay import PULL_STEPS, ReplayError, parse_taps, replay, result_json
+from farelab.validator._uplink import MqttUplink
+from farelab.validator._values import positive_seconds
 
 __all__ = ["register"]
 

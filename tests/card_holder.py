@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from card import (
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     CardSnapshot,

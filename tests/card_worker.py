@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from card import (
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     CardSnapshot,

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend._mosquitto import BrokerError, Mosquitto
-from card._pcscd import PcscdError, running_pcscd
+from farelab.backend._mosquitto import BrokerError, Mosquitto
+from farelab.card._pcscd import PcscdError, running_pcscd
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend._mosquitto import Mosquitto
-from backend._registry import lookup
-from backend._store import Store
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._registry import lookup
+from farelab.backend._store import Store
 from tests.test_uplink_backend import DEVICES, start_backend, stop
 
 ROOT = Path(__file__).resolve().parent.parent

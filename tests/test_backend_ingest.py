@@ -11,14 +11,14 @@ from dataclasses import replace
 import psycopg
 import pytest
 
-from backend._ingest import LEDGER_COLUMNS, Classified, LedgerView, classify, decide
-from backend._registry import DeviceEntry, register
-from backend._report import report
-from backend._store import Store
-from backend._wire import Batch, Record, decode_batch, encode_batch
-from bench.ingest import bench_entry, make_batches
-from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from farelab._devices import entry_of
+from farelab.backend._ingest import LEDGER_COLUMNS, Classified, LedgerView, classify, decide
+from farelab.backend._registry import DeviceEntry, register
+from farelab.backend._report import report
+from farelab.backend._store import Store
+from farelab.backend._wire import Batch, Record, decode_batch, encode_batch
+from farelab.bench.ingest import bench_entry, make_batches
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from tests.validator_support import Lab, bus, gate, new_card
 
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})

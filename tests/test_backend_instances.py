@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from backend._mosquitto import Mosquitto
-from backend._store import Store
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._store import Store
 from tests.test_uplink_backend import stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,12 +19,12 @@ import aiomqtt
 import psycopg
 import pytest
 
-from backend._mosquitto import Mosquitto
-from backend._store import Store
-from backend._wire import encode_batch
-from card import load_image
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._store import Store
+from farelab.backend._wire import encode_batch
+from farelab.card import load_image
+from farelab.validator._journal import Journal
 from tests.test_uplink_backend import DEVICES, farelab, make_taps, start_backend, stop
-from validator._journal import Journal
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -46,7 +46,7 @@ def report(db: str) -> dict[str, object]:
 def test_bad_payloads_are_quarantined_with_their_reason(broker: Mosquitto, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     backend = start_backend(broker, db)
-    from backend._wire import Batch, Record  # noqa: PLC0415
+    from farelab.backend._wire import Batch, Record  # noqa: PLC0415
 
     record = Record(
         1,

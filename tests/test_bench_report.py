@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._report import write_report
+from farelab.bench._report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,23 +16,23 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from backend._broker import (
+from farelab.backend._broker import (
     DEVICE_CLIENT_ID,
     KIOSK_CLIENT_ID,
     BrokerURL,
     LinkState,
     cancel_and_wait,
 )
-from backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
-from backend._mosquitto import Mosquitto, free_port
-from backend._params import publish_params
-from backend._registry import DeviceEntry, hash_secret, register, revoke
-from backend._store import Store
-from backend._wire import Batch, Record, encode_batch
+from farelab.backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
+from farelab.backend._mosquitto import Mosquitto, free_port
+from farelab.backend._params import publish_params
+from farelab.backend._registry import DeviceEntry, hash_secret, register, revoke
+from farelab.backend._store import Store
+from farelab.backend._wire import Batch, Record, encode_batch
+from farelab.topup._host import HostUnreachableError, MqttHost
+from farelab.validator._journal import Journal
+from farelab.validator._uplink import MqttUplink
 from tests.test_uplink_backend import farelab, make_taps, stop
-from topup._host import HostUnreachableError, MqttHost
-from validator._journal import Journal
-from validator._uplink import MqttUplink
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = {

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from card import (
+from farelab.card import (
     Alg,
     CardImage,
     Industry,
@@ -68,8 +68,8 @@ class Link:
 
 class _Presented:
     def __init__(self) -> None:
-        from card._pcsc import PcscReader  # noqa: PLC0415
-        from card._vicc import ViccClient  # noqa: PLC0415
+        from farelab.card._pcsc import PcscReader  # noqa: PLC0415
+        from farelab.card._vicc import ViccClient  # noqa: PLC0415
 
         image = personalise(serial="1", issued=date(2026, 1, 1))
         self.card = SimulatedCard(image, store=MemoryStore(), entropy=bytes)
@@ -86,7 +86,7 @@ class _Presented:
         self.reader.close()
         self.stop.set()
         self.thread.join(5)
-        from card._pcsc import PcscReader  # noqa: PLC0415
+        from farelab.card._pcsc import PcscReader  # noqa: PLC0415
 
         probe = PcscReader("Virtual PCD 00 00")
         probe.wait_for_removal(3)
@@ -412,7 +412,7 @@ def test_composite_purchase_commits_records_with_the_debit(alink: Link) -> None:
     answer = init(link, 0, p1=0x03)
     from datetime import datetime  # noqa: PLC0415
 
-    from card import CST  # noqa: PLC0415
+    from farelab.card import CST  # noqa: PLC0415
 
     when = datetime(2026, 11, 23, 8, 30, tzinfo=CST)
     metro = MetroRecord(status=MetroStatus.ENTERED, entry_time=when, marked_amount=600).encode()
@@ -613,7 +613,7 @@ def test_transit_application_has_no_pin_R5(link: Link) -> None:
 def test_terminal_flows(alink: Link) -> None:
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from card import (  # noqa: PLC0415
+    from farelab.card import (  # noqa: PLC0415
         DEMO_ISSUER_ID,
         DEMO_KEYS,
         BlockApplication,

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from card import (
+from farelab._cli import main
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     CardBusyError,
@@ -38,7 +39,6 @@ from card import (
     personalise,
     save_image,
 )
-from farelab._cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PSAM = Psam(
@@ -213,7 +213,7 @@ def test_a_load_the_card_cannot_write_is_voided_not_paid(
     def disk_full(path: Path, image: Any, *, durable: bool = True) -> None:
         raise ImageError(f"{path}: cannot write card image: No space left on device")
 
-    monkeypatch.setattr("card._simcard.save_image", disk_full)
+    monkeypatch.setattr("farelab.card._simcard.save_image", disk_full)
     assert main(["topup", "load", "c.json", "--amount", "10", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert (out["result"], out["reason"]) == ("refused", "card_error")

@@ -9,7 +9,7 @@ from datetime import date
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from card import MemoryStore, Session, SimulatedCard, personalise, process
+from farelab.card import MemoryStore, Session, SimulatedCard, personalise, process
 
 IMAGE = personalise(serial="5", issued=date(2026, 1, 1), balance=3000)
 TERMINAL = "001122334455"

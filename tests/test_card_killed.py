@@ -13,7 +13,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from card import (
+from farelab.card import (
     CardImage,
     InProcessReader,
     LogRecord,
@@ -96,7 +96,7 @@ def test_kill_at_any_instant_never_corrupts_the_card_image(tmp_path: Path) -> No
 def test_card_pulled_after_initialize_or_update_capp_keeps_its_old_state() -> None:
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from card import (  # noqa: PLC0415
+    from farelab.card import (  # noqa: PLC0415
         DEMO_ISSUER_ID,
         DEMO_KEYS,
         CappUpdate,

@@ -10,7 +10,7 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from card import (
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     Alg,

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from backend._clearing import clear, clear_ledger
-from backend._ingest import classify
-from backend._registry import register
-from backend._store import Store
-from backend._wire import Batch
-from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from farelab._devices import entry_of
+from farelab.backend._clearing import clear, clear_ledger
+from farelab.backend._ingest import classify
+from farelab.backend._registry import register
+from farelab.backend._store import Store
+from farelab.backend._wire import Batch
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.validator._device import Device
 from tests.validator_support import NON_LOCAL_ISSUER, Lab, bus, gate, new_card
-from validator._device import Device
 
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS, NON_LOCAL_ISSUER: DEMO_KEYS})
 
@@ -126,7 +126,7 @@ def test_clearing_pays_the_registered_operator_not_the_one_a_record_names(tmp_pa
     device's registered operator, and the mismatch is an anomaly."""
     from dataclasses import replace  # noqa: PLC0415
 
-    from backend._report import report  # noqa: PLC0415
+    from farelab.backend._report import report  # noqa: PLC0415
 
     store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
     device = operator(bus("changzhou", device_id="cz-bus"), "CZBUS")

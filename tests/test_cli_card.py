@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from card import CardType, load_image
 from farelab._cli import main
+from farelab.card import CardType, load_image
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

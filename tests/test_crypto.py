@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from card import Alg, diversify, mac, session_key, tac_key
+from farelab.card import Alg, diversify, mac, session_key, tac_key
 
 VECTOR_KEY = bytes.fromhex("11223344556677888877665544332211")
 
@@ -74,7 +74,7 @@ def test_alg_labels_round_trip_and_reject_unknown() -> None:
 
 @pytest.mark.parametrize(("alg", "size"), [(Alg.TDES, 8), (Alg.SM4, 16)])
 def test_cached_mac_key_computes_the_same_mac(alg: Alg, size: int) -> None:
-    from card._crypto import MacKey  # noqa: PLC0415
+    from farelab.card._crypto import MacKey  # noqa: PLC0415
 
     key = bytes(range(size))
     cached = MacKey(alg, key)
@@ -85,7 +85,7 @@ def test_cached_mac_key_computes_the_same_mac(alg: Alg, size: int) -> None:
 
 @pytest.mark.parametrize("alg", [Alg.TDES, Alg.SM4])
 def test_set_up_diversifier_diversifies_as_diversify_does(alg: Alg) -> None:
-    from card._crypto import Diversifier  # noqa: PLC0415
+    from farelab.card._crypto import Diversifier  # noqa: PLC0415
 
     key = bytes(range(16))
     diversifier = Diversifier(alg, key)
@@ -99,7 +99,7 @@ def test_kept_cbc_encryptor_restarts_at_iv_zero_for_every_message(alg: Alg, size
     """``mac`` and ``MacKey`` keep one CBC encryptor per key across messages; each message's MAC
     must still be the one the independent reference computes from scratch, whatever the
     previous message on that key was (lengths 0 to 69, two keys interleaved)."""
-    from card._crypto import MacKey  # noqa: PLC0415
+    from farelab.card._crypto import MacKey  # noqa: PLC0415
     from tests import card_reference as ref  # noqa: PLC0415
 
     keys = [bytes(range(size)), bytes(range(100, 100 + size))]
@@ -116,7 +116,7 @@ def test_a_mac_key_shared_by_threads_gives_every_thread_the_right_mac() -> None:
     import sys  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from card._crypto import MacKey  # noqa: PLC0415
+    from farelab.card._crypto import MacKey  # noqa: PLC0415
     from tests import card_reference as ref  # noqa: PLC0415
 
     key = bytes(range(8))

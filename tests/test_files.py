@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from card import (
+from farelab.card import (
     CST,
     BusRecord,
     CardType,

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from card import (
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     Alg,

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from card import Alg, CardType, ImageError, SimulatedCard, load_image, personalise, save_image
+from farelab.card import (
+    Alg,
+    CardType,
+    ImageError,
+    SimulatedCard,
+    load_image,
+    personalise,
+    save_image,
+)
 
 
 def _image(alg: Alg = Alg.TDES) -> object:

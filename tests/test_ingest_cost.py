@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from backend._ingest import LEDGER_COLUMNS, LedgerView, batch_epoch, classify, decide
-from backend._registry import register
-from backend._store import IngestResult, Store, _text_array
-from backend._wire import Batch, decode_batch, encode_batch
-from bench.ingest import bench_entry, make_batches
-from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.backend._ingest import LEDGER_COLUMNS, LedgerView, batch_epoch, classify, decide
+from farelab.backend._registry import register
+from farelab.backend._store import IngestResult, Store, _text_array
+from farelab.backend._wire import Batch, decode_batch, encode_batch
+from farelab.bench.ingest import bench_entry, make_batches
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -168,7 +168,17 @@ def test_array_literals_carry_any_text() -> None:
 
 def test_the_ingest_bench_starts_its_own_broker_and_backend_on_a_ledger(tmp_path: Path) -> None:
     ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
-    command = [sys.executable, "-m", "bench.ingest", "--db", ledger, "--n", "400", "--devices", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "farelab.bench.ingest",
+        "--db",
+        ledger,
+        "--n",
+        "400",
+        "--devices",
+        "2",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = {k.strip(): v for k, v in (line.split(":") for line in done.stdout.splitlines())}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from backend._ingest import (
+from farelab.backend._ingest import (
     SEQ_JUMP,
     TIME_TOLERANCE_MS,
     Classified,
@@ -20,9 +20,9 @@ from backend._ingest import (
     own_keys,
     tac_time_ms,
 )
-from backend._registry import DeviceEntry
-from backend._wire import Record, decode_batch, encode_batch
-from bench.ingest import bench_entry, make_batches
+from farelab.backend._registry import DeviceEntry
+from farelab.backend._wire import Record, decode_batch, encode_batch
+from farelab.bench.ingest import bench_entry, make_batches
 
 DEVICE = "bench-3-0"
 ENTRY = bench_entry(DEVICE, 0)

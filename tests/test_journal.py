@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from farelab.validator._decision import Intent, Pending
+from farelab.validator._intents import decode, encode
+from farelab.validator._journal import Journal, JournalError
 from tests.validator_support import Lab, bus, new_card
-from validator._decision import Intent, Pending
-from validator._intents import decode, encode
-from validator._journal import Journal, JournalError
 
 WORKER = """
 import sys
 from datetime import timedelta
 from tests.validator_support import Lab, T0, bus, new_card
-from validator._journal import Journal
+from farelab.validator._journal import Journal
 journal = Journal(sys.argv[1])
 lab = Lab([bus("taiyuan")], journal=journal)
 card = new_card(balance=100_000)
@@ -221,7 +221,7 @@ def test_outbox_ids_are_never_reused_after_the_outbox_drains(tmp_path: Path) -> 
 
 
 def test_a_journal_file_keeps_its_epoch_and_another_file_has_another(tmp_path: Path) -> None:
-    from validator._journal import EPOCHS  # noqa: PLC0415
+    from farelab.validator._journal import EPOCHS  # noqa: PLC0415
 
     first = Journal(tmp_path / "a.db")
     epoch = first.epoch
@@ -362,7 +362,7 @@ def test_an_intent_that_cannot_be_written_stops_the_tap_before_its_debit(tmp_pat
 def test_the_intent_log_stays_bounded_where_nothing_calls_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("validator._journal._INTENT_LOG_LIMIT", 1000)
+    monkeypatch.setattr("farelab.validator._journal._INTENT_LOG_LIMIT", 1000)
     path = tmp_path / "j.db"
     lab = Lab([bus("taiyuan")], journal=Journal(path))
     card = new_card(balance=100_000)

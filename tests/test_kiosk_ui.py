@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pexpect
 
-from card import load_image, personalise, save_image
+from farelab.card import load_image, personalise, save_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

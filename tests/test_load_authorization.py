@@ -13,11 +13,11 @@ from typing import Any
 
 import aiomqtt
 
-from backend._loads import LOAD_REQ, LOAD_RESP
-from backend._mosquitto import Mosquitto
-from backend._registry import DeviceEntry, register
-from backend._store import Store
-from card import (
+from farelab.backend._loads import LOAD_REQ, LOAD_RESP
+from farelab.backend._mosquitto import Mosquitto
+from farelab.backend._registry import DeviceEntry, register
+from farelab.backend._store import Store
+from farelab.card import (
     CardSnapshot,
     InProcessReader,
     Load,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from card import personalise, save_image
 from farelab._cli import main
+from farelab.card import personalise, save_image
 
 LONG = "x" * 100_000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from card._money import fen_to_yuan, yuan_to_fen
+from farelab.card._money import fen_to_yuan, yuan_to_fen
 
 
 @pytest.mark.parametrize(

@@ -43,11 +43,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from backend._ingest import classify
-from backend._registry import register
-from backend._store import Store
-from backend._wire import decode_batch, encode_batch_records
-from card import (
+from farelab._devices import entry_of
+from farelab.backend._ingest import classify
+from farelab.backend._registry import register
+from farelab.backend._store import Store
+from farelab.backend._wire import decode_batch, encode_batch_records
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     InProcessReader,
@@ -60,13 +61,12 @@ from card import (
     personalise,
     step_of,
 )
-from farelab._devices import entry_of
+from farelab.topup._host import LocalHost
+from farelab.topup._journal import KioskJournal
+from farelab.topup._station import Kiosk, LoadResult
+from farelab.validator._device import Device
+from farelab.validator._journal import Journal
 from tests.validator_support import T0, Lab, bus, gate
-from topup._host import LocalHost
-from topup._journal import KioskJournal
-from topup._station import Kiosk, LoadResult
-from validator._device import Device
-from validator._journal import Journal
 
 T = TypeVar("T")
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})

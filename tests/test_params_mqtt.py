@@ -12,8 +12,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from backend._mosquitto import Mosquitto
-from card import load_image, personalise, save_image
+from farelab.backend._mosquitto import Mosquitto
+from farelab.card import load_image, personalise, save_image
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """

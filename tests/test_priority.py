@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import validator._priority as priority
-from card import InProcessReader
+import farelab.validator._priority as priority
+from farelab.card import InProcessReader
+from farelab.validator._decision import TapResult
+from farelab.validator._priority import TapGate
+from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S, favour_taps
 from tests.validator_support import T0, Lab, bus, new_card
-from validator._decision import TapResult
-from validator._priority import TapGate
-from validator._runtime import TAP_SWITCH_INTERVAL_S, favour_taps
 
 
 def test_an_idle_gate_never_waits() -> None:
@@ -292,8 +292,8 @@ def test_favour_taps_moves_what_is_alive_out_of_the_collectors_view(gc_restored:
 def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(gc_restored: None) -> None:
     import io  # noqa: PLC0415
 
-    from validator._decision import Rejected  # noqa: PLC0415
-    from validator._loop import _display  # noqa: PLC0415
+    from farelab.validator._decision import Rejected  # noqa: PLC0415
+    from farelab.validator._loop import _display  # noqa: PLC0415
 
     gate = _gate_after_a_tap()
 
@@ -317,10 +317,10 @@ def test_a_replay_leaves_collection_on(gc_restored: None, tmp_path: Path) -> Non
     import json  # noqa: PLC0415
     from datetime import date  # noqa: PLC0415
 
-    from card import personalise, save_image  # noqa: PLC0415
-    from validator._config import load_config  # noqa: PLC0415
-    from validator._journal import Journal  # noqa: PLC0415
-    from validator._replay import parse_taps, replay  # noqa: PLC0415
+    from farelab.card import personalise, save_image  # noqa: PLC0415
+    from farelab.validator._config import load_config  # noqa: PLC0415
+    from farelab.validator._journal import Journal  # noqa: PLC0415
+    from farelab.validator._replay import parse_taps, replay  # noqa: PLC0415
 
     gc.enable()
     config_path = tmp_path / "devices.toml"

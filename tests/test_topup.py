@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from backend._loads import ensure_schema, handle_load_message
-from backend._registry import DeviceEntry, register
-from backend._store import Store
-from card import (
+from farelab.backend._loads import ensure_schema, handle_load_message
+from farelab.backend._registry import DeviceEntry, register
+from farelab.backend._store import Store
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     CardRemovedError,
@@ -29,10 +29,10 @@ from card import (
     personalise,
     step_of,
 )
-from topup._host import HostUnreachableError, LocalHost
-from topup._journal import KioskJournal
-from topup._rules import AmountRules, parse_amount
-from topup._station import CardView, Kiosk, LoadResult
+from farelab.topup._host import HostUnreachableError, LocalHost
+from farelab.topup._journal import KioskJournal
+from farelab.topup._rules import AmountRules, parse_amount
+from farelab.topup._station import CardView, Kiosk, LoadResult
 
 T = TypeVar("T")
 TERMINAL = bytes.fromhex("0000F0000001")
@@ -225,7 +225,7 @@ def test_local_host_is_used_without_a_broker(tmp_path: Path) -> None:
 def test_refund_torn_by_a_pulled_card_is_settled_on_the_next_presentation(
     tmp_path: Path, step: str
 ) -> None:
-    from card import Psam, PsamKeys  # noqa: PLC0415
+    from farelab.card import Psam, PsamKeys  # noqa: PLC0415
 
     station = Station(tmp_path, balance=4321)
     psam = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})

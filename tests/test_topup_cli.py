@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from card import load_image, personalise, save_image
 from farelab._cli import main
+from farelab.card import load_image, personalise, save_image
 
 
 def topup(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -94,8 +94,8 @@ def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_another_program_s_file_is_not_taken_as_the_kiosk_journal(tmp_path: Path) -> None:
-    from backend._store import Store  # noqa: PLC0415
-    from validator._journal import Journal  # noqa: PLC0415
+    from farelab.backend._store import Store  # noqa: PLC0415
+    from farelab.validator._journal import Journal  # noqa: PLC0415
 
     card = tmp_path / "c.json"
     save_image(card, personalise(serial="9", issued=date(2026, 1, 1)))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from card import load_image, personalise, save_image
-from topup._station import KILL_POINTS
+from farelab.card import load_image, personalise, save_image
+from farelab.topup._station import KILL_POINTS
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 READER = "pcsc:Virtual PCD 00 00"

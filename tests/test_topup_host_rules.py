@@ -16,10 +16,11 @@ from typing import Any, TypeVar, cast
 import psycopg
 import pytest
 
-from backend._loads import authorize_message, ensure_schema, handle_load_message
-from backend._registry import DeviceEntry, register, revoke
-from backend._store import Store
-from card import (
+from farelab._cli import main
+from farelab.backend._loads import authorize_message, ensure_schema, handle_load_message
+from farelab.backend._registry import DeviceEntry, register, revoke
+from farelab.backend._store import Store
+from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     CardSnapshot,
@@ -38,10 +39,9 @@ from card import (
     drive,
     personalise,
 )
-from farelab._cli import main
-from topup._host import LocalHost
-from topup._journal import KioskJournal
-from topup._station import Kiosk, LoadResult
+from farelab.topup._host import LocalHost
+from farelab.topup._journal import KioskJournal
+from farelab.topup._station import Kiosk, LoadResult
 
 T = TypeVar("T")
 TERMINAL = bytes.fromhex("0000F0000001")

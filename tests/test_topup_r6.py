@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from backend._ingest import classify
-from backend._loads import ensure_schema
-from backend._registry import register
-from backend._store import Store
-from backend._transfer import (
+from farelab._devices import entry_of
+from farelab.backend._ingest import classify
+from farelab.backend._loads import ensure_schema
+from farelab.backend._registry import register
+from farelab.backend._store import Store
+from farelab.backend._transfer import (
     PROFILES,
     CardTransaction,
     balance_after_history,
@@ -23,9 +24,8 @@ from backend._transfer import (
     last_known_balance,
     working_days_after,
 )
-from backend._wire import Batch
-from card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
-from farelab._devices import entry_of
+from farelab.backend._wire import Batch
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
 from tests.validator_support import Lab, bus, new_card
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from card import DEMO_ISSUER_ID, DEMO_KEYS, Psam, PsamKeys
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Psam, PsamKeys
+from farelab.topup._station import LoadResult
 from tests.test_topup import TERMINAL, CapHost, Station
-from topup._station import LoadResult
 
 ROOT = Path(__file__).resolve().parent.parent
 PSAM = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})

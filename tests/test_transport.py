@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from card import (
+from farelab.card import (
     ATR,
     CardRemovedError,
     MemoryStore,
@@ -22,9 +22,9 @@ from card import (
     personalise,
     save_image,
 )
-from card._pcsc import PcscReader, ReaderThread, list_readers
-from card._pcscd import VIRTUAL_READER
-from card._vicc import ViccClient, ViccError
+from farelab.card._pcsc import PcscReader, ReaderThread, list_readers
+from farelab.card._pcscd import VIRTUAL_READER
+from farelab.card._vicc import ViccClient, ViccError
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 
@@ -257,7 +257,15 @@ def test_card_tap_command_presents_the_card_and_persists_changes(tmp_path: Path)
     try:
         assert reader.wait_for_card(5)
         reader.connect()
-        from card import DEMO_ISSUER_ID, DEMO_KEYS, Psam, PsamKeys, Purchase, ReadCard, drive  # noqa: PLC0415
+        from farelab.card import (  # noqa: PLC0415
+            DEMO_ISSUER_ID,
+            DEMO_KEYS,
+            Psam,
+            PsamKeys,
+            Purchase,
+            ReadCard,
+            drive,
+        )
 
         snap = drive(reader, ReadCard(records=[]))
         psam = Psam(

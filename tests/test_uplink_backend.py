@@ -11,8 +11,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from backend._mosquitto import Mosquitto
-from card import load_image, personalise, save_image
+from farelab.backend._mosquitto import Mosquitto
+from farelab.card import load_image, personalise, save_image
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = """
@@ -204,10 +204,10 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
     import contextlib  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from backend._broker import BrokerURL  # noqa: PLC0415
+    from farelab.backend._broker import BrokerURL  # noqa: PLC0415
+    from farelab.validator._journal import Journal  # noqa: PLC0415
+    from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
-    from validator._journal import Journal  # noqa: PLC0415
-    from validator._uplink import MqttUplink  # noqa: PLC0415
 
     config = tmp_path / "bus.toml"
     config.write_text(LAB_BUS)
@@ -257,11 +257,11 @@ def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
 
     import aiomqtt  # noqa: PLC0415
 
-    from backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL, cancel_and_wait  # noqa: PLC0415
-    from backend._wire import Ack, Batch, decode_batch, encode_ack  # noqa: PLC0415
+    from farelab.backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL, cancel_and_wait  # noqa: PLC0415
+    from farelab.backend._wire import Ack, Batch, decode_batch, encode_ack  # noqa: PLC0415
+    from farelab.validator._journal import Journal  # noqa: PLC0415
+    from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
-    from validator._journal import Journal  # noqa: PLC0415
-    from validator._uplink import MqttUplink  # noqa: PLC0415
 
     def journal_of_three_taps(name: str) -> Journal:
         lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / name))

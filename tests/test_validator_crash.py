@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from card import load_image, personalise, save_image
-from validator._faults import KILL_POINTS
-from validator._journal import Journal
+from farelab.card import load_image, personalise, save_image
+from farelab.validator._faults import KILL_POINTS
+from farelab.validator._journal import Journal
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 

@@ -11,10 +11,16 @@ from importlib import resources
 
 import pytest
 
-from card import CardType, Industry
+from farelab.card import CardType, Industry
+from farelab.validator._fares import (
+    PreviousRide,
+    Rider,
+    bus_fare,
+    metro_entry_minimum,
+    metro_trip_fare,
+)
+from farelab.validator._network import shipped_networks
 from tests.validator_support import T0
-from validator._fares import PreviousRide, Rider, bus_fare, metro_entry_minimum, metro_trip_fare
-from validator._network import shipped_networks
 
 DATA = tomllib.loads((resources.files("validator") / "networks.toml").read_text(encoding="utf-8"))
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from card import MetroRecord, MetroStatus, load_image, save_image
+from farelab.card import MetroRecord, MetroStatus, load_image, save_image
+from farelab.validator._config import ConfigError, load_config
+from farelab.validator._device import Parameters
+from farelab.validator._journal import Journal
+from farelab.validator._loop import ParamsError, parse_params, run
+from farelab.validator._replay import ReplayError, parse_taps, replay
 from tests.validator_support import Lab, bus, gate, new_card
-from validator._config import ConfigError, load_config
-from validator._device import Parameters
-from validator._journal import Journal
-from validator._loop import ParamsError, parse_params, run
-from validator._replay import ReplayError, parse_taps, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_BUSES = """

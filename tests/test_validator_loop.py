@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from card import InProcessReader, ReaderUnavailableError
+from farelab.card import InProcessReader, ReaderUnavailableError
+from farelab.validator._config import load_config
+from farelab.validator._journal import Journal
+from farelab.validator._loop import run
 from tests.validator_support import new_card
-from validator._config import load_config
-from validator._journal import Journal
-from validator._loop import run
 
 CONFIG = """
 [[validator]]
@@ -65,7 +65,7 @@ def test_reader_unplugged_and_back_is_reported_once_then_taps_resume(
 
         return make
 
-    import validator._loop as loop_module  # noqa: PLC0415
+    import farelab.validator._loop as loop_module  # noqa: PLC0415
 
     monkeypatch.setattr(loop_module, "_reader_factory", factory)  # type: ignore[attr-defined]
     out = io.StringIO()
@@ -107,7 +107,7 @@ def test_a_stuck_uplink_never_delays_a_tap(tmp_path: Path) -> None:
     config_path.write_text(CONFIG.replace("pcsc:Unplugged Reader", "sim"))
     config = load_config(config_path)
     path = tmp_path / "c.json"
-    from card import save_image  # noqa: PLC0415
+    from farelab.card import save_image  # noqa: PLC0415
 
     save_image(path, new_card(balance=500).image)
     source = io.StringIO(json.dumps({"device": "bus-1", "card": str(path)}) + "\n")

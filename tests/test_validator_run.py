@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from card import load_image, personalise, save_image
+from farelab.card import load_image, personalise, save_image
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = """
@@ -226,7 +226,7 @@ def test_replay_checks_every_line_before_the_first_tap(tmp_path: Path) -> None:
 def test_replay_refuses_the_backend_ledger_as_its_journal_before_any_card_is_touched(
     tmp_path: Path,
 ) -> None:
-    from backend._store import Store  # noqa: PLC0415
+    from farelab.backend._store import Store  # noqa: PLC0415
 
     ledger = tmp_path / "farelab-host.db"
     Store(f"sqlite:///{ledger}").close()

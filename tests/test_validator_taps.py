@@ -7,9 +7,9 @@ from datetime import date
 
 import pytest
 
-from card import Alg, CardType, MetroRecord, MetroStatus, SimulatedCard
+from farelab.card import Alg, CardType, MetroRecord, MetroStatus, SimulatedCard
+from farelab.validator._device import Device, Direction
 from tests.validator_support import NON_LOCAL_ISSUER, Lab, bus, gate, new_card
-from validator._device import Device, Direction
 
 
 def conserved(lab: Lab, card: SimulatedCard, initial: int) -> None:
@@ -215,7 +215,7 @@ def test_a_debit_that_never_reached_the_card_is_voided_on_the_next_tap() -> None
         def transmit(self, apdu: bytes) -> bytes:
             if self.armed and apdu[1] == 0x54:
                 self.armed = False
-                from card import CardRemovedError  # noqa: PLC0415
+                from farelab.card import CardRemovedError  # noqa: PLC0415
 
                 raise CardRemovedError("lost on the air")
             return super().transmit(apdu)

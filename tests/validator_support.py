@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from card import (
+from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -19,12 +19,12 @@ from card import (
     personalise,
     step_of,
 )
-from validator._config import DeviceConfig
-from validator._decision import TapResult
-from validator._device import Device, Direction, Kind, Parameters
-from validator._journal import Journal
-from validator._network import Network, shipped_networks
-from validator._runtime import Validator
+from farelab.validator._config import DeviceConfig
+from farelab.validator._decision import TapResult
+from farelab.validator._device import Device, Direction, Kind, Parameters
+from farelab.validator._journal import Journal
+from farelab.validator._network import Network, shipped_networks
+from farelab.validator._runtime import Validator
 
 NON_LOCAL_ISSUER = bytes.fromhex("2150000000000000")
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=CST)
@@ -142,6 +142,6 @@ def image_of(card: SimulatedCard) -> CardImage:
 
 
 def save(card: SimulatedCard, path: Path) -> None:
-    from card import save_image  # noqa: PLC0415
+    from farelab.card import save_image  # noqa: PLC0415
 
     save_image(path, card.image)

@@ -1,1 +1,1 @@
-"""The top-up kiosk (issue 5): host-authorized loads under the 1000-yuan cap."""
+"""The top-up kiosk: host-authorized loads under the 1000-yuan cap."""

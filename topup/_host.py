@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from backend._broker import KIOSK_CLIENT_ID, BrokerURL, check_client_id, subscribe_or_raise
-from backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
-from backend._registry import DeviceEntry, lookup, register
-from backend._store import Store
-from card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
+from farelab.backend._broker import KIOSK_CLIENT_ID, BrokerURL, check_client_id, subscribe_or_raise
+from farelab.backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
+from farelab.backend._registry import DeviceEntry, lookup, register
+from farelab.backend._store import Store
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
 
 __all__ = ["Host", "HostUnreachableError", "LocalHost", "MqttHost", "new_request_id"]
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend._dbfile import ForeignFileError, claim, describe_path
+from farelab.backend._dbfile import ForeignFileError, claim, describe_path
 
 __all__ = ["KioskJournal", "KioskJournalError", "PendingLoad"]
 

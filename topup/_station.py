@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from backend._loads import authorize_message
-from card import (
+from farelab.backend._loads import authorize_message
+from farelab.card import (
     SW,
     CardBusyError,
     CardRemovedError,
@@ -40,10 +40,10 @@ from card import (
     Transmit,
     TxType,
 )
-from card._faults import checkpoint
-from topup._host import Host, HostUnreachableError, new_request_id
-from topup._journal import KioskJournal, PendingLoad
-from topup._rules import AmountRules, check_amount, room
+from farelab.card._faults import checkpoint
+from farelab.topup._host import Host, HostUnreachableError, new_request_id
+from farelab.topup._journal import KioskJournal, PendingLoad
+from farelab.topup._rules import AmountRules, check_amount, room
 
 __all__ = ["KILL_POINTS", "CardView", "Kiosk", "LoadResult", "Run", "terminal_for"]
 

@@ -1,1 +1,1 @@
-"""The bus and metro validator (issue 3): decision core, tap loop, journal."""
+"""The bus and metro validator: decision core, tap loop, journal."""

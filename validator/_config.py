@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from backend._dbfile import describe_path
-from card import DEMO_KEYS, IssuerKeys, KeysFileError, load_keys_file
-from validator import _values as values
-from validator._device import Device, Direction, Kind, Parameters
-from validator._network import Network, NetworkError, load_networks, shipped_networks
+from farelab.backend._dbfile import describe_path
+from farelab.card import DEMO_KEYS, IssuerKeys, KeysFileError, load_keys_file
+from farelab.validator import _values as values
+from farelab.validator._device import Device, Direction, Kind, Parameters
+from farelab.validator._network import Network, NetworkError, load_networks, shipped_networks
 
 __all__ = ["Config", "ConfigError", "DeviceConfig", "load_config"]
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from card import (
+from farelab.card import (
     CST,
     BlockApplication,
     BusRecord,
@@ -41,8 +41,8 @@ from card import (
     TripRecord,
     TxType,
 )
-from validator._device import Device, Direction, Kind, Parameters
-from validator._fares import (
+from farelab.validator._device import Device, Direction, Kind, Parameters
+from farelab.validator._fares import (
     PreviousRide,
     Quote,
     Rider,

@@ -6,7 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from validator._network import Line, Network, Station
+from farelab.validator._network import Line, Network, Station
 
 __all__ = ["Device", "Direction", "Kind", "Parameters"]
 

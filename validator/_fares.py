@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from card import CardType, Industry
-from validator._network import Network, apply_share
+from farelab.card import CardType, Industry
+from farelab.validator._network import Network, apply_share
 
 __all__ = [
     "PreviousRide",

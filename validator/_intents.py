@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
-from backend._dbfile import describe_path
-from validator._decision import Intent, Pending
+from farelab.backend._dbfile import describe_path
+from farelab.validator._decision import Intent, Pending
 
 __all__ = ["IntentLog", "IntentLogError", "decode", "encode"]
 

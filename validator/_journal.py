@@ -27,11 +27,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from backend._dbfile import ForeignFileError, claim, describe_path
-from backend._wire import Record, WireError, decode_record, encode_record, record_from_outbox
-from validator._decision import Accepted, Intent, Pending, Rejected, TapResult
-from validator._intents import IntentLog, IntentLogError
-from validator._priority import TapGate
+from farelab.backend._dbfile import ForeignFileError, claim, describe_path
+from farelab.backend._wire import (
+    Record,
+    WireError,
+    decode_record,
+    encode_record,
+    record_from_outbox,
+)
+from farelab.validator._decision import Accepted, Intent, Pending, Rejected, TapResult
+from farelab.validator._intents import IntentLog, IntentLogError
+from farelab.validator._priority import TapGate
 
 __all__ = ["Journal", "JournalError"]
 

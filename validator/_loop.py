@@ -23,16 +23,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from backend._dbfile import describe_path
-from card import CST, InProcessReader, Reader, ReaderError, SimulatedCard
-from validator._config import Config
-from validator._decision import Rejected, TapResult
-from validator._device import Parameters
-from validator._journal import Journal
-from validator._network import NetworkError, parse_networks
-from validator._priority import TapGate
-from validator._replay import result_json
-from validator._runtime import Validator, failure_text, favour_taps
+from farelab.backend._dbfile import describe_path
+from farelab.card import CST, InProcessReader, Reader, ReaderError, SimulatedCard
+from farelab.validator._config import Config
+from farelab.validator._decision import Rejected, TapResult
+from farelab.validator._device import Parameters
+from farelab.validator._journal import Journal
+from farelab.validator._network import NetworkError, parse_networks
+from farelab.validator._priority import TapGate
+from farelab.validator._replay import result_json
+from farelab.validator._runtime import Validator, failure_text, favour_taps
 
 __all__ = ["ParamsError", "ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
 
@@ -298,7 +298,7 @@ def _reader_factory(spec: str) -> Callable[[], Reader]:
     name = spec.removeprefix("pcsc:")
 
     def make() -> Reader:
-        from card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC devices
+        from farelab.card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC devices
 
         reader: Reader = PcscReader(name)
         return reader

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backend._dbfile import describe_path
-from card import CardType
-from validator import _values as values
+from farelab.backend._dbfile import describe_path
+from farelab.card import CardType
+from farelab.validator import _values as values
 
 __all__ = [
     "Line",

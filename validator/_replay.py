@@ -15,12 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from card import InProcessReader, SimulatedCard, step_of
-from validator._config import Config
-from validator._decision import TapResult
-from validator._journal import Journal
-from validator._runtime import Validator, failure_text
-from validator._values import shown
+from farelab.card import InProcessReader, SimulatedCard, step_of
+from farelab.validator._config import Config
+from farelab.validator._decision import TapResult
+from farelab.validator._journal import Journal
+from farelab.validator._runtime import Validator, failure_text
+from farelab.validator._values import shown
 
 __all__ = ["PULL_STEPS", "ReplayError", "TapLine", "parse_taps", "replay", "result_json"]
 

@@ -14,14 +14,23 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from backend._dbfile import describe_path
-from card import CardRemovedError, ImageError, Psam, PsamKeys, Reader, ReaderError, Step, Transmit
-from validator._config import DeviceConfig
-from validator._decision import Intent, Pending, Rejected, Tap, TapResult
-from validator._device import Parameters
-from validator._faults import checkpoint
-from validator._journal import Journal, JournalError
-from validator._network import NetworkError
+from farelab.backend._dbfile import describe_path
+from farelab.card import (
+    CardRemovedError,
+    ImageError,
+    Psam,
+    PsamKeys,
+    Reader,
+    ReaderError,
+    Step,
+    Transmit,
+)
+from farelab.validator._config import DeviceConfig
+from farelab.validator._decision import Intent, Pending, Rejected, Tap, TapResult
+from farelab.validator._device import Parameters
+from farelab.validator._faults import checkpoint
+from farelab.validator._journal import Journal, JournalError
+from farelab.validator._network import NetworkError
 
 __all__ = ["TAP_SWITCH_INTERVAL_S", "Validator", "failure_text", "favour_taps"]
 

@@ -25,7 +25,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from backend._broker import (
+from farelab.backend._broker import (
     ACK_TOPIC,
     DEVICE_CLIENT_ID,
     PARAMS_TOPIC,
@@ -38,8 +38,8 @@ from backend._broker import (
     honour_cancellation,
     subscribe_or_raise,
 )
-from backend._wire import BATCH_MAX, WireError, decode_ack, encode_batch_records
-from validator._journal import Journal
+from farelab.backend._wire import BATCH_MAX, WireError, decode_ack, encode_batch_records
+from farelab.validator._journal import Journal
 
 __all__ = ["MqttUplink", "UplinkStats"]
 
