@@ -66,3 +66,25 @@ def test_the_parts_are_one_module_each_under_farelab() -> None:
     assert Path(farelab.card.__file__).parent.name == "card"
     assert "card" not in sys.modules  # no second copy under the bare folder name
     assert farelab.validator._journal.__name__ == "farelab.validator._journal"
+
+
+def test_the_installed_package_works_outside_the_checkout(tmp_path: Path) -> None:
+    """From another folder the top-level folders are not on the path: anything that still
+    named a part by its bare name (an import, a package resource) fails here."""
+    script = (
+        "from farelab.validator._network import shipped_networks\n"
+        "from farelab.bench._taps import TapBench\n"
+        "bench = TapBench.make('metro', 'j.db')\n"
+        "result, _ = bench.tap(0)\n"
+        "print(sorted(shipped_networks()), result.result)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accepted" in done.stdout

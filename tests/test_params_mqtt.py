@@ -126,7 +126,7 @@ def test_new_fare_table_from_the_backend_applies_at_the_next_tap(
     for step, serial in (("before", "56"), ("after", "57")):  # two riders: no anti-passback
         cards[step] = tmp_path / f"{step}.json"
         save_image(cards[step], personalise(serial=serial, issued=date(2026, 1, 1), balance=1000))
-    shipped = (resources.files("validator") / "networks.toml").read_text(encoding="utf-8")
+    shipped = (resources.files("farelab.validator") / "networks.toml").read_text(encoding="utf-8")
     tables = tmp_path / "fares.toml"
     tables.write_text(
         shipped.replace("bus_flat_fare_cash_yuan = 1.0", "bus_flat_fare_cash_yuan = 2.0")

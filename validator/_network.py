@@ -425,5 +425,5 @@ def parse_networks(text: str) -> dict[str, Network]:
 @functools.cache
 def shipped_networks() -> Mapping[str, Network]:
     """The networks farelab ships (Taiyuan, Changzhou, Nanjing, Beijing)."""
-    with resources.as_file(resources.files("validator") / "networks.toml") as path:
+    with resources.as_file(resources.files("farelab.validator") / "networks.toml") as path:
         return load_networks(path)
