@@ -22,7 +22,9 @@ from farelab.validator._fares import (
 from farelab.validator._network import shipped_networks
 from tests.validator_support import T0
 
-DATA = tomllib.loads((resources.files("farelab.validator") / "networks.toml").read_text(encoding="utf-8"))
+DATA = tomllib.loads(
+    (resources.files("farelab.validator") / "networks.toml").read_text(encoding="utf-8")
+)
 
 
 def published_fare_fen(city: str, km: float) -> int:
