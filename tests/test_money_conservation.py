@@ -172,6 +172,21 @@ class Economy(RuleBasedStateMachine):
         result = self.store.ingest(device, batch.batch_id, classify(batch, VERIFIER))
         assert not result.rejected, result
 
+    def _transfer(self, old: Holder, *, onto: Holder) -> LoadResult:
+        """The host moves ``old``'s balance onto ``onto`` (an exchange, Hangzhou: at once)."""
+        result = self._at_kiosk(
+            onto,
+            lambda run: self.kiosk.transfer(
+                run,
+                old_serial=self._serial(old),
+                reason="exchange",
+                reported=self.now.date().isoformat(),
+                profile="hangzhou",
+            ),
+        )
+        assert isinstance(result, LoadResult)
+        return result
+
     def _tap(self, holder: Holder, device: str, tear: str | None = None) -> None:
         self.lab.tap(device, holder.card, self.now, pull_after=tear)
 
@@ -269,17 +284,7 @@ class Economy(RuleBasedStateMachine):
         self._rest()  # the outlet reads the card it takes in: a torn load on it is settled
         old.surrendered = True
         new = self._new_card(0)
-        result = self._at_kiosk(
-            new,
-            lambda run: self.kiosk.transfer(
-                run,
-                old_serial=self._serial(old),
-                reason="exchange",
-                reported=self.now.date().isoformat(),
-                profile="hangzhou",
-            ),
-        )
-        assert isinstance(result, LoadResult)
+        result = self._transfer(old, onto=new)
         if result.result == "loaded":
             assert result.amount_fen == old.card.image.balance
             old.moved_out = result.amount_fen
@@ -292,17 +297,7 @@ class Economy(RuleBasedStateMachine):
         """Moving a card's balance a second time, or onto the old card itself, is refused."""
         old = next(h for h in self.holders if h.moved_out is not None)
         target = old if onto_itself else self._pick(index)
-        result = self._at_kiosk(
-            target,
-            lambda run: self.kiosk.transfer(
-                run,
-                old_serial=self._serial(old),
-                reason="exchange",
-                reported=self.now.date().isoformat(),
-                profile="hangzhou",
-            ),
-        )
-        assert isinstance(result, LoadResult)
+        result = self._transfer(old, onto=target)
         assert result.result == "refused", result
 
     @precondition(
