@@ -13,7 +13,7 @@ import secrets
 
 import aiomqtt
 
-from farelab.backend._broker import BrokerURL
+from farelab.protocol import BrokerURL
 
 __all__ = ["OPEN_BROKER_RISKS", "open_broker_warning", "open_logins"]
 

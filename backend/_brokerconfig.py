@@ -39,24 +39,25 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from farelab.backend._broker import (
+from farelab.backend._registry import entries, hash_secret
+from farelab.backend._store import Store
+from farelab.protocol import (
     ACK_TOPIC,
     DEVICE_CLIENT_ID,
     KIOSK_CLIENT_ID,
+    LOAD_REQ,
+    LOAD_RESP,
+    MAX_PACKET_SIZE,
     PARAMS_TOPIC,
     STATUS_TOPIC,
     TX_TOPIC,
     check_client_id,
 )
-from farelab.backend._loads import LOAD_REQ, LOAD_RESP
-from farelab.backend._registry import entries, hash_secret
-from farelab.backend._store import Store
 
 __all__ = [
     "BACKEND_ACCOUNT",
     "DEFAULT_GROUP",
     "FORMATS",
-    "MAX_PACKET_SIZE",
     "Account",
     "Grants",
     "accounts",
@@ -72,10 +73,6 @@ __all__ = [
 BACKEND_ACCOUNT = "farelab-backend"
 DEFAULT_GROUP = "farelab-backend"
 FORMATS = ("dynsec", "acl")
-# The largest message farelab sends is a parameters version: the shipped fare tables and a
-# hotlist of 170 000 cards make 4.09 MB of JSON (a 500-record batch is 41 kB).  The limit is on
-# the whole MQTT packet; a client that sends a larger one is disconnected by the broker.
-MAX_PACKET_SIZE = 4 * 1024 * 1024
 _DYNSEC_FILE = "dynamic-security.json"
 _LOGINS_FILE = "farelab.passwd"
 _ACL_FILE = "farelab.acl"

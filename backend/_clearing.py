@@ -10,17 +10,17 @@ netted (``F − Fᵀ``), and each party's net position is what it receives less 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from farelab.backend._store import Store
+from farelab.card import CST
 
 __all__ = ["Clearing", "clear", "clear_ledger"]
 
-CST = timezone(timedelta(hours=8))
 DAY_MS = 86_400_000
 _CST_OFFSET_MS = 8 * 3_600_000
 

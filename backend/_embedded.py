@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 
 from amqtt.broker import Broker
 
-from farelab.backend._broker import BrokerURL
 from farelab.backend._mosquitto import free_port
+from farelab.protocol import BrokerURL
 
 __all__ = ["embedded_broker"]
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 from farelab.backend._registry import DeviceEntry
-from farelab.backend._wire import Batch, Record, encode_record
-from farelab.card import Alg, TacVerifier
+from farelab.card import CST, Alg, TacVerifier, full_serial
+from farelab.protocol import Batch, Record, encode_record
 
 __all__ = [
     "LEDGER_COLUMNS",
@@ -57,7 +57,6 @@ __all__ = [
     "tac_time_ms",
 ]
 
-CST = timezone(timedelta(hours=8))
 LOAD_TYPE = 2
 PURCHASE_TYPES = (6, 9)
 _PURCHASE_KINDS = frozenset({"bus", "entry", "exit"})
@@ -91,7 +90,7 @@ class Classified:
 
 def serial8(card_serial: str) -> bytes:
     """EF15[12:20] of a card from its 20-digit serial (the second diversification level)."""
-    return bytes.fromhex(card_serial.rjust(20, "0"))[2:]
+    return bytes.fromhex(full_serial(card_serial))[2:]
 
 
 def _verdict(record: Record, verifier: TacVerifier) -> str:

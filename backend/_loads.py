@@ -21,27 +21,20 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from farelab.backend._registry import lookup
 from farelab.backend._store import Store
 from farelab.backend._transfer import PROFILES, decide, last_known_balance
-from farelab.card import Alg, LoadAuthority, LoadAuthorization, LoadRequest, TacVerifier
+from farelab.card import CST, Alg, LoadAuthority, LoadAuthorization, TacVerifier
+from farelab.protocol import card_serial_of, load_request_of
 
 __all__ = [
-    "LOAD_REQ",
-    "LOAD_RESP",
-    "SHARED_LOAD_REQ",
-    "authorize_message",
     "ensure_schema",
     "handle_load_message",
 ]
 
-CST = timezone(timedelta(hours=8))
-LOAD_REQ = "farelab/v1/kiosk/{kiosk}/load/req"
-LOAD_RESP = "farelab/v1/kiosk/{kiosk}/load/resp"
-SHARED_LOAD_REQ = "$share/{group}/farelab/v1/kiosk/+/load/req"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS loads (
@@ -77,41 +70,6 @@ def ensure_schema(store: Store) -> None:
             store.execute(statement)
 
 
-def authorize_message(request_id: str, req: LoadRequest) -> dict[str, Any]:
-    """The kiosk's authorization request for a card's INITIALIZE FOR LOAD answer."""
-    return {
-        "id": request_id,
-        "op": "authorize",
-        "card_serial": req.serial,
-        "issuer": req.issuer_id.hex().upper(),
-        "alg": req.alg.label,
-        "key_version": req.key_version,
-        "balance": req.balance,
-        "counter": req.counter,
-        "random": req.random.hex().upper(),
-        "mac1": req.mac1.hex().upper(),
-        "amount": req.amount,
-        "terminal": req.terminal.hex().upper(),
-    }
-
-
-def _request(doc: dict[str, Any]) -> LoadRequest:
-    serial = _serial(doc["card_serial"])
-    return LoadRequest(
-        issuer_id=bytes.fromhex(doc["issuer"]),
-        serial=serial,
-        serial8=bytes.fromhex(serial)[2:],
-        alg=Alg.from_label(doc["alg"]),
-        key_version=int(doc.get("key_version", 1)),
-        balance=int(doc["balance"]),
-        counter=int(doc["counter"]),
-        random=bytes.fromhex(doc["random"]),
-        mac1=bytes.fromhex(doc["mac1"]),
-        amount=int(doc["amount"]),
-        terminal=bytes.fromhex(doc["terminal"]),
-    )
-
-
 def handle_load_message(
     store: Store,
     authority: LoadAuthority,
@@ -144,7 +102,7 @@ def handle_load_message(
                 answer: dict[str, Any] = json.loads(row[1])
                 return answer
             if op == "authorize":
-                refusal = _card_refusal(store, _serial(doc["card_serial"]))
+                refusal = _card_refusal(store, card_serial_of(doc["card_serial"]))
                 if refusal is not None:
                     return {"id": request_id, "result": "refused", **refusal}
                 return _authorize(store, authority, kiosk, request_id, doc, now=now)
@@ -153,7 +111,8 @@ def handle_load_message(
             if op == "transfer":
                 return _transfer(store, authority, kiosk, request_id, doc, now=now)
             if op == "refund_check":
-                return {"id": request_id, **_refund_check(store, _serial(doc["card_serial"]))}
+                serial = card_serial_of(doc["card_serial"])
+                return {"id": request_id, **_refund_check(store, serial)}
             if op == "refund":
                 return _refund(store, verifier, kiosk, request_id, doc)
             if row is None or row[2] != kiosk:
@@ -188,13 +147,6 @@ _KIOSK_KINDS = {
     "refund_check": "refund",
     "refund": "refund",
 }
-
-
-def _serial(value: object) -> str:
-    serial = str(value)
-    if not (serial.isascii() and serial.isdigit()) or len(serial) > 20:
-        raise ValueError(f"card serial {serial[:40]!r} is not up to 20 digits")
-    return serial.rjust(20, "0")
 
 
 def _kiosk_refusal(store: Store, kiosk: str, op: str, doc: dict[str, Any]) -> dict[str, str] | None:
@@ -308,7 +260,7 @@ def _transfer(
     # Claimed before it is authorized: of two requests racing for one old card (two workers,
     # two kiosks), the second finds the claim — at once, or once the first commits — and is
     # refused.  A voided claim passes only to its own retry (_claim_blocks), by the same race.
-    old, new = quote["old_serial"], _serial(doc["card_serial"])
+    old, new = quote["old_serial"], card_serial_of(doc["card_serial"])
     claim = _claim(store, old)
     if claim is None:
         claimed = store.execute(
@@ -343,7 +295,7 @@ def _authorize(
     now: datetime | None,
     kind: str = "load",
 ) -> dict[str, Any]:
-    req = _request(doc)
+    req = load_request_of(doc)
     decision = authority.authorize(req, when=now or datetime.now(UTC))
     if isinstance(decision, LoadAuthorization):
         answer: dict[str, Any] = {
@@ -473,7 +425,7 @@ def _hotlist(store: Store, serial: str, reason: str) -> None:
 def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str, Any]:
     """What may move from an old card to its replacement today (R6); with ``card_serial`` (the
     new card) also whether it may move onto that card."""
-    old = _serial(doc["old_serial"])
+    old = card_serial_of(doc["old_serial"])
     profile = PROFILES.get(str(doc["profile"]))
     if profile is None:
         raise ValueError(
@@ -490,13 +442,13 @@ def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str,
             "available_on": None,
         }
 
-    new = _serial(doc["card_serial"]) if doc.get("card_serial") is not None else None
+    new = card_serial_of(doc["card_serial"]) if doc.get("card_serial") is not None else None
     if _claim_blocks(_claim(store, old), new, None):
         return nothing("already_transferred")
     if _hotlisted(store, old) == "refunded":
         return nothing("refunded")
     if doc.get("card_serial") is not None:
-        refusal = _target_refusal(store, old, _serial(doc["card_serial"]))
+        refusal = _target_refusal(store, old, card_serial_of(doc["card_serial"]))
         if refusal is not None:
             return nothing(refusal["reason"])
     decision = decide(
@@ -533,7 +485,7 @@ def _refund(
     """An outlet emptied a card with a purchase of its whole balance and paid it back in cash
     (Changzhou 退值): verify that purchase's TAC, count it, hotlist the card — unless the
     card's balance has moved to a replacement card (:func:`_refund_check`)."""
-    serial = _serial(doc["card_serial"])
+    serial = card_serial_of(doc["card_serial"])
     tac = str(doc["tac"]).upper()
     expected = verifier.purchase_tac(
         alg=Alg.from_label(doc["alg"]),

@@ -8,23 +8,31 @@ ledger's (cloned cards, found at ingest) plus any serials an operator adds.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable
 
-from farelab.backend._broker import PARAMS_TOPIC, STATUS_TOPIC, BrokerURL
-from farelab.backend._brokerconfig import MAX_PACKET_SIZE
 from farelab.backend._store import Store
+from farelab.card import full_serial
+from farelab.protocol import (
+    PARAMS_MAX,
+    PARAMS_TOPIC,
+    STATUS_TOPIC,
+    BrokerURL,
+    ParamsError,
+    ParamsMessage,
+    decode_status,
+    encode_params,
+)
 
-__all__ = ["PARAMS_MAX", "devices_in", "next_params", "publish_params", "read_status"]
-
-# The broker disconnects a client that sends a packet over its limit; leave room for the
-# topic and the packet's header.
-PARAMS_MAX = MAX_PACKET_SIZE - 4096
+__all__ = ["devices_in", "next_params", "publish_params", "read_status"]
 
 
 def next_params(
-    store: Store, *, hotlist: Iterable[str] = (), whitelist: Iterable[str] | None = None
-) -> dict[str, object]:
+    store: Store,
+    *,
+    hotlist: Iterable[str] = (),
+    whitelist: Iterable[str] | None = None,
+    networks: str | None = None,
+) -> ParamsMessage:
     """The next parameters version, recorded in the ledger."""
     with store.transaction():
         store.execute(
@@ -34,13 +42,12 @@ def next_params(
         version = store.execute(
             "SELECT value FROM counters WHERE name = 'params_version'"
         ).fetchone()[0]
-    doc: dict[str, object] = {
-        "version": int(version),
-        "hotlist": sorted({*store.hotlist(), *(s.rjust(20, "0") for s in hotlist)}),
-    }
-    if whitelist is not None:
-        doc["whitelist"] = sorted(w.upper() for w in whitelist)
-    return doc
+    return ParamsMessage(
+        int(version),
+        frozenset({*store.hotlist(), *(full_serial(s) for s in hotlist)}),
+        None if whitelist is None else frozenset(bytes.fromhex(w) for w in whitelist),
+        networks,
+    )
 
 
 def devices_in(store: Store) -> list[str]:
@@ -48,15 +55,13 @@ def devices_in(store: Store) -> list[str]:
     return [r[0] for r in store.execute("SELECT DISTINCT device FROM transactions").fetchall()]
 
 
-async def publish_params(
-    broker: BrokerURL, params: dict[str, object], devices: Iterable[str]
-) -> int:
+async def publish_params(broker: BrokerURL, params: ParamsMessage, devices: Iterable[str]) -> int:
     """Publish ``params`` retained to every device; returns how many.  ValueError if the
     message would pass the broker's packet limit (``PARAMS_MAX`` bytes)."""
-    payload = json.dumps(params)
-    if len(payload.encode()) > PARAMS_MAX:
+    payload = encode_params(params)
+    if len(payload) > PARAMS_MAX:
         raise ValueError(
-            f"the parameters are {len(payload.encode())} bytes, more than the broker takes "
+            f"the parameters are {len(payload)} bytes, more than the broker takes "
             f"({PARAMS_MAX}): shorten the hotlist or the fare tables"
         )
     n = 0
@@ -79,8 +84,11 @@ async def read_status(
         try:
             async with asyncio.timeout(wait):
                 async for message in client.messages:
-                    doc = json.loads(bytes(message.payload))
-                    out[doc["device"]] = int(doc["params_version"])
+                    try:
+                        device, version = decode_status(bytes(message.payload))
+                    except ParamsError:
+                        continue  # not a status message: nothing a device said
+                    out[device] = version
                     if set(out) >= wanted:
                         break
         except TimeoutError:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from farelab.backend._broker import check_client_id
+from farelab.protocol import check_client_id
 
 if TYPE_CHECKING:  # the store looks devices up while it ingests: no import cycle at run time
     from farelab.backend._store import Store

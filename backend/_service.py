@@ -26,23 +26,29 @@ from dataclasses import dataclass
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
-from farelab.backend._broker import (
+from farelab.backend._ingest import classify
+from farelab.backend._loads import ensure_schema, handle_load_message
+from farelab.backend._params import devices_in, next_params
+from farelab.backend._store import Store
+from farelab.card import IssuerKeys, LoadAuthority, TacVerifier
+from farelab.protocol import (
     ACK_TOPIC,
+    LOAD_RESP,
     PARAMS_TOPIC,
+    SHARED_LOAD_REQ,
     SHARED_TX,
+    Ack,
     Backoff,
     BrokerURL,
     SubscriptionRefusedError,
+    WireError,
     check_client_id,
+    decode_batch,
+    encode_ack,
+    encode_params,
     honour_cancellation,
     subscribe_or_raise,
 )
-from farelab.backend._ingest import classify
-from farelab.backend._loads import LOAD_RESP, SHARED_LOAD_REQ, ensure_schema, handle_load_message
-from farelab.backend._params import devices_in, next_params
-from farelab.backend._store import Store
-from farelab.backend._wire import Ack, WireError, decode_batch, encode_ack
-from farelab.card import IssuerKeys, LoadAuthority, TacVerifier
 
 __all__ = [
     "LOAD_REQUEST_MAX",
@@ -144,14 +150,14 @@ async def _handle(
     if result.clones:
         # A cloned card rides until every device refuses it: hotlist it everywhere at once.
         params = await asyncio.to_thread(next_params, store)
-        message = json.dumps(params)
+        message = encode_params(params)
         for target in await asyncio.to_thread(devices_in, store):
             await client.publish(PARAMS_TOPIC.format(device=target), message, qos=1, retain=True)
         log.warning(
             "%s: cloned card(s) %s hotlisted (parameters version %s)",
             name,
             ", ".join(result.clones),
-            params["version"],
+            params.version,
         )
     stats.batches += 1
     stats.records += len(rows)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from farelab.backend._dbfile import ForeignFileError, claim, describe_path
 from farelab.backend._ingest import (
     LEDGER_COLUMNS,
     Classified,
@@ -41,6 +40,8 @@ from farelab.backend._ingest import (
     own_keys,
 )
 from farelab.backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
+from farelab.card import describe_path
+from farelab.protocol import ForeignFileError, claim
 
 __all__ = ["IngestResult", "Store", "StoreError"]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 from farelab.backend._store import Store
+from farelab.card import full_serial
 
 __all__ = [
     "PROFILES",
@@ -137,7 +138,7 @@ def last_known_balance(store: Store, card_serial: str) -> int | None:
     rows = store.execute(
         "SELECT tx_type, card_counter, amount, balance_before, at_ms FROM transactions "
         "WHERE card_serial = ? AND verdict = 'ok'",
-        (card_serial.rjust(20, "0"),),
+        (full_serial(card_serial),),
     ).fetchall()
     return balance_after_history([CardTransaction(*(int(v) for v in row)) for row in rows])
 

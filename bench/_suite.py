@@ -30,12 +30,10 @@ import numpy as np
 import psycopg
 
 from farelab._devices import entry_of
-from farelab.backend._broker import BrokerURL
 from farelab.backend._clearing import clear
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._registry import register
 from farelab.backend._store import Store
-from farelab.backend._wire import BATCH_MAX, encode_record
 from farelab.bench._backend import process_tree, running_backend
 from farelab.bench._taps import TapBench, bench_card, bus_devices, percentile, uplink_running
 from farelab.bench._watchdog import StepTimeout, time_limit
@@ -44,6 +42,7 @@ from farelab.bench.ingest import measure as measure_ingest
 from farelab.bench.topup_latency import TOPUP_KIOSK
 from farelab.bench.topup_latency import measure as measure_topup
 from farelab.card import Alg, CardEndpoint, Reader
+from farelab.protocol import BATCH_MAX, BrokerURL, encode_record
 from farelab.validator._runtime import favour_taps
 
 __all__ = [

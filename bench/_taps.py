@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from farelab.backend._broker import BrokerURL, cancel_and_wait
 from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
@@ -23,6 +22,7 @@ from farelab.card import (
     SimulatedCard,
     personalise,
 )
+from farelab.protocol import BrokerURL, cancel_and_wait
 from farelab.validator._config import DeviceConfig
 from farelab.validator._decision import TapResult
 from farelab.validator._device import Device, Kind, Parameters

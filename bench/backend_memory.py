@@ -30,15 +30,14 @@ from pathlib import Path
 
 import aiomqtt
 
-from farelab.backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
 from farelab.backend._ingest import classify
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._store import Store
-from farelab.backend._wire import VERSION, decode_batch
 from farelab.bench._backend import process_tree, rss_mb, running_backend
 from farelab.bench.ingest import acks_of
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
+from farelab.protocol import ACK_TOPIC, TX_TOPIC, VERSION, BrokerURL, decode_batch
 
 __all__ = ["Traffic", "main", "measure_backend_rss"]
 

@@ -24,20 +24,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 
 import aiomqtt
 import psycopg
 from psycopg import sql
 
-from farelab.backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._store import Store
-from farelab.backend._wire import Ack, Batch, Record, decode_ack, encode_batch
 from farelab.bench._backend import running_backend
-from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
+from farelab.card import CST, DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
+from farelab.protocol import (
+    ACK_TOPIC,
+    TX_TOPIC,
+    Ack,
+    Batch,
+    BrokerURL,
+    Record,
+    decode_ack,
+    encode_batch,
+)
 
 __all__ = [
     "acks_of",
@@ -52,7 +60,6 @@ __all__ = [
 ]
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-CST = timezone(timedelta(hours=8))
 
 
 # No ack for this long while batches are out: the backend lost them (the bench does not send

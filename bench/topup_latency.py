@@ -18,9 +18,9 @@ from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
-from farelab.backend._broker import BrokerURL
 from farelab.backend._registry import DeviceEntry
 from farelab.card import InProcessReader, MemoryStore, Reader, SimulatedCard, personalise
+from farelab.protocol import BrokerURL
 from farelab.topup._host import MqttHost
 from farelab.topup._journal import KioskJournal
 from farelab.topup._station import Kiosk

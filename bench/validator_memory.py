@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from farelab.backend._broker import BrokerURL
 from farelab.bench._backend import rss_mb
 from farelab.bench._taps import TapBench, uplink_running
+from farelab.protocol import BrokerURL
 from farelab.validator._runtime import favour_taps
 
 __all__ = ["measure"]

@@ -38,6 +38,7 @@ from farelab.card._files import (
     bcd_date,
     bcd_datetime,
     bcd_time,
+    full_serial,
 )
 from farelab.card._host import LoadAuthority, LoadAuthorization, LoadRefusal, TacVerifier
 from farelab.card._image import (
@@ -61,6 +62,7 @@ from farelab.card._keys import (
     diversify_card_key,
     load_keys_file,
 )
+from farelab.card._messages import describe_path, shown
 from farelab.card._personalise import personalise
 from farelab.card._psam import Psam, PsamError, PsamKeys, PurchaseTicket
 from farelab.card._reader import (
@@ -170,9 +172,11 @@ __all__ = [
     "bcd_datetime",
     "bcd_time",
     "card_keys",
+    "describe_path",
     "diversify",
     "diversify_card_key",
     "drive",
+    "full_serial",
     "is_weak_pin",
     "load_image",
     "load_keys_file",
@@ -185,6 +189,7 @@ __all__ = [
     "process",
     "save_image",
     "session_key",
+    "shown",
     "step_of",
     "tac_key",
 ]

@@ -33,12 +33,19 @@ __all__ = [
     "bcd_datetime",
     "bcd_time",
     "from_bcd",
+    "full_serial",
     "parse_bcd_date",
     "parse_bcd_datetime",
 ]
 
 CST = timezone(timedelta(hours=8), "CST")
 """China Standard Time, the zone of every date and time written on a card."""
+
+
+def full_serial(serial: str) -> str:
+    """A card serial as the card's public file holds it: 20 digits, zero-padded on the left."""
+    return serial.rjust(20, "0")
+
 
 EF15_LEN = 30
 EF16_LEN = 55

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import date
 
 from farelab.card._crypto import Alg
-from farelab.card._files import CardType, PublicInfo, holder_file, management_file
+from farelab.card._files import CardType, PublicInfo, full_serial, holder_file, management_file
 from farelab.card._image import CardImage, SocialSecurity
 from farelab.card._keys import DEMO_ISSUER_ID, DEMO_KEYS, IssuerKeys, card_keys
 
@@ -60,7 +60,7 @@ def personalise(
     expiry = expires if expires is not None else _add_years(issued, VALIDITY_YEARS)
     if expiry < issued:
         raise ValueError(f"expiry {expiry} is before the start date {issued}")
-    public = PublicInfo(issuer_id, serial.rjust(20, "0"), issued, expiry, card_type)
+    public = PublicInfo(issuer_id, full_serial(serial), issued, expiry, card_type)
     holder = ("SERIAL" + public.serial).encode("ascii").ljust(64, b"\x00")
     return CardImage(
         alg=alg,

@@ -16,7 +16,6 @@ from aiomqtt import MqttError
 from farelab import _brokercli as broker_cli
 from farelab import _devices as devices_cli
 from farelab._errors import CliError
-from farelab.backend._broker import BrokerURL, check_client_id
 from farelab.backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
 from farelab.backend._clearing import clear_ledger
 from farelab.backend._params import devices_in, next_params, publish_params, read_status
@@ -25,6 +24,7 @@ from farelab.backend._service import run_workers
 from farelab.backend._store import Store, StoreError
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
 from farelab.card._money import fen_to_yuan
+from farelab.protocol import BrokerURL, check_client_id
 from farelab.validator._network import NetworkError, parse_networks
 from farelab.validator._values import positive_seconds
 
@@ -257,14 +257,12 @@ def _params(args: argparse.Namespace) -> int:
                 raise CliError(f"{args.networks}: cannot read: {exc.strerror}") from None
             except NetworkError as exc:
                 raise CliError(f"{args.networks}: {exc}") from None
-        params = next_params(store, hotlist=args.hotlist, whitelist=args.whitelist)
-        if tables is not None:
-            params["networks"] = tables
+        params = next_params(store, hotlist=args.hotlist, whitelist=args.whitelist, networks=tables)
     finally:
         store.close()
     try:
         n = asyncio.run(publish_params(broker, params, devices))
-        print(f"published parameters version {params['version']} to {n} device(s)")
+        print(f"published parameters version {params.version} to {n} device(s)")
         if args.wait > 0:
             running = asyncio.run(read_status(broker, devices, wait=args.wait))
             for device in devices:

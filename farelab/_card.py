@@ -30,13 +30,14 @@ from farelab.card import (
     SimulatedCard,
     TripRecord,
     TxType,
+    describe_path,
     load_image,
     load_keys_file,
     personalise,
     save_image,
+    shown,
 )
 from farelab.card._files import parse_bcd_date
-from farelab.card._messages import describe_path, shown
 from farelab.card._money import fen_to_yuan, yuan_to_fen
 
 __all__ = ["card_json", "parse_vpcd", "register"]

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from farelab._errors import CliError
-from farelab.backend._dbfile import describe_path
 from farelab.backend._registry import (
     ROLES,
     DeviceEntry,
@@ -21,6 +20,7 @@ from farelab.backend._registry import (
     revoke,
 )
 from farelab.backend._store import Store, StoreError
+from farelab.card import describe_path
 from farelab.validator._config import ConfigError, load_config
 from farelab.validator._device import Device, Direction, Kind
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from farelab._errors import CliError
-from farelab.backend._broker import BrokerURL, check_client_id
+from farelab.backend._localhost import LocalHost
 from farelab.backend._store import StoreError
 from farelab.card import (
     DEMO_ISSUER_ID,
@@ -23,10 +23,11 @@ from farelab.card import (
     Reader,
     ReaderError,
     SimulatedCard,
+    shown,
 )
-from farelab.card._messages import shown
 from farelab.card._money import fen_to_yuan
-from farelab.topup._host import Host, LocalHost, MqttHost
+from farelab.protocol import BrokerURL, check_client_id
+from farelab.topup._host import Host, MqttHost
 from farelab.topup._journal import KioskJournal, KioskJournalError
 from farelab.topup._rules import AmountRules, parse_amount
 from farelab.topup._station import Kiosk, LoadResult, Run, terminal_for

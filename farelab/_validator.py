@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from farelab._errors import CliError
-from farelab.backend._broker import BrokerURL, cancel_and_wait
-from farelab.backend._dbfile import describe_path
+from farelab.card import describe_path
+from farelab.protocol import BrokerURL, cancel_and_wait
 from farelab.validator._config import Config, ConfigError, load_config
 from farelab.validator._device import Parameters
 from farelab.validator._journal import Journal, JournalError

@@ -18,8 +18,8 @@ from farelab.backend._loads import ensure_schema, handle_load_message
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._store import Store
-from farelab.backend._wire import Batch, Record, WireError, decode_batch, encode_batch
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
+from farelab.protocol import Batch, Record, WireError, decode_batch, encode_batch
 from tests.test_uplink_backend import DEVICES, farelab, make_taps, replay, start_backend, stop
 
 _COLUMNS = (

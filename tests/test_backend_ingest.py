@@ -16,9 +16,9 @@ from farelab.backend._ingest import LEDGER_COLUMNS, Classified, LedgerView, clas
 from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._report import report
 from farelab.backend._store import Store
-from farelab.backend._wire import Batch, Record, decode_batch, encode_batch
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.protocol import Batch, Record, decode_batch, encode_batch
 from tests.validator_support import Lab, bus, gate, new_card
 
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})

@@ -21,8 +21,8 @@ import pytest
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._store import Store
-from farelab.backend._wire import encode_batch
 from farelab.card import load_image
+from farelab.protocol import encode_batch
 from farelab.validator._journal import Journal
 from tests.test_uplink_backend import DEVICES, farelab, make_taps, start_backend, stop
 
@@ -46,7 +46,7 @@ def report(db: str) -> dict[str, object]:
 def test_bad_payloads_are_quarantined_with_their_reason(broker: Mosquitto, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     backend = start_backend(broker, db)
-    from farelab.backend._wire import Batch, Record  # noqa: PLC0415
+    from farelab.protocol import Batch, Record  # noqa: PLC0415
 
     record = Record(
         1,

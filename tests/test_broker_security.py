@@ -16,19 +16,23 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from farelab.backend._broker import (
-    DEVICE_CLIENT_ID,
-    KIOSK_CLIENT_ID,
-    BrokerURL,
-    LinkState,
-    cancel_and_wait,
-)
-from farelab.backend._brokerconfig import MAX_PACKET_SIZE, Account, acl_text, mosquitto_conf
+from farelab.backend._brokerconfig import Account, acl_text, mosquitto_conf
 from farelab.backend._mosquitto import Mosquitto, free_port
 from farelab.backend._params import publish_params
 from farelab.backend._registry import DeviceEntry, hash_secret, register, revoke
 from farelab.backend._store import Store
-from farelab.backend._wire import Batch, Record, encode_batch
+from farelab.protocol import (
+    DEVICE_CLIENT_ID,
+    KIOSK_CLIENT_ID,
+    MAX_PACKET_SIZE,
+    Batch,
+    BrokerURL,
+    LinkState,
+    ParamsMessage,
+    Record,
+    cancel_and_wait,
+    encode_batch,
+)
 from farelab.topup._host import HostUnreachableError, MqttHost
 from farelab.validator._journal import Journal
 from farelab.validator._uplink import MqttUplink
@@ -652,7 +656,7 @@ def test_the_shipped_files_are_what_broker_config_writes() -> None:
 
 
 def test_parameters_over_the_broker_limit_are_refused_before_sending() -> None:
-    big = {"version": 1, "hotlist": [str(n).rjust(20, "0") for n in range(180_000)]}
+    big = ParamsMessage(1, frozenset(str(n).rjust(20, "0") for n in range(180_000)))
     nowhere = BrokerURL("127.0.0.1", 1)  # never reached: the size is checked first
     with pytest.raises(ValueError, match="more than the broker takes"):
         asyncio.run(publish_params(nowhere, big, ["bus-1"]))

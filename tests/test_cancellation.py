@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from farelab.backend._broker import cancel_and_wait, honour_cancellation
+from farelab.protocol import cancel_and_wait, honour_cancellation
 
 
 async def _loop_through_wait_for(event: asyncio.Event, turns: list[int], *, honour: bool) -> None:

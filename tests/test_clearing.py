@@ -13,8 +13,8 @@ from farelab.backend._clearing import clear, clear_ledger
 from farelab.backend._ingest import classify
 from farelab.backend._registry import register
 from farelab.backend._store import Store
-from farelab.backend._wire import Batch
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.protocol import Batch
 from farelab.validator._device import Device
 from tests.validator_support import NON_LOCAL_ISSUER, Lab, bus, gate, new_card
 

@@ -20,9 +20,9 @@ from psycopg import pq
 from farelab.backend._ingest import LEDGER_COLUMNS, LedgerView, batch_epoch, classify, decide
 from farelab.backend._registry import register
 from farelab.backend._store import IngestResult, Store, _text_array
-from farelab.backend._wire import Batch, decode_batch, encode_batch
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.protocol import Batch, decode_batch, encode_batch
 
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
 PG = "postgresql://postgres@127.0.0.1:5432/test"

@@ -21,8 +21,8 @@ from farelab.backend._ingest import (
     tac_time_ms,
 )
 from farelab.backend._registry import DeviceEntry
-from farelab.backend._wire import Record, decode_batch, encode_batch
 from farelab.bench.ingest import bench_entry, make_batches
+from farelab.protocol import Record, decode_batch, encode_batch
 
 DEVICE = "bench-3-0"
 ENTRY = bench_entry(DEVICE, 0)

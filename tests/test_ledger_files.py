@@ -20,9 +20,9 @@ from farelab.backend._ingest import classify
 from farelab.backend._registry import register
 from farelab.backend._report import report
 from farelab.backend._store import Store
-from farelab.backend._wire import Batch, decode_batch, encode_batch
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.protocol import Batch, decode_batch, encode_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://postgres@127.0.0.1:5432/test"

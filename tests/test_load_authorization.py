@@ -13,7 +13,6 @@ from typing import Any
 
 import aiomqtt
 
-from farelab.backend._loads import LOAD_REQ, LOAD_RESP
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._store import Store
@@ -30,6 +29,7 @@ from farelab.card import (
     drive,
     personalise,
 )
+from farelab.protocol import LOAD_REQ, LOAD_RESP
 from tests.test_uplink_backend import farelab, start_backend, stop
 
 KIOSK = "kiosk-1"

@@ -45,9 +45,9 @@ from hypothesis.stateful import (
 
 from farelab._devices import entry_of
 from farelab.backend._ingest import classify
+from farelab.backend._localhost import LocalHost
 from farelab.backend._registry import register
 from farelab.backend._store import Store
-from farelab.backend._wire import decode_batch, encode_batch_records
 from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -61,7 +61,7 @@ from farelab.card import (
     personalise,
     step_of,
 )
-from farelab.topup._host import LocalHost
+from farelab.protocol import decode_batch, encode_batch_records
 from farelab.topup._journal import KioskJournal
 from farelab.topup._station import Kiosk, LoadResult
 from farelab.validator._device import Device

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from farelab.backend._loads import ensure_schema, handle_load_message
+from farelab.backend._localhost import LocalHost
 from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._store import Store
 from farelab.card import (
@@ -29,7 +30,7 @@ from farelab.card import (
     personalise,
     step_of,
 )
-from farelab.topup._host import HostUnreachableError, LocalHost
+from farelab.topup._host import HostUnreachableError
 from farelab.topup._journal import KioskJournal
 from farelab.topup._rules import AmountRules, parse_amount
 from farelab.topup._station import CardView, Kiosk, LoadResult

@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 from farelab._cli import main
-from farelab.backend._loads import authorize_message, ensure_schema, handle_load_message
+from farelab.backend._loads import ensure_schema, handle_load_message
+from farelab.backend._localhost import LocalHost
 from farelab.backend._registry import DeviceEntry, register, revoke
 from farelab.backend._store import Store
 from farelab.card import (
@@ -39,7 +40,7 @@ from farelab.card import (
     drive,
     personalise,
 )
-from farelab.topup._host import LocalHost
+from farelab.protocol import authorize_message
 from farelab.topup._journal import KioskJournal
 from farelab.topup._station import Kiosk, LoadResult
 

@@ -24,8 +24,8 @@ from farelab.backend._transfer import (
     last_known_balance,
     working_days_after,
 )
-from farelab.backend._wire import Batch
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
+from farelab.protocol import Batch
 from tests.validator_support import Lab, bus, new_card
 
 ROOT = Path(__file__).resolve().parent.parent

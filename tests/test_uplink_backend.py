@@ -204,7 +204,7 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
     import contextlib  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from farelab.backend._broker import BrokerURL  # noqa: PLC0415
+    from farelab.protocol import BrokerURL  # noqa: PLC0415
     from farelab.validator._journal import Journal  # noqa: PLC0415
     from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
@@ -257,8 +257,16 @@ def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
 
     import aiomqtt  # noqa: PLC0415
 
-    from farelab.backend._broker import ACK_TOPIC, TX_TOPIC, BrokerURL, cancel_and_wait  # noqa: PLC0415
-    from farelab.backend._wire import Ack, Batch, decode_batch, encode_ack  # noqa: PLC0415
+    from farelab.protocol import (  # noqa: PLC0415  # noqa: PLC0415
+        ACK_TOPIC,
+        TX_TOPIC,
+        Ack,
+        Batch,
+        BrokerURL,
+        cancel_and_wait,
+        decode_batch,
+        encode_ack,
+    )
     from farelab.validator._journal import Journal  # noqa: PLC0415
     from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415

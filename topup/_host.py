@@ -1,7 +1,8 @@
-"""The kiosk's line to the host that holds the load key: the backend over MQTT, or — with no
-broker given — an in-process host with the demo keys and a local ledger.
+"""The kiosk's line to the host that holds the load key.
 
-Both speak the backend's load messages (``backend._loads``): authorize, confirm, void.
+A :class:`Host` takes one load message (``farelab.protocol``'s load authorization: authorize,
+confirm, void, …) and returns the answer.  :class:`MqttHost` is the backend over MQTT; an
+in-process host with a ledger of its own (``farelab.backend.LocalHost``) fits the same shape.
 """
 
 from __future__ import annotations
@@ -9,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from pathlib import Path
 from typing import Any, Protocol
 
 import aiomqtt
 
-from farelab.backend._broker import KIOSK_CLIENT_ID, BrokerURL, check_client_id, subscribe_or_raise
-from farelab.backend._loads import LOAD_REQ, LOAD_RESP, ensure_schema, handle_load_message
-from farelab.backend._registry import DeviceEntry, lookup, register
-from farelab.backend._store import Store
-from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
+from farelab.protocol import (
+    KIOSK_CLIENT_ID,
+    LOAD_REQ,
+    LOAD_RESP,
+    BrokerURL,
+    check_client_id,
+    subscribe_or_raise,
+)
 
-__all__ = ["Host", "HostUnreachableError", "LocalHost", "MqttHost", "new_request_id"]
+__all__ = ["Host", "HostUnreachableError", "MqttHost", "new_request_id"]
 
 
 class HostUnreachableError(Exception):
@@ -38,55 +41,6 @@ class Host(Protocol):
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one message, return the host's answer; HostUnreachableError on silence."""
         ...
-
-
-class LocalHost:
-    """An in-process host with the demo issuer's keys and a SQLite ledger of its own.
-
-    The host runs in the kiosk's own process, so it registers that kiosk in its ledger's device
-    registry the first time (a kiosk revoked there stays revoked).
-    """
-
-    def __init__(self, ledger: Path, kiosk: str, *, terminal: bytes) -> None:
-        """
-        Args:
-            ledger: the host's database file.
-            kiosk: this kiosk's id (ValueError unless it can be a topic level).
-            terminal: the kiosk's 6-byte terminal id, as its load requests carry it.
-        """
-        check_client_id(kiosk, "kiosk id")
-        self._store = Store(f"sqlite:///{ledger}")
-        ensure_schema(self._store)
-        if lookup(self._store, kiosk) is None:
-            register(
-                self._store,
-                DeviceEntry(
-                    id=kiosk,
-                    role="kiosk",
-                    operator=kiosk[:8],
-                    kinds=frozenset({"load", "refund"}),
-                    terminal=terminal.hex().upper(),
-                ),
-            )
-        self._authority = LoadAuthority(issuers={DEMO_ISSUER_ID: DEMO_KEYS})
-        self._verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
-        self._kiosk = kiosk
-
-    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Handled at once, in this process."""
-        payload = json.dumps(message).encode()
-        return await asyncio.to_thread(
-            handle_load_message,
-            self._store,
-            self._authority,
-            self._verifier,
-            self._kiosk,
-            payload,
-        )
-
-    def close(self) -> None:
-        """Close the ledger."""
-        self._store.close()
 
 
 class MqttHost:

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from farelab.backend._dbfile import ForeignFileError, claim, describe_path
+from farelab.card import describe_path
+from farelab.protocol import ForeignFileError, claim
 
 __all__ = ["KioskJournal", "KioskJournalError", "PendingLoad"]
 

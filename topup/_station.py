@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from farelab.backend._loads import authorize_message
 from farelab.card import (
     SW,
     CardBusyError,
@@ -41,6 +40,7 @@ from farelab.card import (
     TxType,
 )
 from farelab.card._faults import checkpoint
+from farelab.protocol import authorize_message
 from farelab.topup._host import Host, HostUnreachableError, new_request_id
 from farelab.topup._journal import KioskJournal, PendingLoad
 from farelab.topup._rules import AmountRules, check_amount, room

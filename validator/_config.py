@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from farelab.backend._dbfile import describe_path
-from farelab.card import DEMO_KEYS, IssuerKeys, KeysFileError, load_keys_file
+from farelab.card import (
+    DEMO_KEYS,
+    IssuerKeys,
+    KeysFileError,
+    describe_path,
+    full_serial,
+    load_keys_file,
+)
 from farelab.validator import _values as values
 from farelab.validator._device import Device, Direction, Kind, Parameters
 from farelab.validator._network import Network, NetworkError, load_networks, shipped_networks
@@ -98,7 +104,7 @@ class _Where:
         )
         if not ok:
             raise self.error(key, "must be a list of card serials (strings of up to 20 digits)")
-        return frozenset(v.rjust(20, "0") for v in value)
+        return frozenset(full_serial(v) for v in value)
 
     def fen(self, key: str) -> int | None:
         value = self.table.get(key)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
-from farelab.backend._dbfile import describe_path
+from farelab.card import describe_path
 from farelab.validator._decision import Intent, Pending
 
 __all__ = ["IntentLog", "IntentLogError", "decode", "encode"]

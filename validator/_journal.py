@@ -27,14 +27,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from farelab.backend._dbfile import ForeignFileError, claim, describe_path
-from farelab.backend._wire import (
+from farelab.card import describe_path
+from farelab.protocol import (
+    ForeignFileError,
     Record,
     WireError,
+    claim,
     decode_record,
     encode_record,
-    record_from_outbox,
 )
+from farelab.protocol._wire import record_from_outbox
 from farelab.validator._decision import Accepted, Intent, Pending, Rejected, TapResult
 from farelab.validator._intents import IntentLog, IntentLogError
 from farelab.validator._priority import TapGate

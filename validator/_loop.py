@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from farelab.backend._dbfile import describe_path
-from farelab.card import CST, InProcessReader, Reader, ReaderError, SimulatedCard
+from farelab.card import CST, InProcessReader, Reader, ReaderError, SimulatedCard, describe_path
+from farelab.protocol import ParamsError, decode_params
 from farelab.validator._config import Config
 from farelab.validator._decision import Rejected, TapResult
 from farelab.validator._device import Parameters
@@ -55,10 +55,6 @@ class Uplink(Protocol):
         ...
 
 
-class ParamsError(ValueError):
-    """A parameters file that cannot be applied."""
-
-
 def load_params(path: Path, current: Parameters) -> Parameters:
     """``{"version": n, "hotlist": [...], "whitelist": [...]}``; omitted lists are kept."""
     where = describe_path(path)
@@ -75,39 +71,21 @@ def load_params(path: Path, current: Parameters) -> Parameters:
 
 
 def parse_params(text: str | bytes, current: Parameters) -> Parameters:
-    """Parameters from their JSON form (a file, or the backend's retained message)."""
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ParamsError(f"not JSON ({exc})") from None
-    version = doc.get("version") if isinstance(doc, dict) else None
-    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**63:
-        raise ParamsError("expected an object with an integer 'version' (0 or more)")
-    hotlist, whitelist = current.hotlist, current.whitelist
-    if "hotlist" in doc:
-        raw = doc["hotlist"]
-        if not isinstance(raw, list) or not all(
-            isinstance(s, str) and s.isdigit() and len(s) <= 20 for s in raw
-        ):
-            raise ParamsError("'hotlist' must be a list of card serials (up to 20 digits)")
-        hotlist = frozenset(s.rjust(20, "0") for s in raw)
-    if "whitelist" in doc:
-        raw = doc["whitelist"]
-        try:
-            whitelist = frozenset(bytes.fromhex(s) for s in raw)
-        except (TypeError, ValueError):
-            whitelist = frozenset({b""})
-        if any(len(issuer) != 8 for issuer in whitelist):
-            raise ParamsError("'whitelist' must be a list of 16-digit hex issuer ids")
+    """Parameters from their JSON form (a file, or the backend's retained message); what the
+    message leaves out is kept from ``current``."""
+    message = decode_params(text)
     networks = current.networks
-    if "networks" in doc:
-        if not isinstance(doc["networks"], str):
-            raise ParamsError("'networks' must be the fare tables as TOML text")
+    if message.networks is not None:
         try:
-            networks = parse_networks(doc["networks"])
+            networks = parse_networks(message.networks)
         except NetworkError as exc:
             raise ParamsError(str(exc)) from None
-    return Parameters(version, hotlist, whitelist, networks)
+    return Parameters(
+        message.version,
+        current.hotlist if message.hotlist is None else message.hotlist,
+        current.whitelist if message.whitelist is None else message.whitelist,
+        networks,
+    )
 
 
 @dataclass

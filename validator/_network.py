@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from farelab.backend._dbfile import describe_path
-from farelab.card import CardType
+from farelab.card import CardType, describe_path
 from farelab.validator import _values as values
 
 __all__ = [

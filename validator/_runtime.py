@@ -14,7 +14,6 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from farelab.backend._dbfile import describe_path
 from farelab.card import (
     CardRemovedError,
     ImageError,
@@ -24,6 +23,7 @@ from farelab.card import (
     ReaderError,
     Step,
     Transmit,
+    describe_path,
 )
 from farelab.validator._config import DeviceConfig
 from farelab.validator._decision import Intent, Pending, Rejected, Tap, TapResult

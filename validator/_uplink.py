@@ -25,8 +25,9 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from farelab.backend._broker import (
+from farelab.protocol import (
     ACK_TOPIC,
+    BATCH_MAX,
     DEVICE_CLIENT_ID,
     PARAMS_TOPIC,
     STATUS_TOPIC,
@@ -34,11 +35,13 @@ from farelab.backend._broker import (
     Backoff,
     BrokerURL,
     LinkState,
+    WireError,
     cancel_and_wait,
+    decode_ack,
+    encode_batch_records,
     honour_cancellation,
     subscribe_or_raise,
 )
-from farelab.backend._wire import BATCH_MAX, WireError, decode_ack, encode_batch_records
 from farelab.validator._journal import Journal
 
 __all__ = ["MqttUplink", "UplinkStats"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
-from farelab.backend._broker import check_client_id
-from farelab.backend._dbfile import describe_path
+from farelab.card import describe_path
+from farelab.protocol import check_client_id
 
 __all__ = ["MAX_FARE_FEN", "device_id", "fen", "number", "positive_seconds", "shown"]
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from farelab.card._messages import describe_path
+from farelab.card import describe_path
 
-__all__ = ["FileKind", "ForeignFileError", "claim", "describe_path"]
+__all__ = ["FileKind", "ForeignFileError", "claim"]
 
 FileKind = Literal["journal", "ledger", "kiosk"]
 

@@ -1,11 +1,11 @@
-"""Broker addresses, topics, and the capped jittered backoff both ends reconnect with."""
+"""The MQTT link both ends share: broker addresses, subscriptions that fail loudly, the
+connection's state, and cancellation that
+survives aiomqtt's timeouts."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import random
-import re
 import socket
 import ssl
 from collections.abc import Sequence
@@ -17,47 +17,13 @@ import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
-    "ACK_TOPIC",
-    "DEVICE_CLIENT_ID",
-    "KIOSK_CLIENT_ID",
-    "PARAMS_TOPIC",
-    "SHARED_TX",
-    "STATUS_TOPIC",
-    "TX_TOPIC",
-    "Backoff",
     "BrokerURL",
     "LinkState",
     "SubscriptionRefusedError",
     "cancel_and_wait",
-    "check_client_id",
     "honour_cancellation",
     "subscribe_or_raise",
 ]
-
-TX_TOPIC = "farelab/v1/dev/{device}/tx"
-ACK_TOPIC = "farelab/v1/dev/{device}/ack"
-PARAMS_TOPIC = "farelab/v1/dev/{device}/params"
-STATUS_TOPIC = "farelab/v1/dev/{device}/status"
-SHARED_TX = "$share/{group}/farelab/v1/dev/+/tx"
-#: A validator's MQTT client id: stable (its session persists), and the only one the broker lets
-#: that device's account use, so no account can take another device's session over.
-DEVICE_CLIENT_ID = "farelab-dev-{device}"
-KIOSK_CLIENT_ID = "farelab-kiosk-{kiosk}"
-
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def check_client_id(value: str, what: str = "device id") -> str:
-    """``value`` if it can be one level of a topic and a broker username: 1-64 characters of
-    letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (no ``/``, ``#``,
-    ``+`` or ``$``, which would change what a topic means); otherwise ValueError naming it."""
-    if not isinstance(value, str) or not _CLIENT_ID.fullmatch(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise ValueError(
-            f"{what} {shown} must be 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,29 +156,6 @@ class LinkState(enum.Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     BACKOFF = "backoff"
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; reset on success."""
-
-    def __init__(
-        self, *, base: float = 0.2, cap: float = 10.0, rng: random.Random | None = None
-    ) -> None:
-        """``base``: the first delay's ceiling; ``cap``: the longest delay."""
-        self.base = base
-        self.cap = cap
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        """Count a failure; the delay before the next attempt."""
-        self.failures += 1
-        ceiling = min(self.cap, self.base * 2 ** (self.failures - 1))
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        """The link works again."""
-        self.failures = 0
 
 
 def honour_cancellation() -> None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from farelab.card import full_serial
+
 __all__ = [
     "BATCH_MAX",
     "KINDS",
@@ -160,7 +162,7 @@ def encode_record(r: Record) -> bytes:
             r.tx_type,
             KINDS.index(r.kind),
             ALGS.index(r.alg),
-            bytes.fromhex(r.card_serial.rjust(20, "0")),
+            bytes.fromhex(full_serial(r.card_serial)),
             _hex(r.issuer, 8, "issuer"),
             r.card_counter,
             r.ttc,
