@@ -189,9 +189,7 @@ def _taps_inproc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
 
 
 def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
-    from farelab.card._pcsc import PcscReader  # noqa: PLC0415
-    from farelab.card._pcscd import VIRTUAL_READER, running_pcscd  # noqa: PLC0415
-    from farelab.card._vicc import ViccClient  # noqa: PLC0415
+    from farelab.card import VIRTUAL_READER, PcscReader, ViccClient, running_pcscd  # noqa: PLC0415
 
     with running_pcscd(folder / "pcscd.log"):
         client = ViccClient(bench_card())

@@ -12,8 +12,14 @@ from typing import Any
 import pytest
 
 from farelab.bench._taps import TapBench
-from farelab.card import InProcessReader, MemoryStore, SimulatedCard, personalise
-from farelab.card._pcscd import VIRTUAL_READER, running_pcscd
+from farelab.card import (
+    VIRTUAL_READER,
+    InProcessReader,
+    MemoryStore,
+    SimulatedCard,
+    personalise,
+    running_pcscd,
+)
 
 GET_BALANCE = bytes.fromhex("805C000204")
 SELECT = bytes.fromhex("00A4040008A000000632010105")
@@ -35,8 +41,7 @@ def test_apdu_round_trip_in_process(benchmark: Any) -> None:
 
 @pytest.fixture(scope="module")
 def pcsc_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from farelab.card._pcsc import PcscReader  # noqa: PLC0415
-    from farelab.card._vicc import ViccClient  # noqa: PLC0415
+    from farelab.card import PcscReader, ViccClient  # noqa: PLC0415
 
     with running_pcscd(tmp_path_factory.mktemp("pcscd") / "log"):
         client = ViccClient(_card())

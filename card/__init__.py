@@ -7,9 +7,19 @@
   :class:`TransactionProof`, :class:`BlockApplication` are sans-IO flows; :class:`Psam` holds the
   purchase keys.
 - The host end: :class:`LoadAuthority` (load keys), :class:`TacVerifier` (TAC keys).
-- Transports behind :class:`Reader`: :class:`InProcessReader`; the vicc client and
-  :class:`PcscReader` live in ``card._vicc`` and ``card._pcsc``.
+- Transports behind :class:`Reader`: :class:`InProcessReader`; :class:`ViccClient` presents a
+  card to a vpcd virtual reader (:func:`vicc_serve`, :func:`vicc_tap`); :class:`PcscReader` reads
+  any PC/SC reader and :func:`running_pcscd` starts a pcscd for tests (these two load pyscard on
+  first use).
+- Helpers every part shares: money in yuan and fen (:func:`yuan_to_fen`, :func:`fen_to_yuan`),
+  China Standard Time (:data:`CST`), 20-digit serials (:func:`full_serial`), the crash-test
+  hook :func:`checkpoint`, and :func:`describe_path` / :func:`shown` for error messages.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from farelab.card._apdu import SW, ApduFormatError, Command, Response, parse_command, parse_response
 from farelab.card._applet import (
@@ -24,6 +34,7 @@ from farelab.card._applet import (
     process,
 )
 from farelab.card._crypto import Alg, diversify, mac, session_key, tac_key
+from farelab.card._faults import checkpoint
 from farelab.card._files import (
     CST,
     BusRecord,
@@ -39,6 +50,7 @@ from farelab.card._files import (
     bcd_datetime,
     bcd_time,
     full_serial,
+    parse_bcd_date,
 )
 from farelab.card._host import LoadAuthority, LoadAuthorization, LoadRefusal, TacVerifier
 from farelab.card._image import (
@@ -63,6 +75,7 @@ from farelab.card._keys import (
     load_keys_file,
 )
 from farelab.card._messages import describe_path, shown
+from farelab.card._money import fen_to_yuan, yuan_to_fen
 from farelab.card._personalise import personalise
 from farelab.card._psam import Psam, PsamError, PsamKeys, PurchaseTicket
 from farelab.card._reader import (
@@ -96,6 +109,14 @@ from farelab.card._terminal import (
     drive,
     now_fields,
 )
+from farelab.card._vicc import DEFAULT_PORT as VICC_PORT
+from farelab.card._vicc import ViccClient, ViccError
+from farelab.card._vicc import serve as vicc_serve
+from farelab.card._vicc import tap as vicc_tap
+
+if TYPE_CHECKING:
+    from farelab.card._pcsc import PcscReader, ReaderThread, list_readers
+    from farelab.card._pcscd import VIRTUAL_READER, PcscdError, running_pcscd
 
 __all__ = [
     "ATR",
@@ -106,6 +127,8 @@ __all__ = [
     "SOCIAL_AID",
     "SW",
     "TRANSIT_AID",
+    "VICC_PORT",
+    "VIRTUAL_READER",
     "Alg",
     "ApduFormatError",
     "App",
@@ -143,6 +166,8 @@ __all__ = [
     "MetroStatus",
     "NeedAuthorization",
     "Outcome",
+    "PcscReader",
+    "PcscdError",
     "Proof",
     "ProofFound",
     "ProofMissing",
@@ -156,6 +181,7 @@ __all__ = [
     "ReadCard",
     "Reader",
     "ReaderError",
+    "ReaderThread",
     "ReaderUnavailableError",
     "Refused",
     "Response",
@@ -168,28 +194,57 @@ __all__ = [
     "Transmit",
     "TripRecord",
     "TxType",
+    "ViccClient",
+    "ViccError",
     "bcd_date",
     "bcd_datetime",
     "bcd_time",
     "card_keys",
+    "checkpoint",
     "describe_path",
     "diversify",
     "diversify_card_key",
     "drive",
+    "fen_to_yuan",
     "full_serial",
     "is_weak_pin",
+    "list_readers",
     "load_image",
     "load_keys_file",
     "mac",
     "maintenance_mac",
     "now_fields",
+    "parse_bcd_date",
     "parse_command",
     "parse_response",
     "personalise",
     "process",
+    "running_pcscd",
     "save_image",
     "session_key",
     "shown",
     "step_of",
     "tac_key",
+    "vicc_serve",
+    "vicc_tap",
+    "yuan_to_fen",
 ]
+
+_PCSC = {
+    "PcscReader": "farelab.card._pcsc",
+    "ReaderThread": "farelab.card._pcsc",
+    "list_readers": "farelab.card._pcsc",
+    "VIRTUAL_READER": "farelab.card._pcscd",
+    "PcscdError": "farelab.card._pcscd",
+    "running_pcscd": "farelab.card._pcscd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The PC/SC names, loaded (with pyscard) when first asked for."""
+    module = _PCSC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

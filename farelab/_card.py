@@ -30,15 +30,19 @@ from farelab.card import (
     SimulatedCard,
     TripRecord,
     TxType,
+    ViccError,
     describe_path,
+    fen_to_yuan,
     load_image,
     load_keys_file,
+    parse_bcd_date,
     personalise,
     save_image,
     shown,
+    vicc_serve,
+    vicc_tap,
+    yuan_to_fen,
 )
-from farelab.card._files import parse_bcd_date
-from farelab.card._money import fen_to_yuan, yuan_to_fen
 
 __all__ = ["card_json", "parse_vpcd", "register"]
 
@@ -409,8 +413,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from farelab.card._vicc import ViccError, serve  # noqa: PLC0415 - socket code only when presenting
-
     host, port = parse_vpcd(args.vpcd)
     try:
         sim = SimulatedCard.from_file(args.path)
@@ -424,7 +426,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        serve(sim, host=host, port=port, stop=stop)
+        vicc_serve(sim, host=host, port=port, stop=stop)
     except (ViccError, ImageError) as exc:
         raise CliError(str(exc)) from None
     finally:
@@ -434,8 +436,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tap(args: argparse.Namespace) -> int:
-    from farelab.card._vicc import ViccError, tap  # noqa: PLC0415 - socket code only when presenting
-
     host, port = parse_vpcd(args.vpcd)
     if not 0 < args.hold <= 3600:
         raise CliError("--hold must be between 0 and 3600 seconds")
@@ -445,7 +445,7 @@ def _tap(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     before = sim.image.balance
     try:
-        tap(sim, host=host, port=port, hold=args.hold)
+        vicc_tap(sim, host=host, port=port, hold=args.hold)
     except (ViccError, ImageError) as exc:
         raise CliError(str(exc)) from None
     finally:

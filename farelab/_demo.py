@@ -39,10 +39,10 @@ from farelab.card import (
     SimulatedCard,
     TacVerifier,
     Transmit,
+    fen_to_yuan,
     personalise,
     save_image,
 )
-from farelab.card._money import fen_to_yuan
 
 __all__ = ["register", "run_demo"]
 

@@ -7,10 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from farelab._errors import CliError
-from farelab.card import Reader, SimulatedCard
-from farelab.card._pcsc import PcscReader
-from farelab.card._pcscd import PcscdError, running_pcscd
-from farelab.card._vicc import ViccClient, ViccError
+from farelab.card import (
+    PcscdError,
+    PcscReader,
+    Reader,
+    SimulatedCard,
+    ViccClient,
+    ViccError,
+    running_pcscd,
+)
 
 __all__ = ["through_pcscd"]
 
