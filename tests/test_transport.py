@@ -220,9 +220,7 @@ def test_scriptor_talks_to_our_card() -> None:
     assert "00 00 04 D2 90 00" in out.stdout, out.stdout + out.stderr
 
 
-def test_reader_thread_runs_a_whole_sequence_per_hop() -> None:
-    import asyncio  # noqa: PLC0415
-
+async def test_reader_thread_runs_a_whole_sequence_per_hop() -> None:
     held = Presented(Echo())
     worker = ReaderThread(lambda: PcscReader(VIRTUAL_READER))
     try:
@@ -233,7 +231,7 @@ def test_reader_thread_runs_a_whole_sequence_per_hop() -> None:
             r.connect()
             return [r.transmit(b"\x80\xca\x00\x00\x01" + bytes((i,))) for i in range(3)]
 
-        answers = asyncio.run(worker.run(sequence))
+        answers = await worker.run(sequence)
         assert answers == [bytes((i,)) + b"\x90\x00" for i in range(3)]
     finally:
         held.remove()
