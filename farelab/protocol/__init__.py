@@ -126,16 +126,8 @@ __all__ = [
     "subscribe_or_raise",
 ]
 
-_MQTT = frozenset(
-    {
-        "BrokerURL",
-        "LinkState",
-        "SubscriptionRefusedError",
-        "cancel_and_wait",
-        "honour_cancellation",
-        "subscribe_or_raise",
-    }
-)
+# The names of __all__ not imported above: the MQTT link's, loaded with aiomqtt on first use.
+_MQTT = frozenset(__all__) - frozenset(globals())
 
 
 def __getattr__(name: str) -> Any:
