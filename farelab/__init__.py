@@ -1,3 +1,16 @@
-"""farelab: the command-line front of the simulator (``farelab --help``)."""
+"""farelab: an open, testable simulator of contactless transit fare collection on China's
+T-Union cards: the card, the bus and metro validators, the top-up kiosk and the clearing backend.
+
+The packages, from the bottom layer up (each names its public API in its ``__init__``):
+
+- :mod:`farelab.card`: the simulated card and both ends of its protocol (APDUs, files, keys,
+  MAC and TAC), the readers it is presented through.
+- :mod:`farelab.protocol`: the contract between devices and backend: records, batches and acks
+  on the wire, topics, parameter and load-authorization messages, the files' marks.
+- :mod:`farelab.validator`, :mod:`farelab.topup`, :mod:`farelab.backend`: the validators, the
+  kiosk and the clearing backend, each a sans-IO core in a thin asyncio shell; none imports
+  another.
+- :mod:`farelab.bench`: the benchmarks.  The ``farelab`` command is ``farelab._cli``.
+"""
 
 __version__ = "0.1.0"

@@ -11,8 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from farelab._errors import CliError
-from farelab.bench._suite import budget_table, checked, dump, run_suite
-from farelab.bench._watchdog import where_threads_are
+from farelab.bench import budget_table, checked, dump, run_suite, where_threads_are
 
 __all__ = ["register"]
 
@@ -85,7 +84,7 @@ def _bench(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
     if args.report is not None:
-        from farelab.bench._report import write_report  # noqa: PLC0415  (matplotlib is slow to import)
+        from farelab.bench import write_report  # noqa: PLC0415  (matplotlib is slow to import)
 
         try:
             page = write_report(doc, args.report)
