@@ -9,7 +9,9 @@ on disk, shared by both ends so that neither imports the other.
 - Parameters and status messages: :class:`ParamsMessage`, :func:`encode_params`,
   :func:`decode_params`, :func:`encode_status`, :func:`decode_status`.
 - Load authorization: :func:`authorize_message`, :func:`load_request_of`,
-  :func:`card_serial_of`.
+  :func:`card_serial_of`; the kiosk's other load messages (:func:`confirm_message`,
+  :func:`void_message`, :func:`quote_message`, :func:`transfer_message`,
+  :func:`refund_check_message`, :func:`refund_message` of a :func:`refund_record`).
 - :class:`Backoff`: capped, jittered exponential backoff for every reconnecting loop.
 - Files: :func:`claim` marks and checks farelab's SQLite files (journal, ledger, kiosk journal).
 - The MQTT link both ends use (:class:`BrokerURL`, :func:`subscribe_or_raise`, …) is loaded
@@ -23,7 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 from farelab.protocol._backoff import Backoff
 from farelab.protocol._files import FileKind, ForeignFileError, claim
-from farelab.protocol._loads import LOAD_OPS, authorize_message, card_serial_of, load_request_of
+from farelab.protocol._loads import (
+    LOAD_OPS,
+    authorize_message,
+    card_serial_of,
+    confirm_message,
+    load_request_of,
+    quote_message,
+    refund_check_message,
+    refund_message,
+    refund_record,
+    transfer_message,
+    void_message,
+)
 from farelab.protocol._params import (
     MAX_PACKET_SIZE,
     PARAMS_MAX,
@@ -110,6 +124,7 @@ __all__ = [
     "card_serial_of",
     "check_client_id",
     "claim",
+    "confirm_message",
     "decode_ack",
     "decode_batch",
     "decode_params",
@@ -123,7 +138,13 @@ __all__ = [
     "encode_status",
     "honour_cancellation",
     "load_request_of",
+    "quote_message",
+    "refund_check_message",
+    "refund_message",
+    "refund_record",
     "subscribe_or_raise",
+    "transfer_message",
+    "void_message",
 ]
 
 # The names of __all__ not imported above: the MQTT link's, loaded with aiomqtt on first use.
