@@ -174,7 +174,7 @@ def test_card_pulled_at_each_step_is_settled_on_the_next_presentation(
     station = Station(tmp_path, balance=1000)
     station.reader.pull_after(lambda apdu: step_of(apdu) == step)
     first = station.load(5000)
-    assert (first.result, first.reason) == ("refused", "card_error")
+    assert (first.result, first.reason) == ("refused", "card_removed")
     view = station.present_again()
     assert isinstance(view, CardView)
     loads = station.host.loads()
@@ -198,7 +198,7 @@ def test_credit_lost_on_the_air_is_voided_not_paid(tmp_path: Path) -> None:
         return original(apdu)
 
     station.card.transmit = lossy  # type: ignore[method-assign]
-    assert station.load(5000).reason == "card_error"
+    assert station.load(5000).reason == "card_removed"
     station.card.transmit = original  # type: ignore[method-assign]
     station.present_again()
     assert station.card.image.balance == 1000
@@ -232,7 +232,7 @@ def test_refund_torn_by_a_pulled_card_is_settled_on_the_next_presentation(
     psam = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
     station.reader.pull_after(lambda apdu: step_of(apdu) == step)
     first = asyncio.run(station.kiosk.refund(station._run, psam))
-    assert (first.result, first.reason) == ("refused", "card_error")
+    assert (first.result, first.reason) == ("refused", "card_removed")
     view = station.present_again()
     assert isinstance(view, CardView)
     refunded = station.host.store.execute(

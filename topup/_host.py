@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from typing import Any, Protocol
 
 import aiomqtt
@@ -23,16 +22,11 @@ from farelab.protocol import (
     subscribe_or_raise,
 )
 
-__all__ = ["Host", "HostUnreachableError", "MqttHost", "new_request_id"]
+__all__ = ["Host", "HostUnreachableError", "MqttHost"]
 
 
 class HostUnreachableError(Exception):
     """No answer from the host: the kiosk must refuse instead of guessing."""
-
-
-def new_request_id() -> str:
-    """A unique id for one load's messages."""
-    return uuid.uuid4().hex
 
 
 class Host(Protocol):
@@ -71,10 +65,10 @@ class MqttHost:
                     )
                     async for reply in client.messages:
                         try:
-                            answer: dict[str, Any] = json.loads(bytes(reply.payload))
+                            answer = json.loads(bytes(reply.payload))
                         except (ValueError, TypeError):
                             continue
-                        if answer.get("id") == message.get("id"):
+                        if isinstance(answer, dict) and answer.get("id") == message.get("id"):
                             return answer
         except (TimeoutError, aiomqtt.MqttError) as exc:
             raise HostUnreachableError(f"no answer from the host at {broker}: {exc}") from None
