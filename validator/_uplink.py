@@ -3,12 +3,12 @@
 One MQTT client per device (its own credentials and a stable client id, ``farelab-dev-<id>``,
 with a persistent MQTT 5 session), QoS 1.  A batch leaves the outbox only when the backend's
 *application* ack for it arrives — the backend publishes that after its own database commit — so
-the journal stays the durable store whatever the broker or the network do.  Unacknowledged
-batches are sent again after ``ack_timeout``; the backend's de-duplication makes that harmless.
-A batch the backend *rejects* (a device its registry does not admit) stays in the outbox and is
-sent again with capped backoff, so nothing is lost once the device is registered.
-The connection is an explicit state (:class:`backend.LinkState`) with capped jittered backoff;
-the first failure is logged loudly, repeats quietly.
+the journal stays the durable store whatever the broker or the network do.  The rules (batches,
+the window, which ack takes which batch, resends, refusals) are :class:`UplinkSession`'s; this
+is its asyncio shell: connect, subscribe, read the outbox and delete acknowledged rows (on a
+worker thread), publish, and sleep until the session's next deadline or the next ack.
+The connection is an explicit state (:class:`farelab.protocol.LinkState`) with capped jittered
+backoff; the first failure is logged loudly, repeats quietly.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -32,42 +32,26 @@ from farelab.protocol import (
     PARAMS_TOPIC,
     STATUS_TOPIC,
     TX_TOPIC,
-    Backoff,
     BrokerURL,
-    LinkState,
-    WireError,
     cancel_and_wait,
-    decode_ack,
-    encode_batch_records,
     honour_cancellation,
     subscribe_or_raise,
 )
 from farelab.validator._journal import Journal
+from farelab.validator._priority import TapGate
+from farelab.validator._uplink_session import (
+    Acknowledge,
+    Ignored,
+    Read,
+    Refused,
+    Send,
+    UplinkSession,
+    UplinkStats,
+)
 
 __all__ = ["MqttUplink", "UplinkStats"]
 
 log = logging.getLogger("farelab.uplink")
-
-
-@dataclass
-class UplinkStats:
-    """Counters a caller (or a test) can watch."""
-
-    state: LinkState = LinkState.DISCONNECTED
-    batches_sent: int = 0
-    records_acked: int = 0
-    resends: int = 0
-    rejected: int = 0
-    connects: int = 0
-    ack_latency_s: list[float] = field(default_factory=list)
-
-
-@dataclass
-class _InFlight:
-    ids: list[int]
-    payload: bytes
-    sent_at: float
-    resend_at: float  # when to send it again if no ack has taken it by then
 
 
 class MqttUplink:
@@ -82,6 +66,7 @@ class MqttUplink:
         window: int = 4,
         ack_timeout: float = 10.0,
         passwords: dict[str, str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """
         Args:
@@ -91,6 +76,7 @@ class MqttUplink:
             window: batches in flight per device before waiting for acks.
             ack_timeout: seconds before an unacknowledged batch is sent again.
             passwords: per-device MQTT passwords (the username is the device id).
+            rng: the jitter of the reconnect and refusal backoffs.
         """
         if not 1 <= batch_size <= BATCH_MAX:
             raise ValueError(f"batch_size must be 1 to {BATCH_MAX}")
@@ -101,22 +87,22 @@ class MqttUplink:
         self.ack_timeout = ack_timeout
         self.passwords = passwords or {}
         self.stats: dict[str, UplinkStats] = {d: UplinkStats() for d in self.devices}
-        self._wake = asyncio.Event()
+        self._rng = rng or random.Random()
         self._on_params: Callable[[str, bytes], int | None] | None = None
 
     def attach_params(self, handler: Callable[[str, bytes], int | None]) -> None:
         """Apply parameters the backend publishes for these devices with ``handler``."""
         self._on_params = handler
 
-    def poke(self) -> None:
-        """New outbox rows: send without waiting for the next poll."""
-        self._wake.set()
-
     async def run(self, journal: Journal) -> None:
         """One task per device until cancelled."""
         async with asyncio.TaskGroup() as group:
             for device in self.devices:
                 group.create_task(self._device_loop(journal, device), name=f"uplink-{device}")
+
+    def pending(self, journal: Journal) -> int:
+        """Outbox rows of these devices not yet acknowledged."""
+        return sum(journal.outbox_count(device=d) for d in self.devices)
 
     def _client(self, device: str) -> aiomqtt.Client:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -138,29 +124,31 @@ class MqttUplink:
         )
 
     async def _device_loop(self, journal: Journal, device: str) -> None:
-        stats = self.stats[device]
-        backoff = Backoff()
-        rejections = Backoff(base=1.0, cap=60.0)  # the backend refusing this device's batches
+        session = UplinkSession(
+            device=device,
+            epoch=journal.epoch,
+            batch_size=self.batch_size,
+            window=self.window,
+            ack_timeout=self.ack_timeout,
+            rng=self._rng,
+            stats=self.stats[device],
+        )
         while True:
             honour_cancellation()
-            stats.state = LinkState.CONNECTING
+            session.connecting()
             try:
                 async with self._client(device) as client:
-                    stats.state = LinkState.CONNECTED
-                    stats.connects += 1
-                    if backoff.failures:
+                    if session.connected():
                         log.info("device %s: uplink to %s is back", device, self.broker)
-                    backoff.reset()
                     # Without its acks the device would send the same batches for ever: a
                     # refusal is a link failure, logged and retried with backoff.
                     await subscribe_or_raise(client, ACK_TOPIC.format(device=device))
                     if self._on_params is not None:
                         await subscribe_or_raise(client, PARAMS_TOPIC.format(device=device))
-                    await self._session(client, journal, device, stats, rejections)
+                    await _Connection(client, journal, session, self._on_params).run()
             except aiomqtt.MqttError as exc:
-                stats.state = LinkState.BACKOFF
-                delay = backoff.next_delay()
-                level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
+                delay = session.connection_lost()
+                level = logging.WARNING if session.link.failures == 1 else logging.DEBUG
                 log.log(
                     level,
                     "device %s: uplink to %s failed (%s); retrying in %.1f s",
@@ -171,124 +159,127 @@ class MqttUplink:
                 )
                 await asyncio.sleep(delay)
 
-    async def _session(
+
+class _Connection:
+    """One connection of one device: a sender that does what the session says, and a reader of
+    the acks (and parameters) the broker delivers."""
+
+    def __init__(
         self,
         client: aiomqtt.Client,
         journal: Journal,
-        device: str,
-        stats: UplinkStats,
-        rejections: Backoff,
+        session: UplinkSession,
+        on_params: Callable[[str, bytes], int | None] | None,
     ) -> None:
-        in_flight: dict[int, _InFlight] = {}
-        last_id = 0
-        topic = TX_TOPIC.format(device=device)
-        taps = journal.tap_gate  # the uplink steps aside while a tap is in progress
+        self.client = client
+        self.journal = journal
+        self.session = session
+        self.device = session.device
+        self.on_params = on_params
+        self.topic = TX_TOPIC.format(device=self.device)
+        self.gate = journal.tap_gate  # the uplink steps aside while a tap is in progress
+        self.woken = asyncio.Event()  # an ack made room in the window
 
-        async def fill() -> None:
-            nonlocal last_id
-            now = time.monotonic()
-            for batch_id, flight in list(in_flight.items()):  # acks() pops while we await
-                if now >= flight.resend_at:
-                    flight.sent_at = now
-                    flight.resend_at = now + self.ack_timeout
-                    stats.resends += 1
-                    await taps.yield_to_taps()
-                    await client.publish(topic, flight.payload, qos=1)
-                    log.debug("device %s: batch %d sent again", device, batch_id)
-            while len(in_flight) < self.window:
-                rows = await asyncio.to_thread(
-                    journal.outbox_wire, self.batch_size, device=device, after=last_id
-                )
-                if not rows:
-                    return
-                batch_id = journal.epoch << 40 | rows[0][0]  # this file's, and its first row
-                payload = encode_batch_records(batch_id, device, [raw for _, raw in rows])
-                sent = time.monotonic()
-                in_flight[batch_id] = _InFlight(
-                    [r[0] for r in rows], payload, sent, sent + self.ack_timeout
-                )
-                last_id = rows[-1][0]
-                await taps.yield_to_taps()
-                await client.publish(topic, payload, qos=1)
-                stats.batches_sent += 1
-                log.debug("device %s: batch %d sent (%d records)", device, batch_id, len(rows))
-
-        async def acks() -> None:
-            async for message in client.messages:
-                honour_cancellation()
-                await taps.yield_to_taps()
-                if str(message.topic).endswith("/params"):
-                    await on_params(bytes(message.payload))
-                    continue
-                try:
-                    ack = decode_ack(bytes(message.payload))
-                except (WireError, TypeError):
-                    log.warning("device %s: ignored a malformed ack", device)
-                    continue
-                flight = in_flight.get(ack.batch_id)
-                if flight is None:
-                    log.debug("device %s: ack for batch %d, not in flight", device, ack.batch_id)
-                    continue
-                if ack.count != len(flight.ids):
-                    # A stale ack from the persistent session: a batch that started at the same
-                    # row before a reconnect, when the outbox held fewer rows.  Taking it would
-                    # delete rows the backend never saw.
-                    log.warning(
-                        "device %s: ignored an ack for batch %d of %d records (%d in flight)",
-                        device,
-                        ack.batch_id,
-                        ack.count,
-                        len(flight.ids),
-                    )
-                    continue
-                if not ack.committed:
-                    # The rows stay in the outbox and this batch in flight, sent again later.
-                    stats.rejected += 1
-                    delay = rejections.next_delay()
-                    flight.resend_at = time.monotonic() + delay
-                    level = logging.WARNING if rejections.failures == 1 else logging.DEBUG
-                    log.log(
-                        level,
-                        "device %s: the backend refused batch %d (is the device registered?); "
-                        "sending it again in %.1f s",
-                        device,
-                        ack.batch_id,
-                        delay,
-                    )
-                    continue
-                rejections.reset()
-                del in_flight[ack.batch_id]
-                stats.ack_latency_s.append(time.monotonic() - flight.sent_at)
-                if len(stats.ack_latency_s) > 10_000:
-                    del stats.ack_latency_s[:5_000]
-                await asyncio.to_thread(journal.acknowledge, flight.ids)
-                stats.records_acked += len(flight.ids)
-                self._wake.set()
-
-        async def on_params(payload: bytes) -> None:
-            if self._on_params is None:
-                return
-            version = self._on_params(device, payload)
-            if version is not None:
-                status = json.dumps({"device": device, "params_version": version})
-                await client.publish(STATUS_TOPIC.format(device=device), status, qos=1, retain=True)
-
-        ack_task = asyncio.create_task(acks(), name=f"uplink-acks-{device}")
+    async def run(self) -> None:
+        receiver = asyncio.create_task(self._receive(), name=f"uplink-acks-{self.device}")
         try:
             while True:
                 honour_cancellation()
-                if ack_task.done():
-                    ack_task.result()
+                if receiver.done():
+                    receiver.result()
                     raise aiomqtt.MqttError("the ack stream ended")
-                await fill()
-                self._wake.clear()
+                self.woken.clear()
+                until = await self._send_what_is_due()
                 # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.5):
-                        await self._wake.wait()
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                        await self.woken.wait()
         finally:
-            await cancel_and_wait(ack_task)
+            await cancel_and_wait(receiver)
 
-    def pending(self, journal: Journal) -> int:
-        """Outbox rows of these devices not yet acknowledged."""
-        return sum(journal.outbox_count(device=d) for d in self.devices)
+    async def _send_what_is_due(self) -> float:
+        """Send and read until the session says to wait; when the wait ends (monotonic)."""
+        session = self.session
+        while True:
+            command = session.next_command(time.monotonic())
+            if isinstance(command, Read):
+                rows = await asyncio.to_thread(
+                    self.journal.outbox_wire,
+                    command.limit,
+                    device=self.device,
+                    after=command.after,
+                )
+                sent = session.rows_read(rows, time.monotonic())
+                if sent is not None:
+                    await self._publish(sent)
+            elif isinstance(command, Send):
+                await self._publish(command)
+            else:
+                return command.until
+
+    async def _publish(self, send: Send) -> None:
+        await _yield_to_taps(self.gate)
+        await self.client.publish(self.topic, send.payload, qos=1)
+        log.debug(
+            "device %s: batch %d %s (%d records)",
+            self.device,
+            send.batch_id,
+            "sent again" if send.again else "sent",
+            send.records,
+        )
+
+    async def _receive(self) -> None:
+        async for message in self.client.messages:
+            honour_cancellation()
+            await _yield_to_taps(self.gate)
+            if str(message.topic).endswith("/params"):
+                await self._apply_params(bytes(message.payload))
+                continue
+            outcome = self.session.receive_ack(bytes(message.payload), time.monotonic())
+            if isinstance(outcome, Acknowledge):
+                await asyncio.to_thread(self.journal.acknowledge, list(outcome.ids))
+                self.woken.set()
+            elif isinstance(outcome, Refused):
+                level = logging.WARNING if outcome.failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "device %s: the backend refused batch %d (is the device registered?); "
+                    "sending it again in %.1f s",
+                    self.device,
+                    outcome.batch_id,
+                    outcome.retry_in,
+                )
+            else:
+                _log_ignored(self.device, outcome)
+
+    async def _apply_params(self, payload: bytes) -> None:
+        if self.on_params is None:
+            return
+        version = self.on_params(self.device, payload)
+        if version is not None:
+            status = json.dumps({"device": self.device, "params_version": version})
+            await self.client.publish(
+                STATUS_TOPIC.format(device=self.device), status, qos=1, retain=True
+            )
+
+
+async def _yield_to_taps(gate: TapGate | None) -> None:
+    if gate is not None:
+        await gate.yield_to_taps()
+
+
+def _log_ignored(device: str, ignored: Ignored) -> None:
+    if ignored.reason == "malformed":
+        log.warning("device %s: ignored a malformed ack", device)
+    elif ignored.reason == "wrong_count":
+        # A stale ack from the persistent session: a batch that started at the same row before
+        # a reconnect, when the outbox held fewer rows.
+        log.warning(
+            "device %s: ignored an ack for batch %d of %d records (%d in flight)",
+            device,
+            ignored.batch_id,
+            ignored.count,
+            ignored.in_flight,
+        )
+    else:
+        log.debug("device %s: ack for batch %d, not in flight", device, ignored.batch_id)
