@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiomqtt
+from farelab.protocol import KIOSK_CLIENT_ID, LOAD_REQ, LOAD_RESP, check_client_id
 
-from farelab.protocol import (
-    KIOSK_CLIENT_ID,
-    LOAD_REQ,
-    LOAD_RESP,
-    BrokerURL,
-    check_client_id,
-    subscribe_or_raise,
-)
+if TYPE_CHECKING:
+    from farelab.protocol import BrokerURL
 
 __all__ = ["Host", "HostUnreachableError", "MqttHost"]
 
@@ -50,6 +44,12 @@ class MqttHost:
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Publish the request, wait for the answer with the same id."""
+        # The MQTT client is loaded by the first call: a kiosk with an in-process host, and the
+        # kiosk's session alone, never load it.
+        import aiomqtt  # noqa: PLC0415
+
+        from farelab.protocol import subscribe_or_raise  # noqa: PLC0415
+
         broker = self._broker
         try:
             async with asyncio.timeout(self._timeout):

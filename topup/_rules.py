@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from farelab.card._money import yuan_to_fen
+from farelab.card import yuan_to_fen
 
 __all__ = ["AmountRules", "check_amount", "parse_amount", "room"]
 
