@@ -10,7 +10,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
+import platformdirs
+
 from farelab._errors import CliError
+
+# The backend's __init__ does not name LocalHost and StoreError yet.
 from farelab.backend._localhost import LocalHost
 from farelab.backend._store import StoreError
 from farelab.card import (
@@ -23,18 +27,49 @@ from farelab.card import (
     Reader,
     ReaderError,
     SimulatedCard,
+    fen_to_yuan,
     shown,
 )
-from farelab.card._money import fen_to_yuan
 from farelab.protocol import BrokerURL, check_client_id
-from farelab.topup._host import Host, MqttHost
-from farelab.topup._journal import KioskJournal, KioskJournalError
-from farelab.topup._rules import AmountRules, parse_amount
-from farelab.topup._station import Kiosk, LoadResult, Run, terminal_for
+from farelab.topup import (
+    AmountRules,
+    Host,
+    Kiosk,
+    KioskJournal,
+    KioskJournalError,
+    LoadResult,
+    MqttHost,
+    Run,
+    parse_amount,
+    terminal_for,
+)
 
-__all__ = ["register"]
+__all__ = ["HOST_LEDGER", "KIOSK_JOURNAL", "register", "state_folder"]
 
 T = TypeVar("T")
+
+HOST_LEDGER = "farelab-host.db"
+"""The in-process host's ledger, by default in :func:`state_folder`."""
+KIOSK_JOURNAL = "farelab-kiosk.db"
+"""The kiosk journal, by default in :func:`state_folder`."""
+
+
+def state_folder() -> Path:
+    """Where ``farelab topup`` keeps its state files unless told otherwise: the user's data
+    folder (``$XDG_DATA_HOME/farelab``, by default ``~/.local/share/farelab`` on Linux)."""
+    return platformdirs.user_data_path("farelab")
+
+
+def _default_state(name: str) -> Path:
+    """A state file in :func:`state_folder`, the folder made if it is not there."""
+    folder = state_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(
+            f"cannot make the folder for farelab's state {folder}: {exc.strerror}"
+        ) from None
+    return folder / name
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,7 +86,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="load one card once (for scripts)",
         description="Load CARD (a card image) with --amount yuan. Prints what happened; with "
         '--json: {"result": "loaded"|"refused", "reason", "amount_fen", "balance_fen", "tac"}. '
-        "Reasons: cap_exceeded, bad_amount, host_unreachable, card_error, or the host's.",
+        "Reasons: cap_exceeded, bad_amount, host_unreachable, card_removed (the card left: a "
+        "load it may have taken is settled when it is presented again), card_busy, "
+        "card_error, or the host's. Exit status 0 when loaded, 1 when refused, 2 for bad "
+        "options or files.",
     )
     load.add_argument(
         "card",
@@ -74,7 +112,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="refund a card's transit balance before it is replaced (Changzhou 退值)",
         description="Empty the card with a purchase of its whole balance at this outlet (the "
         "PSAM holds the demo purchase keys), have the host count it as a cash refund, and "
-        "hotlist the card.",
+        'hotlist the card. --json prints the load\'s keys with "result": "refunded"|"refused". '
+        "Exit status 0 when refunded, 1 when refused, 2 for bad options or files.",
     )
     refund.add_argument("card", type=Path, nargs="?", metavar="CARD", help="card image file")
     refund.add_argument("--reader", metavar="pcsc:NAME", help="take the card from a PC/SC reader")
@@ -88,7 +127,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="The host computes from its ledger what may move from the old card, by the "
         "issuer's profile (nanjing: one year after a loss report, 7 working days after an "
         "exchange; hangzhou: nothing after a loss, everything on an exchange; changzhou: refund "
-        "instead), and authorizes it as a load on the new CARD.",
+        "instead), and authorizes it as a load on the new CARD. --json and the exit status "
+        "as for load.",
     )
     transfer.add_argument("card", type=Path, nargs="?", metavar="CARD", help="the new card's image")
     transfer.add_argument("--reader", metavar="pcsc:NAME", help="take the card from a PC/SC reader")
@@ -123,11 +163,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    folder = state_folder()
     parser.add_argument(
         "--broker",
         metavar="URL",
-        help="the backend's MQTT broker (default: an in-process host with the "
-        "demo keys and the ledger farelab-host.db)",
+        help="the backend's MQTT broker (default: an in-process host with the demo keys and "
+        "a ledger of its own, --db)",
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        metavar="FILE",
+        help=f"the in-process host's ledger, without --broker (default {folder / HOST_LEDGER})",
     )
     parser.add_argument(
         "--kiosk",
@@ -144,9 +191,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--journal",
         type=Path,
-        default=Path("farelab-kiosk.db"),
         metavar="DB",
-        help="the kiosk's journal of loads (default farelab-kiosk.db)",
+        help=f"the kiosk's journal of loads (default {folder / KIOSK_JOURNAL})",
     )
     parser.add_argument(
         "--unit",
@@ -183,17 +229,20 @@ def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
             terminal = b""
         if len(terminal) != 6:
             raise CliError(f"--terminal {shown(args.terminal)} is not 12 hex digits")
+    if args.broker and args.db is not None:
+        raise CliError("--db is the in-process host's ledger: with --broker the backend keeps it")
+    ledger = None if args.broker else args.db or _default_state(HOST_LEDGER)
     try:
-        journal = KioskJournal(args.journal)
+        journal = KioskJournal(args.journal or _default_state(KIOSK_JOURNAL))
     except KioskJournalError as exc:
         raise CliError(str(exc)) from None
     closers: list[Callable[[], None]] = [journal.close]
     host: Host
     try:
-        if args.broker:
+        if ledger is None:
             host = MqttHost(BrokerURL.parse(args.broker), args.kiosk, timeout=args.timeout)
         else:
-            local = LocalHost(Path("farelab-host.db"), args.kiosk, terminal=terminal)
+            local = LocalHost(ledger, args.kiosk, terminal=terminal)
             host = local
             closers.append(local.close)
     except (ValueError, StoreError) as exc:
@@ -220,7 +269,7 @@ def _reader(args: argparse.Namespace) -> Reader:
     if args.reader is not None:
         if not args.reader.startswith("pcsc:"):
             raise CliError('--reader must be "pcsc:<reader name>"')
-        from farelab.card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
+        from farelab.card import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
 
         try:
             pcsc = PcscReader(args.reader.removeprefix("pcsc:"))

@@ -30,10 +30,15 @@ from farelab.card import (
     personalise,
     step_of,
 )
-from farelab.topup._host import HostUnreachableError
-from farelab.topup._journal import KioskJournal
-from farelab.topup._rules import AmountRules, parse_amount
-from farelab.topup._station import CardView, Kiosk, LoadResult
+from farelab.topup import (
+    AmountRules,
+    CardView,
+    HostUnreachableError,
+    Kiosk,
+    KioskJournal,
+    LoadResult,
+    parse_amount,
+)
 
 T = TypeVar("T")
 TERMINAL = bytes.fromhex("0000F0000001")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,9 +17,11 @@ from farelab.card import load_image, personalise, save_image
 
 
 def topup(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``farelab topup …`` in ``cwd``, its state files in ``cwd/data``."""
     return subprocess.run(
         [sys.executable, "-m", "farelab", "topup", *args],
         cwd=cwd,
+        env={**os.environ, "XDG_DATA_HOME": str(cwd / "data")},
         capture_output=True,
         text=True,
         timeout=60,
@@ -124,6 +127,7 @@ def test_a_folder_as_journal_and_a_bad_kiosk_id_are_clear_errors(
     card = tmp_path / "c.json"
     save_image(card, personalise(serial="9", issued=date(2026, 1, 1)))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     load = ["topup", "load", str(card), "--amount", "1"]
     assert main([*load, "--journal", str(tmp_path)]) == 2
     assert "it is a folder" in capsys.readouterr().err
@@ -139,6 +143,7 @@ def test_the_host_knows_the_kiosk_by_its_registered_terminal(
     card = tmp_path / "c.json"
     save_image(card, personalise(serial="9", issued=date(2026, 1, 1)))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     load = ["topup", "load", str(card), "--amount", "1", "--json", "--kiosk", "k-7"]
     assert main([*load, "--terminal", "0000F0000ABC"]) == 0  # registered with this terminal
     assert main([*load]) == 1  # the same kiosk at another terminal

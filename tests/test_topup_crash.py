@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from farelab.card import load_image, personalise, save_image
-from farelab.topup._station import KILL_POINTS
+from farelab.topup import KILL_POINTS
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 READER = "pcsc:Virtual PCD 00 00"
+STATE = ("--db", "farelab-host.db", "--journal", "farelab-kiosk.db")  # in the test's folder
 
 
 def farelab(cwd: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -50,10 +51,12 @@ def test_kiosk_killed_at_every_step_then_card_presented_again(point: str, tmp_pa
     try:
         time.sleep(0.8)
         killed = farelab(
-            tmp_path, "topup", "load", "--reader", READER, "--amount", "50", kill_at=point
+            tmp_path, "topup", "load", "--reader", READER, "--amount", "50", *STATE, kill_at=point
         )
         assert killed.returncode == -signal.SIGKILL, (point, killed.stdout, killed.stderr)
-        again = farelab(tmp_path, "topup", "load", "--reader", READER, "--amount", "1", "--json")
+        again = farelab(
+            tmp_path, "topup", "load", "--reader", READER, "--amount", "1", "--json", *STATE
+        )
         assert again.returncode == 0, (point, again.stdout, again.stderr)
     finally:
         serve.send_signal(signal.SIGTERM)

@@ -41,8 +41,7 @@ from farelab.card import (
     personalise,
 )
 from farelab.protocol import authorize_message
-from farelab.topup._journal import KioskJournal
-from farelab.topup._station import Kiosk, LoadResult
+from farelab.topup import Kiosk, KioskJournal, LoadResult
 
 T = TypeVar("T")
 TERMINAL = bytes.fromhex("0000F0000001")
@@ -131,6 +130,7 @@ def test_a_balance_never_moves_onto_its_own_card(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert main(["card", "new", "a.json", "--serial", "650001"]) == 0
     assert main(["topup", "load", "a.json", "--amount", "100"]) == 0
     capsys.readouterr()

@@ -54,8 +54,10 @@ def test_profiles(profile: str, reason: str, reported: date, amount: int, why: s
 
 
 def farelab(cwd: Path, *args: str) -> dict[str, object]:
+    """``farelab topup …`` in ``cwd``, with the host's ledger ``cwd/farelab-host.db``."""
+    ledger = ["--db", str(cwd / "farelab-host.db"), "--journal", str(cwd / "farelab-kiosk.db")]
     out = subprocess.run(
-        [sys.executable, "-m", "farelab", *args, "--json"],
+        [sys.executable, "-m", "farelab", *args, *ledger, "--json"],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Psam, PsamKeys
-from farelab.topup._station import LoadResult
+from farelab.topup import LoadResult
 from tests.test_topup import TERMINAL, CapHost, Station
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,9 +93,11 @@ def test_a_card_is_not_emptied_for_a_refund_while_the_host_is_unreachable(tmp_pa
 
 
 def farelab(cwd: Path, *args: str) -> dict[str, object]:
+    """``farelab …`` in ``cwd``, its state files in ``cwd/data``."""
     out = subprocess.run(
         [sys.executable, "-m", "farelab", *args],
         cwd=cwd,
+        env={**os.environ, "XDG_DATA_HOME": str(cwd / "data")},
         capture_output=True,
         text=True,
         timeout=60,
