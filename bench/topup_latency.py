@@ -18,12 +18,11 @@ from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
+# The backend's __init__ does not name DeviceEntry yet.
 from farelab.backend._registry import DeviceEntry
 from farelab.card import InProcessReader, MemoryStore, Reader, SimulatedCard, personalise
 from farelab.protocol import BrokerURL
-from farelab.topup._host import MqttHost
-from farelab.topup._journal import KioskJournal
-from farelab.topup._station import Kiosk
+from farelab.topup import Kiosk, KioskJournal, MqttHost
 
 __all__ = ["TOPUP_KIOSK", "measure"]
 

@@ -19,15 +19,23 @@ from rich.panel import Panel
 from rich.prompt import Prompt
 from rich.table import Table
 
-from farelab.card import CST, ImageError, InProcessReader, Reader, ReaderError, SimulatedCard
-from farelab.card._money import fen_to_yuan
-from farelab.topup._rules import parse_amount
-from farelab.topup._station import CardView, Kiosk, LoadResult
+from farelab.card import (
+    CST,
+    ImageError,
+    InProcessReader,
+    Reader,
+    ReaderError,
+    SimulatedCard,
+    fen_to_yuan,
+)
+from farelab.topup import CardView, Kiosk, LoadResult, parse_amount
 
 __all__ = ["run_kiosk"]
 
 T = TypeVar("T")
 CHOICES = ("10", "20", "50", "100")
+# Refusals after which another amount cannot help: the card or the host is gone.
+_ENDS_THE_CARD = frozenset({"host_unreachable", "card_removed", "card_busy", "card_error"})
 
 
 class _Session:
@@ -113,7 +121,7 @@ async def _serve_card(console: Console, kiosk: Kiosk, session: _Session) -> None
             console.print(_receipt(result))
             return
         console.print(f"[red]Refused ({result.reason}):[/red] {result.message}")
-        if result.reason in ("host_unreachable", "card_error"):
+        if result.reason in _ENDS_THE_CARD:
             return
 
 
@@ -128,7 +136,7 @@ def run_kiosk(kiosk: Kiosk, *, reader_spec: str, console: Console | None = None)
     )
     pcsc: Reader | None = None
     if reader_spec.startswith("pcsc:"):
-        from farelab.card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
+        from farelab.card import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
 
         pcsc = PcscReader(reader_spec.removeprefix("pcsc:"))
     while True:
