@@ -94,13 +94,15 @@ def card_and_request(
     return reader, flow, event.request
 
 
-def test_authorize_credit_confirm_counts_the_load_once(broker: Mosquitto, tmp_path: Path) -> None:
+async def test_authorize_credit_confirm_counts_the_load_once(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
     db = ledger_with_kiosk(tmp_path)
     backend = start_backend(broker, db)
     try:
         reader, flow, req = card_and_request(balance=90_000, amount=10_000)
         rid = str(uuid.uuid4())
-        [answer, again] = asyncio.run(rpc(broker.port, [authorize_doc(rid, req)] * 2))
+        [answer, again] = await rpc(broker.port, [authorize_doc(rid, req)] * 2)
         assert answer["result"] == "authorized"
         assert again == answer  # idempotent: the same MAC2, nothing recorded twice
         credit = flow.authorize(
@@ -112,7 +114,7 @@ def test_authorize_credit_confirm_counts_the_load_once(broker: Mosquitto, tmp_pa
         assert isinstance(done, LoadDone)
         assert done.balance_after == 100_000  # exactly 1000 yuan (R4)
         confirm = {"id": rid, "op": "confirm", "tac": done.tac.hex()}
-        results = asyncio.run(rpc(broker.port, [{**confirm, "tac": "00000000"}, confirm, confirm]))
+        results = await rpc(broker.port, [{**confirm, "tac": "00000000"}, confirm, confirm])
         assert [r["result"] for r in results] == ["error", "confirmed", "confirmed"]
         assert results[0]["reason"] == "tac_invalid"
     finally:
@@ -121,7 +123,7 @@ def test_authorize_credit_confirm_counts_the_load_once(broker: Mosquitto, tmp_pa
     assert (report["load_fen"], report["transactions"]) == (10_000, 1)
 
 
-def test_host_refuses_past_the_cap_and_forged_mac1(broker: Mosquitto, tmp_path: Path) -> None:
+async def test_host_refuses_past_the_cap_and_forged_mac1(broker: Mosquitto, tmp_path: Path) -> None:
     db = ledger_with_kiosk(tmp_path)
     backend = start_backend(broker, db)
     try:
@@ -129,16 +131,14 @@ def test_host_refuses_past_the_cap_and_forged_mac1(broker: Mosquitto, tmp_path: 
         _, _, over = card_and_request(balance=90_000, amount=10_001, cap=10**9)
         _, _, req = card_and_request(balance=0, amount=100)
         forged = replace(req, mac1=bytes(4))
-        answers = asyncio.run(
-            rpc(
-                broker.port,
-                [
-                    authorize_doc(str(uuid.uuid4()), over),
-                    authorize_doc(str(uuid.uuid4()), forged),
-                    {"id": "x", "op": "confirm", "tac": "00"},
-                    {"oops": 1},
-                ],
-            )
+        answers = await rpc(
+            broker.port,
+            [
+                authorize_doc(str(uuid.uuid4()), over),
+                authorize_doc(str(uuid.uuid4()), forged),
+                {"id": "x", "op": "confirm", "tac": "00"},
+                {"oops": 1},
+            ],
         )
     finally:
         stop(backend)

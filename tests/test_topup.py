@@ -4,7 +4,6 @@ reasons, and torn loads settled on the next presentation: never lost, never paid
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from datetime import date
@@ -101,45 +100,47 @@ class Station:
     async def _run(self, fn: Callable[[Reader], T]) -> T:
         return fn(self.reader)
 
-    def load(self, amount: int | None) -> LoadResult:
-        result = asyncio.run(self.kiosk.load(self._run, amount))
+    async def load(self, amount: int | None) -> LoadResult:
+        result = await self.kiosk.load(self._run, amount)
         assert isinstance(result, LoadResult)
         return result
 
-    def present_again(self) -> object:
+    async def present_again(self) -> object:
         if self.reader.card is None:
             self.reader.insert(self.card)
-        return asyncio.run(self.kiosk.present(self._run))
+        return await self.kiosk.present(self._run)
 
 
-def test_load_to_exactly_1000_yuan(tmp_path: Path) -> None:
+async def test_load_to_exactly_1000_yuan(tmp_path: Path) -> None:
     station = Station(tmp_path, balance=90_000)
-    result = station.load(10_000)
+    result = await station.load(10_000)
     assert (result.result, result.balance_fen) == ("loaded", 100_000)
     assert station.card.image.balance == 100_000
     assert station.host.loads() == {"confirmed": 10_000}
 
 
-def test_one_fen_more_is_refused_by_the_kiosk(tmp_path: Path) -> None:
+async def test_one_fen_more_is_refused_by_the_kiosk(tmp_path: Path) -> None:
     station = Station(tmp_path, balance=90_000)
-    result = station.load(10_001)
+    result = await station.load(10_001)
     assert (result.result, result.reason) == ("refused", "cap_exceeded")
     assert "at most 100.00 yuan" in result.message
     assert station.host.loads() == {}  # the host never heard of it
 
 
-def test_one_fen_more_is_refused_by_the_host_when_the_kiosk_is_bypassed(tmp_path: Path) -> None:
+async def test_one_fen_more_is_refused_by_the_host_when_the_kiosk_is_bypassed(
+    tmp_path: Path,
+) -> None:
     station = Station(tmp_path, balance=90_000, card_cap=10**9, rules=AmountRules(cap_fen=10**9))
-    result = station.load(10_001)
+    result = await station.load(10_001)
     assert (result.result, result.reason) == ("refused", "cap_exceeded")
     assert station.card.image.balance == 90_000
 
 
-def test_one_fen_more_is_refused_by_the_card_when_kiosk_and_host_are_bypassed(
+async def test_one_fen_more_is_refused_by_the_card_when_kiosk_and_host_are_bypassed(
     tmp_path: Path,
 ) -> None:
     station = Station(tmp_path, balance=90_000, host_cap=10**9, rules=AmountRules(cap_fen=10**9))
-    result = station.load(10_001)
+    result = await station.load(10_001)
     assert (result.result, result.reason) == ("refused", "cap_exceeded")
     assert "6985" in result.message
     assert station.card.image.balance == 90_000
@@ -157,30 +158,30 @@ def test_one_fen_more_is_refused_by_the_card_when_kiosk_and_host_are_bypassed(
         ("5", "bad_amount"),
     ],
 )
-def test_bad_amounts_are_refused_with_reasons(tmp_path: Path, text: str, reason: str) -> None:
+async def test_bad_amounts_are_refused_with_reasons(tmp_path: Path, text: str, reason: str) -> None:
     station = Station(tmp_path, balance=0, rules=AmountRules(unit_fen=1000, minimum_fen=1000))
-    result = station.load(parse_amount(text))
+    result = await station.load(parse_amount(text))
     assert (result.result, result.reason) == ("refused", reason)
     assert station.card.image.balance == 0
 
 
-def test_host_unreachable_refuses_clearly(tmp_path: Path) -> None:
+async def test_host_unreachable_refuses_clearly(tmp_path: Path) -> None:
     station = Station(tmp_path, balance=0)
     station.host.down = True
-    result = station.load(1000)
+    result = await station.load(1000)
     assert (result.result, result.reason) == ("refused", "host_unreachable")
     assert station.card.image.balance == 0
 
 
 @pytest.mark.parametrize("step", ["SELECT", "INIT", "CREDIT"])
-def test_card_pulled_at_each_step_is_settled_on_the_next_presentation(
+async def test_card_pulled_at_each_step_is_settled_on_the_next_presentation(
     tmp_path: Path, step: str
 ) -> None:
     station = Station(tmp_path, balance=1000)
     station.reader.pull_after(lambda apdu: step_of(apdu) == step)
-    first = station.load(5000)
+    first = await station.load(5000)
     assert (first.result, first.reason) == ("refused", "card_removed")
-    view = station.present_again()
+    view = await station.present_again()
     assert isinstance(view, CardView)
     loads = station.host.loads()
     if step == "CREDIT":  # the card took it: confirmed, paid, once
@@ -193,7 +194,7 @@ def test_card_pulled_at_each_step_is_settled_on_the_next_presentation(
     assert station.journal.unsettled() == []
 
 
-def test_credit_lost_on_the_air_is_voided_not_paid(tmp_path: Path) -> None:
+async def test_credit_lost_on_the_air_is_voided_not_paid(tmp_path: Path) -> None:
     station = Station(tmp_path, balance=1000)
     original = station.card.transmit
 
@@ -203,14 +204,14 @@ def test_credit_lost_on_the_air_is_voided_not_paid(tmp_path: Path) -> None:
         return original(apdu)
 
     station.card.transmit = lossy  # type: ignore[method-assign]
-    assert station.load(5000).reason == "card_removed"
+    assert (await station.load(5000)).reason == "card_removed"
     station.card.transmit = original  # type: ignore[method-assign]
-    station.present_again()
+    await station.present_again()
     assert station.card.image.balance == 1000
     assert station.host.loads() == {"void": 5000}
 
 
-def test_local_host_is_used_without_a_broker(tmp_path: Path) -> None:
+async def test_local_host_is_used_without_a_broker(tmp_path: Path) -> None:
     host = LocalHost(tmp_path / "host.db", "kiosk-1", terminal=TERMINAL)
     image = personalise(serial="67", issued=date(2026, 1, 1), balance=0)
     reader = InProcessReader()
@@ -222,13 +223,13 @@ def test_local_host_is_used_without_a_broker(tmp_path: Path) -> None:
     async def run(fn: Callable[[Reader], T]) -> T:
         return fn(reader)
 
-    result = asyncio.run(kiosk.load(run, 2000))
+    result = await kiosk.load(run, 2000)
     assert (result.result, result.balance_fen) == ("loaded", 2000)
     host.close()
 
 
 @pytest.mark.parametrize("step", ["INIT", "DEBIT"])
-def test_refund_torn_by_a_pulled_card_is_settled_on_the_next_presentation(
+async def test_refund_torn_by_a_pulled_card_is_settled_on_the_next_presentation(
     tmp_path: Path, step: str
 ) -> None:
     from farelab.card import Psam, PsamKeys  # noqa: PLC0415
@@ -236,9 +237,9 @@ def test_refund_torn_by_a_pulled_card_is_settled_on_the_next_presentation(
     station = Station(tmp_path, balance=4321)
     psam = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
     station.reader.pull_after(lambda apdu: step_of(apdu) == step)
-    first = asyncio.run(station.kiosk.refund(station._run, psam))
+    first = await station.kiosk.refund(station._run, psam)
     assert (first.result, first.reason) == ("refused", "card_removed")
-    view = station.present_again()
+    view = await station.present_again()
     assert isinstance(view, CardView)
     refunded = station.host.store.execute(
         "SELECT coalesce(sum(amount), 0) FROM loads WHERE kind = 'refund'"

@@ -4,7 +4,6 @@ may not take it or move one old card's balance twice — also when two requests 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import uuid
@@ -40,7 +39,7 @@ from farelab.card import (
     drive,
     personalise,
 )
-from farelab.protocol import authorize_message
+from farelab.protocol import authorize_message, transfer_message
 from farelab.topup import Kiosk, KioskJournal, LoadResult
 
 T = TypeVar("T")
@@ -88,23 +87,21 @@ class Desk:
 
         return run
 
-    def load(self, serial: str, amount: int) -> LoadResult:
-        return asyncio.run(self.kiosk.load(self._run(serial), amount))
+    async def load(self, serial: str, amount: int) -> LoadResult:
+        return await self.kiosk.load(self._run(serial), amount)
 
-    def transfer(self, serial: str, old: str) -> LoadResult:
-        return asyncio.run(
-            self.kiosk.transfer(
-                self._run(serial),
-                old_serial=old,
-                reason="exchange",
-                reported="2026-01-05",
-                profile="hangzhou",
-            )
+    async def transfer(self, serial: str, old: str) -> LoadResult:
+        return await self.kiosk.transfer(
+            self._run(serial),
+            old_serial=old,
+            reason="exchange",
+            reported="2026-01-05",
+            profile="hangzhou",
         )
 
-    def refund(self, serial: str) -> LoadResult:
+    async def refund(self, serial: str) -> LoadResult:
         psam = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
-        return asyncio.run(self.kiosk.refund(self._run(serial), psam))
+        return await self.kiosk.refund(self._run(serial), psam)
 
     def balance(self, serial: str) -> int:
         return self.card(serial).image.balance
@@ -156,51 +153,51 @@ def test_a_balance_never_moves_onto_its_own_card(
     assert json.loads(capsys.readouterr().out)["balance_fen"] == 10_000
 
 
-def test_a_transfer_is_refused_onto_a_hotlisted_card(desk: Desk) -> None:
-    desk.load("1", 5000)
+async def test_a_transfer_is_refused_onto_a_hotlisted_card(desk: Desk) -> None:
+    await desk.load("1", 5000)
     desk.hotlist("2", "lost")
-    result = desk.transfer("2", old="1")
+    result = await desk.transfer("2", old="1")
     assert (result.result, result.reason) == ("refused", "hotlisted")
     assert desk.balance("2") == 0
 
 
-def test_a_transfer_is_refused_onto_a_card_that_was_itself_replaced(desk: Desk) -> None:
-    desk.load("1", 5000)
-    desk.load("3", 700)
-    assert desk.transfer("2", old="1").result == "loaded"  # card 1 is replaced by card 2
-    result = desk.transfer("1", old="3")
+async def test_a_transfer_is_refused_onto_a_card_that_was_itself_replaced(desk: Desk) -> None:
+    await desk.load("1", 5000)
+    await desk.load("3", 700)
+    assert (await desk.transfer("2", old="1")).result == "loaded"  # card 1 is replaced by card 2
+    result = await desk.transfer("1", old="3")
     assert (result.result, result.reason) == ("refused", "replaced")
     assert desk.balance("1") == 5000
 
 
-def test_a_transfer_is_refused_onto_a_card_that_already_received_one(desk: Desk) -> None:
-    desk.load("1", 5000)
-    desk.load("3", 700)
-    assert desk.transfer("2", old="1").result == "loaded"
-    result = desk.transfer("2", old="3")
+async def test_a_transfer_is_refused_onto_a_card_that_already_received_one(desk: Desk) -> None:
+    await desk.load("1", 5000)
+    await desk.load("3", 700)
+    assert (await desk.transfer("2", old="1")).result == "loaded"
+    result = await desk.transfer("2", old="3")
     assert (result.result, result.reason) == ("refused", "already_received")
     assert desk.balance("2") == 5000
 
 
-def test_one_old_card_moves_once(desk: Desk) -> None:
-    desk.load("1", 5000)
-    assert desk.transfer("2", old="1").balance_fen == 5000
-    again = desk.transfer("4", old="1")
+async def test_one_old_card_moves_once(desk: Desk) -> None:
+    await desk.load("1", 5000)
+    assert (await desk.transfer("2", old="1")).balance_fen == 5000
+    again = await desk.transfer("4", old="1")
     assert (again.result, again.reason) == ("refused", "already_transferred")
     assert desk.balance("4") == 0
 
 
-def test_a_hotlisted_card_is_not_loaded(desk: Desk) -> None:
+async def test_a_hotlisted_card_is_not_loaded(desk: Desk) -> None:
     desk.hotlist("9", "clone")
-    result = desk.load("9", 1000)
+    result = await desk.load("9", 1000)
     assert (result.result, result.reason) == ("refused", "hotlisted")
     assert desk.balance("9") == 0
 
 
-def test_a_refunded_card_s_transfer_is_refused_as_refunded(desk: Desk) -> None:
-    desk.load("1", 5000)
-    assert desk.refund("1").result == "refunded"
-    result = desk.transfer("2", old="1")
+async def test_a_refunded_card_s_transfer_is_refused_as_refunded(desk: Desk) -> None:
+    await desk.load("1", 5000)
+    assert (await desk.refund("1")).result == "refunded"
+    result = await desk.transfer("2", old="1")
     assert (result.result, result.reason) == ("refused", "refunded")
     assert "None" not in result.message
     assert desk.balance("2") == 0
@@ -281,14 +278,16 @@ def test_the_host_serves_only_registered_kiosks_at_their_own_terminal(
     store.close()
 
 
-def test_the_in_process_host_registers_its_kiosk_and_keeps_a_revocation(tmp_path: Path) -> None:
+async def test_the_in_process_host_registers_its_kiosk_and_keeps_a_revocation(
+    tmp_path: Path,
+) -> None:
     ledger = tmp_path / "host.db"
     LocalHost(ledger, "kiosk-7", terminal=TERMINAL).close()
     store = Store(f"sqlite:///{ledger}")
     revoke(store, "kiosk-7")
     store.close()
     host = LocalHost(ledger, "kiosk-7", terminal=TERMINAL)
-    answer = asyncio.run(host.call(authorize_message("r1", load_request("77", 1000))))
+    answer = await host.call(authorize_message("r1", load_request("77", 1000)))
     host.close()
     assert (answer["result"], answer["reason"]) == ("refused", "revoked")
 
@@ -347,14 +346,7 @@ def test_two_racing_transfers_of_one_old_card_move_it_once(pg_url: str) -> None:
     def request(new_serial: str) -> None:
         store = Store(pg_url)
         try:
-            doc = authorize_message(str(uuid.uuid4()), load_request(new_serial, 5000))
-            doc.update(
-                op="transfer",
-                old_serial="1",
-                reason="exchange",
-                reported="2026-01-05",
-                profile="hangzhou",
-            )
+            doc = transfer_of_card_1(str(uuid.uuid4()), load_request(new_serial, 5000))
             answers[new_serial] = ask(cast(Store, PausedAfterCheck(store, barrier)), "kiosk-1", doc)
         except BaseException as exc:  # the test reports what the request raised
             errors.append(exc)
@@ -386,11 +378,14 @@ def card_request(serial: str, amount: int, *, loads_taken: int = 0) -> LoadReque
 
 
 def transfer_of_card_1(request_id: str, request: LoadRequest) -> dict[str, Any]:
-    doc = authorize_message(request_id, request)
-    doc.update(
-        op="transfer", old_serial="1", reason="exchange", reported="2026-01-05", profile="hangzhou"
+    return transfer_message(
+        request_id,
+        request,
+        old_serial="1",
+        reason="exchange",
+        reported="2026-01-05",
+        profile="hangzhou",
     )
-    return doc
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ not refunded in cash as well, and the kiosk pays cash only for a refund the host
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -35,20 +34,22 @@ def refunds(host: CapHost) -> int:
     )
 
 
-def refund(station: Station) -> LoadResult:
-    return asyncio.run(station.kiosk.refund(station._run, PSAM))
+async def refund(station: Station) -> LoadResult:
+    return await station.kiosk.refund(station._run, PSAM)
 
 
-def test_a_card_whose_balance_moved_to_a_replacement_is_not_refunded(tmp_path: Path) -> None:
+async def test_a_card_whose_balance_moved_to_a_replacement_is_not_refunded(tmp_path: Path) -> None:
     station = Station(tmp_path, balance=4321)
     claim_transfer(station.host)
-    result = refund(station)
+    result = await refund(station)
     assert (result.result, result.reason) == ("refused", "already_transferred")
     assert station.card.image.balance == 4321  # asked before the card was emptied
     assert refunds(station.host) == 0
 
 
-def test_the_host_refuses_the_refund_of_a_balance_moved_since_the_check(tmp_path: Path) -> None:
+async def test_the_host_refuses_the_refund_of_a_balance_moved_since_the_check(
+    tmp_path: Path,
+) -> None:
     """The transfer lands between the check and the refund's record: no cash, nothing counted,
     and the kiosk does not keep asking."""
     station = Station(tmp_path, balance=4321)
@@ -61,14 +62,14 @@ def test_the_host_refuses_the_refund_of_a_balance_moved_since_the_check(tmp_path
         return await asked(message)
 
     host.call = racing  # type: ignore[method-assign]
-    result = refund(station)
+    result = await refund(station)
     assert (result.result, result.reason) == ("refused", "already_transferred")
     assert "no cash" in result.message
     assert refunds(host) == 0
     assert station.journal.unsettled() == []
 
 
-def test_a_refund_the_host_did_not_count_pays_no_cash(tmp_path: Path) -> None:
+async def test_a_refund_the_host_did_not_count_pays_no_cash(tmp_path: Path) -> None:
     station = Station(tmp_path, balance=4321)
     host = station.host
     asked = host.call
@@ -79,15 +80,17 @@ def test_a_refund_the_host_did_not_count_pays_no_cash(tmp_path: Path) -> None:
         return await asked(message)
 
     host.call = failing  # type: ignore[method-assign]
-    result = refund(station)
+    result = await refund(station)
     assert (result.result, result.reason) == ("refused", "tac_invalid")
     assert [p.kind for p in station.journal.unsettled()] == ["refund"]  # told again later
 
 
-def test_a_card_is_not_emptied_for_a_refund_while_the_host_is_unreachable(tmp_path: Path) -> None:
+async def test_a_card_is_not_emptied_for_a_refund_while_the_host_is_unreachable(
+    tmp_path: Path,
+) -> None:
     station = Station(tmp_path, balance=4321)
     station.host.down = True
-    result = refund(station)
+    result = await refund(station)
     assert (result.result, result.reason) == ("refused", "host_unreachable")
     assert station.card.image.balance == 4321
 
@@ -146,12 +149,14 @@ def test_a_balance_moved_onto_a_new_card_is_not_also_refunded_in_cash(tmp_path: 
     assert shown["balance_fen"] == 10_000
 
 
-def test_a_card_whose_balance_is_moving_to_a_replacement_is_not_loaded(tmp_path: Path) -> None:
+async def test_a_card_whose_balance_is_moving_to_a_replacement_is_not_loaded(
+    tmp_path: Path,
+) -> None:
     """Between the transfer's authorization and its confirmation the old card is not on the
     hotlist yet: a load then would be left on a card about to be blocked."""
     station = Station(tmp_path, balance=4321)
     claim_transfer(station.host)
-    result = station.load(1000)
+    result = await station.load(1000)
     assert (result.result, result.reason) == ("refused", "replaced")
     assert station.card.image.balance == 4321
     assert station.host.loads() == {}
