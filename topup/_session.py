@@ -236,6 +236,10 @@ class _GetBalance:
 _Flow = ReadCard | _GetBalance | TransactionProof | Load | Purchase
 
 
+def _out_of_turn(*_: object) -> Event:
+    raise FlowError("an answer to nothing the session asked")
+
+
 def _yuan(fen: int) -> str:
     return f"{fen / 100:.2f}"
 
@@ -298,9 +302,9 @@ class LoadSession:
         self._waiting = _Waiting.NOTHING
         self._flow: _Flow = ReadCard(records=[])
         self._on_card: Callable[[object], Event] = self._on_read
-        self._on_reply: Callable[[Mapping[str, Any]], Event] = self._unexpected_reply
-        self._on_silence: Callable[[str], Event] = self._unexpected_silence
-        self._then: Callable[[], Event] = self._unexpected_proceed
+        self._on_reply: Callable[[Mapping[str, Any]], Event] = _out_of_turn
+        self._on_silence: Callable[[str], Event] = _out_of_turn
+        self._then: Callable[[], Event] = _out_of_turn
         self._snapshot: CardSnapshot | None = None
         self._balance: int | None = None
         self._settling: list[PendingLoad] = []
@@ -381,15 +385,6 @@ class LoadSession:
             raise FlowError("the session is over")
         if self._waiting is not waiting:
             raise FlowError(f"the session waits for {self._waiting.value}, not {waiting.value}")
-
-    def _unexpected_reply(self, reply: Mapping[str, Any]) -> Event:
-        raise FlowError("a host reply nothing asked for")
-
-    def _unexpected_silence(self, detail: str) -> Event:
-        raise FlowError("a host silence nothing asked for")
-
-    def _unexpected_proceed(self) -> Event:
-        raise FlowError("proceed() without a journal event")
 
     # --- emitting -------------------------------------------------------------------------
 
