@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 from collections.abc import Callable, Coroutine
 from datetime import date
 from pathlib import Path
@@ -34,6 +35,7 @@ from farelab.protocol import BrokerURL, check_client_id
 from farelab.topup import (
     AmountRules,
     Host,
+    HostUnreachableError,
     Kiosk,
     KioskJournal,
     KioskJournalError,
@@ -212,6 +214,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _InProcessHost:
+    """The in-process host, whose own failures (its ledger refusing a write) reach the kiosk as
+    a host that did not answer — a refusal with the host's words — never as a traceback."""
+
+    def __init__(self, local: LocalHost) -> None:
+        self._local = local
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._local.call(message)
+        except (StoreError, sqlite3.Error) as exc:
+            raise HostUnreachableError(f"the in-process host failed: {exc}") from None
+
+
 def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
     """The kiosk the options describe, and how to close it."""
     unit, minimum = parse_amount(args.unit), parse_amount(args.minimum)
@@ -243,7 +259,7 @@ def make_kiosk(args: argparse.Namespace) -> tuple[Kiosk, Callable[[], None]]:
             host = MqttHost(BrokerURL.parse(args.broker), args.kiosk, timeout=args.timeout)
         else:
             local = LocalHost(ledger, args.kiosk, terminal=terminal)
-            host = local
+            host = _InProcessHost(local)
             closers.append(local.close)
     except (ValueError, StoreError) as exc:
         journal.close()

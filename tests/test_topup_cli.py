@@ -155,3 +155,20 @@ def test_the_host_knows_the_kiosk_by_its_registered_terminal(
     assert main([*load, "--terminal", "XYZ"]) == 2
     assert "--terminal 'XYZ' is not 12 hex digits" in capsys.readouterr().err
     assert load_image(card).balance == 100
+
+
+def test_a_host_that_fails_inside_is_a_clean_refusal_not_a_traceback(tmp_path: Path) -> None:
+    """Two images of one serial (a copied card) through one ledger: the in-process host cannot
+    count the second card's load under a counter it has counted; the kiosk says so cleanly."""
+    state = ("--db", "host.db", "--journal", "kiosk.db", "--json")
+    for name in ("a.json", "b.json"):
+        save_image(tmp_path / name, personalise(serial="77", issued=date(2026, 1, 1)))
+    first = topup(tmp_path, "load", "a.json", "--amount", "1", *state)
+    assert (first.returncode, json.loads(first.stdout)["result"]) == (0, "loaded")
+    for _ in range(2):  # the copy, then the copy presented again
+        out = topup(tmp_path, "load", "b.json", "--amount", "1", *state)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert out.returncode in (0, 1)
+        doc = json.loads(out.stdout)
+        assert set(doc) == {"result", "reason", "amount_fen", "balance_fen", "tac"}
+        assert doc["result"] in ("loaded", "refused")
