@@ -28,6 +28,7 @@ from farelab.validator._decision import TapResult
 from farelab.validator._device import Device, Kind, Parameters
 from farelab.validator._journal import Journal
 from farelab.validator._network import shipped_networks
+from farelab.validator._priority import TapGate
 from farelab.validator._runtime import Validator
 from farelab.validator._uplink import MqttUplink
 
@@ -101,6 +102,7 @@ class TapBench:
     validators: tuple[Validator, Validator]
     reader: Reader
     journal: Journal
+    gate: TapGate  # the journal's: taps in progress
     insert: Callable[[int], None]
     when: datetime
 
@@ -108,8 +110,11 @@ class TapBench:
     def make(
         cls, kind: str, journal_path: Path | str, reader: Reader | None = None, alg: Alg = Alg.TDES
     ) -> TapBench:
-        """``kind``: bus or metro (entry at one end of Taiyuan L2, exit at the other)."""
-        journal = Journal(journal_path, max_outbox=10**9)
+        """``kind``: bus or metro (entry at one end of Taiyuan L2, exit at the other).  The
+        journal counts taps in progress, as ``farelab validator run``'s does: its uplink and
+        background work yield to them, and a tap defers garbage collection."""
+        gate = TapGate()
+        journal = Journal(journal_path, max_outbox=10**9, gate=gate)
         params = Parameters(1, frozenset(), frozenset({DEMO_ISSUER_ID}))
         keys = {DEMO_ISSUER_ID: DEMO_KEYS}
         a, b = _devices(kind)
@@ -126,9 +131,16 @@ class TapBench:
                     cards.append(bench_card(alg, serial=str(8888 + len(cards))))
                 memory.insert(cards[-1])
 
-            return cls(validators, memory, journal, insert, datetime(2026, 11, 23, 6, tzinfo=CST))
+            return cls(
+                validators, memory, journal, gate, insert, datetime(2026, 11, 23, 6, tzinfo=CST)
+            )
         return cls(
-            validators, reader, journal, lambda _: None, datetime(2026, 11, 23, 6, tzinfo=CST)
+            validators,
+            reader,
+            journal,
+            gate,
+            lambda _: None,
+            datetime(2026, 11, 23, 6, tzinfo=CST),
         )
 
     def tap(self, i: int) -> tuple[TapResult, float]:
@@ -138,7 +150,7 @@ class TapBench:
         start = time.perf_counter()
         result = self.validators[i % 2].tap(self.reader, self.when)
         seconds = time.perf_counter() - start
-        self.journal.tap_gate.between_taps()  # as the run loop does once the result is shown
+        self.gate.between_taps()  # as the run loop does once the result is shown
         return result, seconds
 
     def run(self, n: int, *, skip_entries: bool = False) -> list[float]:

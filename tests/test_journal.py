@@ -3,6 +3,7 @@ intact after kill -9 of a real process at any instant."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from farelab.validator._decision import Intent, Pending
 from farelab.validator._intents import decode, encode
 from farelab.validator._journal import Journal, JournalError
+from farelab.validator._priority import TapGate
 from tests.validator_support import Lab, bus, new_card
 
 WORKER = """
@@ -336,11 +338,37 @@ def test_checkpoint_parks_an_intent_whose_tap_ended_without_a_commit(tmp_path: P
     assert _statuses(Journal(path)) == [("bus-1", 1, "pending")]
 
 
+def test_a_plain_journal_changes_no_process_wide_setting(tmp_path: Path) -> None:
+    """Tuning is the application's: a journal a library user opens has no tap gate, and its
+    taps, checkpoints and deletes leave the collector and the interpreter as they were."""
+    enabled, interval, frozen = gc.isenabled(), sys.getswitchinterval(), gc.get_freeze_count()
+    gc.enable()
+    try:
+        journal = Journal(tmp_path / "j.db")
+        assert journal.gate is None
+        lab = Lab([bus("taiyuan")], journal=journal)
+        card = new_card(balance=10_000)
+        for i in range(3):
+            assert lab.tap("bus", card, 120 * i).result == "accepted"
+            assert gc.isenabled()
+        journal.checkpoint()
+        journal.acknowledge([row_id for row_id, _, _ in journal.outbox()])
+        assert journal.outbox_rows == 0
+        journal.close()
+        assert gc.isenabled()
+        assert sys.getswitchinterval() == interval
+        assert gc.get_freeze_count() == frozen
+    finally:
+        if not enabled:
+            gc.disable()
+
+
 def test_checkpoint_leaves_the_log_alone_while_a_tap_is_in_progress(tmp_path: Path) -> None:
     """An intent whose tap is still running is waiting for that tap's own commit."""
     path = tmp_path / "j.db"
-    journal = Journal(path)
-    with journal.tap_gate.tap():
+    gate = TapGate()
+    journal = Journal(path, gate=gate)
+    with gate.tap():
         journal.record_intent(_intent())
         journal.checkpoint()  # waits a moment for the tap, then goes ahead without it
         assert Path(f"{path}-intents").stat().st_size > 0

@@ -16,6 +16,7 @@ import pytest
 import farelab.validator._priority as priority
 from farelab.card import InProcessReader
 from farelab.validator._decision import TapResult
+from farelab.validator._journal import Journal
 from farelab.validator._priority import TapGate
 from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S, favour_taps
 from tests.validator_support import T0, Lab, bus, new_card
@@ -133,22 +134,24 @@ class _Watching(InProcessReader):
 
 
 def test_a_validator_tap_holds_the_gate_from_first_command_to_journal() -> None:
-    lab = Lab([bus("taiyuan")])
-    reader = _Watching(lab.journal.tap_gate)
+    gate = TapGate()
+    lab = Lab([bus("taiyuan")], journal=Journal(":memory:", gate=gate))
+    reader = _Watching(gate)
     reader.insert(new_card(balance=1000))
-    assert not lab.journal.tap_gate.busy
+    assert not gate.busy
     result = lab.validators["bus"].tap(reader, T0)
     assert result.result == "accepted"
     assert len(reader.busy) >= 5
     assert all(reader.busy)
-    assert not lab.journal.tap_gate.busy  # released once the tap is journalled
+    assert not gate.busy  # released once the tap is journalled
 
 
 def test_a_failing_tap_releases_the_gate() -> None:
-    lab = Lab([bus("taiyuan")])
+    gate = TapGate()
+    lab = Lab([bus("taiyuan")], journal=Journal(":memory:", gate=gate))
     reader = InProcessReader()  # no card: the tap ends at once as card lost
     lab.validators["bus"].tap(reader, T0)
-    assert not lab.journal.tap_gate.busy
+    assert not gate.busy
 
 
 # --- garbage collection deferred out of taps -------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from farelab.card import InProcessReader, ReaderUnavailableError
 from farelab.validator._config import load_config
 from farelab.validator._journal import Journal
 from farelab.validator._loop import run
+from farelab.validator._priority import TapGate
+from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S
 from tests.validator_support import new_card
 
 CONFIG = """
@@ -118,3 +121,20 @@ def test_a_stuck_uplink_never_delays_a_tap(tmp_path: Path) -> None:
     assert uplink.started
     assert json.loads(out.getvalue())["result"] == "accepted"
     assert time.monotonic() - started < 10
+
+
+def test_the_run_loop_tunes_the_process_for_its_taps(tmp_path: Path) -> None:
+    """``validator run`` is the application: it gives the journal a tap gate (the uplink and
+    the journal's background work yield to taps) and hands tap threads the GIL quickly."""
+    config_path = tmp_path / "devices.toml"
+    config_path.write_text(CONFIG.replace("pcsc:Unplugged Reader", "sim"))
+    journal = Journal(":memory:")
+    interval = sys.getswitchinterval()
+    try:
+        asyncio.run(
+            run(load_config(config_path), journal, source=io.StringIO(""), out=io.StringIO())
+        )
+        assert isinstance(journal.gate, TapGate)
+        assert sys.getswitchinterval() == pytest.approx(TAP_SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(interval)

@@ -126,6 +126,7 @@ class Journal:
         synchronous: Literal["normal", "full"] = "normal",
         max_outbox: int = 1_000_000,
         warn_ratio: float = 0.8,
+        gate: TapGate | None = None,
     ) -> None:
         """
         Args:
@@ -133,6 +134,10 @@ class Journal:
             synchronous: ``normal`` survives a killed process, ``full`` also a power cut.
             max_outbox: the bound on rows waiting for the uplink.
             warn_ratio: from this share of the bound on, every tap logs a warning.
+            gate: taps in progress, for an application that runs an uplink beside its taps
+                (``validator run`` and the bench do): the journal's background work — outbox
+                reads, deletes, checkpoints — waits for them.  None (the default): a plain
+                journal, that waits for nothing and changes no process-wide setting.
         """
         if max_outbox < 1 or not 0 < warn_ratio <= 1:
             raise ValueError("max_outbox must be ≥ 1 and warn_ratio in (0, 1]")
@@ -184,8 +189,10 @@ class Journal:
         self._read_lock = threading.Lock()
         # The tap threads and the uplink share this connection: one statement group at a time.
         self._lock = threading.RLock()
-        #: Taps in progress on this journal's devices: the uplink yields to them.
-        self.tap_gate = TapGate()
+        #: Taps in progress on this journal's devices, if the application counts them: the
+        #: validators hold it during a tap, the uplink and this journal's background work
+        #: yield to it.  Set before the taps and the uplink start.
+        self.gate = gate
         self.max_outbox = max_outbox
         self.warn_ratio = warn_ratio
         # Intents written to the log whose tap has not committed yet (only there, so far).
@@ -243,14 +250,16 @@ class Journal:
 
     def _checkpoint(self) -> None:
         assert self._checkpointer is not None
-        self.tap_gate.wait_idle()
+        self._wait_for_taps()
         with self._lock:
             # No tap in progress, so no intent is waiting for its tap's commit: any still only
             # in the log belongs to a tap that ended without one (an exception); it becomes
             # pending, and the log starts empty again.  A tap that has begun holds the gate
             # before it can write an intent, and writing one needs this lock.  With no intent
-            # waiting, the log is only emptied.
-            if self._intents is not None and (not self.tap_gate.busy or not self._logged):
+            # waiting, the log is only emptied.  Without a gate an intent may be parked while
+            # its tap runs: that tap's commit then updates the pending row (only slower).
+            taps_running = self.gate is not None and self.gate.busy
+            if self._intents is not None and (not taps_running or not self._logged):
                 self._park_logged_locked()
         busy, frames, copied = self._checkpointer.execute(
             "PRAGMA wal_checkpoint(PASSIVE)"
@@ -263,7 +272,7 @@ class Journal:
         # synchronous=NORMAL or FULL, SQLite syncs the new WAL header in that write: an fsync
         # (0.4–1 ms on this machine's disk, more on a gate's flash) that would land in the next
         # tap.  This small write takes it instead, once no tap is in progress.
-        if self.tap_gate.wait_idle():
+        if self._wait_for_taps():
             with self._tx():
                 self._db.execute(
                     "INSERT INTO meta VALUES ('checkpoints', '1') ON CONFLICT (key)"
@@ -581,6 +590,11 @@ class Journal:
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
+    def _wait_for_taps(self) -> bool:
+        """Before a step of background work: wait a moment for the taps in progress, if the
+        application counts them; True if none is in progress (as far as this journal knows)."""
+        return self.gate is None or self.gate.wait_idle()
+
     # --- reading -------------------------------------------------------------------------
 
     def transactions(self, *, card_serial: str | None = None) -> list[dict[str, Any]]:
@@ -633,7 +647,7 @@ class Journal:
             query += " AND device = ?"
             args += (device,)
         query += " ORDER BY id LIMIT ?"
-        self.tap_gate.wait_idle()
+        self._wait_for_taps()
         reader = self._reader()
         if reader is None:
             with self._lock:
@@ -657,7 +671,7 @@ class Journal:
         for start in range(0, len(ids), _ACK_CHUNK):
             chunk = ids[start : start + _ACK_CHUNK]
             marks = ",".join("?" * len(chunk))
-            self.tap_gate.wait_idle()
+            self._wait_for_taps()
             try:
                 with self._tx():
                     cursor = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608

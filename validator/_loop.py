@@ -295,7 +295,15 @@ async def run(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run every configured device until ``stop`` is set (or, with only sim readers, until
-    ``source`` ends)."""
+    ``source`` ends).
+
+    This is the application: it tunes the process for its taps — the uplink and the journal's
+    background work yield to taps in progress (a :class:`TapGate` on ``journal``, unless it has
+    one), a tap defers garbage collection to after its result is shown, and the interpreter
+    hands a tap thread the GIL quickly (:func:`favour_taps`)."""
+    if journal.gate is None:
+        journal.gate = TapGate()
+    gate = journal.gate
     favour_taps()
     stop = stop or asyncio.Event()
     results: asyncio.Queue[TapResult | str] = asyncio.Queue()
@@ -315,7 +323,7 @@ async def run(
     tasks: list[asyncio.Task[None]] = []
     try:
         async with asyncio.TaskGroup() as group:
-            display = _display(results, out, journal.tap_gate)
+            display = _display(results, out, gate)
             tasks.append(group.create_task(display, name="display"))
             tasks.append(group.create_task(_checkpoints(journal), name="checkpoints"))
             if params_file is not None:

@@ -126,7 +126,8 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
             result = device.tap(reader, tap.at)
         finally:
             card.close()  # out of the field: the next line's tap of this card may take it
-        journal.tap_gate.between_taps()  # nothing here waits on a display: collect now
+        if journal.gate is not None:
+            journal.gate.between_taps()  # nothing here waits on a display: collect now
         yield result
         if tap.line % 500 == 0:
             journal.checkpoint()

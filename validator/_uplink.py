@@ -177,7 +177,7 @@ class _Connection:
         self.device = session.device
         self.on_params = on_params
         self.topic = TX_TOPIC.format(device=self.device)
-        self.gate = journal.tap_gate  # the uplink steps aside while a tap is in progress
+        self.gate = journal.gate  # the uplink steps aside while a tap is in progress
         self.woken = asyncio.Event()  # an ack made room in the window
 
     async def run(self) -> None:
