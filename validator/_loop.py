@@ -14,7 +14,6 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from farelab.card import CST, InProcessReader, Reader, ReaderError, SimulatedCard, describe_path
-from farelab.protocol import ParamsError, decode_params
+from farelab.protocol import Backoff, ParamsError, decode_params
 from farelab.validator._config import Config
 from farelab.validator._decision import Rejected, TapResult
 from farelab.validator._device import Parameters
@@ -134,7 +133,7 @@ async def _watch(
     station: _Station, results: asyncio.Queue[TapResult | str], make_reader: Callable[[], Reader]
 ) -> None:
     """Wait for a card, tap it once, wait for it to leave; survive the reader going away."""
-    failures = 0
+    backoff = Backoff(base=0.4, cap=5.0)  # 0.2–0.4 s after the first failure, 2.5–5 s at most
     while True:
         try:
             present = await _in_thread(station, lambda: station.reader.wait_for_card(0.5))
@@ -143,13 +142,12 @@ async def _watch(
             results.put_nowait(await _in_thread(station, lambda: _tap_once(station)))
             while not await _in_thread(station, lambda: station.reader.wait_for_removal(0.5)):
                 pass
-            failures = 0
+            backoff.reset()
         except Exception as exc:  # a reader's failure of any kind: retried, this device only
-            failures += 1
-            if failures == 1:
+            delay = backoff.next_delay()
+            if backoff.failures == 1:
                 results.put_nowait(f"reader {station.reader.name!r} unavailable: {exc}")
                 log.warning("device %s: reader unavailable: %s", station.validator.device.id, exc)
-            delay = min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
             with contextlib.suppress(ReaderError):
                 station.reader = await _in_thread(station, make_reader)
