@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from farelab.backend._mosquitto import BrokerError, Mosquitto
-from farelab.card._pcscd import PcscdError, running_pcscd
+from farelab.card import PcscdError, running_pcscd
+
+
+@pytest.fixture(autouse=True)
+def user_data_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test's own user data folder (XDG_DATA_HOME): a command's default state files land
+    there, never in the user's real one, and no test sees another's."""
+    home = tmp_path_factory.mktemp("xdg-data")
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    return home
 
 
 @pytest.fixture(scope="session")

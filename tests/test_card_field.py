@@ -214,7 +214,8 @@ def test_a_load_the_card_cannot_write_is_voided_not_paid(
         raise ImageError(f"{path}: cannot write card image: No space left on device")
 
     monkeypatch.setattr("farelab.card._simcard.save_image", disk_full)
-    assert main(["topup", "load", "c.json", "--amount", "10", "--json"]) == 1
+    load = ["topup", "load", "c.json", "--amount", "10", "--json"]
+    assert main([*load, "--db", "farelab-host.db", "--journal", "farelab-kiosk.db"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert (out["result"], out["reason"]) == ("refused", "card_error")
     assert load_image(card).balance == 5000
