@@ -160,7 +160,11 @@ def _as_version_1(path: Path, rows: list[tuple[int, str, int]]) -> list[tuple[in
     return payloads
 
 
-def test_version_1_journal_outbox_is_converted_when_opened(tmp_path: Path) -> None:
+def test_a_version_1_journal_is_refused_untouched(tmp_path: Path) -> None:
+    """Version 1 (JSON outbox rows, never released) is not read: a clear error, and the rows
+    stay as they were."""
+    import sqlite3  # noqa: PLC0415
+
     path = tmp_path / "j.db"
     lab = Lab([bus("taiyuan")], journal=Journal(path))
     card = new_card(balance=1000)
@@ -168,27 +172,13 @@ def test_version_1_journal_outbox_is_converted_when_opened(tmp_path: Path) -> No
         lab.tap("bus", card, 120 * i)
     before = lab.journal.outbox()
     lab.journal.close()
-    assert len(_as_version_1(path, [(i, d, r.seq) for i, d, r in before])) == 3
-
-    converted = Journal(path)
-    assert converted.outbox() == before
-    assert converted.outbox_rows == 3
-
-
-def test_a_version_1_outbox_that_cannot_be_converted_is_a_clear_error(tmp_path: Path) -> None:
-    import sqlite3  # noqa: PLC0415
-
-    path = tmp_path / "j.db"
-    Journal(path).close()
+    payloads = _as_version_1(path, [(i, d, r.seq) for i, d, r in before])
     with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE outbox")
-        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, device TEXT, payload TEXT)")
-        db.execute("INSERT INTO outbox VALUES (1, 'bus', '{\"seq\": 1}')")
-        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
-    with pytest.raises(JournalError, match="version-1 outbox"):
+        db.execute("PRAGMA application_id = 0")  # version 1 predates the file mark
+    with pytest.raises(JournalError, match="format version 1"):
         Journal(path)
-    with sqlite3.connect(path) as db:  # nothing was lost
-        assert db.execute("SELECT payload FROM outbox").fetchone() == ('{"seq": 1}',)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT * FROM outbox ORDER BY id").fetchall() == payloads
 
 
 def test_acknowledge_removes_exactly_the_rows_named(tmp_path: Path) -> None:

@@ -10,15 +10,14 @@ it as a ``pending`` transaction.  The tap's one SQLite transaction then writes t
 row with its outcome.  The outbox is bounded: the journal warns loudly from ``warn_ratio`` of its
 bound on, and at the bound the validator stops accepting taps rather than lose a record.
 
-Outbox rows hold the record exactly as it travels (:func:`backend._wire.encode_record`, 82
+Outbox rows hold the record exactly as it travels (:func:`farelab.protocol.encode_record`, 82
 bytes), so that the uplink only frames stored bytes: draining a backlog costs the tap threads
-next to nothing.  Version-1 journals (JSON rows) are converted when opened.
+next to nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 import sqlite3
@@ -31,12 +30,10 @@ from farelab.card import describe_path
 from farelab.protocol import (
     ForeignFileError,
     Record,
-    WireError,
     claim,
     decode_record,
     encode_record,
 )
-from farelab.protocol._wire import record_from_outbox
 from farelab.validator._decision import Accepted, Intent, Pending, Rejected, TapResult
 from farelab.validator._intents import IntentLog, IntentLogError
 from farelab.validator._priority import TapGate
@@ -163,8 +160,12 @@ class Journal:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is not None and row[0] == "1":
-                _migrate_v1(self._db, path)
-            elif row is not None and row[0] != str(SCHEMA_VERSION):
+                raise JournalError(
+                    f"{where}: a journal of format version 1 (JSON outbox rows, from before "
+                    "farelab's first release), which this farelab does not read: start a new "
+                    "journal file"
+                )
+            if row is not None and row[0] != str(SCHEMA_VERSION):
                 raise JournalError(f"{where}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
             self._db.executescript(_SCHEMA + ";" + _OUTBOX)
             if row is None:
@@ -685,32 +686,6 @@ class Journal:
 
 def _at_ms(at: str) -> int:
     return int(datetime.fromisoformat(at).timestamp() * 1000)
-
-
-def _migrate_v1(db: sqlite3.Connection, path: Path | str) -> None:
-    """Version 1 kept outbox rows as JSON, with ids SQLite could reuse: convert them to wire
-    records in a table whose ids never repeat, ids kept, at once."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        rows = db.execute("SELECT id, device, payload FROM outbox ORDER BY id").fetchall()
-        converted = [
-            (row_id, device, encode_record(record_from_outbox(p["seq"], p)))
-            for row_id, device, p in ((r[0], r[1], json.loads(r[2])) for r in rows)
-        ]
-        db.execute("DROP TABLE outbox")
-        db.execute(_OUTBOX)
-        db.executemany("INSERT INTO outbox (id, device, record) VALUES (?, ?, ?)", converted)
-        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-        db.execute("COMMIT")
-    except (sqlite3.DatabaseError, ValueError, KeyError, TypeError, WireError) as exc:
-        db.execute("ROLLBACK")
-        raise JournalError(
-            f"{describe_path(path)}: cannot convert the version-1 outbox: {exc}"
-        ) from exc
-    if rows:
-        log.warning(
-            "%s: converted %d outbox rows of a version-1 journal", describe_path(path), len(rows)
-        )
 
 
 class _Transaction:

@@ -205,7 +205,3 @@ class Validator:
                 event = tap.proceed()
             else:
                 return event, pending
-
-    def with_params(self, **changes: object) -> Parameters:
-        """The current parameters with some fields changed (a new version)."""
-        return replace(self._params, version=self._params.version + 1, **changes)  # type: ignore[arg-type]

@@ -44,7 +44,6 @@ __all__ = [
     "encode_batch",
     "encode_batch_records",
     "encode_record",
-    "record_from_outbox",
 ]
 
 VERSION = 1
@@ -112,31 +111,6 @@ class Ack:
     batch_id: int
     count: int
     committed: bool
-
-
-def record_from_outbox(seq: int, payload: dict[str, Any]) -> Record:
-    """An outbox row of a version-1 journal (JSON) as a wire record."""
-    return Record(
-        seq=seq,
-        status=payload["status"],
-        tx_type=payload["tx_type"],
-        kind=payload["kind"],
-        alg=payload["alg"],
-        card_serial=payload["card_serial"],
-        issuer=payload["issuer"],
-        card_counter=payload["card_counter"],
-        ttc=payload["ttc"],
-        amount=payload["amount"],
-        balance_before=payload["balance_before"],
-        terminal=payload["terminal"],
-        day=payload["day"],
-        time=payload["time"],
-        at_ms=int(datetime.fromisoformat(payload["at"]).timestamp() * 1000),
-        station=payload["station"],
-        line=payload["line"],
-        operator=payload.get("operator", ""),
-        tac=payload["tac"],
-    )
 
 
 def _hex(value: str, size: int, what: str) -> bytes:
