@@ -31,7 +31,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 from farelab.backend._registry import DeviceEntry
-from farelab.card import CST, Alg, TacVerifier, full_serial
+from farelab.card import CST, Alg, TacVerifier
 from farelab.protocol import Batch, Record, encode_record
 
 __all__ = [
@@ -43,17 +43,15 @@ __all__ = [
     "Classified",
     "Counted",
     "Decision",
-    "Held",
     "LedgerView",
     "admit",
     "balance_breaks",
     "batch_epoch",
     "classify",
-    "content_of_row",
     "counter_ranges",
     "decide",
+    "ledger_row",
     "own_keys",
-    "serial8",
     "tac_time_ms",
 ]
 
@@ -79,6 +77,37 @@ LEDGER_COLUMNS = (
 )
 
 
+def ledger_row(
+    device: str,
+    epoch: int,
+    r: Record,
+    verdict: str,
+    *,
+    at_ms: int,
+    station: bytes,
+    line: int,
+    operator: str,
+    received_ms: int,
+) -> tuple[Any, ...]:
+    """A record as a row of :data:`LEDGER_COLUMNS`: its fields as text (:meth:`Record.as_text`,
+    for people reading the ledger), its verdict after its status, and the time, station, line
+    and operator the ledger keeps for it."""
+    text = r.as_text()
+    return (
+        device,
+        epoch,
+        *text[:2],
+        verdict,
+        *text[2:14],
+        at_ms,
+        station.hex(),
+        line,
+        operator,
+        text[18],
+        received_ms,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Classified:
     """A record with its verdict."""
@@ -88,28 +117,23 @@ class Classified:
     verdict: str
 
 
-def serial8(card_serial: str) -> bytes:
-    """EF15[12:20] of a card from its 20-digit serial (the second diversification level)."""
-    return bytes.fromhex(full_serial(card_serial))[2:]
-
-
 def _verdict(record: Record, verifier: TacVerifier) -> str:
     if record.status != "completed":
         return record.status
     expected = verifier.purchase_tac(
         alg=Alg.from_label(record.alg),
-        issuer_id=bytes.fromhex(record.issuer),
-        serial8=serial8(record.card_serial),
+        issuer_id=record.issuer,
+        serial8=record.card_serial[2:],  # EF15[12:20], the second diversification level
         amount=record.amount,
         tx_type=record.tx_type,
-        terminal=bytes.fromhex(record.terminal),
+        terminal=record.terminal,
         ttc=record.ttc,
-        day=bytes.fromhex(record.day),
-        time=bytes.fromhex(record.time),
+        day=record.day,
+        time=record.time,
     )
     if expected is None:
         return "unknown_issuer"
-    return "ok" if expected.hex().upper() == record.tac else "forged"
+    return "ok" if expected == record.tac else "forged"
 
 
 def classify(batch: Batch, verifier: TacVerifier) -> list[Classified]:
@@ -123,19 +147,19 @@ def batch_epoch(batch_id: int) -> int:
     return batch_id >> 40
 
 
-def counter_ranges(rows: Sequence[Classified]) -> list[tuple[str, int, int]]:
+def counter_ranges(rows: Sequence[Classified]) -> list[tuple[bytes, int, int]]:
     """Which counted transactions of the ledger :func:`decide` needs for ``rows``: per card, the
     runs of card counters (lowest, highest, by card) that cover each counted record's own
     counter and, for a purchase, its predecessor's (counter − 1).  One lookup per run serves
     both the replay and clone checks and the balance chain."""
-    spans: dict[str, list[tuple[int, int]]] = {}
+    spans: dict[bytes, list[tuple[int, int]]] = {}
     for c in rows:
         if c.verdict == "ok":
             r = c.record
             counter = r.card_counter
             low = counter - 1 if counter > 0 and r.tx_type in PURCHASE_TYPES else counter
             spans.setdefault(r.card_serial, []).append((low, counter))
-    out: list[tuple[str, int, int]] = []
+    out: list[tuple[bytes, int, int]] = []
     for card in sorted(spans):
         runs = spans[card]
         if len(runs) == 1:
@@ -153,10 +177,10 @@ def counter_ranges(rows: Sequence[Classified]) -> list[tuple[str, int, int]]:
     return out
 
 
-def own_keys(rows: Sequence[Classified]) -> dict[tuple[str, int, int], int | None]:
+def own_keys(rows: Sequence[Classified]) -> dict[tuple[bytes, int, int], int | None]:
     """The (card, counter, type) keys of the records of ``rows`` that may count, each with its
     record's sequence number, None when records of several numbers have it."""
-    own: dict[tuple[str, int, int], int | None] = {}
+    own: dict[tuple[bytes, int, int], int | None] = {}
     for c in rows:
         if c.verdict == "ok":
             r = c.record
@@ -181,9 +205,10 @@ def admit(device: str, entry: DeviceEntry | None) -> str | None:
 # A batch's records carry a few distinct seconds, and a ledger's days repeat: the conversion,
 # a third of the rules' time per record when it built a datetime each time, is remembered.
 @lru_cache(maxsize=4096)
-def tac_time_ms(day: str, time: str) -> int | None:
-    """The TAC-covered day (YYYYMMDD) and time (HHMMSS), China Standard Time, in ms since the
-    epoch; None if they are no date and time."""
+def tac_time_ms(day_bcd: bytes, time_bcd: bytes) -> int | None:
+    """The TAC-covered day (BCD YYYYMMDD) and time (BCD hhmmss), China Standard Time, in ms
+    since the epoch; None if they are no date and time."""
+    day, time = day_bcd.hex(), time_bcd.hex()
     if len(day) != 8 or len(time) != 6:
         return None
     try:
@@ -201,15 +226,6 @@ def tac_time_ms(day: str, time: str) -> int | None:
     return int(moment.timestamp()) * 1000
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
-    """A row the ledger holds under one of the batch's identities."""
-
-    status: str
-    content: tuple[Any, ...]  # :func:`_content` of the record it was stored from
-    tac: str
-
-
 class Counted(NamedTuple):
     """A counted transaction of the ledger, found by its (card, counter, type).
 
@@ -220,10 +236,11 @@ class Counted(NamedTuple):
     device: str
     epoch: int
     seq: int
-    proof: tuple[Any, ...]  # :func:`_proof`: what its TAC covers, and the TAC
     balance_before: int
     amount: int
     at_ms: int
+    #: the transaction itself, when the rules need its proof (:func:`_proof`), else None
+    record: Record | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,19 +248,20 @@ class LedgerView:
     """What the store fetched for one batch.
 
     Attributes:
-        held: rows under this device and epoch at the batch's sequence numbers, by seq.
+        held: the records stored under this device and epoch at the batch's sequence numbers
+            (with the status and TAC the ledger holds), by seq.
         counted: counted transactions under the batch's (card, counter, type) keys and their
             predecessors' (counter − 1), found by :func:`counter_ranges` (other transactions
-            in those ranges may be there too: the rules never look them up).  The rules read a
-            proof only of one under a key of the batch held under another identity than the
-            record's (:func:`own_keys`); the others may come with an empty proof.
+            in those ranges may be there too: the rules never look them up).  The rules read
+            the record of one only under a key of the batch held under another identity than
+            the record's (:func:`own_keys`); the others may come without it.
         top_seq: the highest sequence number held for this device and epoch, None if none.
         other_epochs: other journal epochs the ledger holds rows of this device under (only
             looked up when ``top_seq`` is None).
     """
 
-    held: Mapping[int, Held] = field(default_factory=dict)
-    counted: Mapping[tuple[str, int, int], Counted] = field(default_factory=dict)
+    held: Mapping[int, Record] = field(default_factory=dict)
+    counted: Mapping[tuple[bytes, int, int], Counted] = field(default_factory=dict)
     top_seq: int | None = None
     other_epochs: frozenset[int] = frozenset()
 
@@ -253,7 +271,7 @@ class ChainCheck:
     """A counted purchase whose balance before is not its predecessor's balance after; it is a
     break unless the card's loads between the two account for the difference."""
 
-    card_serial: str
+    card_serial: bytes
     device: str
     seq: int
     after_ms: int  # the predecessor's time
@@ -273,7 +291,7 @@ class Decision:
     duplicates: int = 0
     resolved: int = 0
     forged: int = 0
-    clones: list[str] = field(default_factory=list)
+    clones: list[bytes] = field(default_factory=list)
 
 
 def _content(r: Record) -> tuple[Any, ...]:
@@ -291,25 +309,6 @@ def _content(r: Record) -> tuple[Any, ...]:
         r.terminal,
         r.day,
         r.time,
-    )
-
-
-def content_of_row(row: Sequence[Any]) -> tuple[Any, ...]:
-    """:func:`_content` of a stored row's tx_type … time columns, in that order."""
-    tx_type, kind, alg, serial, issuer, counter, ttc, amount, before, terminal, day, clock = row
-    return (
-        int(tx_type),
-        str(kind),
-        str(alg),
-        str(serial),
-        str(issuer),
-        int(counter),
-        int(ttc),
-        int(amount),
-        int(before),
-        str(terminal),
-        str(day),
-        str(clock),
     )
 
 
@@ -348,7 +347,10 @@ def decide(
     whether it counts is its verdict.
     """
     out = Decision()
-    station = (entry.station or "0" * 16).lower()
+    # What the registry knows replaces what the records say: the ledger keeps its station
+    # (lower-case hex, as it always has), line and operator.
+    station = bytes.fromhex(entry.station) if entry.station else bytes(8)
+    station_text = station.hex()
     top = view.top_seq
     held = view.held
     inserted: dict[int, int] = {}  # seq -> index in out.inserts
@@ -357,11 +359,11 @@ def decide(
     written: dict[int, Record] = {}
     counts = _Counts(device, epoch, view.counted)
     counted, fresh = view.counted, counts.fresh
-    operator, line, terminal = entry.operator, entry.line, entry.terminal
+    operator, line, terminal = entry.operator, entry.line, bytes.fromhex(entry.terminal)
     kind_faults: dict[tuple[str, int], str | None] = {}  # by (kind, transaction type)
 
     def anomaly(kind: str, r: Record, detail: str) -> None:
-        out.anomalies.append((kind, r.card_serial, device, r.seq, detail))
+        out.anomalies.append((kind, r.card_serial.hex(), device, r.seq, detail))
 
     if rows and top is None and view.other_epochs - {0}:
         shown = ", ".join(str(e) for e in sorted(view.other_epochs))
@@ -372,15 +374,12 @@ def decide(
         )
     for c in rows:
         r, verdict = c.record, c.verdict
-        old: Held | None = None
-        if r.seq in written:
-            before = written[r.seq]
-            old = Held(before.status, _content(before), before.tac)
-        elif r.seq in held:
-            old = held[r.seq]
+        old = written.get(r.seq)
+        if old is None:
+            old = held.get(r.seq)
         if old is not None:
             both_final = old.status == "completed" and r.status == "completed"
-            if old.content != _content(r) or (both_final and old.tac != r.tac):
+            if _content(old) != _content(r) or (both_final and old.tac != r.tac):
                 anomaly(
                     "conflicting_duplicate",
                     r,
@@ -397,22 +396,26 @@ def decide(
             top = r.seq
         if verdict == "forged":
             out.forged += 1
-            anomaly("forged_tac", r, f"TAC {r.tac}")
-        if r.operator != operator or r.line != line or r.station.lower() != station:
+            anomaly("forged_tac", r, f"TAC {r.tac.hex().upper()}")
+        if r.operator != operator or r.line != line or r.station != station:
             mismatched = [
                 f"{name} {sent!r} (registry {ours!r})"
-                for name, sent, ours in (
-                    ("operator", r.operator, entry.operator),
-                    ("station", r.station.lower(), station),
-                    ("line", r.line, entry.line),
+                for name, sent, ours, differ in (
+                    ("operator", r.operator, operator, r.operator != operator),
+                    ("station", r.station.hex(), station_text, r.station != station),
+                    ("line", r.line, line, r.line != line),
                 )
-                if sent != ours
+                if differ
             ]
             anomaly("field_mismatch", r, "; ".join(mismatched))
         at_ms = r.at_ms
         tac_ms = tac_time_ms(r.day, r.time)
         if tac_ms is not None and not -TIME_TOLERANCE_MS <= at_ms - tac_ms <= TIME_TOLERANCE_MS:
-            anomaly("time_mismatch", r, f"at {r.at_ms} ms, the TAC's day and time {r.day} {r.time}")
+            anomaly(
+                "time_mismatch",
+                r,
+                f"at {r.at_ms} ms, the TAC's day and time {r.day.hex()} {r.time.hex()}",
+            )
             at_ms = tac_ms
         if verdict == "ok":
             kind = (r.kind, r.tx_type)
@@ -421,13 +424,17 @@ def decide(
             kind_fault = kind_faults[kind]
             if r.terminal != terminal:
                 verdict = "wrong_device"
-                anomaly("wrong_device", r, f"terminal {r.terminal}, registry {entry.terminal}")
+                anomaly(
+                    "wrong_device",
+                    r,
+                    f"terminal {r.terminal.hex().upper()}, registry {entry.terminal}",
+                )
             elif kind_fault is not None:
                 verdict = "wrong_kind"
                 anomaly("wrong_kind", r, kind_fault)
             elif tac_ms is None:
                 verdict = "bad_time"
-                anomaly("bad_time", r, f"TAC-covered day and time {r.day} {r.time}")
+                anomaly("bad_time", r, f"TAC-covered day and time {r.day.hex()} {r.time.hex()}")
         if verdict == "ok":
             key = (r.card_serial, r.card_counter, r.tx_type)
             first = counts.get(key) if key in fresh else counted.get(key)
@@ -437,7 +444,7 @@ def decide(
                 r.seq,
             ):
                 where = _identity(first.device, first.epoch, first.seq)
-                if first.proof == _proof(r):
+                if first.record is not None and _proof(first.record) == _proof(r):
                     verdict = "replay"
                     anomaly("replay", r, f"card counter {r.card_counter} counted at {where}")
                 else:
@@ -449,36 +456,22 @@ def decide(
                     _check_chain(out, counts, r, at_ms)
                 fresh[key] = (r, at_ms)
         if old is not None and r.seq not in inserted:
-            out.updates.append((r.status, verdict, r.tac, device, epoch, r.seq))
+            out.updates.append((r.status, verdict, r.tac.hex().upper(), device, epoch, r.seq))
             out.resolved += 1
             written[r.seq] = r
             continue
         if old is not None:
             out.resolved += 1  # a grey record resolved within this very batch
-        row = (
+        row = ledger_row(
             device,
             epoch,
-            r.seq,
-            r.status,
+            r,
             verdict,
-            r.tx_type,
-            r.kind,
-            r.alg,
-            r.card_serial,
-            r.issuer,
-            r.card_counter,
-            r.ttc,
-            r.amount,
-            r.balance_before,
-            r.terminal,
-            r.day,
-            r.time,
-            at_ms,
-            station,
-            entry.line,
-            entry.operator,
-            r.tac,
-            now_ms,
+            at_ms=at_ms,
+            station=station,
+            line=line,
+            operator=operator,
+            received_ms=now_ms,
         )
         if r.seq in inserted:
             out.inserts[inserted[r.seq]] = row
@@ -496,21 +489,20 @@ class _Counts:
     __slots__ = ("device", "epoch", "fresh", "ledger")
 
     def __init__(
-        self, device: str, epoch: int, ledger: Mapping[tuple[str, int, int], Counted]
+        self, device: str, epoch: int, ledger: Mapping[tuple[bytes, int, int], Counted]
     ) -> None:
         self.device = device
         self.epoch = epoch
         self.ledger = ledger
-        self.fresh: dict[tuple[str, int, int], tuple[Record, int]] = {}
+        self.fresh: dict[tuple[bytes, int, int], tuple[Record, int]] = {}
 
-    def get(self, key: tuple[str, int, int]) -> Counted | None:
+    def get(self, key: tuple[bytes, int, int]) -> Counted | None:
         """The counted transaction under ``key`` (card, counter, type), if any."""
         mine = self.fresh.get(key)
         if mine is None:
             return self.ledger.get(key)
         r, at_ms = mine
-        proof = _proof(r)
-        return Counted(self.device, self.epoch, r.seq, proof, r.balance_before, r.amount, at_ms)
+        return Counted(self.device, self.epoch, r.seq, r.balance_before, r.amount, at_ms, r)
 
 
 def _check_chain(out: Decision, counts: _Counts, r: Record, at_ms: int) -> None:
@@ -539,7 +531,7 @@ def _check_chain(out: Decision, counts: _Counts, r: Record, at_ms: int) -> None:
 
 
 def balance_breaks(
-    checks: Sequence[ChainCheck], loads: Mapping[str, Sequence[tuple[int, int]]]
+    checks: Sequence[ChainCheck], loads: Mapping[bytes, Sequence[tuple[int, int]]]
 ) -> list[tuple[str, str, str, int, str]]:
     """The ``balance_break`` anomalies among ``checks``: those the card's counted loads
     (``loads[card]``: at_ms, amount) between the predecessor and the purchase do not explain."""
@@ -554,7 +546,7 @@ def balance_breaks(
             out.append(
                 (
                     "balance_break",
-                    check.card_serial,
+                    check.card_serial.hex(),
                     check.device,
                     check.seq,
                     f"balance before {check.got}, the card's chain says {check.expected + topped}",

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
+from farelab.backend._ingest import LEDGER_COLUMNS, ledger_row
 from farelab.backend._registry import lookup
 from farelab.backend._store import Store
 from farelab.backend._transfer import PROFILES, decide, last_known_balance
 from farelab.card import CST, Alg, LoadAuthority, LoadAuthorization, TacVerifier
-from farelab.protocol import card_serial_of, load_request_of
+from farelab.protocol import Record, card_serial_of, load_request_of
 
 __all__ = [
     "ensure_schema",
@@ -346,54 +348,46 @@ def _confirm(
         return {"id": request_id, "result": "confirmed"}
     if status != "authorized":
         return {"id": request_id, "result": "error", "reason": f"load is {status}"}
-    (serial, issuer, alg, amount, before, counter, terminal, day, clock, kiosk, kind) = (
-        store.execute(
-            "SELECT card_serial, issuer, alg, amount, balance_before, card_counter, terminal, day, "
-            "time, kiosk, kind FROM loads WHERE id = ?",
-            (request_id,),
-        ).fetchone()
+    row = store.execute(
+        "SELECT card_serial, issuer, alg, amount, balance_before, card_counter, terminal, day, "
+        "time, kiosk, kind FROM loads WHERE id = ?",
+        (request_id,),
+    ).fetchone()
+    kiosk, kind = row[9], row[10]
+    load = Record.from_json(
+        {
+            "seq": 0,
+            "status": "completed",
+            "tx_type": 2,
+            "kind": kind,
+            "ttc": 0,
+            "at_ms": 0,
+            "station": "",
+            "line": 0,
+            "operator": kiosk[:8],
+            "tac": "",
+            **dict(zip(_LOAD_FIELDS, row[:9], strict=True)),
+        }
     )
-    tac = str(doc["tac"]).upper()
+    tac = _tac_of(doc)
     expected = verifier.load_tac(
-        alg=Alg.from_label(alg),
-        issuer_id=bytes.fromhex(issuer),
-        serial8=bytes.fromhex(serial)[2:],
-        balance_after=before + amount,
-        counter=counter,
-        amount=amount,
-        terminal=bytes.fromhex(terminal),
-        day=bytes.fromhex(day),
-        time=bytes.fromhex(clock),
+        alg=Alg.from_label(load.alg),
+        issuer_id=load.issuer,
+        serial8=load.card_serial[2:],
+        balance_after=load.balance_before + load.amount,
+        counter=load.card_counter,
+        amount=load.amount,
+        terminal=load.terminal,
+        day=load.day,
+        time=load.time,
     )
-    if expected is None or expected.hex().upper() != tac:
+    if expected is None or expected != tac:
         return {"id": request_id, "result": "error", "reason": "tac_invalid"}
-    store.execute("UPDATE loads SET status = 'confirmed', tac = ? WHERE id = ?", (tac, request_id))
-    seq = _next_seq(store, kiosk)
-    at_ms = int(time.time() * 1000)
     store.execute(
-        "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
-        "issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, "
-        "line, operator, tac, received_ms) VALUES (?, ?, 'completed', 'ok', 2, ?, ?, ?, ?, ?, "
-        "0, ?, ?, ?, ?, ?, ?, '0000000000000000', 0, ?, ?, ?)",
-        (
-            kiosk,
-            seq,
-            kind,
-            alg,
-            serial,
-            issuer,
-            counter,
-            amount,
-            before,
-            terminal,
-            day,
-            clock,
-            at_ms,
-            kiosk[:8],
-            tac,
-            at_ms,
-        ),
+        "UPDATE loads SET status = 'confirmed', tac = ? WHERE id = ?",
+        (tac.hex().upper(), request_id),
     )
+    _count(store, kiosk, replace(load, tac=tac))
     if kind == "transfer":
         old_serial = store.execute(
             "SELECT old_serial FROM transfers WHERE load_id = ?", (request_id,)
@@ -401,6 +395,60 @@ def _confirm(
         if old_serial is not None:
             _hotlist(store, old_serial[0], "replaced")
     return {"id": request_id, "result": "confirmed"}
+
+
+# The loads table's columns that are a load's record's fields.
+_LOAD_FIELDS = (
+    "card_serial",
+    "issuer",
+    "alg",
+    "amount",
+    "balance_before",
+    "card_counter",
+    "terminal",
+    "day",
+    "time",
+)
+
+
+# The fields of a refund's record that its message carries as they are.
+_REFUND_FIELDS = (
+    "alg",
+    "issuer",
+    "amount",
+    "balance_before",
+    "card_counter",
+    "terminal",
+    "ttc",
+    "day",
+    "time",
+)
+
+
+def _tac_of(doc: dict[str, Any]) -> bytes:
+    """The TAC a kiosk sends (hex); empty when it is not hex, which no TAC verifies."""
+    try:
+        return bytes.fromhex(str(doc["tac"]))
+    except ValueError:
+        return b""
+
+
+def _count(store: Store, kiosk: str, record: Record) -> None:
+    """Count a kiosk's verified transaction in the ledger, under the kiosk's next sequence
+    number, at the time it is counted, with no station or line."""
+    now_ms = int(time.time() * 1000)
+    row = ledger_row(
+        kiosk,
+        0,
+        replace(record, seq=_next_seq(store, kiosk)),
+        "ok",
+        at_ms=now_ms,
+        station=bytes(8),
+        line=0,
+        operator=kiosk[:8],
+        received_ms=now_ms,
+    )
+    store.insert("transactions", LEDGER_COLUMNS, [row])
 
 
 def _next_seq(store: Store, kiosk: str) -> int:
@@ -486,25 +534,40 @@ def _refund(
     (Changzhou 退值): verify that purchase's TAC, count it, hotlist the card — unless the
     card's balance has moved to a replacement card (:func:`_refund_check`)."""
     serial = card_serial_of(doc["card_serial"])
-    tac = str(doc["tac"]).upper()
-    expected = verifier.purchase_tac(
-        alg=Alg.from_label(doc["alg"]),
-        issuer_id=bytes.fromhex(doc["issuer"]),
-        serial8=bytes.fromhex(serial)[2:],
-        amount=int(doc["amount"]),
-        tx_type=0x06,
-        terminal=bytes.fromhex(doc["terminal"]),
-        ttc=int(doc["ttc"]),
-        day=bytes.fromhex(doc["day"]),
-        time=bytes.fromhex(doc["time"]),
+    refund = Record.from_json(
+        {
+            **{name: doc[name] for name in _REFUND_FIELDS},
+            "seq": 0,
+            "status": "completed",
+            "tx_type": 0x06,
+            "kind": "refund",
+            "card_serial": serial,
+            "at_ms": 0,
+            "station": "",
+            "line": 0,
+            "operator": kiosk[:8],
+            "tac": "",
+        }
     )
-    if expected is None or expected.hex().upper() != tac:
+    tac = _tac_of(doc)
+    expected = verifier.purchase_tac(
+        alg=Alg.from_label(refund.alg),
+        issuer_id=refund.issuer,
+        serial8=refund.card_serial[2:],
+        amount=refund.amount,
+        tx_type=refund.tx_type,
+        terminal=refund.terminal,
+        ttc=refund.ttc,
+        day=refund.day,
+        time=refund.time,
+    )
+    if expected is None or expected != tac:
         return {"id": request_id, "result": "error", "reason": "tac_invalid"}
     check = _refund_check(store, serial)
     if check["result"] != "ok":
         return {"id": request_id, **check}
-    answer = {"id": request_id, "result": "refunded", "amount_fen": int(doc["amount"])}
-    now_ms = int(time.time() * 1000)
+    answer = {"id": request_id, "result": "refunded", "amount_fen": refund.amount}
+    text = refund.to_json()
     store.execute(
         "INSERT INTO loads (id, kiosk, card_serial, issuer, alg, amount, balance_before, "
         "card_counter, terminal, day, time, status, answer, created_ms, kind) "
@@ -512,43 +575,11 @@ def _refund(
         (
             request_id,
             kiosk,
-            serial,
-            doc["issuer"].upper(),
-            doc["alg"],
-            int(doc["amount"]),
-            int(doc["balance_before"]),
-            int(doc["card_counter"]),
-            doc["terminal"].upper(),
-            doc["day"],
-            doc["time"],
+            *(text[name] for name in _LOAD_FIELDS),
             json.dumps(answer),
-            now_ms,
+            int(time.time() * 1000),
         ),
     )
-    seq = _next_seq(store, kiosk)
-    store.execute(
-        "INSERT INTO transactions (device, seq, status, verdict, tx_type, kind, alg, card_serial, "
-        "issuer, card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, "
-        "line, operator, tac, received_ms) VALUES (?, ?, 'completed', 'ok', 6, 'refund', ?, ?, ?, "
-        "?, ?, ?, ?, ?, ?, ?, ?, '0000000000000000', 0, ?, ?, ?)",
-        (
-            kiosk,
-            seq,
-            doc["alg"],
-            serial,
-            doc["issuer"].upper(),
-            int(doc["card_counter"]),
-            int(doc["ttc"]),
-            int(doc["amount"]),
-            int(doc["balance_before"]),
-            doc["terminal"].upper(),
-            doc["day"],
-            doc["time"],
-            now_ms,
-            kiosk[:8],
-            tac,
-            now_ms,
-        ),
-    )
+    _count(store, kiosk, replace(refund, tac=tac))
     _hotlist(store, serial, "refunded")
     return answer

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,19 +29,17 @@ from farelab.backend._ingest import (
     LEDGER_COLUMNS,
     Classified,
     Counted,
-    Held,
     LedgerView,
     admit,
     balance_breaks,
     batch_epoch,
-    content_of_row,
     counter_ranges,
     decide,
     own_keys,
 )
 from farelab.backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
 from farelab.card import describe_path
-from farelab.protocol import ForeignFileError, claim
+from farelab.protocol import ForeignFileError, Record, claim
 
 __all__ = ["IngestResult", "Store", "StoreError"]
 
@@ -134,6 +132,9 @@ _MIGRATE_EPOCH_PG = (
     "ALTER TABLE transactions ADD PRIMARY KEY (device, epoch, seq)",
 )
 _OLD_COLUMNS = LEDGER_COLUMNS.replace("epoch, ", "")
+# A record's columns: the ledger names them as the record names its fields, and holds them as
+# Record.as_text() gives them, for people reading the ledger with sqlite3 or psql.
+_RECORD_COLUMNS = tuple(f.name for f in fields(Record))
 
 # What the ledger knows of a batch's device, in one statement: its registry entry (NULLs if it
 # has none); the highest sequence number of its journal epoch; only when that has none (a new
@@ -151,17 +152,19 @@ _JOURNAL = (
     "ORDER BY epoch DESC LIMIT 1) END, "
     "CASE WHEN top IS NULL THEN (SELECT epoch FROM transactions WHERE device = ? AND epoch > ? "
     "ORDER BY epoch LIMIT 1) END, "
-    "h.seq, h.status, h.tac, h.tx_type, h.kind, h.alg, h.card_serial, h.issuer, h.card_counter, "
-    "h.ttc, h.amount, h.balance_before, h.terminal, h.day, h.time "
-    "FROM s LEFT JOIN devices d ON d.id = ? "
+    + ", ".join(f"h.{column}" for column in _RECORD_COLUMNS)
+    + " FROM s LEFT JOIN devices d ON d.id = ? "
     "LEFT JOIN transactions h ON h.device = ? AND h.epoch = ? AND h.seq BETWEEN ? AND ?"
 )
 _ENTRY = len(ENTRY_COLUMNS)  # where the journal's own columns start in its rows
 # What the ingest rules read of a counted transaction: the balance chain needs its balance
 # and time, the replay and clone checks its identity and, only when a record of the batch has
-# its key under another identity (rare), its proof, read then by a second lookup.  Each column
-# fetched costs: the proof's seven had made the lookup twice as long on SQLite.
+# its key under another identity (rare), the transaction itself, read then by a second lookup.
+# Each column fetched costs: the proof's seven had made the lookup twice as long on SQLite.
 _COUNTED_COLUMNS = (
+    "card_serial",
+    "card_counter",
+    "tx_type",
     "device",
     "epoch",
     "seq",
@@ -169,12 +172,11 @@ _COUNTED_COLUMNS = (
     "amount",
     "at_ms",
 )
-_PROOF_COLUMNS = ("issuer", "amount", "terminal", "ttc", "day", "time", "tac")
 
 
-def _range_lookup(columns: Sequence[str], *, postgres: bool) -> str:
+def _range_lookup(names: Sequence[str], *, postgres: bool) -> str:
     """The lookup of the counted transactions in (card, lowest counter, highest counter)
-    ranges: their card, counter and type, then ``columns``.
+    ranges: their columns ``names``.
 
     One range of the counted index per run of a card's counters (:func:`counter_ranges`) holds
     both the batch's own keys and the predecessors the balance chain needs, a third of the
@@ -183,7 +185,6 @@ def _range_lookup(columns: Sequence[str], *, postgres: bool) -> str:
     (measured: 44 000 tx/s at 20 000 rows, 8 700 at 200 000); a LATERAL subquery it may not
     flatten (OFFSET 0) makes it one index range scan per range at any size.
     """
-    names = ("card_serial", "card_counter", "tx_type", *columns)
     if not postgres:
         return (
             "WITH k (card_serial, low, high) AS (VALUES {marks}) SELECT "
@@ -203,7 +204,7 @@ def _range_lookup(columns: Sequence[str], *, postgres: bool) -> str:
 
 
 _COUNTED_LOOKUP = {db: _range_lookup(_COUNTED_COLUMNS, postgres=db) for db in (False, True)}
-_PROOF_LOOKUP = {db: _range_lookup(_PROOF_COLUMNS, postgres=db) for db in (False, True)}
+_RECORD_LOOKUP = {db: _range_lookup(_RECORD_COLUMNS, postgres=db) for db in (False, True)}
 _LOADS = "SELECT card_serial, at_ms, amount FROM transactions WHERE tx_type = 2 AND verdict = 'ok' "
 _LOADS_SQLITE = _LOADS + "AND card_serial IN ({marks})"
 _LOADS_PG = _LOADS + "AND card_serial = ANY(%s::text[])"
@@ -213,8 +214,8 @@ class _Keys(NamedTuple):
     """A batch's card keys, worked out before its transaction: the :func:`counter_ranges` to
     look up, and its :func:`own_keys`."""
 
-    ranges: list[tuple[str, int, int]]
-    own: dict[tuple[str, int, int], int | None]
+    ranges: list[tuple[bytes, int, int]]
+    own: dict[tuple[bytes, int, int], int | None]
 
 
 class StoreError(Exception):
@@ -514,19 +515,21 @@ class Store:
             entry = None if first[0] is None else entry_of_row(first[:_ENTRY])
             last, below, above = first[_ENTRY : _ENTRY + 3]
             held = _ENTRY + 3
-            rows_counted = [row for cursor in counted for row in cursor.fetchall()]
-            proofs = self._proofs(device, epoch, keys.own, rows_counted)
+            rows_counted = [
+                ((bytes.fromhex(row[0]), row[1], row[2]), row[3:])
+                for cursor in counted
+                for row in cursor.fetchall()
+            ]
+            records = self._records(device, epoch, keys.own, rows_counted)
             view = LedgerView(
                 held={
-                    row[held]: Held(row[held + 1], content_of_row(row[held + 3 :]), row[held + 2])
+                    row[held]: Record.from_text(row[held:])
                     for row in found
                     if row[held] is not None
                 },
                 counted={
-                    (row[0], row[1], row[2]): Counted(
-                        row[3], row[4], row[5], proofs.get(row[:3], ()), row[6], row[7], row[8]
-                    )
-                    for row in rows_counted
+                    key: Counted(row[0], row[1], row[2], row[3], row[4], row[5], records.get(key))
+                    for key, row in rows_counted
                 },
                 top_seq=last,
                 other_epochs=frozenset(e for e in (below, above) if e is not None),
@@ -535,32 +538,32 @@ class Store:
 
         return fetch
 
-    def _proofs(
+    def _records(
         self,
         device: str,
         epoch: int,
-        own: Mapping[tuple[Any, ...], int | None],
-        found: Sequence[tuple[Any, ...]],
-    ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-        """The proofs of the counted transactions in ``found`` (rows of the counted lookup)
-        that the rules compare with a record of the batch: those under a key of the batch
-        (``own``: its :func:`own_keys`) held under another identity than the record's."""
+        own: Mapping[tuple[bytes, int, int], int | None],
+        found: Sequence[tuple[tuple[bytes, int, int], tuple[Any, ...]]],
+    ) -> dict[tuple[bytes, int, int], Record]:
+        """The counted transactions in ``found`` (keys and rows of the counted lookup) that the
+        rules compare with a record of the batch: those under a key of the batch (``own``: its
+        :func:`own_keys`) held under another identity than the record's."""
         wanted = []
-        for row in found:
-            key = row[:3]
+        for key, row in found:
             if key in own:
                 seq = own[key]
-                if seq is None or (row[3], row[4], row[5]) != (device, epoch, seq):
-                    wanted.append((row[0], row[1], row[1]))
+                if seq is None or (row[0], row[1], row[2]) != (device, epoch, seq):
+                    wanted.append((key[0], key[1], key[1]))
         if not wanted:
             return {}
-        return {
-            tuple(row[:3]): tuple(row[3:])
-            for cursor in self._lookup(_PROOF_LOOKUP[self.postgres], wanted)
+        found_records = (
+            Record.from_text(row)
+            for cursor in self._lookup(_RECORD_LOOKUP[self.postgres], wanted)
             for row in cursor.fetchall()
-        }
+        )
+        return {(r.card_serial, r.card_counter, r.tx_type): r for r in found_records}
 
-    def _lookup(self, statement: str, ranges: Sequence[tuple[str, int, int]]) -> list[Any]:
+    def _lookup(self, statement: str, ranges: Sequence[tuple[bytes, int, int]]) -> list[Any]:
         """Send a lookup of the ledger's counted transactions in these (card, lowest counter,
         highest counter) ranges; the cursors to fetch them from."""
         if not ranges:
@@ -571,27 +574,27 @@ class Store:
             # Converting a VALUES list of a batch's 600 placeholders had been 13 % of a worker's
             # py-spy samples, and psycopg's dumping of Python lists a tenth of the rest.
             serials, lows, highs = zip(*ranges, strict=True)
-            args = (_text_array(serials), _int_array(lows), _int_array(highs))
+            args = (_text_array(s.hex() for s in serials), _int_array(lows), _int_array(highs))
             return [self._db.execute(statement, args)]
         cursors = []
         for start in range(0, len(ranges), 300):
             chunk = ranges[start : start + 300]
             marks = ",".join(["(?, ?, ?)"] * len(chunk))
-            cursors.append(
-                self._db.execute(statement.format(marks=marks), [v for key in chunk for v in key])
-            )
+            values = [v for card, low, high in chunk for v in (card.hex(), low, high)]
+            cursors.append(self._db.execute(statement.format(marks=marks), values))
         return cursors
 
-    def _loads_of(self, serials: set[str]) -> dict[str, list[tuple[int, int]]]:
+    def _loads_of(self, serials: set[bytes]) -> dict[bytes, list[tuple[int, int]]]:
         """The counted loads (at_ms, amount) of these cards, by card."""
-        out: dict[str, list[tuple[int, int]]] = {serial: [] for serial in serials}
+        out: dict[bytes, list[tuple[int, int]]] = {serial: [] for serial in serials}
+        texts = sorted(serial.hex() for serial in serials)
         if self.postgres:
-            found = self._db.execute(_LOADS_PG, (_text_array(sorted(serials)),)).fetchall()
+            found = self._db.execute(_LOADS_PG, (_text_array(texts),)).fetchall()
         else:
-            marks = ",".join("?" * len(serials))
-            found = self._db.execute(_LOADS_SQLITE.format(marks=marks), sorted(serials)).fetchall()
+            marks = ",".join("?" * len(texts))
+            found = self._db.execute(_LOADS_SQLITE.format(marks=marks), texts).fetchall()
         for serial, at, amount in found:
-            out[serial].append((int(at), int(amount)))
+            out[bytes.fromhex(serial)].append((int(at), int(amount)))
         return out
 
     def _ingest(
@@ -634,7 +637,7 @@ class Store:
             self.executemany(
                 "INSERT INTO hotlist (card_serial, reason, added_ms) VALUES (?, 'clone', ?) "
                 "ON CONFLICT (card_serial) DO NOTHING",
-                [(serial, now) for serial in dict.fromkeys(decision.clones)],
+                [(serial.hex(), now) for serial in dict.fromkeys(decision.clones)],
             )
             self.execute(
                 "INSERT INTO batches (device, batch_id, records, worker, received_ms) "
@@ -649,7 +652,7 @@ class Store:
             duplicates=decision.duplicates,
             resolved=decision.resolved,
             forged=decision.forged,
-            clones=decision.clones,
+            clones=[serial.hex() for serial in decision.clones],
             anomalies=len(anomalies),
         )
 

@@ -37,12 +37,12 @@ from farelab.backend._store import Store
 from farelab.bench._backend import process_tree, rss_mb, running_backend
 from farelab.bench.ingest import acks_of
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
-from farelab.protocol import ACK_TOPIC, TX_TOPIC, VERSION, BrokerURL, decode_batch
+from farelab.protocol import ACK_TOPIC, TX_TOPIC, BrokerURL, decode_batch, encode_batch_records
 
 __all__ = ["Traffic", "main", "measure_backend_rss"]
 
-# backend/_wire.py's record v1 (the bench packs records directly: a Record object and
-# encode_batch per transaction would cost the producer more CPU than the backend spends).
+# The wire's record v1 (the bench packs records directly: a Record object and encode_record
+# per transaction would cost the producer more CPU than the backend spends).
 _RECORD = struct.Struct(">IBBBB10s8sHIII6s4s3sq8sB8s4s")
 _COMPLETED, _BUS, _TDES = 0, 0, 0
 _PURCHASE = 9
@@ -103,16 +103,14 @@ class Traffic:
 
     def payloads(self, d: int) -> Iterator[tuple[int, int, bytes]]:
         """Device ``d``'s batches as ``(batch id, records, payload)``, generated lazily."""
-        device = self.device_id(d).encode()
+        device = self.device_id(d)
         terminal = (0xC000_0000 + d).to_bytes(6, "big")
         station, operator, issuer = bytes(8), b"BENCH\x00\x00\x00", DEMO_ISSUER_ID
-        header_tail = bytes((len(device),)) + device
         tac = self.verifier.purchase_tac
         pack = _RECORD.pack
         seq = 0
         for batch_id, first in enumerate(range(d, self.n, self.devices * self.batch), start=1):
-            body = bytearray()
-            count = 0
+            records = []
             for t in range(first, min(first + self.devices * self.batch, self.n), self.devices):
                 ride, slot = divmod(t, self.cards)
                 card = (slot * _STRIDE + self.run) % self.cards
@@ -130,30 +128,30 @@ class Traffic:
                     time=_TIME,
                 )
                 assert mac is not None
-                body += pack(
-                    seq,
-                    _COMPLETED,
-                    _PURCHASE,
-                    _BUS,
-                    _TDES,
-                    serial,
-                    issuer,
-                    ride,
-                    ride + 1,
-                    _FARE,
-                    1_000_000 - _FARE * ride,
-                    terminal,
-                    _DAY,
-                    _TIME,
-                    _AT_MS + t % 1000,  # within the second the TAC covers
-                    station,
-                    1,
-                    operator,
-                    mac,
+                records.append(
+                    pack(
+                        seq,
+                        _COMPLETED,
+                        _PURCHASE,
+                        _BUS,
+                        _TDES,
+                        serial,
+                        issuer,
+                        ride,
+                        ride + 1,
+                        _FARE,
+                        1_000_000 - _FARE * ride,
+                        terminal,
+                        _DAY,
+                        _TIME,
+                        _AT_MS + t % 1000,  # within the second the TAC covers
+                        station,
+                        1,
+                        operator,
+                        mac,
+                    )
                 )
-                count += 1
-            header = b"FLB" + bytes((VERSION,)) + batch_id.to_bytes(8, "big") + header_tail
-            yield batch_id, count, header + count.to_bytes(2, "big") + bytes(body)
+            yield batch_id, len(records), encode_batch_records(batch_id, device, records)
 
     def check(self) -> None:
         """The first batch of device 0 decodes and every TAC in it verifies (a self-check of

@@ -126,12 +126,11 @@ def make_batches(
             # A day's traffic: each card rides several times (its counter goes up), so the
             # backend's per-card key cache works as it does in production.
             card, counter = i % cards_per_device, i // cards_per_device
-            serial = f"{run:04d}{d:06d}{card:010d}"
-            serial8 = bytes.fromhex(serial)[2:]
+            serial = bytes.fromhex(f"{run:04d}{d:06d}{card:010d}")
             tac = verifier.purchase_tac(
                 alg=Alg.TDES,
                 issuer_id=DEMO_ISSUER_ID,
-                serial8=serial8,
+                serial8=serial[2:],
                 amount=200,
                 tx_type=9,
                 terminal=own,
@@ -148,19 +147,19 @@ def make_batches(
                     "bus",
                     "3des",
                     serial,
-                    DEMO_ISSUER_ID.hex(),
+                    DEMO_ISSUER_ID,
                     counter,
                     i + 1,
                     200,
                     1_000_000 - 200 * counter,
-                    own.hex(),
-                    day.hex(),
-                    clock.hex(),
+                    own,
+                    day,
+                    clock,
                     at_ms,
-                    "00" * 8,
+                    bytes(8),
                     0,
                     operator,
-                    tac.hex(),
+                    tac,
                 )
             )
         out[device] = [

@@ -35,20 +35,20 @@ def a_record() -> Record:
         tx_type=9,
         kind="bus",
         alg="3des",
-        card_serial="00000000000000000100",
-        issuer="1310000000000000",
+        card_serial=bytes.fromhex("00000000000000000100"),
+        issuer=bytes.fromhex("1310000000000000"),
         card_counter=0,
         ttc=1,
         amount=200,
         balance_before=50_000,
-        terminal="000000000B01",
-        day="20261123",
-        time="080000",
+        terminal=bytes.fromhex("000000000B01"),
+        day=bytes.fromhex("20261123"),
+        time=bytes.fromhex("080000"),
         at_ms=1_795_392_000_000,
-        station="0" * 16,
+        station=bytes(8),
         line=0,
         operator="TAIYUAN",
-        tac="01020304",
+        tac=bytes.fromhex("01020304"),
     )
 
 
@@ -132,7 +132,7 @@ def test_a_devices_conflicting_batch_with_a_bad_operator_byte_leaves_the_backend
             epoch, *fields = held.execute(
                 f"SELECT epoch, {_COLUMNS} FROM transactions WHERE device = 'bus-1'"
             ).fetchone()
-        record = replace(Record(*fields), amount=fields[9] + 1, operator="ZZZZZZZZ")
+        record = replace(Record.from_text(fields), amount=fields[9] + 1, operator="ZZZZZZZZ")
         payload = encode_batch(Batch(epoch << 40 | record.seq, "bus-1", (record,)))
 
         async def publish() -> None:

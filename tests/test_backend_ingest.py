@@ -108,7 +108,7 @@ def test_every_batch_three_times_in_shuffled_order_changes_no_total(store: Store
 
 def test_forged_tac_is_flagged_and_not_counted(store: Store) -> None:
     batch = journal_batches()[0]
-    forged = replace(batch.records[0], tac="DEADBEEF")
+    forged = replace(batch.records[0], tac=bytes.fromhex("DEADBEEF"))
     ingest(store, replace(batch, records=(forged, *batch.records[1:])))
     doc = report(store)
     assert doc["forged"] == 1
@@ -123,14 +123,14 @@ def test_cloned_card_goes_on_the_hotlist(store: Store) -> None:
     # take a real transaction of the same card from a second lab run at another device.
     original = batch.records[0]
     twin_lab = Lab([bus("taiyuan", device_id="bus-x", terminal="000000000B77")])
-    twin = new_card(balance=5000, serial=str(int(original.card_serial)))
+    twin = new_card(balance=5000, serial=str(int(original.card_serial.hex())))
     twin_lab.tap("bus-x", twin, 99_999)
     clone = twin_lab.journal.outbox(1)[0][2]
     assert clone.card_counter == original.card_counter
     ingest(store, Batch(500, "bus-x", (clone,)))
     doc = report(store)
     assert doc["clones"] == 1
-    assert original.card_serial in doc["hotlist"]
+    assert original.card_serial.hex() in doc["hotlist"]
 
 
 def test_a_missing_upload_shows_as_a_sequence_gap(store: Store) -> None:
@@ -145,7 +145,7 @@ def test_a_missing_upload_shows_as_a_sequence_gap(store: Store) -> None:
 def test_grey_then_completed_counts_once(store: Store) -> None:
     batch = journal_batches()[0]
     record = batch.records[0]
-    ingest(store, Batch(1, batch.device, (replace(record, status="grey", tac=""),)))
+    ingest(store, Batch(1, batch.device, (replace(record, status="grey", tac=bytes(4)),)))
     assert report(store)["grey"] == 1
     ingest(store, Batch(2, batch.device, (record,)))
     doc = report(store)
@@ -157,7 +157,7 @@ def test_grey_then_completed_counts_once(store: Store) -> None:
 def test_grey_and_its_resolution_in_one_batch_count_once(store: Store) -> None:
     batch = journal_batches()[0]
     record = batch.records[0]
-    grey = replace(record, status="grey", tac="")
+    grey = replace(record, status="grey", tac=bytes(4))
     ingest(store, Batch(1, batch.device, (grey, record)))
     doc = report(store)
     assert (doc["grey"], doc["transactions"], doc["purchase_fen"]) == (0, 1, record.amount)
@@ -215,7 +215,7 @@ def test_balance_breaks_of_several_cards_are_each_weighed_against_that_cards_loa
         role="kiosk",
         operator="OP",
         kinds=frozenset({"load"}),
-        terminal=load.terminal,
+        terminal=load.terminal.hex().upper(),
     )
     decision = decide(
         "kiosk-1", 0, [Classified("kiosk-1", load, "ok")], kiosk, LedgerView(), now_ms=1
@@ -227,7 +227,7 @@ def test_balance_breaks_of_several_cards_are_each_weighed_against_that_cards_loa
     breaks = store.execute(
         "SELECT card_serial FROM anomalies WHERE kind = 'balance_break'"
     ).fetchall()
-    assert breaks == [(unloaded,)]
+    assert breaks == [(unloaded.hex(),)]
     assert loaded != unloaded
 
 

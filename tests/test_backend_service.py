@@ -48,26 +48,28 @@ def test_bad_payloads_are_quarantined_with_their_reason(broker: Mosquitto, tmp_p
     backend = start_backend(broker, db)
     from farelab.protocol import Batch, Record  # noqa: PLC0415
 
-    record = Record(
-        1,
-        "completed",
-        9,
-        "bus",
-        "3des",
-        "1",
-        "1310000000000000",
-        0,
-        1,
-        50,
-        100,
-        "000000000B01",
-        "20261123",
-        "080000",
-        0,
-        "00" * 8,
-        0,
-        "TAIYUAN",
-        "00000000",
+    record = Record.from_text(
+        (
+            1,
+            "completed",
+            9,
+            "bus",
+            "3des",
+            "1",
+            "1310000000000000",
+            0,
+            1,
+            50,
+            100,
+            "000000000B01",
+            "20261123",
+            "080000",
+            0,
+            "00" * 8,
+            0,
+            "TAIYUAN",
+            "00000000",
+        )
     )
     good = encode_batch(Batch(1, "bus-1", (record,)))
     payloads = {

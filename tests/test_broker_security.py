@@ -162,26 +162,28 @@ def backend(url: str, db: str) -> subprocess.Popen[str]:
 
 
 def foreign_batch() -> bytes:
-    r = Record(
-        1,
-        "completed",
-        9,
-        "bus",
-        "3des",
-        "1",
-        "1310000000000000",
-        0,
-        1,
-        50,
-        100,
-        "000000000B02",
-        "20261123",
-        "080000",
-        0,
-        "00" * 8,
-        0,
-        "TAIYUAN",
-        "00000000",
+    r = Record.from_text(
+        (
+            1,
+            "completed",
+            9,
+            "bus",
+            "3des",
+            "1",
+            "1310000000000000",
+            0,
+            1,
+            50,
+            100,
+            "000000000B02",
+            "20261123",
+            "080000",
+            0,
+            "00" * 8,
+            0,
+            "TAIYUAN",
+            "00000000",
+        )
     )
     return encode_batch(Batch(1, "bus-2", (r,)))
 

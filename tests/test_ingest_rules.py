@@ -11,7 +11,6 @@ from farelab.backend._ingest import (
     Classified,
     Counted,
     Decision,
-    Held,
     LedgerView,
     admit,
     balance_breaks,
@@ -52,17 +51,8 @@ def verdicts(decision: Decision) -> list[str]:
 
 
 def counted(record: Record, *, device: str = DEVICE, epoch: int = EPOCH) -> Counted:
-    proof = (
-        record.issuer,
-        record.amount,
-        record.terminal,
-        record.ttc,
-        record.day,
-        record.time,
-        record.tac,
-    )
     return Counted(
-        device, epoch, record.seq, proof, record.balance_before, record.amount, record.at_ms
+        device, epoch, record.seq, record.balance_before, record.amount, record.at_ms, record
     )
 
 
@@ -77,7 +67,7 @@ def test_batches_only_from_registered_unrevoked_validators() -> None:
 
 
 def test_the_registry_operator_station_and_line_are_stored_not_the_records() -> None:
-    evil = replace(RECORDS[0], operator="EVIL", line=9, station="11" * 8)
+    evil = replace(RECORDS[0], operator="EVIL", line=9, station=b"\x11" * 8)
     decision = decide_on([evil])
     [row] = decision.inserts
     assert (row[-5], row[-4], row[-3]) == ("0" * 16, 0, "BENCH")  # station, line, operator
@@ -115,7 +105,7 @@ def test_the_tac_covered_day_and_time_win_over_a_rewritten_timestamp() -> None:
 
 
 def test_a_day_that_is_no_date_is_not_counted() -> None:
-    decision = decide_on([replace(RECORDS[0], day="20261399")])
+    decision = decide_on([replace(RECORDS[0], day=bytes.fromhex("20261399"))])
     assert verdicts(decision) == ["bad_time"]
 
 
@@ -153,7 +143,7 @@ def test_one_ledger_lookup_range_covers_a_cards_rides_and_their_predecessors() -
     ]
     # A load has no predecessor in the chain; a record that does not count is not looked up.
     load = replace(RECORDS[0], card_counter=7, tx_type=2, kind="load")
-    forged = Classified(DEVICE, replace(RECORDS[0], card_serial="1" * 20), "forged")
+    forged = Classified(DEVICE, replace(RECORDS[0], card_serial=b"\x11" * 10), "forged")
     assert counter_ranges([Classified(DEVICE, load, "ok"), forged]) == [(serial, 7, 7)]
 
 
@@ -178,7 +168,7 @@ def test_a_counted_transaction_under_a_new_sequence_number_is_a_replay_not_a_clo
 def test_other_content_under_a_counted_card_counter_is_a_clone() -> None:
     first = RECORDS[0]
     view = LedgerView(counted={(first.card_serial, first.card_counter, 9): counted(first)})
-    other = replace(first, seq=first.seq + 50, ttc=first.ttc + 9, tac="01020304")
+    other = replace(first, seq=first.seq + 50, ttc=first.ttc + 9, tac=bytes.fromhex("01020304"))
     decision = decide_on([other], view)
     assert verdicts(decision) == ["clone"]
     assert decision.clones == [first.card_serial]
@@ -186,21 +176,7 @@ def test_other_content_under_a_counted_card_counter_is_a_clone() -> None:
 
 def test_a_known_identity_with_other_content_is_an_anomaly_not_a_duplicate() -> None:
     first = RECORDS[0]
-    content = (
-        first.tx_type,
-        first.kind,
-        first.alg,
-        first.card_serial,
-        first.issuer,
-        first.card_counter,
-        first.ttc,
-        first.amount,
-        first.balance_before,
-        first.terminal,
-        first.day,
-        first.time,
-    )
-    view = LedgerView(held={first.seq: Held("completed", content, first.tac)}, top_seq=first.seq)
+    view = LedgerView(held={first.seq: first}, top_seq=first.seq)
     same = decide_on([first], view)
     assert (same.duplicates, same.inserts, same.anomalies) == (1, [], [])
     other = decide_on([replace(RECORDS[1], seq=first.seq)], view)

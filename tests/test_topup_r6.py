@@ -212,7 +212,12 @@ def test_last_known_balance_ignores_the_kiosk_clock(tmp_path: Path) -> None:
         " line, operator, tac, received_ms) VALUES ('kiosk-1', 1, 'completed', 'ok', 2, 'load',"
         " '3des', ?, ?, 0, 0, 1000, ?, '0000F0000001', '20261223', '080000', ?, "
         "'0000000000000000', 0, 'kiosk-1', '00000000', 0)",
-        (ride.card_serial, ride.issuer, ride.balance_before - 1000, ride.at_ms + 30 * 86_400_000),
+        (
+            ride.card_serial.hex(),
+            ride.issuer.hex().upper(),
+            ride.balance_before - 1000,
+            ride.at_ms + 30 * 86_400_000,
+        ),
     )
-    assert last_known_balance(store, ride.card_serial) == card.image.balance
+    assert last_known_balance(store, ride.card_serial.hex()) == card.image.balance
     store.close()

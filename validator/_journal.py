@@ -561,26 +561,30 @@ class Journal:
 
     def _enqueue(self, pending: Pending, status: str, tac: str) -> int:
         i = pending.intent
-        record = Record(
-            seq=pending.seq,
-            status=status,
-            tx_type=i.tx_type,
-            kind=i.kind,
-            alg=i.alg,
-            card_serial=i.card_serial,
-            issuer=i.issuer,
-            card_counter=i.card_counter,
-            ttc=i.ttc,
-            amount=i.amount,
-            balance_before=i.balance_before,
-            terminal=i.terminal,
-            day=i.day,
-            time=i.time,
-            at_ms=_at_ms(i.at),
-            station=i.station,
-            line=i.line,
-            operator=i.operator,
-            tac=tac,
+        # The intent holds the card's fields as text (its log and the transactions table are
+        # read by people): the record takes them in its text form.
+        record = Record.from_json(
+            {
+                "seq": pending.seq,
+                "status": status,
+                "tx_type": i.tx_type,
+                "kind": i.kind,
+                "alg": i.alg,
+                "card_serial": i.card_serial,
+                "issuer": i.issuer,
+                "card_counter": i.card_counter,
+                "ttc": i.ttc,
+                "amount": i.amount,
+                "balance_before": i.balance_before,
+                "terminal": i.terminal,
+                "day": i.day,
+                "time": i.time,
+                "at_ms": _at_ms(i.at),
+                "station": i.station,
+                "line": i.line,
+                "operator": i.operator,
+                "tac": tac,
+            }
         )
         self._db.execute(
             "INSERT INTO outbox (device, record) VALUES (?, ?)",

@@ -22,8 +22,8 @@ ack only if its id and count both match a batch in flight.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,32 +67,156 @@ class WireError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One journalled transaction as it travels."""
+    """One journalled transaction as it travels: the decision, the journal, the wire and the
+    ledger all hold this one value.
+
+    The fields the card and the PSAM deal in are bytes, as they are on the card and the wire:
+    ``card_serial`` (10, BCD: 20 digits), ``issuer`` (8), ``terminal`` (6), ``day`` (4, BCD
+    ``YYYYMMDD``), ``time`` (3, BCD ``hhmmss``), ``station`` (8) and ``tac`` (4; zeros when the
+    transaction has none, as a void one).  The ``operator`` is the device's operator as text (at
+    most 8 bytes of UTF-8): the registry and the reports name operators, and only the wire pads
+    it with zeros.  Hex is for the edges people read: :meth:`as_text`, :meth:`to_json` and
+    their inverses.
+    """
 
     seq: int
     status: str
     tx_type: int
     kind: str
     alg: str
-    card_serial: str
-    issuer: str
+    card_serial: bytes
+    issuer: bytes
     card_counter: int
     ttc: int
     amount: int
     balance_before: int
-    terminal: str
-    day: str
-    time: str
+    terminal: bytes
+    day: bytes
+    time: bytes
     at_ms: int
-    station: str
+    station: bytes
     line: int
     operator: str
-    tac: str
+    tac: bytes
 
     @property
     def at(self) -> datetime:
         """When the tap happened."""
         return datetime.fromtimestamp(self.at_ms / 1000, tz=UTC)
+
+    def as_text(self) -> tuple[Any, ...]:
+        """The fields in order, each byte field as people read it: the card serial as its 20
+        digits, the day and time as their digits, the station in lower-case hex, the issuer,
+        terminal and TAC in upper-case hex (the ledger's columns and :meth:`to_json` hold
+        these)."""
+        return (
+            self.seq,
+            self.status,
+            self.tx_type,
+            self.kind,
+            self.alg,
+            self.card_serial.hex(),
+            self.issuer.hex().upper(),
+            self.card_counter,
+            self.ttc,
+            self.amount,
+            self.balance_before,
+            self.terminal.hex().upper(),
+            self.day.hex(),
+            self.time.hex(),
+            self.at_ms,
+            self.station.hex(),
+            self.line,
+            self.operator,
+            self.tac.hex().upper(),
+        )
+
+    @classmethod
+    def from_text(cls, values: Sequence[Any]) -> Record:
+        """A record from :meth:`as_text`'s values (any case of hex; a card serial of fewer than
+        20 digits is padded, an empty byte field is all zeros); ValueError if a field is not
+        its text."""
+        if len(values) != len(_FIELDS):
+            raise ValueError(f"a record has {len(_FIELDS)} fields, not {len(values)}")
+        (
+            seq,
+            status,
+            tx_type,
+            kind,
+            alg,
+            serial,
+            issuer,
+            counter,
+            ttc,
+            amount,
+            before,
+            terminal,
+            day,
+            time,
+            at_ms,
+            station,
+            line,
+            operator,
+            tac,
+        ) = values
+        serial = str(serial)
+        if not (serial.isascii() and serial.isdigit()) or len(serial) > 20:
+            raise ValueError(f"card serial {serial[:40]!r} is not up to 20 digits")
+        return cls(
+            int(seq),
+            str(status),
+            int(tx_type),
+            str(kind),
+            str(alg),
+            bytes.fromhex(full_serial(serial)),
+            _from_hex(issuer, 8, "issuer"),
+            int(counter),
+            int(ttc),
+            int(amount),
+            int(before),
+            _from_hex(terminal, 6, "terminal"),
+            _from_hex(day, 4, "date"),
+            _from_hex(time, 3, "time"),
+            int(at_ms),
+            _from_hex(station, 8, "station"),
+            int(line),
+            str(operator),
+            _from_hex(tac, 4, "TAC"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON for people and scripts: its fields by name, as :meth:`as_text`."""
+        return dict(zip(_FIELDS, self.as_text(), strict=True))
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Record:
+        """A record from :meth:`to_json`'s form (``operator`` may be left out: none);
+        ValueError or KeyError if it is not one."""
+        return cls.from_text(
+            [doc.get(name, "") if name == "operator" else doc[name] for name in _FIELDS]
+        )
+
+
+_FIELDS = tuple(f.name for f in fields(Record))
+# The byte fields' sizes, in field order.
+_SIZES = {
+    "card_serial": 10,
+    "issuer": 8,
+    "terminal": 6,
+    "day": 4,
+    "time": 3,
+    "station": 8,
+    "tac": 4,
+}
+_SIZE_ROW = tuple(_SIZES.values())
+
+
+def _from_hex(value: object, size: int, what: str) -> bytes:
+    text = str(value)
+    raw = bytes.fromhex(text) if text else bytes(size)
+    if len(raw) != size:
+        raise ValueError(f"{what} must be {size} bytes, not {text[:40]!r}")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,22 +237,33 @@ class Ack:
     committed: bool
 
 
-def _hex(value: str, size: int, what: str) -> bytes:
-    raw = bytes.fromhex(value) if value else bytes(size)
-    if len(raw) != size:
-        raise ValueError(f"{what} must be {size} bytes")
-    return raw
-
-
-def _operator(name: str) -> bytes:
+def _operator(seq: int, name: str) -> bytes:
     raw = name.encode()
     if len(raw) > 8:
-        raise ValueError(f"operator {name!r} is longer than 8 bytes")
+        raise ValueError(f"record {seq}: operator {name!r} is longer than 8 bytes")
     return raw.ljust(8, b"\x00")
 
 
 def encode_record(r: Record) -> bytes:
     """One record's 82 bytes; ValueError if a field does not fit."""
+    sizes = (
+        len(r.card_serial),
+        len(r.issuer),
+        len(r.terminal),
+        len(r.day),
+        len(r.time),
+        len(r.station),
+        len(r.tac),
+    )
+    if sizes != _SIZE_ROW:
+        wrong = [
+            f"{name} is {got} bytes, not {want}"
+            for (name, want), got in zip(_SIZES.items(), sizes, strict=True)
+            if got != want
+        ]
+        raise ValueError(f"record {r.seq}: {'; '.join(wrong)}")
+    if not r.card_serial.hex().isdigit():
+        raise ValueError(f"record {r.seq}: the card serial is not BCD")
     try:
         return _RECORD.pack(
             r.seq,
@@ -136,20 +271,20 @@ def encode_record(r: Record) -> bytes:
             r.tx_type,
             KINDS.index(r.kind),
             ALGS.index(r.alg),
-            bytes.fromhex(full_serial(r.card_serial)),
-            _hex(r.issuer, 8, "issuer"),
+            r.card_serial,
+            r.issuer,
             r.card_counter,
             r.ttc,
             r.amount,
             r.balance_before,
-            _hex(r.terminal, 6, "terminal"),
-            _hex(r.day, 4, "date"),
-            _hex(r.time, 3, "time"),
+            r.terminal,
+            r.day,
+            r.time,
             r.at_ms,
-            _hex(r.station, 8, "station"),
+            r.station,
             r.line,
-            _operator(r.operator),
-            _hex(r.tac, 4, "TAC"),
+            _operator(r.seq, r.operator),
+            r.tac,
         )
     except struct.error as exc:
         raise ValueError(f"record {r.seq}: {exc}") from None
@@ -241,8 +376,7 @@ def _record(i: int, fields: tuple[Any, ...]) -> Record:
     ) = fields
     if status >= len(STATUSES) or kind >= len(KINDS) or alg >= len(ALGS):
         raise WireError("malformed", f"record {i}: unknown status, kind or algorithm")
-    serial_digits = serial.hex()
-    if not serial_digits.isdigit():
+    if not serial.hex().isdigit():
         raise WireError("malformed", f"record {i}: card serial is not BCD")
     try:
         # Strictly: a replacement character would make a record that cannot be encoded again.
@@ -255,20 +389,20 @@ def _record(i: int, fields: tuple[Any, ...]) -> Record:
         tx_type,
         KINDS[kind],
         ALGS[alg],
-        serial_digits,
-        issuer.hex().upper(),
+        serial,
+        issuer,
         counter,
         ttc,
         amount,
         before,
-        terminal.hex().upper(),
-        day.hex(),
-        time.hex(),
+        terminal,
+        day,
+        time,
         at_ms,
-        station.hex(),
+        station,
         line,
         operator_name,
-        tac.hex().upper(),
+        tac,
     )
 
 
