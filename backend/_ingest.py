@@ -17,9 +17,15 @@ rest is checked (the time against the TAC's, the balance against the card's chai
 disagreement is an anomaly.
 
 A record's identity in the ledger is (device, journal epoch, sequence number): a journal file
-replaced on a device starts its numbers at 1 again, under a new random epoch.  The store
-fetches what the ledger holds for a batch (:class:`LedgerView`), :func:`decide` says what to
-write (:class:`Decision`), and the store writes it, all in one database transaction.
+replaced on a device starts its numbers at 1 again, under a new random epoch.
+
+The rules are pure, as a sans-IO core: no database, clock or thread here.  :func:`counter_ranges`
+and :func:`own_keys` say what the store must look up for a batch, :func:`records_wanted` which
+counted transactions it must read in full; the store fetches that (:class:`LedgerView`),
+:func:`decide` says everything the batch does (:class:`Decision`: refused, or the records to
+store and update, the anomalies, the clones), and the store writes it, all in one database
+transaction.  The one question :func:`decide` leaves open is a card's loads, read only when a
+balance does not chain (rare): :func:`balance_breaks` weighs them.
 """
 
 from __future__ import annotations
@@ -35,23 +41,24 @@ from farelab.card import CST, Alg, TacVerifier
 from farelab.protocol import Batch, Record, encode_record
 
 __all__ = [
-    "LEDGER_COLUMNS",
     "PURCHASE_TYPES",
     "SEQ_JUMP",
     "TIME_TOLERANCE_MS",
+    "Anomaly",
     "ChainCheck",
     "Classified",
     "Counted",
     "Decision",
     "LedgerView",
+    "Stored",
     "admit",
     "balance_breaks",
     "batch_epoch",
     "classify",
     "counter_ranges",
     "decide",
-    "ledger_row",
     "own_keys",
+    "records_wanted",
     "tac_time_ms",
 ]
 
@@ -68,44 +75,6 @@ TIME_TOLERANCE_MS = 60_000
 #: journal is an implausible jump (one anomaly), not that many uploads missing: a validator
 #: journals a few thousand taps a day, so a million is years of them.
 SEQ_JUMP = 1_000_000
-
-#: The columns of the ``transactions`` table, in the order :class:`Decision` rows carry them.
-LEDGER_COLUMNS = (
-    "device, epoch, seq, status, verdict, tx_type, kind, alg, card_serial, issuer, "
-    "card_counter, ttc, amount, balance_before, terminal, day, time, at_ms, station, line, "
-    "operator, tac, received_ms"
-)
-
-
-def ledger_row(
-    device: str,
-    epoch: int,
-    r: Record,
-    verdict: str,
-    *,
-    at_ms: int,
-    station: bytes,
-    line: int,
-    operator: str,
-    received_ms: int,
-) -> tuple[Any, ...]:
-    """A record as a row of :data:`LEDGER_COLUMNS`: its fields as text (:meth:`Record.as_text`,
-    for people reading the ledger), its verdict after its status, and the time, station, line
-    and operator the ledger keeps for it."""
-    text = r.as_text()
-    return (
-        device,
-        epoch,
-        *text[:2],
-        verdict,
-        *text[2:14],
-        at_ms,
-        station.hex(),
-        line,
-        operator,
-        text[18],
-        received_ms,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,15 +208,37 @@ class Counted(NamedTuple):
     balance_before: int
     amount: int
     at_ms: int
-    #: the transaction itself, when the rules need its proof (:func:`_proof`), else None
+    #: the transaction itself, when the rules compare it (:func:`records_wanted`), else None
     record: Record | None = None
+
+
+def records_wanted(
+    device: str,
+    epoch: int,
+    own: Mapping[tuple[bytes, int, int], int | None],
+    counted: Mapping[tuple[bytes, int, int], Counted],
+) -> list[tuple[bytes, int, int]]:
+    """Which of the ``counted`` transactions found for a batch of ``device``'s journal
+    ``epoch`` the rules compare with a record of the batch, so that the store reads them in
+    full: those under a key of the batch (``own``: its :func:`own_keys`) held under another
+    identity than the record's (a replay or a clone: rare).  As (card, counter, counter)
+    ranges, as :func:`counter_ranges` gives them."""
+    wanted = []
+    for key, seq in own.items():
+        found = counted.get(key)
+        if found is not None and (
+            seq is None or (found.device, found.epoch, found.seq) != (device, epoch, seq)
+        ):
+            wanted.append((key[0], key[1], key[1]))
+    return wanted
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerView:
-    """What the store fetched for one batch.
+    """What the store fetched for one batch: what the ledger knows that the rules read.
 
     Attributes:
+        entry: the device's registry entry, None if it has none.
         held: the records stored under this device and epoch at the batch's sequence numbers
             (with the status and TAC the ledger holds), by seq.
         counted: counted transactions under the batch's (card, counter, type) keys and their
@@ -260,6 +251,7 @@ class LedgerView:
             looked up when ``top_seq`` is None).
     """
 
+    entry: DeviceEntry | None = None
     held: Mapping[int, Record] = field(default_factory=dict)
     counted: Mapping[tuple[bytes, int, int], Counted] = field(default_factory=dict)
     top_seq: int | None = None
@@ -280,18 +272,65 @@ class ChainCheck:
     got: int
 
 
+class Stored(NamedTuple):
+    """A record as the ledger keeps it: with its verdict and its time (the TAC's when the
+    record's own strays from it).  A named tuple: :func:`decide` makes one per record."""
+
+    record: Record
+    verdict: str
+    at_ms: int
+
+
+class Anomaly(NamedTuple):
+    """Something a batch shows that the ledger keeps for people to look into."""
+
+    kind: str
+    card_serial: bytes
+    device: str
+    seq: int
+    detail: str
+
+
 @dataclass
 class Decision:
-    """What a batch writes: rows to insert and update, anomalies, and the counts."""
+    """What a batch does to the ledger.
 
-    inserts: list[tuple[Any, ...]] = field(default_factory=list)
-    updates: list[tuple[Any, ...]] = field(default_factory=list)  # status, verdict, tac, key
-    anomalies: list[tuple[str, str, str, int, str]] = field(default_factory=list)
+    Attributes:
+        epoch: the journal epoch the batch's identities are under.
+        rejected: the quarantine reason when the batch is refused (then nothing else is set
+            and nothing is written), else ``""``.
+        inserts: new records to store, in order.
+        updates: records the ledger holds (a grey one resolved): their new status, verdict
+            and TAC.
+        station, line, operator: what the ledger keeps for every record of the batch in place
+            of what the record says (the registry's).
+        anomalies: what the batch shows, for the ``anomalies`` table.
+        chain: counted purchases whose balance does not follow their predecessor's: each is a
+            ``balance_break`` anomaly unless the card's loads explain it
+            (:func:`balance_breaks`, once the store has read them).
+        duplicates, resolved, forged: how many records were already held, resolved a grey
+            one, or had a TAC that does not verify.
+        clones: the cards of the records that are clones (hotlisted), in order.
+    """
+
+    epoch: int = 0
+    rejected: str = ""
+    inserts: list[Stored] = field(default_factory=list)
+    updates: list[Stored] = field(default_factory=list)
+    station: bytes = bytes(8)
+    line: int = 0
+    operator: str = ""
+    anomalies: list[Anomaly] = field(default_factory=list)
     chain: list[ChainCheck] = field(default_factory=list)
     duplicates: int = 0
     resolved: int = 0
     forged: int = 0
     clones: list[bytes] = field(default_factory=list)
+
+    @property
+    def hotlist(self) -> list[bytes]:
+        """The cards the batch puts on the hotlist, each once: the clones'."""
+        return list(dict.fromkeys(self.clones))
 
 
 def _content(r: Record) -> tuple[Any, ...]:
@@ -330,27 +369,25 @@ def _identity(device: str, epoch: int, seq: int) -> str:
     return f"{device}#{seq}" if epoch == 0 else f"{device}@{epoch}#{seq}"
 
 
-def decide(
-    device: str,
-    epoch: int,
-    rows: Sequence[Classified],
-    entry: DeviceEntry,
-    view: LedgerView,
-    *,
-    now_ms: int,
-) -> Decision:
-    """What an admitted batch of ``device``'s journal ``epoch`` does to the ledger.
+def decide(device: str, batch_id: int, rows: Sequence[Classified], view: LedgerView) -> Decision:
+    """What a batch ``batch_id`` of ``device`` (its records classified) does to the ledger,
+    given what the ledger knows (``view``).
 
-    A record whose identity the ledger holds is a duplicate if its content is the same (a grey
-    one resolves), a ``conflicting_duplicate`` anomaly otherwise (kept, not counted).  A new
-    record is stored with the registry's operator, station and line and the TAC's day and time;
+    A device the registry does not admit has its batch refused (:func:`admit`).  Otherwise a
+    record whose identity the ledger holds is a duplicate if its content is the same (a grey one
+    resolves), a ``conflicting_duplicate`` anomaly otherwise (kept, not counted).  A new record
+    is stored with the registry's operator, station and line and the TAC's day and time;
     whether it counts is its verdict.
     """
-    out = Decision()
-    # What the registry knows replaces what the records say: the ledger keeps its station
-    # (lower-case hex, as it always has), line and operator.
+    entry = view.entry
+    reason = admit(device, entry)
+    if reason is not None or entry is None:
+        return Decision(rejected=reason or "unknown_device")
+    epoch = batch_epoch(batch_id)
+    # What the registry knows replaces what the records say.
     station = bytes.fromhex(entry.station) if entry.station else bytes(8)
-    station_text = station.hex()
+    operator, line, terminal = entry.operator, entry.line, bytes.fromhex(entry.terminal)
+    out = Decision(epoch=epoch, station=station, line=line, operator=operator)
     top = view.top_seq
     held = view.held
     inserted: dict[int, int] = {}  # seq -> index in out.inserts
@@ -359,11 +396,10 @@ def decide(
     written: dict[int, Record] = {}
     counts = _Counts(device, epoch, view.counted)
     counted, fresh = view.counted, counts.fresh
-    operator, line, terminal = entry.operator, entry.line, bytes.fromhex(entry.terminal)
     kind_faults: dict[tuple[str, int], str | None] = {}  # by (kind, transaction type)
 
     def anomaly(kind: str, r: Record, detail: str) -> None:
-        out.anomalies.append((kind, r.card_serial.hex(), device, r.seq, detail))
+        out.anomalies.append(Anomaly(kind, r.card_serial, device, r.seq, detail))
 
     if rows and top is None and view.other_epochs - {0}:
         shown = ", ".join(str(e) for e in sorted(view.other_epochs))
@@ -402,7 +438,7 @@ def decide(
                 f"{name} {sent!r} (registry {ours!r})"
                 for name, sent, ours, differ in (
                     ("operator", r.operator, operator, r.operator != operator),
-                    ("station", r.station.hex(), station_text, r.station != station),
+                    ("station", r.station.hex(), station.hex(), r.station != station),
                     ("line", r.line, line, r.line != line),
                 )
                 if differ
@@ -455,30 +491,19 @@ def decide(
                 if r.card_counter > 0 and r.tx_type in PURCHASE_TYPES:
                     _check_chain(out, counts, r, at_ms)
                 fresh[key] = (r, at_ms)
+        stored = Stored(r, verdict, at_ms)
+        written[r.seq] = r
         if old is not None and r.seq not in inserted:
-            out.updates.append((r.status, verdict, r.tac.hex().upper(), device, epoch, r.seq))
+            out.updates.append(stored)
             out.resolved += 1
-            written[r.seq] = r
             continue
         if old is not None:
             out.resolved += 1  # a grey record resolved within this very batch
-        row = ledger_row(
-            device,
-            epoch,
-            r,
-            verdict,
-            at_ms=at_ms,
-            station=station,
-            line=line,
-            operator=operator,
-            received_ms=now_ms,
-        )
         if r.seq in inserted:
-            out.inserts[inserted[r.seq]] = row
+            out.inserts[inserted[r.seq]] = stored
         else:
             inserted[r.seq] = len(out.inserts)
-            out.inserts.append(row)
-        written[r.seq] = r
+            out.inserts.append(stored)
     return out
 
 
@@ -532,7 +557,7 @@ def _check_chain(out: Decision, counts: _Counts, r: Record, at_ms: int) -> None:
 
 def balance_breaks(
     checks: Sequence[ChainCheck], loads: Mapping[bytes, Sequence[tuple[int, int]]]
-) -> list[tuple[str, str, str, int, str]]:
+) -> list[Anomaly]:
     """The ``balance_break`` anomalies among ``checks``: those the card's counted loads
     (``loads[card]``: at_ms, amount) between the predecessor and the purchase do not explain."""
     out = []
@@ -544,9 +569,9 @@ def balance_breaks(
         )
         if check.got != check.expected + topped:
             out.append(
-                (
+                Anomaly(
                     "balance_break",
-                    check.card_serial.hex(),
+                    check.card_serial,
                     check.device,
                     check.seq,
                     f"balance before {check.got}, the card's chain says {check.expected + topped}",

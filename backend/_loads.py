@@ -25,9 +25,9 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
-from farelab.backend._ingest import LEDGER_COLUMNS, ledger_row
+from farelab.backend._ingest import Stored
 from farelab.backend._registry import lookup
-from farelab.backend._store import Store
+from farelab.backend._store import LEDGER_COLUMNS, Store, ledger_row
 from farelab.backend._transfer import PROFILES, decide, last_known_balance
 from farelab.card import CST, Alg, LoadAuthority, LoadAuthorization, TacVerifier
 from farelab.protocol import Record, card_serial_of, load_request_of
@@ -440,9 +440,7 @@ def _count(store: Store, kiosk: str, record: Record) -> None:
     row = ledger_row(
         kiosk,
         0,
-        replace(record, seq=_next_seq(store, kiosk)),
-        "ok",
-        at_ms=now_ms,
+        Stored(replace(record, seq=_next_seq(store, kiosk), at_ms=now_ms), "ok", now_ms),
         station=bytes(8),
         line=0,
         operator=kiosk[:8],

@@ -19,29 +19,31 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from farelab.backend._ingest import (
-    LEDGER_COLUMNS,
+    Anomaly,
     Classified,
     Counted,
+    Decision,
     LedgerView,
-    admit,
+    Stored,
     balance_breaks,
     batch_epoch,
     counter_ranges,
     decide,
     own_keys,
+    records_wanted,
 )
-from farelab.backend._registry import ENTRY_COLUMNS, DeviceEntry, entry_of_row
+from farelab.backend._registry import ENTRY_COLUMNS, entry_of_row
 from farelab.card import describe_path
 from farelab.protocol import ForeignFileError, Record, claim
 
-__all__ = ["IngestResult", "Store", "StoreError"]
+__all__ = ["LEDGER_COLUMNS", "IngestResult", "Store", "StoreError", "ledger_row", "ledger_rows"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -131,10 +133,69 @@ _MIGRATE_EPOCH_PG = (
     "ALTER TABLE transactions DROP CONSTRAINT transactions_pkey",
     "ALTER TABLE transactions ADD PRIMARY KEY (device, epoch, seq)",
 )
-_OLD_COLUMNS = LEDGER_COLUMNS.replace("epoch, ", "")
 # A record's columns: the ledger names them as the record names its fields, and holds them as
 # Record.as_text() gives them, for people reading the ledger with sqlite3 or psql.
 _RECORD_COLUMNS = tuple(f.name for f in fields(Record))
+_TAC = _RECORD_COLUMNS.index("tac")
+_AT = _RECORD_COLUMNS.index("at_ms")
+
+#: The columns of the ``transactions`` table, in the order :func:`ledger_row` gives them: a
+#: record's, its verdict after its status, and the time it was received.
+LEDGER_COLUMNS = ", ".join(
+    ("device", "epoch", *_RECORD_COLUMNS[:2], "verdict", *_RECORD_COLUMNS[2:], "received_ms")
+)
+_OLD_COLUMNS = LEDGER_COLUMNS.replace("epoch, ", "")
+
+
+def ledger_row(
+    device: str,
+    epoch: int,
+    stored: Stored,
+    *,
+    station: bytes,
+    line: int,
+    operator: str,
+    received_ms: int,
+) -> tuple[Any, ...]:
+    """A record as a row of :data:`LEDGER_COLUMNS`: its fields as text (:meth:`Record.as_text`),
+    its verdict after its status, and the time, station, line and operator the ledger keeps."""
+    text = stored.record.as_text()
+    return (
+        device,
+        epoch,
+        *text[:2],
+        stored.verdict,
+        *text[2:_AT],
+        stored.at_ms,
+        station.hex(),
+        line,
+        operator,
+        text[_TAC],
+        received_ms,
+    )
+
+
+def ledger_rows(device: str, decision: Decision, received_ms: int) -> list[tuple[Any, ...]]:
+    """The rows of :data:`LEDGER_COLUMNS` that ``decision`` (of a batch of ``device``) inserts."""
+    epoch, station, line, operator = (
+        decision.epoch,
+        decision.station,
+        decision.line,
+        decision.operator,
+    )
+    return [
+        ledger_row(
+            device,
+            epoch,
+            stored,
+            station=station,
+            line=line,
+            operator=operator,
+            received_ms=received_ms,
+        )
+        for stored in decision.inserts
+    ]
+
 
 # What the ledger knows of a batch's device, in one statement: its registry entry (NULLs if it
 # has none); the highest sequence number of its journal epoch; only when that has none (a new
@@ -461,8 +522,8 @@ class Store:
                 if self.postgres:
                     return self._ingest_postgres(device, batch_id, rows, worker, keys)
                 with self.transaction():
-                    entry, view = self._read(device, batch_epoch(batch_id), rows, keys)()
-                    return self._ingest(device, batch_id, rows, worker, entry=entry, view=view)
+                    view = self._read(device, batch_epoch(batch_id), rows, keys)()
+                    return self._ingest(device, batch_id, rows, worker, view)
             except self._integrity:
                 if attempt == 4:
                     raise
@@ -485,8 +546,8 @@ class Store:
             with db.pipeline():
                 db.execute("BEGIN")
                 read = self._read(device, batch_epoch(batch_id), rows, keys)
-            entry, view = read()  # the pipeline has brought every result
-            return self._ingest(device, batch_id, rows, worker, entry=entry, view=view)
+            view = read()  # the pipeline has brought every result
+            return self._ingest(device, batch_id, rows, worker, view)
         except BaseException:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
@@ -498,70 +559,57 @@ class Store:
         epoch: int,
         rows: Sequence[Classified],
         keys: _Keys,
-    ) -> Callable[[], tuple[DeviceEntry | None, LedgerView]]:
+    ) -> Callable[[], LedgerView]:
         """Send the reads of one batch: the device's registry entry and what the ingest rules
-        need of the ledger (``keys``: the batch's card keys).  The returned
-        function fetches their results (on PostgreSQL, inside a pipeline, every statement goes
-        out before the first result is waited for; after it, the rare proof lookup)."""
+        need of the ledger (``keys``: the batch's card keys).  The returned function fetches
+        their results (on PostgreSQL, inside a pipeline, every statement goes out before the
+        first result is waited for; after it, the rare lookup of :func:`records_wanted`)."""
         seqs = [c.record.seq for c in rows]
         journal = self.execute(
             _JOURNAL, (device, epoch) * 3 + (device, device, epoch, min(seqs), max(seqs))
         )
         counted = self._lookup(_COUNTED_LOOKUP[self.postgres], keys.ranges)
 
-        def fetch() -> tuple[DeviceEntry | None, LedgerView]:
+        def fetch() -> LedgerView:
             found = journal.fetchall()
             first = found[0]
-            entry = None if first[0] is None else entry_of_row(first[:_ENTRY])
             last, below, above = first[_ENTRY : _ENTRY + 3]
             held = _ENTRY + 3
-            rows_counted = [
-                ((bytes.fromhex(row[0]), row[1], row[2]), row[3:])
+            rows_counted = {
+                (bytes.fromhex(row[0]), row[1], row[2]): Counted(
+                    row[3], row[4], row[5], row[6], row[7], row[8]
+                )
                 for cursor in counted
                 for row in cursor.fetchall()
-            ]
-            records = self._records(device, epoch, keys.own, rows_counted)
-            view = LedgerView(
+            }
+            wanted = records_wanted(device, epoch, keys.own, rows_counted)
+            for record in self._records(wanted):
+                key = (record.card_serial, record.card_counter, record.tx_type)
+                known = rows_counted.get(key)
+                if known is not None:  # else counted since the first lookup: the rules skip it
+                    rows_counted[key] = known._replace(record=record)
+            return LedgerView(
+                entry=None if first[0] is None else entry_of_row(first[:_ENTRY]),
                 held={
                     row[held]: Record.from_text(row[held:])
                     for row in found
                     if row[held] is not None
                 },
-                counted={
-                    key: Counted(row[0], row[1], row[2], row[3], row[4], row[5], records.get(key))
-                    for key, row in rows_counted
-                },
+                counted=rows_counted,
                 top_seq=last,
                 other_epochs=frozenset(e for e in (below, above) if e is not None),
             )
-            return entry, view
 
         return fetch
 
-    def _records(
-        self,
-        device: str,
-        epoch: int,
-        own: Mapping[tuple[bytes, int, int], int | None],
-        found: Sequence[tuple[tuple[bytes, int, int], tuple[Any, ...]]],
-    ) -> dict[tuple[bytes, int, int], Record]:
-        """The counted transactions in ``found`` (keys and rows of the counted lookup) that the
-        rules compare with a record of the batch: those under a key of the batch (``own``: its
-        :func:`own_keys`) held under another identity than the record's."""
-        wanted = []
-        for key, row in found:
-            if key in own:
-                seq = own[key]
-                if seq is None or (row[0], row[1], row[2]) != (device, epoch, seq):
-                    wanted.append((key[0], key[1], key[1]))
-        if not wanted:
-            return {}
-        found_records = (
+    def _records(self, wanted: Sequence[tuple[bytes, int, int]]) -> list[Record]:
+        """The counted transactions in these (card, lowest counter, highest counter) ranges,
+        in full."""
+        return [
             Record.from_text(row)
             for cursor in self._lookup(_RECORD_LOOKUP[self.postgres], wanted)
             for row in cursor.fetchall()
-        )
-        return {(r.card_serial, r.card_counter, r.tx_type): r for r in found_records}
+        ]
 
     def _lookup(self, statement: str, ranges: Sequence[tuple[bytes, int, int]]) -> list[Any]:
         """Send a lookup of the ledger's counted transactions in these (card, lowest counter,
@@ -603,50 +651,24 @@ class Store:
         batch_id: int,
         rows: Sequence[Classified],
         worker: str,
-        *,
-        entry: DeviceEntry | None,
         view: LedgerView,
     ) -> IngestResult:
-        """Decide and write one batch inside the open transaction (committed here on
-        PostgreSQL; by :meth:`transaction` on SQLite)."""
-        reason = admit(device, entry)
-        if reason is not None or entry is None:
+        """Decide one batch on what the ledger knows (``view``) and write the decision, inside
+        the open transaction (committed here on PostgreSQL; by :meth:`transaction` on
+        SQLite)."""
+        decision = decide(device, batch_id, rows, view)
+        if decision.rejected:
             if self.postgres:
                 self._db.execute("ROLLBACK")
-            return IngestResult(rejected=reason or "unknown_device")
-        now = _now_ms()
-        epoch = batch_epoch(batch_id)
-        decision = decide(device, epoch, rows, entry, view, now_ms=now)
-        anomalies = list(decision.anomalies)
+            return IngestResult(rejected=decision.rejected)
+        anomalies = decision.anomalies
         if decision.chain:
             # Rare (a balance that does not chain): only then the card's loads are read.
             loads = self._loads_of({check.card_serial for check in decision.chain})
-            anomalies += balance_breaks(decision.chain, loads)
-        self.insert("transactions", LEDGER_COLUMNS, decision.inserts)
-        self.insert(
-            "anomalies",
-            "kind, card_serial, device, seq, detail, found_ms",
-            [(*row, now) for row in anomalies],
+            anomalies = anomalies + balance_breaks(decision.chain, loads)
+        self._write(
+            device, batch_id, decision, records=len(rows), worker=worker, anomalies=anomalies
         )
-        with self._db.pipeline() if self.postgres else contextlib.nullcontext():
-            self.executemany(
-                "UPDATE transactions SET status = ?, verdict = ?, tac = ? "
-                "WHERE device = ? AND epoch = ? AND seq = ?",
-                decision.updates,
-            )
-            self.executemany(
-                "INSERT INTO hotlist (card_serial, reason, added_ms) VALUES (?, 'clone', ?) "
-                "ON CONFLICT (card_serial) DO NOTHING",
-                [(serial.hex(), now) for serial in dict.fromkeys(decision.clones)],
-            )
-            self.execute(
-                "INSERT INTO batches (device, batch_id, records, worker, received_ms) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (device, batch_id, len(rows), worker, now),
-            )
-            self._bump("duplicates", decision.duplicates)
-            if self.postgres:
-                self._db.execute("COMMIT")
         return IngestResult(
             inserted=len(decision.inserts),
             duplicates=decision.duplicates,
@@ -655,6 +677,56 @@ class Store:
             clones=[serial.hex() for serial in decision.clones],
             anomalies=len(anomalies),
         )
+
+    def _write(
+        self,
+        device: str,
+        batch_id: int,
+        decision: Decision,
+        *,
+        records: int,
+        worker: str,
+        anomalies: Sequence[Anomaly],
+    ) -> None:
+        """Write what a batch does: its records, anomalies, updates, hotlisted cards, the
+        batch itself and the duplicates counter, each as the ledger's text columns hold it."""
+        now = _now_ms()
+        epoch = decision.epoch
+        self.insert("transactions", LEDGER_COLUMNS, ledger_rows(device, decision, now))
+        self.insert(
+            "anomalies",
+            "kind, card_serial, device, seq, detail, found_ms",
+            [(a.kind, a.card_serial.hex(), a.device, a.seq, a.detail, now) for a in anomalies],
+        )
+        with self._db.pipeline() if self.postgres else contextlib.nullcontext():
+            self.executemany(
+                "UPDATE transactions SET status = ?, verdict = ?, tac = ? "
+                "WHERE device = ? AND epoch = ? AND seq = ?",
+                [
+                    (
+                        s.record.status,
+                        s.verdict,
+                        s.record.as_text()[_TAC],
+                        device,
+                        epoch,
+                        s.record.seq,
+                    )
+                    for s in decision.updates
+                ],
+            )
+            self.executemany(
+                "INSERT INTO hotlist (card_serial, reason, added_ms) VALUES (?, 'clone', ?) "
+                "ON CONFLICT (card_serial) DO NOTHING",
+                [(serial.hex(), now) for serial in decision.hotlist],
+            )
+            self.execute(
+                "INSERT INTO batches (device, batch_id, records, worker, received_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (device, batch_id, records, worker, now),
+            )
+            self._bump("duplicates", decision.duplicates)
+            if self.postgres:
+                self._db.execute("COMMIT")
 
     def _bump(self, name: str, by: int) -> None:
         if by:

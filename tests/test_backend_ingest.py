@@ -12,10 +12,10 @@ import psycopg
 import pytest
 
 from farelab._devices import entry_of
-from farelab.backend._ingest import LEDGER_COLUMNS, Classified, LedgerView, classify, decide
-from farelab.backend._registry import DeviceEntry, register
+from farelab.backend._ingest import Stored, classify
+from farelab.backend._registry import register
 from farelab.backend._report import report
-from farelab.backend._store import Store
+from farelab.backend._store import LEDGER_COLUMNS, Store, ledger_row
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from farelab.protocol import Batch, Record, decode_batch, encode_batch
@@ -210,18 +210,17 @@ def test_balance_breaks_of_several_cards_are_each_weighed_against_that_cards_loa
     loaded, unloaded = batch.records[0].card_serial, batch.records[1].card_serial
     ingest(store, Batch(1, "bench-1-0", batch.records[:2]))
     load = replace(batch.records[0], seq=1, tx_type=2, kind="load", amount=500)
-    kiosk = DeviceEntry(
-        id="kiosk-1",
-        role="kiosk",
+    row = ledger_row(
+        "kiosk-1",
+        0,
+        Stored(load, "ok", load.at_ms),
+        station=bytes(8),
+        line=0,
         operator="OP",
-        kinds=frozenset({"load"}),
-        terminal=load.terminal.hex().upper(),
-    )
-    decision = decide(
-        "kiosk-1", 0, [Classified("kiosk-1", load, "ok")], kiosk, LedgerView(), now_ms=1
+        received_ms=1,
     )
     with store.transaction():
-        store.insert("transactions", LEDGER_COLUMNS, decision.inserts)
+        store.insert("transactions", LEDGER_COLUMNS, [row])
     later = tuple(replace(r, balance_before=r.balance_before + 500) for r in batch.records[2:])
     ingest(store, Batch(2, "bench-1-0", later))
     breaks = store.execute(

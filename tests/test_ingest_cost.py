@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from farelab.backend._ingest import LEDGER_COLUMNS, LedgerView, batch_epoch, classify, decide
+from farelab.backend._ingest import LedgerView, classify, decide
 from farelab.backend._registry import register
-from farelab.backend._store import IngestResult, Store, _text_array
+from farelab.backend._store import LEDGER_COLUMNS, IngestResult, Store, _text_array, ledger_rows
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from farelab.protocol import Batch, decode_batch, encode_batch
@@ -127,11 +127,10 @@ def test_two_workers_storing_one_batch_at_once_store_it_once(schema: str) -> Non
     first, second = registered(schema), Store(schema)
     result: list[IngestResult] = []
     try:
-        epoch = batch_epoch(batch.batch_id)
-        entry = bench_entry(DEVICE, 0)
-        decision = decide(DEVICE, epoch, rows, entry, LedgerView(), now_ms=1)
+        view = LedgerView(entry=bench_entry(DEVICE, 0))
+        decision = decide(DEVICE, batch.batch_id, rows, view)
         first.execute("BEGIN")
-        first.insert("transactions", LEDGER_COLUMNS, decision.inserts)
+        first.insert("transactions", LEDGER_COLUMNS, ledger_rows(DEVICE, decision, 1))
         worker = threading.Thread(
             target=lambda: result.append(second.ingest(DEVICE, batch.batch_id, rows))
         )

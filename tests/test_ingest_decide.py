@@ -1,5 +1,7 @@
-"""The ingest rules as pure functions: what the registry knows wins over what a record says,
-the TAC-covered fields are checked, and a record's identity includes its journal's epoch."""
+"""The ledger's ingest rules as pure functions, with no database, broker or thread: what a batch
+does is ``decide(batch, what the ledger knows)``.  What the registry knows wins over what a
+record says, the TAC-covered fields are checked, a record's identity includes its journal's
+epoch, a resent record is a duplicate and a counted card transaction is counted once."""
 
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from farelab.backend._ingest import (
     counter_ranges,
     decide,
     own_keys,
+    records_wanted,
     tac_time_ms,
 )
 from farelab.backend._registry import DeviceEntry
+from farelab.backend._store import ledger_rows
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.protocol import Record, decode_batch, encode_batch
 
@@ -35,19 +39,19 @@ RECORDS = decode_batch(
 def decide_on(
     records: tuple[Record, ...] | list[Record],
     view: LedgerView | None = None,
-    entry: DeviceEntry = ENTRY,
+    entry: DeviceEntry | None = ENTRY,
     verdict: str = "ok",
 ) -> Decision:
     rows = [Classified(DEVICE, r, verdict) for r in records]
-    return decide(DEVICE, EPOCH, rows, entry, view or LedgerView(), now_ms=1)
+    return decide(DEVICE, EPOCH << 40 | 1, rows, replace(view or LedgerView(), entry=entry))
 
 
 def kinds(decision: Decision) -> list[str]:
-    return [a[0] for a in decision.anomalies]
+    return [a.kind for a in decision.anomalies]
 
 
 def verdicts(decision: Decision) -> list[str]:
-    return [row[4] for row in decision.inserts]
+    return [stored.verdict for stored in decision.inserts]
 
 
 def counted(record: Record, *, device: str = DEVICE, epoch: int = EPOCH) -> Counted:
@@ -69,7 +73,8 @@ def test_batches_only_from_registered_unrevoked_validators() -> None:
 def test_the_registry_operator_station_and_line_are_stored_not_the_records() -> None:
     evil = replace(RECORDS[0], operator="EVIL", line=9, station=b"\x11" * 8)
     decision = decide_on([evil])
-    [row] = decision.inserts
+    assert (decision.station, decision.line, decision.operator) == (bytes(8), 0, "BENCH")
+    [row] = ledger_rows(DEVICE, decision, received_ms=1)
     assert (row[-5], row[-4], row[-3]) == ("0" * 16, 0, "BENCH")  # station, line, operator
     assert verdicts(decision) == ["ok"]
     assert kinds(decision) == ["field_mismatch"]
@@ -98,10 +103,10 @@ def test_the_tac_covered_day_and_time_win_over_a_rewritten_timestamp() -> None:
     tac_ms = tac_time_ms(record.day, record.time)
     assert tac_ms is not None
     near = decide_on([replace(record, at_ms=tac_ms + TIME_TOLERANCE_MS)])
-    assert (kinds(near), near.inserts[0][17]) == ([], tac_ms + TIME_TOLERANCE_MS)
+    assert (kinds(near), near.inserts[0].at_ms) == ([], tac_ms + TIME_TOLERANCE_MS)
     moved = decide_on([replace(record, at_ms=tac_ms + 86_400_000)])
     assert kinds(moved) == ["time_mismatch"]
-    assert (moved.inserts[0][17], verdicts(moved)) == (tac_ms, ["ok"])
+    assert (moved.inserts[0].at_ms, verdicts(moved)) == (tac_ms, ["ok"])
 
 
 def test_a_day_that_is_no_date_is_not_counted() -> None:
@@ -117,7 +122,7 @@ def test_a_balance_that_does_not_follow_the_cards_chain_is_a_break() -> None:
     broken = decide_on([replace(second, balance_before=second.balance_before + 500)], view)
     assert verdicts(broken) == ["ok"]
     [check] = broken.chain
-    assert [a[0] for a in balance_breaks([check], {})] == ["balance_break"]
+    assert [a.kind for a in balance_breaks([check], {})] == ["balance_break"]
     # A load between the two explains the difference.
     loads = {first.card_serial: [(first.at_ms, 500)]}
     assert balance_breaks([check], loads) == []
@@ -189,7 +194,8 @@ def test_a_new_journal_epoch_of_a_known_device_is_a_reset_and_its_records_count(
     decision = decide_on(RECORDS, view)
     assert kinds(decision) == ["journal_reset"]
     assert verdicts(decision) == ["ok"] * len(RECORDS)
-    assert {row[1] for row in decision.inserts} == {EPOCH}
+    assert decision.epoch == EPOCH
+    assert {row[1] for row in ledger_rows(DEVICE, decision, received_ms=1)} == {EPOCH}
     # Rows from before epochs existed (epoch 0) are no reset.
     legacy = decide_on(RECORDS, LedgerView(other_epochs=frozenset({0})))
     assert kinds(legacy) == []
@@ -200,3 +206,126 @@ def test_an_implausible_sequence_jump_is_one_anomaly() -> None:
     decision = decide_on(jumped, LedgerView(top_seq=3))
     assert kinds(decision) == ["seq_jump"]
     assert kinds(decide_on([replace(RECORDS[0], seq=3 + SEQ_JUMP)], LedgerView(top_seq=3))) == []
+
+
+def test_a_batch_from_a_device_the_registry_does_not_admit_is_refused_whole() -> None:
+    kiosk = DeviceEntry(
+        id=DEVICE, role="kiosk", operator="OP", kinds=frozenset({"load"}), terminal="0000000000AA"
+    )
+    for entry, reason in (
+        (None, "unknown_device"),
+        (replace(ENTRY, revoked=True), "revoked_device"),
+        (kiosk, "wrong_role"),
+    ):
+        decision = decide_on(RECORDS, entry=entry)
+        assert decision.rejected == reason
+        assert (decision.inserts, decision.anomalies, decision.duplicates) == ([], [], 0)
+    assert decide_on(RECORDS).rejected == ""
+
+
+def test_a_record_sent_twice_in_one_batch_is_stored_once() -> None:
+    first = RECORDS[0]
+    decision = decide_on([first, first])
+    assert [s.record for s in decision.inserts] == [first]
+    assert (decision.duplicates, kinds(decision)) == (1, [])
+
+
+def test_a_grey_record_the_ledger_holds_resolves_when_its_outcome_arrives() -> None:
+    first = RECORDS[0]
+    grey = replace(first, status="grey", tac=bytes(4))
+    view = LedgerView(held={first.seq: grey}, top_seq=first.seq)
+    decision = decide_on([first], view)
+    assert decision.inserts == []
+    assert [(s.record, s.verdict) for s in decision.updates] == [(first, "ok")]
+    assert (decision.resolved, decision.duplicates) == (1, 0)
+    # The grey record sent again is a duplicate: it changes nothing.
+    again = decide_on([grey], view)
+    assert (again.updates, again.duplicates) == ([], 1)
+
+
+def test_a_grey_record_and_its_outcome_in_one_batch_are_stored_once_resolved() -> None:
+    first = RECORDS[0]
+    decision = decide_on([replace(first, status="grey", tac=bytes(4)), first])
+    assert [(s.record, s.verdict) for s in decision.inserts] == [(first, "ok")]
+    assert (decision.updates, decision.resolved) == ([], 1)
+
+
+def test_a_completed_record_again_with_another_tac_is_a_conflicting_duplicate() -> None:
+    first = RECORDS[0]
+    view = LedgerView(held={first.seq: first}, top_seq=first.seq)
+    decision = decide_on([replace(first, tac=bytes.fromhex("01020304"))], view)
+    assert kinds(decision) == ["conflicting_duplicate"]
+    assert (decision.inserts, decision.updates, decision.duplicates) == ([], [], 0)
+
+
+def test_a_forged_tac_is_flagged_and_not_counted() -> None:
+    decision = decide_on(RECORDS[:1], verdict="forged")
+    assert (verdicts(decision), kinds(decision), decision.forged) == (["forged"], ["forged_tac"], 1)
+    assert counter_ranges([Classified(DEVICE, RECORDS[0], "forged")]) == []
+
+
+def test_a_field_the_registry_knows_otherwise_is_a_mismatch_that_still_counts() -> None:
+    decision = decide_on([replace(RECORDS[0], station=b"\x11" * 8)])
+    assert (kinds(decision), verdicts(decision)) == (["field_mismatch"], ["ok"])
+    assert (
+        decision.anomalies[0].detail == "station '1111111111111111' (registry '0000000000000000')"
+    )
+
+
+def test_clones_of_one_card_put_it_on_the_hotlist_once() -> None:
+    first, second = RECORDS[0], RECORDS[1]
+    view = LedgerView(
+        counted={
+            (r.card_serial, r.card_counter, 9): counted(r, device="elsewhere")
+            for r in (first, second)
+        }
+    )
+    others = [replace(r, ttc=r.ttc + 9, tac=bytes.fromhex("01020304")) for r in (first, second)]
+    decision = decide_on(others, view)
+    assert verdicts(decision) == ["clone", "clone"]
+    assert decision.hotlist == [first.card_serial]
+
+
+def test_a_counted_transaction_is_read_in_full_only_under_another_identity() -> None:
+    first = RECORDS[0]
+    key = (first.card_serial, first.card_counter, first.tx_type)
+    own = own_keys([Classified(DEVICE, first, "ok")])
+    ours = {key: counted(first)}
+    theirs = {key: counted(first, device="elsewhere")}
+    assert records_wanted(DEVICE, EPOCH, own, ours) == []
+    assert records_wanted(DEVICE, EPOCH, own, {}) == []
+    assert records_wanted(DEVICE, EPOCH, own, theirs) == [(first.card_serial, 0, 0)]
+    # Without the transaction in full, the rules cannot tell a replay: a clone, as the store
+    # reads every one records_wanted names.
+    unread = {key: counted(first, device="elsewhere")._replace(record=None)}
+    assert verdicts(decide_on([first], LedgerView(counted=unread))) == ["clone"]
+
+
+def test_a_decided_record_is_the_ledgers_row_of_text_columns() -> None:
+    first = RECORDS[0]
+    [row] = ledger_rows(DEVICE, decide_on([first]), received_ms=5)
+    assert row == (
+        DEVICE,
+        EPOCH,
+        first.seq,
+        "completed",
+        "ok",
+        9,
+        "bus",
+        "3des",
+        first.card_serial.hex(),
+        "1310000000000000",
+        first.card_counter,
+        first.ttc,
+        200,
+        first.balance_before,
+        "0000B0000000",
+        "20261123",
+        "083000",
+        first.at_ms,
+        "0" * 16,
+        0,
+        "BENCH",
+        first.tac.hex().upper(),
+        5,
+    )
