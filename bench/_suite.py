@@ -30,10 +30,7 @@ import numpy as np
 import psycopg
 
 from farelab._devices import entry_of
-from farelab.backend._clearing import clear
-from farelab.backend._mosquitto import Mosquitto
-from farelab.backend._registry import register
-from farelab.backend._store import Store
+from farelab.backend import Mosquitto, Store, clear, register
 from farelab.bench._backend import process_tree, running_backend
 from farelab.bench._taps import TapBench, bench_card, bus_devices, percentile, uplink_running
 from farelab.bench._watchdog import StepTimeout, time_limit

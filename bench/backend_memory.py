@@ -30,10 +30,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from farelab.backend._ingest import classify
-from farelab.backend._mosquitto import Mosquitto
-from farelab.backend._registry import DeviceEntry, register
-from farelab.backend._store import Store
+from farelab.backend import DeviceEntry, Mosquitto, Store, classify, register
 from farelab.bench._backend import process_tree, rss_mb, running_backend
 from farelab.bench.ingest import acks_of
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier

@@ -31,9 +31,7 @@ import aiomqtt
 import psycopg
 from psycopg import sql
 
-from farelab.backend._mosquitto import Mosquitto
-from farelab.backend._registry import DeviceEntry, register
-from farelab.backend._store import Store
+from farelab.backend import DeviceEntry, Mosquitto, Store, register
 from farelab.bench._backend import running_backend
 from farelab.card import CST, DEMO_ISSUER_ID, DEMO_KEYS, Alg, TacVerifier
 from farelab.protocol import (

@@ -16,14 +16,22 @@ from aiomqtt import MqttError
 from farelab import _brokercli as broker_cli
 from farelab import _devices as devices_cli
 from farelab._errors import CliError
-from farelab.backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
-from farelab.backend._clearing import clear_ledger
-from farelab.backend._params import devices_in, next_params, publish_params, read_status
-from farelab.backend._report import ANOMALY_KEYS, report
-from farelab.backend._service import run_workers
-from farelab.backend._store import Store, StoreError
-from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, load_keys_file
-from farelab.card._money import fen_to_yuan
+from farelab.backend import (
+    ANOMALY_KEYS,
+    OPEN_BROKER_RISKS,
+    Store,
+    StoreError,
+    clear_ledger,
+    devices_in,
+    next_params,
+    open_broker_warning,
+    open_logins,
+    publish_params,
+    read_status,
+    report,
+    run_workers,
+)
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, fen_to_yuan, load_keys_file
 from farelab.protocol import BrokerURL, check_client_id
 from farelab.validator._network import NetworkError, parse_networks
 from farelab.validator._values import positive_seconds

@@ -9,14 +9,15 @@ import secrets
 from pathlib import Path
 
 from farelab._errors import CliError
-from farelab.backend._brokerconfig import (
+from farelab.backend import (
     BACKEND_ACCOUNT,
     DEFAULT_GROUP,
     FORMATS,
+    Store,
+    StoreError,
     find_dynsec_plugin,
     write_broker_config,
 )
-from farelab.backend._store import Store, StoreError
 
 __all__ = ["add_parser"]
 

@@ -10,16 +10,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from farelab._errors import CliError
-from farelab.backend._registry import (
+from farelab.backend import (
     ROLES,
     DeviceEntry,
+    Store,
+    StoreError,
     entries,
     hash_secret,
     lookup,
     register,
     revoke,
 )
-from farelab.backend._store import Store, StoreError
 from farelab.card import describe_path
 from farelab.validator._config import ConfigError, load_config
 from farelab.validator._device import Device, Direction, Kind
