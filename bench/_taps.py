@@ -23,14 +23,18 @@ from farelab.card import (
     personalise,
 )
 from farelab.protocol import BrokerURL, cancel_and_wait
-from farelab.validator._config import DeviceConfig
-from farelab.validator._decision import TapResult
-from farelab.validator._device import Device, Kind, Parameters
-from farelab.validator._journal import Journal
-from farelab.validator._network import shipped_networks
-from farelab.validator._priority import TapGate
-from farelab.validator._runtime import Validator
-from farelab.validator._uplink import MqttUplink
+from farelab.validator import (
+    Device,
+    DeviceConfig,
+    Journal,
+    Kind,
+    MqttUplink,
+    Parameters,
+    TapGate,
+    TapResult,
+    Validator,
+    shipped_networks,
+)
 
 __all__ = [
     "RunningUplink",

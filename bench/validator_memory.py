@@ -23,7 +23,7 @@ from pathlib import Path
 from farelab.bench._backend import rss_mb
 from farelab.bench._taps import TapBench, uplink_running
 from farelab.protocol import BrokerURL
-from farelab.validator._runtime import favour_taps
+from farelab.validator import favour_taps
 
 __all__ = ["measure"]
 

@@ -9,18 +9,30 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from farelab._errors import CliError
 from farelab.card import describe_path
-from farelab.protocol import BrokerURL, cancel_and_wait
-from farelab.validator._config import Config, ConfigError, load_config
-from farelab.validator._device import Parameters
-from farelab.validator._journal import Journal, JournalError
-from farelab.validator._loop import ParamsError, load_params
-from farelab.validator._loop import run as run_loop
-from farelab.validator._replay import PULL_STEPS, ReplayError, parse_taps, replay, result_json
-from farelab.validator._uplink import MqttUplink
-from farelab.validator._values import positive_seconds
+from farelab.protocol import ParamsError
+from farelab.validator import (
+    PULL_STEPS,
+    Config,
+    ConfigError,
+    Journal,
+    JournalError,
+    Parameters,
+    ReplayError,
+    load_config,
+    load_params,
+    parse_taps,
+    positive_seconds,
+    replay,
+    result_json,
+)
+from farelab.validator import run as run_loop
+
+if TYPE_CHECKING:
+    from farelab.validator import MqttUplink
 
 __all__ = ["register"]
 
@@ -236,6 +248,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _uplink(url: str | None, config: Config) -> MqttUplink | None:
     if url is None:
         return None
+    # The MQTT client is loaded only for a command that uploads.
+    from farelab.protocol import BrokerURL  # noqa: PLC0415
+    from farelab.validator import MqttUplink  # noqa: PLC0415
+
     try:
         broker = BrokerURL.parse(url)
     except ValueError as exc:
@@ -246,6 +262,8 @@ def _uplink(url: str | None, config: Config) -> MqttUplink | None:
 
 async def _drain(uplink: MqttUplink, journal: Journal, timeout: float) -> int:
     """Upload until the backend has acknowledged the whole outbox, or time out saying so."""
+    from farelab.protocol import cancel_and_wait  # noqa: PLC0415
+
     task = asyncio.create_task(uplink.run(journal))
     deadline = asyncio.get_running_loop().time() + timeout
     try:

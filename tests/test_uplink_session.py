@@ -8,11 +8,11 @@ import random
 import pytest
 
 from farelab.protocol import RECORD_SIZE, Ack, LinkState, encode_ack, encode_batch_records
-from farelab.validator._uplink_session import (
+from farelab.validator import (
+    AckIgnored,
     Acknowledge,
-    Ignored,
-    Read,
-    Refused,
+    BatchRefused,
+    ReadOutbox,
     Send,
     UplinkSession,
     Wait,
@@ -32,7 +32,7 @@ class Outbox:
     def __init__(self, ids: range | list[int]) -> None:
         self.rows = dict(row(i) for i in ids)
 
-    def read(self, command: Read) -> list[tuple[int, bytes]]:
+    def read(self, command: ReadOutbox) -> list[tuple[int, bytes]]:
         after = sorted(i for i in self.rows if i > command.after)
         return [(i, self.rows[i]) for i in after[: command.limit]]
 
@@ -53,7 +53,7 @@ def drive(uplink: UplinkSession, outbox: Outbox, now: float) -> tuple[list[Send]
     sent: list[Send] = []
     while True:
         command = uplink.next_command(now)
-        if isinstance(command, Read):
+        if isinstance(command, ReadOutbox):
             batch = uplink.rows_read(outbox.read(command), now)
             if batch is not None:
                 sent.append(batch)
@@ -113,7 +113,7 @@ def test_an_ack_with_another_count_is_stale_and_takes_nothing() -> None:
     uplink = session()
     sent, _ = drive(uplink, Outbox(range(1, 4)), 0.0)
     outcome = uplink.receive_ack(ack(sent[0], count=2), 0.1)
-    assert outcome == Ignored("wrong_count", sent[0].batch_id, 2, 3)
+    assert outcome == AckIgnored("wrong_count", sent[0].batch_id, 2, 3)
     assert uplink.in_flight == {sent[0].batch_id: (1, 2, 3)}
     assert (uplink.stats.stale_acks, uplink.stats.records_acked) == (1, 0)
 
@@ -122,7 +122,7 @@ def test_an_ack_of_another_journal_file_takes_nothing() -> None:
     uplink = session()
     sent, _ = drive(uplink, Outbox(range(1, 4)), 0.0)
     earlier_file = Ack((EPOCH + 1) << 40 | 1, 3, committed=True)
-    assert uplink.receive_ack(encode_ack(earlier_file), 0.1) == Ignored(
+    assert uplink.receive_ack(encode_ack(earlier_file), 0.1) == AckIgnored(
         "not_in_flight", earlier_file.batch_id, 3
     )
     assert list(uplink.in_flight) == [sent[0].batch_id]
@@ -132,7 +132,7 @@ def test_an_ack_of_another_journal_file_takes_nothing() -> None:
 def test_a_malformed_ack_takes_nothing() -> None:
     uplink = session()
     drive(uplink, Outbox(range(1, 4)), 0.0)
-    assert uplink.receive_ack(b"not an ack", 0.1) == Ignored("malformed")
+    assert uplink.receive_ack(b"not an ack", 0.1) == AckIgnored("malformed")
     assert (uplink.stats.malformed_acks, len(uplink.in_flight)) == (1, 1)
 
 
@@ -144,7 +144,7 @@ def test_a_refused_batch_stays_and_goes_again_with_growing_backoff() -> None:
     delays = []
     for failures in (1, 2, 3, 4):
         outcome = uplink.receive_ack(ack(batch, committed=False), now)
-        assert isinstance(outcome, Refused)
+        assert isinstance(outcome, BatchRefused)
         assert outcome.failures == failures
         ceiling = min(60.0, 2.0 ** (failures - 1))
         assert ceiling / 2 <= outcome.retry_in <= ceiling
@@ -165,7 +165,7 @@ def test_the_refusal_backoff_is_capped_at_a_minute() -> None:
     [batch], _ = drive(uplink, Outbox(range(1, 2)), 0.0)
     for _ in range(12):
         outcome = uplink.receive_ack(ack(batch, committed=False), 0.0)
-    assert isinstance(outcome, Refused)
+    assert isinstance(outcome, BatchRefused)
     assert 30.0 <= outcome.retry_in <= 60.0
 
 
@@ -194,7 +194,7 @@ def test_a_drained_outbox_is_read_again_after_the_poll_interval_or_an_ack() -> N
     assert batch.batch_id == EPOCH << 40 | 1
     outbox.rows.update([row(2)])
     uplink.receive_ack(ack(batch), 0.6)
-    assert uplink.next_command(0.6) == Read(1, 200)  # at once: the ack may have made room
+    assert uplink.next_command(0.6) == ReadOutbox(1, 200)  # at once: the ack may have made room
 
 
 def test_a_new_connection_sends_again_what_was_in_flight() -> None:
@@ -228,7 +228,7 @@ def test_an_ack_of_the_previous_connection_is_stale_after_a_reconnect() -> None:
     outbox.rows.update([row(2), row(3)])
     [new], _ = drive(uplink, outbox, 1.0)
     assert new.batch_id == old.batch_id
-    assert isinstance(uplink.receive_ack(ack(old), 1.1), Ignored)
+    assert isinstance(uplink.receive_ack(ack(old), 1.1), AckIgnored)
     assert isinstance(uplink.receive_ack(ack(new), 1.2), Acknowledge)
 
 
@@ -248,7 +248,7 @@ def test_link_failures_back_off_and_log_loudly_only_the_first() -> None:
 def test_the_latencies_kept_are_bounded() -> None:
     uplink = session(batch_size=1, window=1)
     for i in range(10_002):
-        assert uplink.next_command(float(i)) == Read(i, 1)
+        assert uplink.next_command(float(i)) == ReadOutbox(i, 1)
         batch = uplink.rows_read([row(i + 1)], float(i))
         assert batch is not None
         uplink.receive_ack(ack(batch), i + 0.5)

@@ -19,12 +19,18 @@ from farelab.card import (
     personalise,
     step_of,
 )
-from farelab.validator._config import DeviceConfig
-from farelab.validator._decision import TapResult
-from farelab.validator._device import Device, Direction, Kind, Parameters
-from farelab.validator._journal import Journal
-from farelab.validator._network import Network, shipped_networks
-from farelab.validator._runtime import Validator
+from farelab.validator import (
+    Device,
+    DeviceConfig,
+    Direction,
+    Journal,
+    Kind,
+    Network,
+    Parameters,
+    TapResult,
+    Validator,
+    shipped_networks,
+)
 
 NON_LOCAL_ISSUER = bytes.fromhex("2150000000000000")
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=CST)

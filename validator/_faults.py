@@ -7,7 +7,7 @@ not yet journalled), ``after_journal`` (journalled, not yet shown).
 
 from __future__ import annotations
 
-from farelab.card._faults import checkpoint
+from farelab.card import checkpoint
 
 __all__ = ["KILL_POINTS", "checkpoint"]
 

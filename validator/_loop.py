@@ -33,7 +33,7 @@ from farelab.validator._priority import TapGate
 from farelab.validator._replay import result_json
 from farelab.validator._runtime import Validator, failure_text, favour_taps
 
-__all__ = ["ParamsError", "ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
+__all__ = ["ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
 
 log = logging.getLogger("farelab.validator")
 
@@ -274,7 +274,7 @@ def _reader_factory(spec: str) -> Callable[[], Reader]:
     name = spec.removeprefix("pcsc:")
 
     def make() -> Reader:
-        from farelab.card._pcsc import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC devices
+        from farelab.card import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC devices
 
         reader: Reader = PcscReader(name)
         return reader

@@ -40,10 +40,10 @@ from farelab.protocol import (
 from farelab.validator._journal import Journal
 from farelab.validator._priority import TapGate
 from farelab.validator._uplink_session import (
+    AckIgnored,
     Acknowledge,
-    Ignored,
-    Read,
-    Refused,
+    BatchRefused,
+    ReadOutbox,
     Send,
     UplinkSession,
     UplinkStats,
@@ -202,7 +202,7 @@ class _Connection:
         session = self.session
         while True:
             command = session.next_command(time.monotonic())
-            if isinstance(command, Read):
+            if isinstance(command, ReadOutbox):
                 rows = await asyncio.to_thread(
                     self.journal.outbox_wire,
                     command.limit,
@@ -239,7 +239,7 @@ class _Connection:
             if isinstance(outcome, Acknowledge):
                 await asyncio.to_thread(self.journal.acknowledge, list(outcome.ids))
                 self.woken.set()
-            elif isinstance(outcome, Refused):
+            elif isinstance(outcome, BatchRefused):
                 level = logging.WARNING if outcome.failures == 1 else logging.DEBUG
                 log.log(
                     level,
@@ -268,7 +268,7 @@ async def _yield_to_taps(gate: TapGate | None) -> None:
         await gate.yield_to_taps()
 
 
-def _log_ignored(device: str, ignored: Ignored) -> None:
+def _log_ignored(device: str, ignored: AckIgnored) -> None:
     if ignored.reason == "malformed":
         log.warning("device %s: ignored a malformed ack", device)
     elif ignored.reason == "wrong_count":

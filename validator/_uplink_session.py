@@ -2,10 +2,10 @@
 many batches wait for their acks at once, which ack takes which batch, when a batch goes again.
 
 The shell (:class:`validator.MqttUplink`) owns the broker connection, the journal and the clock.
-It asks :meth:`UplinkSession.next_command` what to do now — :class:`Read` outbox rows,
-:class:`Send` a batch, or :class:`Wait` until a given time — and hands back what happened:
-:meth:`~UplinkSession.rows_read`, :meth:`~UplinkSession.receive_ack` (which may answer
-:class:`Acknowledge`: delete these rows), :meth:`~UplinkSession.connected`,
+It asks :meth:`UplinkSession.next_command` what to do now — read outbox rows
+(:class:`ReadOutbox`), :class:`Send` a batch, or :class:`Wait` until a given time — and hands
+back what happened: :meth:`~UplinkSession.rows_read`, :meth:`~UplinkSession.receive_ack` (which
+may answer :class:`Acknowledge`: delete these rows), :meth:`~UplinkSession.connected`,
 :meth:`~UplinkSession.connection_lost`.  Time is a number passed in (``time.monotonic()`` in
 the shell), so a test runs a session through hours of resends at once, with no broker, database
 or thread.
@@ -49,10 +49,10 @@ from farelab.protocol import (
 )
 
 __all__ = [
+    "AckIgnored",
     "Acknowledge",
-    "Ignored",
-    "Read",
-    "Refused",
+    "BatchRefused",
+    "ReadOutbox",
     "Send",
     "UplinkSession",
     "UplinkStats",
@@ -81,7 +81,7 @@ class UplinkStats:
 
 
 @dataclass(frozen=True, slots=True)
-class Read:
+class ReadOutbox:
     """Read up to ``limit`` of the device's outbox rows with ids above ``after``, oldest first,
     and hand them to :meth:`UplinkSession.rows_read` (none: the outbox is drained)."""
 
@@ -116,7 +116,7 @@ class Acknowledge:
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
+class BatchRefused:
     """The backend refused batch ``batch_id``; it goes again in ``retry_in`` seconds.
     ``failures``: refusals in a row (1 for the first, which deserves a loud log line)."""
 
@@ -126,7 +126,7 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
-class Ignored:
+class AckIgnored:
     """An ack that takes nothing: ``malformed`` (no ack at all), ``not_in_flight`` (no batch of
     that id waits), ``wrong_count`` (the batch waiting under that id has ``in_flight`` records,
     the ack names ``count``)."""
@@ -224,7 +224,7 @@ class UplinkSession:
         """The batches waiting for their acks: batch id → its row ids."""
         return {batch_id: flight.ids for batch_id, flight in self._in_flight.items()}
 
-    def next_command(self, now: float) -> Send | Read | Wait:
+    def next_command(self, now: float) -> Send | ReadOutbox | Wait:
         """What to do at ``now``: a batch due to go again, outbox rows to read, or a wait."""
         for batch_id, flight in self._in_flight.items():
             if now >= flight.resend_at:
@@ -234,15 +234,15 @@ class UplinkSession:
                 return Send(batch_id, flight.payload, len(flight.ids), again=True)
         room = len(self._in_flight) < self.window
         if room and (self._read_at is None or now >= self._read_at):
-            return Read(self._cursor, self.batch_size)
+            return ReadOutbox(self._cursor, self.batch_size)
         deadlines = [flight.resend_at for flight in self._in_flight.values()]
         if room and self._read_at is not None:
             deadlines.append(self._read_at)
         return Wait(min(deadlines))
 
     def rows_read(self, rows: Sequence[tuple[int, bytes]], now: float) -> Send | None:
-        """The outbox rows a :class:`Read` found, as (id, encoded record): the batch to send, or
-        None if there were none (the outbox is read again after ``poll_interval``)."""
+        """The outbox rows a :class:`ReadOutbox` found, as (id, encoded record): the batch to
+        send, or None if there were none (the outbox is read again after ``poll_interval``)."""
         if not rows:
             self._read_at = now + self.poll_interval
             return None
@@ -260,25 +260,25 @@ class UplinkSession:
 
     # --- acks --------------------------------------------------------------------------------
 
-    def receive_ack(self, payload: bytes, now: float) -> Acknowledge | Refused | Ignored:
+    def receive_ack(self, payload: bytes, now: float) -> Acknowledge | BatchRefused | AckIgnored:
         """An ack message from the backend: what it means for the outbox."""
         try:
             ack = decode_ack(payload)
         except (WireError, TypeError):
             self.stats.malformed_acks += 1
-            return Ignored("malformed")
+            return AckIgnored("malformed")
         flight = self._in_flight.get(ack.batch_id)
         if flight is None:
             self.stats.stale_acks += 1
-            return Ignored("not_in_flight", ack.batch_id, ack.count)
+            return AckIgnored("not_in_flight", ack.batch_id, ack.count)
         if ack.count != len(flight.ids):
             self.stats.stale_acks += 1
-            return Ignored("wrong_count", ack.batch_id, ack.count, len(flight.ids))
+            return AckIgnored("wrong_count", ack.batch_id, ack.count, len(flight.ids))
         if not ack.committed:
             self.stats.rejected += 1
             delay = self.rejections.next_delay()
             flight.resend_at = now + delay
-            return Refused(ack.batch_id, delay, self.rejections.failures)
+            return BatchRefused(ack.batch_id, delay, self.rejections.failures)
         self.rejections.reset()
         del self._in_flight[ack.batch_id]
         self._read_at = None
