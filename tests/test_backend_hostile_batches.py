@@ -4,7 +4,6 @@ only a configuration error (never a message) stops the backend."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from dataclasses import replace
@@ -113,7 +112,7 @@ def test_a_message_that_breaks_a_worker_is_no_configuration_error(
     assert exited.value.code == service.CONFIG_ERROR
 
 
-def test_a_devices_conflicting_batch_with_a_bad_operator_byte_leaves_the_backend_running(
+async def test_a_devices_conflicting_batch_with_a_bad_operator_byte_leaves_the_backend_running(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     """A registered device repeats one of its counted identities with other content and an
@@ -135,13 +134,10 @@ def test_a_devices_conflicting_batch_with_a_bad_operator_byte_leaves_the_backend
         record = replace(Record.from_text(fields), amount=fields[9] + 1, operator="ZZZZZZZZ")
         payload = encode_batch(Batch(epoch << 40 | record.seq, "bus-1", (record,)))
 
-        async def publish() -> None:
-            async with aiomqtt.Client("127.0.0.1", broker.port) as client:
-                await client.publish(
-                    "farelab/v1/dev/bus-1/tx", with_operator_byte(payload, "ZZZZZZZZ", 0xFF), qos=1
-                )
-
-        asyncio.run(publish())
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.publish(
+                "farelab/v1/dev/bus-1/tx", with_operator_byte(payload, "ZZZZZZZZ", 0xFF), qos=1
+            )
         later = tmp_path / "later"
         later.mkdir()
         second, _ = make_taps(later, cards=1, rounds=1, first_serial=200)

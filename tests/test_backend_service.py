@@ -43,7 +43,9 @@ def report(db: str) -> dict[str, object]:
     return doc
 
 
-def test_bad_payloads_are_quarantined_with_their_reason(broker: Mosquitto, tmp_path: Path) -> None:
+async def test_bad_payloads_are_quarantined_with_their_reason(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     backend = start_backend(broker, db)
     from farelab.protocol import Batch, Record  # noqa: PLC0415
@@ -79,11 +81,11 @@ def test_bad_payloads_are_quarantined_with_their_reason(broker: Mosquitto, tmp_p
         "oversize": b"FLB\x01" + bytes(70_000),
     }
     try:
-        asyncio.run(publish(broker.port, "farelab/v1/dev/bus-1/tx", list(payloads.values())))
-        asyncio.run(publish(broker.port, "farelab/v1/dev/bus-2/tx", [good]))  # wrong device
+        await publish(broker.port, "farelab/v1/dev/bus-1/tx", list(payloads.values()))
+        await publish(broker.port, "farelab/v1/dev/bus-2/tx", [good])  # wrong device
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and report(db)["quarantined"] != 5:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     finally:
         stop(backend)
     doc = report(db)

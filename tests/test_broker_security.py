@@ -205,11 +205,11 @@ def ledger(db: str) -> dict[str, object]:
     return doc
 
 
-def test_wrong_password_is_refused(tmp_path: Path) -> None:
+async def test_wrong_password_is_refused(tmp_path: Path) -> None:
     broker = secured_broker(tmp_path)
     try:
         with pytest.raises(aiomqtt.MqttError):
-            asyncio.run(publish(broker.port, "bus-1", "guess", "farelab/v1/dev/bus-1/tx", b"x"))
+            await publish(broker.port, "bus-1", "guess", "farelab/v1/dev/bus-1/tx", b"x")
     finally:
         broker.stop()
 
@@ -224,16 +224,14 @@ def test_wrong_password_is_refused(tmp_path: Path) -> None:
         ("farelab-backend", "bus1-pw"),  # another account's password
     ],
 )
-def test_only_registered_accounts_log_in(tmp_path: Path, user: str | None, password: str) -> None:
+async def test_only_registered_accounts_log_in(
+    tmp_path: Path, user: str | None, password: str
+) -> None:
     broker = secured_broker(tmp_path)
-
-    async def attempt() -> None:
-        async with login(broker.port, user, password):
-            pass
-
     try:
         with pytest.raises(aiomqtt.MqttCodeError) as refused:
-            asyncio.run(attempt())
+            async with login(broker.port, user, password):
+                pass
         assert refused.value.rc in (134, 135)  # bad user name or password / not authorized
     finally:
         broker.stop()
@@ -287,12 +285,12 @@ async def publishes_seen(port: int, user: str, topics: Sequence[str], own: str) 
 
 @pytest.mark.parametrize("fmt", ["dynsec", "acl"])
 @pytest.mark.parametrize("user", ["bus-1", "kiosk-1"])
-def test_each_role_is_refused_every_publish_outside_it(tmp_path: Path, user: str, fmt: str) -> None:
+async def test_each_role_is_refused_every_publish_outside_it(
+    tmp_path: Path, user: str, fmt: str
+) -> None:
     broker = secured_broker(tmp_path, fmt=fmt)
     try:
-        seen = asyncio.run(
-            publishes_seen(broker.port, user, OUTSIDE_PUBLISH[user], OWN_TOPIC[user])
-        )
+        seen = await publishes_seen(broker.port, user, OUTSIDE_PUBLISH[user], OWN_TOPIC[user])
     finally:
         broker.stop()
     assert seen == []
@@ -347,7 +345,9 @@ SUBSCRIBE = {
 
 
 @pytest.mark.parametrize("user", list(SUBSCRIBE))
-def test_each_role_is_refused_every_subscription_outside_it(tmp_path: Path, user: str) -> None:
+async def test_each_role_is_refused_every_subscription_outside_it(
+    tmp_path: Path, user: str
+) -> None:
     """Refused at SUBACK (reason code 0x87), not granted and then starved at delivery: a
     device in the backend's shared group would be handed other devices' batches, which the
     broker then drops, and every upload would stall."""
@@ -359,13 +359,13 @@ def test_each_role_is_refused_every_subscription_outside_it(tmp_path: Path, user
             return [(await client.subscribe(f, qos=1))[0].value for f in filters]  # type: ignore[union-attr]
 
     try:
-        assert asyncio.run(codes(refused)) == [0x87] * len(refused)
-        assert asyncio.run(codes(granted)) == [1] * len(granted)
+        assert await codes(refused) == [0x87] * len(refused)
+        assert await codes(granted) == [1] * len(granted)
     finally:
         broker.stop()
 
 
-def test_a_packet_over_the_size_limit_never_reaches_the_backend(tmp_path: Path) -> None:
+async def test_a_packet_over_the_size_limit_never_reaches_the_backend(tmp_path: Path) -> None:
     broker = secured_broker(tmp_path)
 
     async def oversize() -> None:
@@ -388,26 +388,22 @@ def test_a_packet_over_the_size_limit_never_reaches_the_backend(tmp_path: Path) 
         raise AssertionError("unreachable")
 
     try:
-        assert asyncio.run(attempt()) == []
+        assert await attempt() == []
     finally:
         broker.stop()
 
 
-def test_a_device_cannot_publish_as_another(tmp_path: Path) -> None:
+async def test_a_device_cannot_publish_as_another(tmp_path: Path) -> None:
     broker = secured_broker(tmp_path)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     proc = backend(broker.url.replace("mqtt://", "mqtt://farelab-backend:backend-pw@"), db)
     try:
         # bus-1 uploads a batch in bus-2's name, on bus-2's topic: the broker drops it
-        asyncio.run(
-            publish(broker.port, "bus-1", "bus1-pw", "farelab/v1/dev/bus-2/tx", foreign_batch())
-        )
+        await publish(broker.port, "bus-1", "bus1-pw", "farelab/v1/dev/bus-2/tx", foreign_batch())
         # … while on its own topic the same bytes reach the backend (and are quarantined there,
         # since the batch names another device)
-        asyncio.run(
-            publish(broker.port, "bus-1", "bus1-pw", "farelab/v1/dev/bus-1/tx", foreign_batch())
-        )
-        time.sleep(1.5)
+        await publish(broker.port, "bus-1", "bus1-pw", "farelab/v1/dev/bus-1/tx", foreign_batch())
+        await asyncio.sleep(1.5)
     finally:
         stop(proc)
         broker.stop()
@@ -537,7 +533,7 @@ def test_backend_run_does_not_warn_on_the_secured_broker(tmp_path: Path) -> None
     assert "WARNING" not in err
 
 
-def test_an_oversize_load_request_is_quarantined_unread(tmp_path: Path) -> None:
+async def test_an_oversize_load_request_is_quarantined_unread(tmp_path: Path) -> None:
     broker = secured_broker(tmp_path)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     proc = backend(f"mqtt://farelab-backend:backend-pw@127.0.0.1:{broker.port}", db)
@@ -556,7 +552,7 @@ def test_an_oversize_load_request_is_quarantined_unread(tmp_path: Path) -> None:
         raise AssertionError("unreachable")
 
     try:
-        first, second = asyncio.run(ask())
+        first, second = await ask()
     finally:
         stop(proc)
         broker.stop()
@@ -657,11 +653,11 @@ def test_the_shipped_files_are_what_broker_config_writes() -> None:
     assert (shipped / "farelab.acl").read_text().split("\n", 1)[1] == acl_text(example)
 
 
-def test_parameters_over_the_broker_limit_are_refused_before_sending() -> None:
+async def test_parameters_over_the_broker_limit_are_refused_before_sending() -> None:
     big = ParamsMessage(1, frozenset(str(n).rjust(20, "0") for n in range(180_000)))
     nowhere = BrokerURL("127.0.0.1", 1)  # never reached: the size is checked first
     with pytest.raises(ValueError, match="more than the broker takes"):
-        asyncio.run(publish_params(nowhere, big, ["bus-1"]))
+        await publish_params(nowhere, big, ["bus-1"])
 
 
 @pytest.mark.parametrize(
@@ -688,7 +684,7 @@ def test_a_backend_the_broker_refuses_to_feed_stops_saying_why(
     assert "Traceback" not in result.stderr
 
 
-def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -> None:
+async def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -> None:
     """A broker that does not let the kiosk read `…/load/resp`: the refused SUBACK is the
     answer (host unreachable, with the reason), not a wait until the timeout."""
     broker = secured_broker(tmp_path, edit=without_grant("farelab/v1/kiosk/kiosk-1/load/resp"))
@@ -700,13 +696,13 @@ def test_a_kiosk_whose_answers_it_may_not_read_is_told_at_once(tmp_path: Path) -
     try:
         started = time.monotonic()
         with pytest.raises(HostUnreachableError, match=r"refused the subscription.*0x87"):
-            asyncio.run(host.call({"id": "x", "op": "authorize"}))
+            await host.call({"id": "x", "op": "authorize"})
         assert time.monotonic() - started < 25  # the refusal, not the 30 s timeout, ended it
     finally:
         broker.stop()
 
 
-def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
+async def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A broker that does not let bus-1 read its acks: the uplink says why and retries later
@@ -714,23 +710,20 @@ def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
     broker = secured_broker(tmp_path, edit=without_grant("farelab/v1/dev/bus-1/ack"))
     url = BrokerURL.parse(f"mqtt://bus-1:{SECRET['bus-1']}@127.0.0.1:{broker.port}")
 
-    async def main() -> None:
-        journal = Journal(tmp_path / "j.db")
-        uplink = MqttUplink(url, ["bus-1"])
-        task = asyncio.create_task(uplink.run(journal))
-        try:
-            for _ in range(100):
-                if uplink.stats["bus-1"].state is LinkState.BACKOFF:
-                    break
-                await asyncio.sleep(0.05)
-            assert uplink.stats["bus-1"].state is LinkState.BACKOFF
-        finally:
-            await cancel_and_wait(task)
-            journal.close()
-
     try:
         with caplog.at_level("WARNING", logger="farelab.uplink"):
-            asyncio.run(main())
+            journal = Journal(tmp_path / "j.db")
+            uplink = MqttUplink(url, ["bus-1"])
+            task = asyncio.create_task(uplink.run(journal))
+            try:
+                for _ in range(100):
+                    if uplink.stats["bus-1"].state is LinkState.BACKOFF:
+                        break
+                    await asyncio.sleep(0.05)
+                assert uplink.stats["bus-1"].state is LinkState.BACKOFF
+            finally:
+                await cancel_and_wait(task)
+                journal.close()
         assert "refused the subscription farelab/v1/dev/bus-1/ack (reason 0x87)" in caplog.text
     finally:
         broker.stop()
@@ -746,7 +739,7 @@ def test_an_uplink_refused_its_acks_backs_off_instead_of_resending_for_ever(
         "anything-else",
     ],
 )
-def test_a_device_or_kiosk_account_may_use_only_its_own_client_id(
+async def test_a_device_or_kiosk_account_may_use_only_its_own_client_id(
     tmp_path: Path, user: str, identifier: str
 ) -> None:
     """A second connection under a client id throws the first off: bus-1's or kiosk-1's
@@ -767,9 +760,9 @@ def test_a_device_or_kiosk_account_may_use_only_its_own_client_id(
             pass
 
     try:
-        asyncio.run(attempt(own_client_id(user)))
+        await attempt(own_client_id(user))
         with pytest.raises(aiomqtt.MqttCodeError) as refused:
-            asyncio.run(attempt(identifier))
+            await attempt(identifier)
         assert refused.value.rc == 135  # not authorized
     finally:
         broker.stop()

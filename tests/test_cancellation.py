@@ -41,25 +41,20 @@ async def _cancel_as_it_completes(*, honour: bool) -> tuple[asyncio.Task[None], 
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12's wait_for no longer loses it")
-def test_the_premise_wait_for_loses_a_cancellation_on_3_11() -> None:
-    async def main() -> bool:
-        task, turns = await _cancel_as_it_completes(honour=False)
-        running_on = not task.done() and len(turns) > 1
-        await cancel_and_wait(task)  # and cancel_and_wait still stops it
-        return running_on and task.cancelled()
-
-    assert asyncio.run(main())
+async def test_the_premise_wait_for_loses_a_cancellation_on_3_11() -> None:
+    task, turns = await _cancel_as_it_completes(honour=False)
+    running_on = not task.done() and len(turns) > 1
+    await cancel_and_wait(task)  # and cancel_and_wait still stops it
+    assert running_on
+    assert task.cancelled()
 
 
-def test_a_loop_that_honours_cancellation_stops_even_when_wait_for_swallowed_it() -> None:
-    async def main() -> bool:
-        task, _ = await _cancel_as_it_completes(honour=True)
-        return task.cancelled()
-
-    assert asyncio.run(main())
+async def test_a_loop_that_honours_cancellation_stops_even_when_wait_for_swallowed_it() -> None:
+    task, _ = await _cancel_as_it_completes(honour=True)
+    assert task.cancelled()
 
 
-def test_cancel_and_wait_cancels_again_until_the_task_ends() -> None:
+async def test_cancel_and_wait_cancels_again_until_the_task_ends() -> None:
     async def stubborn(stops: list[int]) -> None:
         for _ in range(3):  # swallows two cancellations, as a buggy library might
             try:
@@ -69,24 +64,18 @@ def test_cancel_and_wait_cancels_again_until_the_task_ends() -> None:
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
         await asyncio.sleep(10)
 
-    async def main() -> tuple[bool, int]:
-        stops: list[int] = []
-        task = asyncio.create_task(stubborn(stops))
-        await asyncio.sleep(0.01)
-        await asyncio.wait_for(cancel_and_wait(task, again_every=0.05), timeout=5)
-        return task.cancelled(), len(stops)
-
-    assert asyncio.run(main()) == (True, 3)
+    stops: list[int] = []
+    task = asyncio.create_task(stubborn(stops))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(cancel_and_wait(task, again_every=0.05), timeout=5)
+    assert (task.cancelled(), len(stops)) == (True, 3)
 
 
-def test_cancel_and_wait_on_a_task_that_failed_does_not_raise() -> None:
+async def test_cancel_and_wait_on_a_task_that_failed_does_not_raise() -> None:
     async def fails() -> None:
         raise RuntimeError("boom")
 
-    async def main() -> bool:
-        task = asyncio.create_task(fails())
-        await asyncio.sleep(0.01)
-        await cancel_and_wait(task)
-        return task.done()
-
-    assert asyncio.run(main())
+    task = asyncio.create_task(fails())
+    await asyncio.sleep(0.01)
+    await cancel_and_wait(task)
+    assert task.done()
