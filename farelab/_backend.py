@@ -33,8 +33,7 @@ from farelab.backend import (
 )
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, fen_to_yuan, load_keys_file
 from farelab.protocol import BrokerURL, check_client_id
-from farelab.validator._network import NetworkError, parse_networks
-from farelab.validator._values import positive_seconds
+from farelab.validator import NetworkError, parse_networks, positive_seconds
 
 __all__ = ["register"]
 

@@ -22,8 +22,7 @@ from farelab.backend import (
     revoke,
 )
 from farelab.card import describe_path
-from farelab.validator._config import ConfigError, load_config
-from farelab.validator._device import Device, Direction, Kind
+from farelab.validator import ConfigError, Device, Direction, Kind, load_config
 
 __all__ = ["add_parser", "entry_of", "register_configs"]
 
