@@ -22,11 +22,11 @@ from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S, favour_taps
 from tests.validator_support import T0, Lab, bus, new_card
 
 
-def test_an_idle_gate_never_waits() -> None:
+async def test_an_idle_gate_never_waits() -> None:
     gate = TapGate()
     assert not gate.busy
     assert gate.wait_idle(10.0)
-    assert asyncio.run(gate.yield_to_taps(10.0))
+    assert await gate.yield_to_taps(10.0)
 
 
 def test_the_uplink_waits_until_the_tap_ends() -> None:
@@ -43,12 +43,12 @@ def test_the_uplink_waits_until_the_tap_ends() -> None:
     assert not gate.busy
 
 
-def test_a_tap_that_never_ends_holds_the_uplink_only_for_the_limit() -> None:
+async def test_a_tap_that_never_ends_holds_the_uplink_only_for_the_limit() -> None:
     gate = TapGate()
     with gate.tap():
         start = time.monotonic()
         assert not gate.wait_idle(0.02)
-        assert not asyncio.run(gate.yield_to_taps(0.02))
+        assert not await gate.yield_to_taps(0.02)
         assert time.monotonic() - start < 5  # bounded, not for ever
 
 
@@ -65,33 +65,28 @@ def test_taps_on_several_readers_count_until_the_last_ends() -> None:
     assert gate.wait_idle(0.0)
 
 
-def test_the_coroutine_form_lets_the_event_loop_run_meanwhile() -> None:
+async def test_the_coroutine_form_lets_the_event_loop_run_meanwhile() -> None:
     gate = TapGate()
     tap = gate.tap()
+    ticks = 0
 
-    async def main() -> tuple[bool, int]:
-        ticks = 0
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.001)
-
-        task = asyncio.create_task(ticker())
-        tap.__enter__()
-        asyncio.get_running_loop().call_later(0.05, tap.__exit__, None, None, None)
-        result = await gate.yield_to_taps(10.0)
-        task.cancel()
-        return result, ticks
-
-    result, ticks = asyncio.run(main())
+    task = asyncio.create_task(ticker())
+    tap.__enter__()
+    asyncio.get_running_loop().call_later(0.05, tap.__exit__, None, None, None)
+    result = await gate.yield_to_taps(10.0)
+    task.cancel()
     assert result
     assert not gate.busy
     assert ticks >= 5  # the loop kept running other tasks while the uplink waited
 
 
-def test_a_tap_ending_on_its_own_thread_wakes_the_waiting_coroutine() -> None:
+async def test_a_tap_ending_on_its_own_thread_wakes_the_waiting_coroutine() -> None:
     gate = TapGate()
     started = threading.Event()
 
@@ -100,23 +95,20 @@ def test_a_tap_ending_on_its_own_thread_wakes_the_waiting_coroutine() -> None:
             started.set()
             time.sleep(0.05)
 
-    async def main() -> bool:
-        thread = threading.Thread(target=reader_thread)
-        thread.start()
-        await asyncio.to_thread(started.wait, 5)
-        assert gate.busy
-        woken = await gate.yield_to_taps(30.0)  # False only if it waited the whole limit
-        thread.join()
-        return woken
-
-    assert asyncio.run(main())
+    thread = threading.Thread(target=reader_thread)
+    thread.start()
+    await asyncio.to_thread(started.wait, 5)
+    assert gate.busy
+    woken = await gate.yield_to_taps(30.0)  # False only if it waited the whole limit
+    thread.join()
+    assert woken
     assert not gate._waiters  # nothing left registered
 
 
-def test_a_waiter_that_gives_up_is_forgotten() -> None:
+async def test_a_waiter_that_gives_up_is_forgotten() -> None:
     gate = TapGate()
     with gate.tap():
-        assert not asyncio.run(gate.yield_to_taps(0.01))
+        assert not await gate.yield_to_taps(0.01)
         assert not gate._waiters
 
 
@@ -234,14 +226,14 @@ def test_beginning_a_tap_starts_no_deferred_collection(gc_restored: None) -> Non
     assert inside == 0
 
 
-def test_the_uplink_finding_no_tap_turns_collection_back_on(gc_restored: None) -> None:
+async def test_the_uplink_finding_no_tap_turns_collection_back_on(gc_restored: None) -> None:
     gate = _gate_after_a_tap()
     assert gate.wait_idle(1.0)
     assert gc.isenabled()
     with gate.tap():
         pass
     assert not gc.isenabled()
-    assert asyncio.run(gate.yield_to_taps(1.0))
+    assert await gate.yield_to_taps(1.0)
     assert gc.isenabled()
 
 
@@ -292,25 +284,23 @@ def test_favour_taps_moves_what_is_alive_out_of_the_collectors_view(gc_restored:
         sys.setswitchinterval(interval)
 
 
-def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(gc_restored: None) -> None:
+async def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(
+    gc_restored: None,
+) -> None:
     import io  # noqa: PLC0415
 
     from farelab.validator._decision import Rejected  # noqa: PLC0415
     from farelab.validator._loop import _display  # noqa: PLC0415
 
     gate = _gate_after_a_tap()
-
-    async def show() -> str:
-        results: asyncio.Queue[TapResult | str] = asyncio.Queue()
-        out = io.StringIO()
-        task = asyncio.create_task(_display(results, out, gate))
-        results.put_nowait(Rejected("d1", "", "no_card"))
-        while not out.getvalue():
-            await asyncio.sleep(0.001)
-        task.cancel()
-        return out.getvalue()
-
-    assert '"no_card"' in asyncio.run(show())
+    results: asyncio.Queue[TapResult | str] = asyncio.Queue()
+    out = io.StringIO()
+    task = asyncio.create_task(_display(results, out, gate))
+    results.put_nowait(Rejected("d1", "", "no_card"))
+    while not out.getvalue():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    assert '"no_card"' in out.getvalue()
     assert gc.isenabled()
 
 
@@ -322,7 +312,6 @@ def test_a_replay_leaves_collection_on(gc_restored: None, tmp_path: Path) -> Non
 
     from farelab.card import personalise, save_image  # noqa: PLC0415
     from farelab.validator._config import load_config  # noqa: PLC0415
-    from farelab.validator._journal import Journal  # noqa: PLC0415
     from farelab.validator._replay import parse_taps, replay  # noqa: PLC0415
 
     gc.enable()

@@ -205,8 +205,7 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
     import threading  # noqa: PLC0415
 
     from farelab.protocol import BrokerURL  # noqa: PLC0415
-    from farelab.validator._journal import Journal  # noqa: PLC0415
-    from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
+    from farelab.validator import Journal, MqttUplink  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
 
     config = tmp_path / "bus.toml"
@@ -248,7 +247,7 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
         backend.wait(15)
 
 
-def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
+async def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
     """After a reconnect the uplink sends again from the outbox's first row, so a new batch can
     start at the row an old one did, with more rows; and a journal file replaced by a new one
     numbers its rows from 1 again.  An ack of such an old batch, still queued in the persistent
@@ -257,7 +256,7 @@ def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
 
     import aiomqtt  # noqa: PLC0415
 
-    from farelab.protocol import (  # noqa: PLC0415  # noqa: PLC0415
+    from farelab.protocol import (  # noqa: PLC0415
         ACK_TOPIC,
         TX_TOPIC,
         Ack,
@@ -267,8 +266,7 @@ def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
         decode_batch,
         encode_ack,
     )
-    from farelab.validator._journal import Journal  # noqa: PLC0415
-    from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
+    from farelab.validator import Journal, MqttUplink  # noqa: PLC0415
     from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
 
     def journal_of_three_taps(name: str) -> Journal:
@@ -286,37 +284,36 @@ def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
             message = await anext(aiter(backend.messages))
         return decode_batch(bytes(message.payload))
 
-    async def main() -> tuple[int, int, int]:
-        async with url.client(identifier="fake-backend") as backend:
-            await backend.subscribe(TX_TOPIC.format(device="bus"), qos=1)
-            earlier = journal_of_three_taps("earlier.db")  # the file a device had before
-            task = asyncio.create_task(MqttUplink(url, ["bus"]).run(earlier))
-            try:
-                old = await first_batch(backend)
-            finally:
-                await cancel_and_wait(task)
-            journal = journal_of_three_taps("now.db")
-            uplink = MqttUplink(url, ["bus"], ack_timeout=30)
-            task = asyncio.create_task(uplink.run(journal))
-            try:
-                new = await first_batch(backend)
-                for stale in (
-                    Ack(new.batch_id, len(new.records) - 1, committed=True),  # fewer rows
-                    Ack(old.batch_id, len(old.records), committed=True),  # the earlier file's
-                ):
-                    await backend.publish(ack_topic, encode_ack(stale), qos=1)
-                await asyncio.sleep(1.0)
-                after_stale = journal.outbox_rows
-                good = Ack(new.batch_id, len(new.records), committed=True)
-                await backend.publish(ack_topic, encode_ack(good), qos=1)
-                async with asyncio.timeout(10):
-                    while journal.outbox_rows:
-                        await asyncio.sleep(0.05)
-                return len(new.records), after_stale, uplink.stats["bus"].records_acked
-            finally:
-                await cancel_and_wait(task)
+    async with url.client(identifier="fake-backend") as backend:
+        await backend.subscribe(TX_TOPIC.format(device="bus"), qos=1)
+        earlier = journal_of_three_taps("earlier.db")  # the file a device had before
+        task = asyncio.create_task(MqttUplink(url, ["bus"]).run(earlier))
+        try:
+            old = await first_batch(backend)
+        finally:
+            await cancel_and_wait(task)
+        journal = journal_of_three_taps("now.db")
+        uplink = MqttUplink(url, ["bus"], ack_timeout=30)
+        task = asyncio.create_task(uplink.run(journal))
+        try:
+            new = await first_batch(backend)
+            for stale in (
+                Ack(new.batch_id, len(new.records) - 1, committed=True),  # fewer rows
+                Ack(old.batch_id, len(old.records), committed=True),  # the earlier file's
+            ):
+                await backend.publish(ack_topic, encode_ack(stale), qos=1)
+            await asyncio.sleep(1.0)
+            after_stale = journal.outbox_rows
+            good = Ack(new.batch_id, len(new.records), committed=True)
+            await backend.publish(ack_topic, encode_ack(good), qos=1)
+            async with asyncio.timeout(10):
+                while journal.outbox_rows:
+                    await asyncio.sleep(0.05)
+            result = len(new.records), after_stale, uplink.stats["bus"].records_acked
+        finally:
+            await cancel_and_wait(task)
 
-    assert asyncio.run(main()) == (3, 3, 3)
+    assert result == (3, 3, 3)
 
 
 def replay(

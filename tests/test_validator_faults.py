@@ -5,7 +5,6 @@ transaction or a wrong fare."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import io
 import json
@@ -19,11 +18,18 @@ from typing import Any
 import pytest
 
 from farelab.card import MetroRecord, MetroStatus, load_image, save_image
-from farelab.validator._config import ConfigError, load_config
-from farelab.validator._device import Parameters
-from farelab.validator._journal import Journal
-from farelab.validator._loop import ParamsError, parse_params, run
-from farelab.validator._replay import ReplayError, parse_taps, replay
+from farelab.protocol import ParamsError
+from farelab.validator import (
+    ConfigError,
+    Journal,
+    Parameters,
+    ReplayError,
+    load_config,
+    parse_params,
+    parse_taps,
+    replay,
+    run,
+)
 from tests.validator_support import Lab, bus, gate, new_card
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,14 +67,14 @@ def card_file(path: Path, balance: int = 2000, serial: str = "1001") -> Path:
     return path
 
 
-def run_loop(config_text: str, tmp_path: Path, requests: list[tuple[str, Path]]) -> list[Any]:
+async def run_loop(config_text: str, tmp_path: Path, requests: list[tuple[str, Path]]) -> list[Any]:
     config_path = tmp_path / "devices.toml"
     config_path.write_text(config_text)
     lines = "".join(json.dumps({"device": d, "card": str(c)}) + "\n" for d, c in requests)
     out = io.StringIO()
     journal = Journal(tmp_path / "j.db")
     try:
-        asyncio.run(run(load_config(config_path), journal, source=io.StringIO(lines), out=out))
+        await run(load_config(config_path), journal, source=io.StringIO(lines), out=out)
     finally:
         journal.close()
     return [json.loads(x) for x in out.getvalue().splitlines()]
@@ -77,13 +83,13 @@ def run_loop(config_text: str, tmp_path: Path, requests: list[tuple[str, Path]])
 # --- a bad card is that tap's card_error; the other devices go on -----------------------------
 
 
-def test_an_unreadable_card_image_is_that_taps_card_error_and_the_other_device_goes_on(
+async def test_an_unreadable_card_image_is_that_taps_card_error_and_the_other_device_goes_on(
     tmp_path: Path,
 ) -> None:
     bad = tmp_path / "bad.json"
     bad.write_bytes(bytes(range(256)) * 4)  # random bytes, not UTF-8
     good = card_file(tmp_path / "good.json")
-    lines = run_loop(TWO_BUSES, tmp_path, [("bus-1", bad), ("bus-2", good), ("bus-1", good)])
+    lines = await run_loop(TWO_BUSES, tmp_path, [("bus-1", bad), ("bus-2", good), ("bus-1", good)])
     assert [(x["device"], x["result"], x["reason"]) for x in lines] == [
         ("bus-1", "rejected", "card_error"),
         ("bus-2", "accepted", None),
@@ -95,7 +101,7 @@ def test_an_unreadable_card_image_is_that_taps_card_error_and_the_other_device_g
     assert "bad.json" in taps[0]["detail"]
 
 
-def test_a_card_image_that_cannot_be_written_is_card_error_and_its_debit_resolved_later(
+async def test_a_card_image_that_cannot_be_written_is_card_error_and_its_debit_resolved_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk under the card image: the DEBIT cannot commit, so the card answers nothing.
@@ -112,14 +118,14 @@ def test_a_card_image_that_cannot_be_written_is_card_error_and_its_debit_resolve
     card_file(broken, serial="7")
     other = card_file(tmp_path / "other.json", serial="8")
     monkeypatch.setattr(os, "replace", replace)
-    lines = run_loop(TWO_BUSES, tmp_path, [("bus-1", broken), ("bus-2", other)])
+    lines = await run_loop(TWO_BUSES, tmp_path, [("bus-1", broken), ("bus-2", other)])
     assert [(x["result"], x["reason"], x["grey"]) for x in lines] == [
         ("rejected", "card_error", True),
         ("accepted", None, False),
     ]
     assert load_image(broken).balance == 2000
     monkeypatch.setattr(os, "replace", real_replace)
-    [again] = run_loop(TWO_BUSES, tmp_path, [("bus-2", broken)])
+    [again] = await run_loop(TWO_BUSES, tmp_path, [("bus-2", broken)])
     assert (again["result"], again["fare_fen"]) == ("accepted", 50)
     assert load_image(broken).balance == 1950
     rows = Journal(tmp_path / "j.db").transactions(card_serial="7".rjust(20, "0"))

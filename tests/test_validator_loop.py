@@ -13,11 +13,7 @@ from pathlib import Path
 import pytest
 
 from farelab.card import InProcessReader, ReaderUnavailableError
-from farelab.validator._config import load_config
-from farelab.validator._journal import Journal
-from farelab.validator._loop import run
-from farelab.validator._priority import TapGate
-from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S
+from farelab.validator import TAP_SWITCH_INTERVAL_S, Journal, TapGate, load_config, run
 from tests.validator_support import new_card
 
 CONFIG = """
@@ -51,7 +47,7 @@ class Unplugged:
         return None
 
 
-def test_reader_unplugged_and_back_is_reported_once_then_taps_resume(
+async def test_reader_unplugged_and_back_is_reported_once_then_taps_resume(
     tmp_path: Path, monkeypatch: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config_path = tmp_path / "devices.toml"
@@ -73,17 +69,13 @@ def test_reader_unplugged_and_back_is_reported_once_then_taps_resume(
     monkeypatch.setattr(loop_module, "_reader_factory", factory)  # type: ignore[attr-defined]
     out = io.StringIO()
     journal = Journal(":memory:")
-
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(run(config, journal, source=None, out=out, stop=stop))
-        deadline = time.monotonic() + 20
-        while not out.getvalue() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        stop.set()
-        await task
-
-    asyncio.run(scenario())
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(config, journal, source=None, out=out, stop=stop))
+    deadline = time.monotonic() + 20
+    while not out.getvalue() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert lines
     assert (lines[0]["result"], lines[0]["fare_fen"]) == ("accepted", 50)
@@ -105,7 +97,7 @@ class SlowUplink:
         await asyncio.sleep(3600)
 
 
-def test_a_stuck_uplink_never_delays_a_tap(tmp_path: Path) -> None:
+async def test_a_stuck_uplink_never_delays_a_tap(tmp_path: Path) -> None:
     config_path = tmp_path / "devices.toml"
     config_path.write_text(CONFIG.replace("pcsc:Unplugged Reader", "sim"))
     config = load_config(config_path)
@@ -117,13 +109,13 @@ def test_a_stuck_uplink_never_delays_a_tap(tmp_path: Path) -> None:
     out = io.StringIO()
     uplink = SlowUplink()
     started = time.monotonic()
-    asyncio.run(run(config, Journal(":memory:"), source=source, out=out, uplink=uplink))
+    await run(config, Journal(":memory:"), source=source, out=out, uplink=uplink)
     assert uplink.started
     assert json.loads(out.getvalue())["result"] == "accepted"
     assert time.monotonic() - started < 10
 
 
-def test_the_run_loop_tunes_the_process_for_its_taps(tmp_path: Path) -> None:
+async def test_the_run_loop_tunes_the_process_for_its_taps(tmp_path: Path) -> None:
     """``validator run`` is the application: it gives the journal a tap gate (the uplink and
     the journal's background work yield to taps) and hands tap threads the GIL quickly."""
     config_path = tmp_path / "devices.toml"
@@ -131,9 +123,7 @@ def test_the_run_loop_tunes_the_process_for_its_taps(tmp_path: Path) -> None:
     journal = Journal(":memory:")
     interval = sys.getswitchinterval()
     try:
-        asyncio.run(
-            run(load_config(config_path), journal, source=io.StringIO(""), out=io.StringIO())
-        )
+        await run(load_config(config_path), journal, source=io.StringIO(""), out=io.StringIO())
         assert isinstance(journal.gate, TapGate)
         assert sys.getswitchinterval() == pytest.approx(TAP_SWITCH_INTERVAL_S)
     finally:
