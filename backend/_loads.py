@@ -299,8 +299,19 @@ def _authorize(
 ) -> dict[str, Any]:
     req = load_request_of(doc)
     decision = authority.authorize(req, when=now or datetime.now(UTC))
-    if isinstance(decision, LoadAuthorization):
+    if isinstance(decision, LoadAuthorization) and _counted(store, req.serial, req.counter, 2):
+        # The card asks to load at a counter the ledger has already counted a load at: a copy
+        # of a card that has moved on (the original's credit was confirmed by its own TAC).
+        _hotlist(store, req.serial, "clone")
         answer: dict[str, Any] = {
+            "id": request_id,
+            "result": "refused",
+            "reason": "clone",
+            "detail": f"card {req.serial} already loaded at counter {req.counter}",
+        }
+        status, day, clock = "refused", "", ""
+    elif isinstance(decision, LoadAuthorization):
+        answer = {
             "id": request_id,
             "result": "authorized",
             "mac2": decision.mac2.hex().upper(),
@@ -433,14 +444,33 @@ def _tac_of(doc: dict[str, Any]) -> bytes:
         return b""
 
 
+def _counted(store: Store, serial: str, counter: int, tx_type: int) -> bool:
+    """Whether the ledger counts a transaction of this card at this counter already."""
+    return (
+        store.execute(
+            "SELECT 1 FROM transactions WHERE card_serial = ? AND card_counter = ? "
+            "AND tx_type = ? AND verdict = 'ok'",
+            (serial, counter, tx_type),
+        ).fetchone()
+        is not None
+    )
+
+
 def _count(store: Store, kiosk: str, record: Record) -> None:
     """Count a kiosk's verified transaction in the ledger, under the kiosk's next sequence
-    number, at the time it is counted, with no station or line."""
+    number, at the time it is counted, with no station or line.  A transaction at a counter the
+    ledger already counts for that card comes from a copy of the card: it is kept with the
+    verdict ``clone`` (the money did move on the copy) and the card is hotlisted."""
     now_ms = int(time.time() * 1000)
+    serial = record.card_serial.hex()
+    verdict = "ok"
+    if _counted(store, serial, record.card_counter, record.tx_type):
+        verdict = "clone"
+        _hotlist(store, serial, "clone")
     row = ledger_row(
         kiosk,
         0,
-        Stored(replace(record, seq=_next_seq(store, kiosk), at_ms=now_ms), "ok", now_ms),
+        Stored(replace(record, seq=_next_seq(store, kiosk), at_ms=now_ms), verdict, now_ms),
         station=bytes(8),
         line=0,
         operator=kiosk[:8],

@@ -27,6 +27,7 @@ from farelab.card import (
     InProcessReader,
     Load,
     LoadAuthority,
+    LoadDone,
     LoadRequest,
     MemoryStore,
     NeedAuthorization,
@@ -447,3 +448,74 @@ def test_a_void_after_the_card_took_the_credit_moves_nothing_again(
     assert ask(store, "kiosk-1", {"id": "t1", "op": "void"})["result"] == "void"
     again = ask(store, "kiosk-1", transfer_of_card_1("t2", card_request("2", 5000, loads_taken=1)))
     assert (again["result"], again["reason"]) == ("refused", "already_transferred")
+
+
+def _copy_of(desk: Desk, serial: str) -> SimulatedCard:
+    """A byte-for-byte copy of a card's image as it is now."""
+    image = desk.card(serial).image
+    return SimulatedCard(type(image).from_json(image.to_json()), store=MemoryStore())
+
+
+async def test_a_copied_card_is_refused_a_load_its_original_already_took(desk: Desk) -> None:
+    copy = _copy_of(desk, "660001")
+    assert (await desk.load("660001", 5_000)).result == "loaded"
+    desk.cards["660001"] = copy  # the copy comes to the kiosk at the counter the original used
+    refused = await desk.load("660001", 5_000)
+    assert (refused.result, refused.reason) == ("refused", "clone")
+    assert copy.image.balance == 0
+    store = Store(f"sqlite:///{desk.ledger}", create=False)
+    try:
+        assert store.execute(
+            "SELECT reason FROM hotlist WHERE card_serial = ?", (full_serial("660001"),)
+        ).fetchall() == [("clone",)]
+        assert store.execute(
+            "SELECT count(*), sum(amount) FROM transactions WHERE tx_type = 2"
+        ).fetchone() == (1, 5_000)
+    finally:
+        store.close()
+
+
+def test_a_copy_confirmed_after_its_original_is_kept_as_a_clone(tmp_path: Path) -> None:
+    """Both copies authorized before either confirms: the second TAC is genuine (the copy did
+    take the money) and is kept, as a clone, with the card hotlisted, not a database error."""
+    store = Store(f"sqlite:///{tmp_path / 'host.db'}")
+    ensure_schema(store)
+    register(store, KIOSK_1)
+    keys = {DEMO_ISSUER_ID: DEMO_KEYS}
+    authority, verifier = LoadAuthority(issuers=keys), TacVerifier.of(keys)
+    image = personalise(serial="660002", issued=date(2026, 1, 1))
+    twins = [
+        SimulatedCard(type(image).from_json(image.to_json()), store=MemoryStore()) for _ in range(2)
+    ]
+    flows = []
+    for n, twin in enumerate(twins):
+        reader = InProcessReader()
+        reader.insert(twin)
+        snapshot = drive(reader, ReadCard(records=[]))
+        assert isinstance(snapshot, CardSnapshot)
+        flow = Load(terminal_id=TERMINAL, card=snapshot, amount=1_000)
+        event = flow.receive(reader.transmit(flow.start().apdu))
+        assert isinstance(event, NeedAuthorization)
+        raw = json.dumps(authorize_message(f"twin-{n}", event.request)).encode()
+        answer = handle_load_message(store, authority, verifier, "kiosk-1", raw)
+        assert answer["result"] == "authorized"
+        flows.append((reader, flow, f"twin-{n}", answer))
+    for reader, flow, request_id, answer in flows:
+        credit = flow.authorize(
+            mac2=bytes.fromhex(answer["mac2"]),
+            day=bytes.fromhex(answer["day"]),
+            time=bytes.fromhex(answer["time"]),
+        )
+        done = flow.receive(reader.transmit(credit.apdu))
+        assert isinstance(done, LoadDone)
+        confirm = {"id": request_id, "op": "confirm", "tac": done.tac.hex().upper()}
+        reply = handle_load_message(
+            store, authority, verifier, "kiosk-1", json.dumps(confirm).encode()
+        )
+        assert reply["result"] == "confirmed"
+    verdicts = store.execute(
+        "SELECT verdict FROM transactions WHERE tx_type = 2 ORDER BY seq"
+    ).fetchall()
+    assert verdicts == [("ok",), ("clone",)]
+    assert store.execute("SELECT reason FROM hotlist").fetchall() == [("clone",)]
+    store.close()
