@@ -40,7 +40,7 @@ from farelab.bench.topup_latency import TOPUP_KIOSK
 from farelab.bench.topup_latency import measure as measure_topup
 from farelab.card import Alg, CardEndpoint, Reader
 from farelab.protocol import BATCH_MAX, BrokerURL, encode_record
-from farelab.validator._runtime import favour_taps
+from farelab.validator import favour_taps
 
 __all__ = [
     "BUDGETS",

@@ -9,13 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from farelab.backend._clearing import clear
-from farelab.backend._ingest import classify
+from farelab.backend import classify, clear
 from farelab.bench.ingest import make_batches
 from farelab.card import CST, DEMO_ISSUER_ID, DEMO_KEYS, Alg, CardType, TacVerifier, mac
 from farelab.protocol import BATCH_MAX, decode_batch, encode_batch
-from farelab.validator._fares import Rider, metro_trip_fare
-from farelab.validator._network import shipped_networks
+from farelab.validator import Rider, metro_trip_fare, shipped_networks
 
 
 def test_decode_a_full_batch(benchmark: Any) -> None:

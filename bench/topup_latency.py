@@ -18,8 +18,7 @@ from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
-# The backend's __init__ does not name DeviceEntry yet.
-from farelab.backend._registry import DeviceEntry
+from farelab.backend import DeviceEntry
 from farelab.card import InProcessReader, MemoryStore, Reader, SimulatedCard, personalise
 from farelab.protocol import BrokerURL
 from farelab.topup import Kiosk, KioskJournal, MqttHost

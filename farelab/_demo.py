@@ -200,9 +200,7 @@ def run_demo(folder: Path, *, pcsc: bool) -> None:
 
 
 def _validators(folder: Path, card_path: Path, now: Callable[[], datetime]) -> None:
-    from farelab.validator._config import load_config  # noqa: PLC0415
-    from farelab.validator._journal import Journal  # noqa: PLC0415
-    from farelab.validator._replay import TapLine, replay  # noqa: PLC0415
+    from farelab.validator import Journal, TapLine, load_config, replay  # noqa: PLC0415
 
     config_path = folder / "taiyuan.toml"
     config_path.write_text(DEMO_DEVICES, encoding="utf-8")
@@ -241,13 +239,14 @@ def _validators(folder: Path, card_path: Path, now: Callable[[], datetime]) -> N
 
 async def _backend(folder: Path) -> None:
     from farelab._devices import register_configs  # noqa: PLC0415
-    from farelab.backend._clearing import clear_ledger  # noqa: PLC0415
-    from farelab.backend._embedded import embedded_broker  # noqa: PLC0415
-    from farelab.backend._report import report  # noqa: PLC0415
-    from farelab.backend._service import run_worker  # noqa: PLC0415
-    from farelab.backend._store import Store  # noqa: PLC0415
-    from farelab.validator._journal import Journal  # noqa: PLC0415
-    from farelab.validator._uplink import MqttUplink  # noqa: PLC0415
+    from farelab.backend import (  # noqa: PLC0415
+        Store,
+        clear_ledger,
+        embedded_broker,
+        report,
+        run_worker,
+    )
+    from farelab.validator import Journal, MqttUplink  # noqa: PLC0415
 
     db = f"sqlite:///{folder / 'ledger.db'}"
     journal = Journal(folder / "journal.db")

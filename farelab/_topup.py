@@ -14,10 +14,7 @@ from typing import Any, TypeVar
 import platformdirs
 
 from farelab._errors import CliError
-
-# The backend's __init__ does not name LocalHost and StoreError yet.
-from farelab.backend._localhost import LocalHost
-from farelab.backend._store import StoreError
+from farelab.backend import LocalHost, StoreError
 from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,

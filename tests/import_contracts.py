@@ -1,8 +1,9 @@
 """farelab's own import-linter contract: a package uses another only through the names its
 ``__init__`` offers, never through a private module (``farelab.backend._store``).
 
-The command-line modules (``farelab._cli``, ``farelab._card``, …) count as one package,
-``farelab``'s own; within a package, private modules import each other freely.
+The application on top — the command-line modules (``farelab._cli``, ``farelab._card``, …) and
+the benchmarks that drive it (``farelab.bench``) — counts as one package, ``farelab``'s own;
+within a package, private modules import each other freely.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ from importlinter.application import output
 from importlinter.domain import fields
 from importlinter.domain.contract import Contract, ContractCheck
 
-__all__ = ["PublicNamesContract"]
+__all__ = ["APPLICATION", "PublicNamesContract", "is_private_to", "package_of"]
+
+
+#: Subpackages that belong to the application rather than to the library it is built from.
+APPLICATION = frozenset({"bench"})
 
 
 def package_of(module: str) -> str:
-    """``farelab.card._files`` → ``farelab.card``; ``farelab._cli`` → ``farelab``."""
+    """``farelab.card._files`` → ``farelab.card``; ``farelab._cli`` and ``farelab.bench._suite``
+    → ``farelab``."""
     parts = module.split(".")
-    if len(parts) < 2 or parts[1].startswith("_"):
+    if len(parts) < 2 or parts[1].startswith("_") or parts[1] in APPLICATION:
         return parts[0]
     return ".".join(parts[:2])
 
@@ -34,7 +40,7 @@ class PublicNamesContract(Contract):
 
     root = fields.StringField()
 
-    def check(self, graph: ImportGraph, verbose: bool) -> ContractCheck:  # noqa: FBT001
+    def check(self, graph: ImportGraph, verbose: bool) -> ContractCheck:
         """Every direct import that reaches into another package's private module."""
         root = str(self.root)
         broken: list[dict[str, object]] = []
