@@ -1,4 +1,5 @@
-"""Load authorization for kiosks: request/response over MQTT, the load key only here (SPEC B4).
+"""Load authorization for kiosks: request/response over MQTT, the load key only here
+(docs/card-protocol.md B4).
 
 A kiosk sends ``{"id", "op": "authorize", …the card's INITIALIZE FOR LOAD answer…}`` on
 ``farelab/v1/kiosk/<id>/load/req``; the backend checks MAC1, the amount and the 1000-yuan cap

@@ -91,8 +91,8 @@ BUDGETS = (
     Budget("validator_rss_growth_mb", 10.0, "validator RSS growth over 1 M taps (MB)"),
 )
 
-# SPEC B6: ISO 14443 at 106 kbit/s, 9 etu of 9.44 µs per byte, 4 bytes of framing per I-block;
-# card processing per command (EEPROM writes dominate the DEBIT); activation 5–10 ms.
+# docs/card-protocol.md B6: ISO 14443 at 106 kbit/s, 9 etu of 9.44 µs per byte, 4 bytes of framing
+# per I-block; card processing per command (EEPROM writes dominate the DEBIT); activation 5–10 ms.
 BYTE_106_S = 9 * 9.44e-6
 FRAMING = 4
 ACTIVATION_S = 0.0075
@@ -149,8 +149,8 @@ class _Replay:
 
 
 def air_seconds(exchanges: list[tuple[bytes, bytes]], rate_factor: float) -> float:
-    """SPEC B6's radio and card time of one tap's (command, answer) exchanges; ``rate_factor``
-    1 for 106k, 4 for 424k."""
+    """docs/card-protocol.md B6's radio and card time of one tap's (command, answer) exchanges;
+    ``rate_factor`` 1 for 106k, 4 for 424k."""
     total = ACTIVATION_S
     for command, answer in exchanges:
         total += (len(command) + len(answer) + 2 * FRAMING) * BYTE_106_S / rate_factor

@@ -13,8 +13,8 @@ __all__ = ["SW", "ApduFormatError", "Command", "Response", "parse_command", "par
 
 
 class SW(enum.IntEnum):
-    """Status words (SPEC B3, plus the ISO 7816-4 ones the card needs for the social-security
-    PIN and for records)."""
+    """Status words (docs/card-protocol.md B3, plus the ISO 7816-4 ones the card needs for the
+    social-security PIN and for records)."""
 
     OK = 0x9000
     WRONG_LENGTH = 0x6700

@@ -1,15 +1,15 @@
 """The card's operating system as a pure function: ``(image, session, C-APDU) -> Outcome``.
 
-Three isolated applications (SPEC B1, R1): the T-Union transit purse (no PIN, R5), the
-social-security application (PIN rules of R8) and a bank application that refuses transit
+Three isolated applications (docs/card-protocol.md B1, R1): the T-Union transit purse (no PIN, R5),
+the social-security application (PIN rules of R8) and a bank application that refuses transit
 terminals.  Nothing here reads a clock, draws randomness from the OS or touches a file: the session
-carries a deterministic random generator seeded at power-on, ``today`` comes from the caller, and
-a command that changes the persistent image says so in :attr:`Outcome.committed` so the shell can
+carries a deterministic random generator seeded at power-on, ``today`` comes from the caller, and a
+command that changes the persistent image says so in :attr:`Outcome.committed` so the shell can
 persist before it answers.
 
-Atomicity (SPEC B3) follows from the shape: INITIALIZE and UPDATE CAPP DATA CACHE only change the
-volatile session; DEBIT and CREDIT build one new image holding balance, counter, EF18 record,
-cached EF1A/EF1E records and the transaction proof together.
+Atomicity (docs/card-protocol.md B3) follows from the shape: INITIALIZE and UPDATE CAPP DATA CACHE
+only change the volatile session; DEBIT and CREDIT build one new image holding balance, counter,
+EF18 record, cached EF1A/EF1E records and the transaction proof together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Purse cryptography of SPEC B4: diversification, session keys, MAC and TAC, 3DES and SM4.
+"""Purse cryptography of docs/card-protocol.md B4: diversification, session keys, MAC and TAC, 3DES
+and SM4.
 
 Every function is pure.  Key and data lengths are checked, because a wrong-length key is always a
 bug in the caller and would otherwise surface as a silently wrong MAC.

@@ -1,4 +1,5 @@
-"""Byte layouts of the transit application's files (SPEC B2) and their BCD conventions.
+"""Byte layouts of the transit application's files (docs/card-protocol.md B2) and their BCD
+conventions.
 
 Amounts are 4-byte big-endian fen, dates and times BCD in China Standard Time (the card has no
 clock and no zone: terminals write local CST, so aware datetimes are converted at this edge).
@@ -211,7 +212,7 @@ class PublicInfo:
 
     @property
     def serial8(self) -> bytes:
-        """EF15[12:20], the diversification data of the second level (SPEC B4)."""
+        """EF15[12:20], the diversification data of the second level (docs/card-protocol.md B4)."""
         return bcd(self.serial, 10)[2:]
 
     @property
@@ -311,7 +312,7 @@ class LogRecord:
 
 @dataclass(frozen=True, slots=True)
 class MetroRecord:
-    """EF1A record 1, the metro journey (SPEC B2 layout, 128 bytes)."""
+    """EF1A record 1, the metro journey (docs/card-protocol.md B2 layout, 128 bytes)."""
 
     status: MetroStatus = MetroStatus.NONE
     journey: bytes = bytes(8)

@@ -1,8 +1,8 @@
 """The host end of the card protocol: load authorization and TAC verification.
 
-The load master key exists only here (SPEC B4): a kiosk forwards the card's INITIALIZE FOR LOAD
-answer, the host checks MAC1 and the 1000-yuan cap (R4) and answers with MAC2.  The backend uses
-:class:`TacVerifier` to check every uploaded transaction.  Both are pure.
+The load master key exists only here (docs/card-protocol.md B4): a kiosk forwards the card's
+INITIALIZE FOR LOAD answer, the host checks MAC1 and the 1000-yuan cap (R4) and answers with MAC2.
+The backend uses :class:`TacVerifier` to check every uploaded transaction.  Both are pure.
 """
 
 from __future__ import annotations

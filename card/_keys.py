@@ -1,7 +1,8 @@
 """Issuer master keys, the demo issuer, keys files, and two-level card key diversification.
 
-A card stores only its own diversified keys.  Master keys live where SPEC B4 puts them: the purchase
-master in validators' PSAMs, the load master only at the host, the TAC master at the backend.
+A card stores only its own diversified keys.  Master keys live where docs/card-protocol.md B4 puts
+them: the purchase master in validators' PSAMs, the load master only at the host, the TAC master at
+the backend.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ __all__ = [
 ]
 
 DEMO_ISSUER_ID = bytes.fromhex("1310000000000000")
-"""The demo issuer id of SPEC B4 (Taiyuan-style code)."""
+"""The demo issuer id of docs/card-protocol.md B4 (Taiyuan-style code)."""
 
 
 @dataclass(frozen=True, slots=True)
 class IssuerKeys:
     """An issuer's 16-byte master keys, used for 3DES and SM4 cards alike.
 
-    ``maintenance`` (application block/unblock, PIN reset) is farelab's addition: SPEC B4 does not
-    name a maintenance key, and the demo one is ``30 31 … 3F``.
+    ``maintenance`` (application block/unblock, PIN reset) is farelab's addition:
+    docs/card-protocol.md B4 does not name a maintenance key, and the demo one is ``30 31 … 3F``.
     """
 
     purchase: bytes
@@ -59,7 +60,7 @@ DEMO_KEYS = IssuerKeys(
     maintenance=bytes.fromhex("303132333435363738393A3B3C3D3E3F"),
     version=1,
 )
-"""Test keys of the demo issuer (SPEC B4). Never production keys."""
+"""Test keys of the demo issuer (docs/card-protocol.md B4). Never production keys."""
 
 
 @dataclass(frozen=True, slots=True)

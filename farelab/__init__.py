@@ -11,6 +11,9 @@ The packages, from the bottom layer up (each names its public API in its ``__ini
   kiosk and the clearing backend, each a sans-IO core in a thin asyncio shell; none imports
   another.
 - :mod:`farelab.bench`: the benchmarks.  The ``farelab`` command is ``farelab._cli``.
+
+Docstrings cite the rules of the source documents by their ids in docs/rules.md (R1–R13) and the
+card protocol by its sections in docs/card-protocol.md (B1–B6).
 """
 
 __version__ = "0.1.0"

@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     new = cmds.add_parser(
         "new",
         help="personalise a new card image",
-        description="Write a personalised card image with the demo issuer's keys (SPEC B4), "
-        "or the master keys of --keys FILE.",
+        description="Write a personalised card image with the demo issuer's keys "
+        "(docs/card-protocol.md B4), or the master keys of --keys FILE.",
     )
     new.add_argument("path", type=Path, metavar="PATH", help="card image file to write")
     new.add_argument(

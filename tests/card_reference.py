@@ -1,6 +1,6 @@
-"""A second, independent implementation of SPEC B4 written from the SPEC text, used to check the
-card: only block-cipher ECB from ``cryptography``, with padding, CBC chaining and diversification
-done here.  It does not import card._crypto."""
+"""A second, independent implementation of docs/card-protocol.md B4 written from its text, used
+to check the card: only block-cipher ECB from ``cryptography``, with padding, CBC chaining and
+diversification done here.  It does not import card._crypto."""
 
 from __future__ import annotations
 

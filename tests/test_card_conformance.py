@@ -1,5 +1,6 @@
-"""APDU conformance of the card (SPEC B), run in-process and through real pcscd + vpcd, with every
-MAC and TAC checked against the independent reference in tests/card_reference.py."""
+"""APDU conformance of the card (docs/card-protocol.md), run in-process and through real pcscd +
+vpcd, with every MAC and TAC checked against the independent reference in
+tests/card_reference.py."""
 
 from __future__ import annotations
 

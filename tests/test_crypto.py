@@ -1,5 +1,5 @@
-"""SPEC B4 published vectors against card._crypto (tests/independent.py checks a second
-implementation against the same vectors)."""
+"""docs/card-protocol.md B4 published vectors against card._crypto (tests/independent.py checks a
+second implementation against the same vectors)."""
 
 from __future__ import annotations
 

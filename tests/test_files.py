@@ -1,4 +1,4 @@
-"""The byte layouts of SPEC B2 round-trip and reject what they cannot be."""
+"""The byte layouts of docs/card-protocol.md B2 round-trip and reject what they cannot be."""
 
 from __future__ import annotations
 

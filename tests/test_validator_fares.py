@@ -28,7 +28,8 @@ DATA = tomllib.loads(
 
 
 def published_fare_fen(city: str, km: float) -> int:
-    """The fare of SPEC's band rule, straight from the data file."""
+    """The fare of the band rule (docs/rules.md, the shipped networks), straight from the data
+    file."""
     doc = DATA[city]
     bands: list[list[float]] = doc["fare_bands"]
     for max_km, yuan in bands:
