@@ -86,13 +86,26 @@ class Classified:
     verdict: str
 
 
-def _verdict(record: Record, verifier: TacVerifier) -> str:
-    if record.status != "completed":
-        return record.status
-    expected = verifier.purchase_tac(
-        alg=Alg.from_label(record.alg),
+def expected_tac(record: Record, verifier: TacVerifier) -> bytes | None:
+    """The TAC the card must have given this transaction (a load's or a purchase's, by its
+    type), or None if the verifier has no keys for its issuer."""
+    alg, serial8 = Alg.from_label(record.alg), record.card_serial[2:]  # EF15[12:20]
+    if record.tx_type == LOAD_TYPE:
+        return verifier.load_tac(
+            alg=alg,
+            issuer_id=record.issuer,
+            serial8=serial8,
+            balance_after=record.balance_before + record.amount,
+            counter=record.card_counter,
+            amount=record.amount,
+            terminal=record.terminal,
+            day=record.day,
+            time=record.time,
+        )
+    return verifier.purchase_tac(
+        alg=alg,
         issuer_id=record.issuer,
-        serial8=record.card_serial[2:],  # EF15[12:20], the second diversification level
+        serial8=serial8,
         amount=record.amount,
         tx_type=record.tx_type,
         terminal=record.terminal,
@@ -100,6 +113,12 @@ def _verdict(record: Record, verifier: TacVerifier) -> str:
         day=record.day,
         time=record.time,
     )
+
+
+def _verdict(record: Record, verifier: TacVerifier) -> str:
+    if record.status != "completed":
+        return record.status
+    expected = expected_tac(record, verifier)
     if expected is None:
         return "unknown_issuer"
     return "ok" if expected == record.tac else "forged"

@@ -26,11 +26,11 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
-from farelab.backend._ingest import Stored
+from farelab.backend._ingest import Stored, expected_tac
 from farelab.backend._registry import lookup
 from farelab.backend._store import LEDGER_COLUMNS, Store, ledger_row
 from farelab.backend._transfer import PROFILES, decide, last_known_balance
-from farelab.card import CST, Alg, LoadAuthority, LoadAuthorization, TacVerifier
+from farelab.card import CST, LoadAuthority, LoadAuthorization, TacVerifier
 from farelab.protocol import Record, card_serial_of, load_request_of
 
 __all__ = [
@@ -382,17 +382,7 @@ def _confirm(
         }
     )
     tac = _tac_of(doc)
-    expected = verifier.load_tac(
-        alg=Alg.from_label(load.alg),
-        issuer_id=load.issuer,
-        serial8=load.card_serial[2:],
-        balance_after=load.balance_before + load.amount,
-        counter=load.card_counter,
-        amount=load.amount,
-        terminal=load.terminal,
-        day=load.day,
-        time=load.time,
-    )
+    expected = expected_tac(load, verifier)
     if expected is None or expected != tac:
         return {"id": request_id, "result": "error", "reason": "tac_invalid"}
     store.execute(
@@ -579,17 +569,7 @@ def _refund(
         }
     )
     tac = _tac_of(doc)
-    expected = verifier.purchase_tac(
-        alg=Alg.from_label(refund.alg),
-        issuer_id=refund.issuer,
-        serial8=refund.card_serial[2:],
-        amount=refund.amount,
-        tx_type=refund.tx_type,
-        terminal=refund.terminal,
-        ttc=refund.ttc,
-        day=refund.day,
-        time=refund.time,
-    )
+    expected = expected_tac(refund, verifier)
     if expected is None or expected != tac:
         return {"id": request_id, "result": "error", "reason": "tac_invalid"}
     check = _refund_check(store, serial)
