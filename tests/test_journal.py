@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from farelab.card import CST
+from farelab.protocol import Record
 from farelab.validator._decision import Intent, Pending
 from farelab.validator._intents import decode, encode
 from farelab.validator._journal import Journal, JournalError
@@ -230,25 +233,30 @@ def test_a_journal_file_keeps_its_epoch_and_another_file_has_another(tmp_path: P
 # --- the intent log --------------------------------------------------------------------------
 
 
-def _intent(card_serial: str = "1310000000004242", ttc: int = 7) -> Intent:
-    return Intent(
-        device="bus-1",
-        card_serial=card_serial,
-        issuer="1310",
-        alg="3des",
+def _intent(card_serial: str = "00001310000000004242", ttc: int = 7) -> Intent:
+    at = datetime(2026, 11, 23, 8, 30, tzinfo=CST)
+    record = Record(
+        seq=0,
+        status="pending",
         tx_type=6,
         kind="bus",
-        amount=200,
-        balance_before=5000,
+        alg="3des",
+        card_serial=bytes.fromhex(card_serial),
+        issuer=bytes.fromhex("1310000000000000"),
         card_counter=12,
         ttc=ttc,
-        terminal="000000021601",
-        day="20261123",
-        time="083000",
-        at="2026-11-23T08:30:00+08:00",
-        station="",
+        amount=200,
+        balance_before=5000,
+        terminal=bytes.fromhex("000000021601"),
+        day=bytes.fromhex("20261123"),
+        time=bytes.fromhex("083000"),
+        at_ms=int(at.timestamp() * 1000),
+        station=bytes(8),
         line=9,
+        operator="",
+        tac=b"",
     )
+    return Intent("bus-1", record, at)
 
 
 def _statuses(journal: Journal) -> list[tuple[str, int, str]]:
@@ -267,7 +275,7 @@ def test_an_intent_whose_tap_never_committed_is_pending_when_the_journal_next_op
     # No close(): a second process opens the files as a killed one left them.
     journal = Journal(path)
     assert _statuses(journal) == [("bus-1", 1, "pending")]
-    assert set(journal.pending()) == {"1310000000004242"}
+    assert set(journal.pending()) == {"00001310000000004242"}
     assert journal.next_ttc("bus-1") == 8  # the TTC the lost DEBIT used is never reused
     assert Path(f"{path}-intents").stat().st_size == 0
     journal.close()
@@ -293,7 +301,7 @@ def test_a_torn_intent_record_is_ignored_and_reported(
     path = tmp_path / "j.db"
     crashed = Journal(path)
     crashed.record_intent(_intent())
-    whole = encode(Pending("bus-1", 2, _intent("1310000000005555", ttc=8)))
+    whole = encode(Pending("bus-1", 2, _intent("00001310000000005555", ttc=8)))
     with open(f"{path}-intents", "ab") as log_file:
         log_file.write(whole[: len(whole) // 2])
     with caplog.at_level(logging.WARNING, logger="farelab.journal"):
@@ -323,7 +331,7 @@ def test_checkpoint_parks_an_intent_whose_tap_ended_without_a_commit(tmp_path: P
     journal.checkpoint()
     assert _statuses(journal) == [("bus-1", 1, "pending")]
     assert Path(f"{path}-intents").stat().st_size == 0
-    assert journal.pending() == {"1310000000004242": pending}
+    assert journal.pending() == {"00001310000000004242": pending}
     journal.close()
     assert _statuses(Journal(path)) == [("bus-1", 1, "pending")]
 

@@ -41,6 +41,7 @@ from farelab.card import (
     TripRecord,
     TxType,
 )
+from farelab.protocol import Record
 from farelab.validator._device import Device, Direction, Kind, Parameters
 from farelab.validator._fares import (
     PreviousRide,
@@ -58,30 +59,27 @@ SFI_TRANSIT, SFI_TRIPS = 0x1A, 0x1E
 
 @dataclass(frozen=True, slots=True)
 class Intent:
-    """A DEBIT about to be sent: journal it durably before calling :meth:`Tap.proceed`."""
+    """A DEBIT about to be sent: journal it durably before calling :meth:`Tap.proceed`.
+
+    ``record`` is the transaction as it will travel (:class:`farelab.protocol.Record`, the
+    card's fields as bytes), before the journal numbers it and before its outcome is known:
+    ``seq`` 0, status ``pending``, no TAC (``b""``).  ``at`` is the tap's moment as the
+    device's clock gave it (the record holds it to the millisecond): the journal keeps it so.
+    """
 
     device: str
-    card_serial: str
-    issuer: str
-    alg: str
-    tx_type: int
-    kind: str
-    amount: int
-    balance_before: int
-    card_counter: int
-    ttc: int
-    terminal: str
-    day: str
-    time: str
-    at: str
-    station: str
-    line: int
-    operator: str = ""
+    record: Record
+    at: datetime
+
+    @property
+    def card_serial(self) -> str:
+        """The card's 20-digit serial, as its snapshot and the journal name the card."""
+        return self.record.card_serial.hex()
 
     @property
     def proof_counter(self) -> int:
         """What GET TRANSACTION PROOF asks for if the answer never arrives."""
-        return self.card_counter + 1
+        return self.record.card_counter + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,23 +94,25 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """What the proof said about a pending transaction: completed with ``tac``, or void."""
+    """What the proof said about a pending transaction: completed with ``tac`` (the card's 4
+    bytes), or void."""
 
     pending: Pending
     completed: bool
-    tac: str = ""
+    tac: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The ride is paid (or free). ``reason`` names an irregular case (a penalty, a recovered
-    torn transaction), None for an ordinary ride."""
+    """The ride is paid (or free). ``tac_bytes`` is the card's TAC for it (4 bytes, what the
+    journal sends); :attr:`tac` shows it.  ``reason`` names an irregular case (a penalty, a
+    recovered torn transaction), None for an ordinary ride."""
 
     device: str
     card_serial: str
     fare_fen: int
     balance_fen: int
-    tac: str
+    tac_bytes: bytes
     kind: str
     reason: str | None = None
     mac2_valid: bool = True
@@ -121,6 +121,11 @@ class Accepted:
 
     result = "accepted"
     grey = False
+
+    @property
+    def tac(self) -> str:
+        """The TAC as people read it (upper-case hex): the display, the taps table, JSON."""
+        return self.tac_bytes.hex().upper()
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +290,8 @@ class Tap:
         pending = self._pending.get(event.serial)
         if pending is not None:
             self._flow = TransactionProof(
-                tx_type=TxType(pending.intent.tx_type), counter=pending.intent.proof_counter
+                tx_type=TxType(pending.intent.record.tx_type),
+                counter=pending.intent.proof_counter,
             )
             self._resolving = pending
             return self._send_plain(self._flow.start())
@@ -299,21 +305,20 @@ class Tap:
         pending = self._resolving
         assert pending is not None
         if isinstance(event, ProofFound):
-            tac = event.tac.hex().upper()
-            self._resolution = Resolution(pending, completed=True, tac=tac)
+            self._resolution = Resolution(pending, completed=True, tac=event.tac)
             if not self._retries(pending):
                 # The torn transaction is settled; this tap is a ride of its own, decided on
                 # the card as it is now (the snapshot was read after that DEBIT committed).
                 return self._decide()
-            intent = pending.intent
+            torn = pending.intent.record
             return self._finish(
                 Accepted(
                     self.device.id,
                     self._serial,
-                    intent.amount,
-                    intent.balance_before - intent.amount,
-                    tac,
-                    intent.kind,
+                    torn.amount,
+                    torn.balance_before - torn.amount,
+                    event.tac,
+                    torn.kind,
                     "recovered",
                     resolution=self._resolution,
                 )
@@ -329,11 +334,7 @@ class Tap:
         inside the re-tap window.  Its answer is then that transaction, completed."""
         if pending.device != self.device.id:
             return False
-        try:
-            began = datetime.fromisoformat(pending.intent.at)
-        except ValueError:
-            return False
-        elapsed = (self.now - began).total_seconds()
+        elapsed = (self.now - pending.intent.at).total_seconds()
         return 0 <= elapsed < self.device.network.rules.antipassback_s
 
     def _decide(self) -> Transmit | TapResult:
@@ -574,25 +575,29 @@ class Tap:
         assert init is not None
         assert flight is not None
         device = self.device
-        return Intent(
-            device=device.id,
-            card_serial=snap.serial,
-            issuer=snap.issuer_id.hex().upper(),
-            alg=init.alg.label,
+        record = Record(
+            seq=0,
+            status="pending",
             tx_type=TxType.CAPP_PURCHASE,
             kind=plan.kind,
-            amount=plan.quote.fare_fen,
-            balance_before=init.balance,
+            alg=init.alg.label,
+            # The snapshot holds the card number as its 20 digits; the card holds them as BCD.
+            card_serial=bytes.fromhex(snap.serial),
+            issuer=snap.issuer_id,
             card_counter=init.counter,
             ttc=flight.ttc,
-            terminal=device.terminal_id.hex().upper(),
-            day=flight.day.hex(),
-            time=flight.time.hex(),
-            at=self.now.isoformat(),
-            station=device.station_code.hex(),
-            operator=device.operator_id.rstrip(b"\x00").decode(errors="replace"),
+            amount=plan.quote.fare_fen,
+            balance_before=init.balance,
+            terminal=device.terminal_id,
+            day=flight.day,
+            time=flight.time,
+            at_ms=int(self.now.timestamp() * 1000),
+            station=device.station_code,
             line=device.line.number if device.line is not None else 0,
+            operator=device.operator_id.rstrip(b"\x00").decode(errors="replace"),
+            tac=b"",
         )
+        return Intent(device.id, record, self.now)
 
     def _on_purchase(self, event: object) -> TapResult:
         plan = self._plan
@@ -614,7 +619,7 @@ class Tap:
                 self._serial,
                 event.amount,
                 event.balance_after,
-                event.tac.hex().upper(),
+                event.tac,
                 plan.kind,
                 plan.reason,
                 event.mac2_valid,

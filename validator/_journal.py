@@ -22,7 +22,7 @@ import logging
 import secrets
 import sqlite3
 import threading
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,13 @@ from farelab.protocol import (
     encode_record,
 )
 from farelab.validator._decision import Accepted, Intent, Pending, Rejected, TapResult
-from farelab.validator._intents import IntentLog, IntentLogError
+from farelab.validator._intents import (
+    TEXT_FIELDS,
+    IntentLog,
+    IntentLogError,
+    intent_from_text,
+    intent_text,
+)
 from farelab.validator._priority import TapGate
 
 __all__ = ["Journal", "JournalError"]
@@ -51,6 +57,16 @@ EPOCHS = 2**23
 _ACK_CHUNK = 50
 # The intent log is emptied by checkpoints; a tap empties it past this size if none has.
 _INTENT_LOG_LIMIT = 1 << 20
+_NO_TAC = bytes(4)
+# The transactions table's columns for an intent's text form (TEXT_FIELDS), amounts in fen.
+_INTENT_COLUMNS = ", ".join(
+    {"amount": "amount_fen", "balance_before": "balance_before_fen"}.get(name, name)
+    for name in TEXT_FIELDS
+)
+_INSERT_TRANSACTION = (
+    f"INSERT INTO transactions ({_INTENT_COLUMNS}, seq, status, tac)"  # noqa: S608
+    f" VALUES ({', '.join('?' * (len(TEXT_FIELDS) + 3))})"
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -307,7 +323,7 @@ class Journal:
         if self._logged:
             with self._tx():
                 for p in self._logged.values():
-                    self._insert_transaction(p, "pending", "")
+                    self._insert_transaction(p, "pending", b"")
             self._logged.clear()
         if self._intents is not None:
             self._intents.clear()
@@ -346,32 +362,24 @@ class Journal:
 
     def _load_pending(self) -> dict[str, Pending]:
         rows = self._db.execute(
-            "SELECT * FROM transactions WHERE status='pending' ORDER BY device, seq"
+            f"SELECT seq, {_INTENT_COLUMNS} FROM transactions"  # noqa: S608
+            " WHERE status='pending' ORDER BY device, seq"
         )
-        names = [d[0] for d in rows.description]
         out: dict[str, Pending] = {}
-        for row in rows.fetchall():
-            rec = dict(zip(names, row, strict=True))
-            intent = Intent(
-                device=rec["device"],
-                card_serial=rec["card_serial"],
-                issuer=rec["issuer"],
-                alg=rec["alg"],
-                tx_type=rec["tx_type"],
-                kind=rec["kind"],
-                amount=rec["amount_fen"],
-                balance_before=rec["balance_before_fen"],
-                card_counter=rec["card_counter"],
-                ttc=rec["ttc"],
-                terminal=rec["terminal"],
-                day=rec["day"],
-                time=rec["time"],
-                at=rec["at"],
-                station=rec["station"],
-                line=rec["line"],
-                operator=rec["operator"],
-            )
-            out[intent.card_serial] = Pending(rec["device"], rec["seq"], intent)
+        for seq, *text in rows.fetchall():
+            try:
+                intent = intent_from_text(dict(zip(TEXT_FIELDS, text, strict=True)))
+            except (ValueError, TypeError) as exc:
+                # Not a row this journal wrote: left as it is, for people to settle.
+                log.warning(
+                    "%s: pending transaction %s#%s is unreadable and stays unresolved: %s",
+                    self._where,
+                    text[0],
+                    seq,
+                    exc,
+                )
+                continue
+            out[intent.card_serial] = Pending(intent.device, seq, intent)
         return out
 
     # --- writing -------------------------------------------------------------------------
@@ -405,50 +413,26 @@ class Journal:
                     self._intents.append(pending)
                 except IntentLogError as exc:
                     raise JournalError(str(exc)) from None
-            counters[0], counters[1] = seq + 1, max(counters[1], intent.ttc + 1)
+            counters[0], counters[1] = seq + 1, max(counters[1], intent.record.ttc + 1)
             self._logged[(intent.device, seq)] = pending
             self._pending[intent.card_serial] = pending
         return pending
 
-    def _insert_transaction(self, pending: Pending, status: str, tac: str) -> None:
-        intent = pending.intent
+    def _insert_transaction(self, pending: Pending, status: str, tac: bytes) -> None:
+        # The table is for people: the intent's text form, as the intent log holds it.
         self._db.execute(
-            "INSERT INTO transactions (device, seq, status, card_serial, issuer, alg, tx_type,"
-            " kind, amount_fen, balance_before_fen, card_counter, ttc, terminal, day, time,"
-            " at, station, line, operator, tac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?, ?, ?, ?, ?)",
-            (
-                pending.device,
-                pending.seq,
-                status,
-                intent.card_serial,
-                intent.issuer,
-                intent.alg,
-                intent.tx_type,
-                intent.kind,
-                intent.amount,
-                intent.balance_before,
-                intent.card_counter,
-                intent.ttc,
-                intent.terminal,
-                intent.day,
-                intent.time,
-                intent.at,
-                intent.station,
-                intent.line,
-                intent.operator,
-                tac,
-            ),
+            _INSERT_TRANSACTION,
+            (*intent_text(pending.intent), pending.seq, status, tac.hex().upper()),
         )
 
-    def _write_status(self, pending: Pending, status: str, tac: str) -> None:
+    def _write_status(self, pending: Pending, status: str, tac: bytes) -> None:
         """The transaction row's outcome: inserted if its intent is only in the log so far."""
         if (pending.device, pending.seq) in self._logged:
             self._insert_transaction(pending, status, tac)
         elif status != "pending":
             self._db.execute(
                 "UPDATE transactions SET status=?, tac=? WHERE device=? AND seq=?",
-                (status, tac, pending.device, pending.seq),
+                (status, tac.hex().upper(), pending.device, pending.seq),
             )
 
     def record_tap(self, result: TapResult, *, at: str, pending: Pending | None) -> None:
@@ -511,14 +495,14 @@ class Journal:
             if pending is not None:
                 seq = pending.seq
                 if isinstance(result, Accepted):
-                    rows += self._settle(pending, "completed", result.tac)
+                    rows += self._settle(pending, "completed", result.tac_bytes)
                     settled.append(pending)
                 elif not result.grey:
-                    rows += self._settle(pending, "void", "")
+                    rows += self._settle(pending, "void", b"")
                     settled.append(pending)
                 else:
-                    self._write_status(pending, "pending", "")
-                    rows += self._enqueue(pending, "grey", "")
+                    self._write_status(pending, "pending", b"")
+                    rows += self._enqueue(pending, "grey", b"")
             self._db.execute(
                 "INSERT INTO taps (device, at, card_serial, result, reason, fare_fen, balance_fen,"
                 " tac, grey, seq, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -555,37 +539,13 @@ class Journal:
             with contextlib.suppress(IntentLogError):  # emptied by the next checkpoint instead
                 self._intents.clear()
 
-    def _settle(self, pending: Pending, status: str, tac: str) -> int:
+    def _settle(self, pending: Pending, status: str, tac: bytes) -> int:
         self._write_status(pending, status, tac)
         return self._enqueue(pending, status, tac)
 
-    def _enqueue(self, pending: Pending, status: str, tac: str) -> int:
-        i = pending.intent
-        # The intent holds the card's fields as text (its log and the transactions table are
-        # read by people): the record takes them in its text form.
-        record = Record.from_json(
-            {
-                "seq": pending.seq,
-                "status": status,
-                "tx_type": i.tx_type,
-                "kind": i.kind,
-                "alg": i.alg,
-                "card_serial": i.card_serial,
-                "issuer": i.issuer,
-                "card_counter": i.card_counter,
-                "ttc": i.ttc,
-                "amount": i.amount,
-                "balance_before": i.balance_before,
-                "terminal": i.terminal,
-                "day": i.day,
-                "time": i.time,
-                "at_ms": _at_ms(i.at),
-                "station": i.station,
-                "line": i.line,
-                "operator": i.operator,
-                "tac": tac,
-            }
-        )
+    def _enqueue(self, pending: Pending, status: str, tac: bytes) -> int:
+        # On the wire a transaction without a TAC (void, grey) has four zero bytes.
+        record = replace(pending.intent.record, seq=pending.seq, status=status, tac=tac or _NO_TAC)
         self._db.execute(
             "INSERT INTO outbox (device, record) VALUES (?, ?)",
             (pending.device, encode_record(record)),
@@ -686,10 +646,6 @@ class Journal:
                 log.warning("%s: acknowledged rows not removed: %s", self._where, exc)
                 return
             self._outbox = max(self._outbox - cursor.rowcount, 0)
-
-
-def _at_ms(at: str) -> int:
-    return int(datetime.fromisoformat(at).timestamp() * 1000)
 
 
 class _Transaction:
