@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from farelab.validator._decision import Intent, Pending
 from farelab.validator._intents import decode, encode
 from farelab.validator._journal import Journal, JournalError
 from farelab.validator._priority import TapGate
-from tests.validator_support import Lab, bus, new_card
+from tests.validator_support import Lab, bus, gate, new_card
 
 WORKER = """
 import sys
@@ -309,6 +310,112 @@ def test_a_torn_intent_record_is_ignored_and_reported(
     assert _statuses(journal) == [("bus-1", 1, "pending")]
     assert "damaged or torn record" in caplog.text
     journal.close()
+
+
+# Written by the journal while its intents held the card's fields as text (before they carried
+# a protocol.Record): a metro entry at 尖草坪 (Taiyuan) at 08:00, torn after its DEBIT reached
+# the card — its intent log record, and the pending row its tap committed.
+_OLD_INTENT_RECORD = (
+    b"\x00\x00\x01\x86]\x90\xbcN"
+    b'{"device":"gate-Jiancaoping","seq":1,"intent":{"device":"gate-Jiancaoping",'
+    b'"card_serial":"00000000000000001001","issuer":"1310000000000000","alg":"3des",'
+    b'"tx_type":9,"kind":"entry","amount":0,"balance_before":2000,"card_counter":0,"ttc":1,'
+    b'"terminal":"000002000000","day":"20261123","time":"080000",'
+    b'"at":"2026-11-23T08:00:00+08:00","station":"0310020000000000","line":2,'
+    b'"operator":"TAIYUAN"}}'
+)
+_OLD_PENDING_ROW = (
+    "gate-Jiancaoping",
+    1,
+    "pending",
+    "00000000000000001001",
+    "1310000000000000",
+    "3des",
+    9,
+    "entry",
+    0,
+    2000,
+    0,
+    1,
+    "000002000000",
+    "20261123",
+    "080000",
+    "2026-11-23T08:00:00+08:00",
+    "0310020000000000",
+    2,
+    "TAIYUAN",
+    "",
+)
+# What that journal held once the card's exit at 长风街 at 08:30 had settled the entry.
+_SETTLED_ROWS = [
+    ("gate-Jiancaoping", 1, "completed", "entry", 0, 0, 1, "000002000000", "080000",
+     "2026-11-23T08:00:00+08:00", "0310020000000000", "5E80478A"),
+    ("gate-Changfengjie", 1, "completed", "exit", 360, 1, 1, "0000020B0000", "083000",
+     "2026-11-23T08:30:00+08:00", "031002000b000000", "BDA36D02"),
+]  # fmt: skip
+_SETTLED_OUTBOX = {
+    "gate-Jiancaoping": "000000010009010000000000000000001001131000000000000000000000000100000000"
+    "000007d000000200000020261123080000000001a205b3d0000310020000000000025441495955414e005e80478a",
+    "gate-Changfengjie": "00000001000902000000000000000000100113100000000000000001000000010000"
+    "0168000007d00000020b000020261123083000000001a205cf4740031002000b000000025441495955414e00bda3"
+    "6d02",
+}
+
+
+def _settled(journal: Journal) -> list[tuple[object, ...]]:
+    names = ("device", "seq", "status", "kind", "amount_fen", "card_counter", "ttc", "terminal")
+    more = ("time", "at", "station", "tac")
+    return [tuple(r[n] for n in names + more) for r in journal.transactions()]
+
+
+@pytest.mark.parametrize("kept_in", ["intent log", "transactions"])
+def test_a_torn_tap_journalled_in_the_earlier_text_form_is_resolved_as_before(
+    tmp_path: Path, kept_in: str
+) -> None:
+    """A journal written before intents carried a Record: its torn entry — only in the intent
+    log (the process was killed), or a pending row — is restored, and the card's exit settles
+    it with the card's TAC; the rows and the records sent are those that journal wrote."""
+    entry, exit_ = gate("taiyuan", "尖草坪"), gate("taiyuan", "长风街")
+    card = new_card(balance=2000)
+    assert Lab([entry]).tap(entry, card, 0, pull_after="DEBIT").grey  # the card, as it was left
+    path = tmp_path / "j.db"
+    if kept_in == "intent log":
+        Path(f"{path}-intents").write_bytes(_OLD_INTENT_RECORD)
+    else:
+        Journal(path).close()
+        db = sqlite3.connect(path)
+        with db:
+            db.execute(f"INSERT INTO transactions VALUES ({', '.join('?' * 20)})", _OLD_PENDING_ROW)
+        db.close()
+    lab = Lab([entry, exit_], journal=Journal(path))
+    assert set(lab.journal.pending()) == {"00000000000000001001"}
+    out = lab.tap(exit_, card, 1800)
+    assert (out.result, out.reason, out.fare_fen, out.balance_fen) == ("accepted", None, 360, 1640)
+    assert out.tac == "BDA36D02"
+    assert out.resolution is not None
+    assert (out.resolution.completed, out.resolution.tac.hex().upper()) == (True, "5E80478A")
+    assert _settled(lab.journal) == _SETTLED_ROWS
+    wire = {
+        d: [raw.hex() for _, raw in lab.journal.outbox_wire(9, device=d)] for d in _SETTLED_OUTBOX
+    }
+    assert wire == {d: [record] for d, record in _SETTLED_OUTBOX.items()}
+    assert lab.journal.pending() == {}
+    lab.journal.close()
+
+
+def test_a_torn_taps_intent_is_logged_as_the_earlier_journal_logged_it(tmp_path: Path) -> None:
+    """The intent log's records keep their form: the same tap writes the same bytes."""
+    entry = gate("taiyuan", "尖草坪")
+    path = tmp_path / "j.db"
+    lab = Lab([entry], journal=Journal(path))
+    assert lab.tap(entry, new_card(balance=2000), 0, pull_after="DEBIT").grey
+    assert Path(f"{path}-intents").read_bytes() == _OLD_INTENT_RECORD
+    assert _statuses(lab.journal) == [("gate-Jiancaoping", 1, "pending")]
+    [row] = lab.journal.transactions()
+    assert tuple(row.values()) == _OLD_PENDING_ROW
+    (restored,) = decode(_OLD_INTENT_RECORD)
+    assert encode(restored) == _OLD_INTENT_RECORD
+    lab.journal.close()
 
 
 def test_decode_stops_at_a_damaged_record() -> None:
