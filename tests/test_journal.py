@@ -403,6 +403,30 @@ def test_a_torn_tap_journalled_in_the_earlier_text_form_is_resolved_as_before(
     lab.journal.close()
 
 
+def test_a_pending_row_that_is_not_a_transaction_is_reported_and_left_as_it_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row no journal wrote (its terminal is not 6 bytes): the journal opens, says which row,
+    and leaves it for people; the other pending transactions are restored."""
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    damaged = (*_OLD_PENDING_ROW[:12], "0000020000", *_OLD_PENDING_ROW[13:])
+    sound = ("gate-Jiancaoping", 2, "pending", "00000000000000002002", *_OLD_PENDING_ROW[4:])
+    db = sqlite3.connect(path)
+    with db:
+        db.executemany(f"INSERT INTO transactions VALUES ({', '.join('?' * 20)})", [damaged, sound])
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="farelab.journal"):
+        journal = Journal(path)
+    assert set(journal.pending()) == {"00000000000000002002"}
+    assert "pending transaction gate-Jiancaoping#1 is unreadable" in caplog.text
+    assert _statuses(journal) == [
+        ("gate-Jiancaoping", 1, "pending"),
+        ("gate-Jiancaoping", 2, "pending"),
+    ]
+    journal.close()
+
+
 def test_a_torn_taps_intent_is_logged_as_the_earlier_journal_logged_it(tmp_path: Path) -> None:
     """The intent log's records keep their form: the same tap writes the same bytes."""
     entry = gate("taiyuan", "尖草坪")
