@@ -14,6 +14,10 @@
 - Helpers every part shares: money in yuan and fen (:func:`yuan_to_fen`, :func:`fen_to_yuan`),
   China Standard Time (:data:`CST`), 20-digit serials (:func:`full_serial`), the crash-test
   hook :func:`checkpoint`, and :func:`describe_path` / :func:`shown` for error messages.
+- APDU traces: :class:`TracingReader` and :class:`TracingEndpoint` write each exchange to a
+  :class:`TraceWriter` as a JSON line; :func:`read_trace`, :func:`decode_apdu`,
+  :func:`sw_meaning` and :func:`find_tears` read it back as an analyser would; :class:`TraceCard`
+  answers a terminal from a recording.
 """
 
 from __future__ import annotations
@@ -109,6 +113,21 @@ from farelab.card._terminal import (
     drive,
     now_fields,
 )
+from farelab.card._trace import (
+    MISMATCH_SW,
+    Decoded,
+    Exchange,
+    TraceCard,
+    TraceError,
+    TraceEvent,
+    TraceWriter,
+    TracingEndpoint,
+    TracingReader,
+    decode_apdu,
+    find_tears,
+    read_trace,
+    sw_meaning,
+)
 from farelab.card._vicc import DEFAULT_PORT as VICC_PORT
 from farelab.card._vicc import ViccClient, ViccError
 from farelab.card._vicc import serve as vicc_serve
@@ -124,6 +143,7 @@ __all__ = [
     "CST",
     "DEMO_ISSUER_ID",
     "DEMO_KEYS",
+    "MISMATCH_SW",
     "SOCIAL_AID",
     "SW",
     "TRANSIT_AID",
@@ -143,6 +163,8 @@ __all__ = [
     "CardSnapshot",
     "CardType",
     "Command",
+    "Decoded",
+    "Exchange",
     "FileStore",
     "FlowError",
     "ImageError",
@@ -190,6 +212,12 @@ __all__ = [
     "SocialSecurity",
     "Step",
     "TacVerifier",
+    "TraceCard",
+    "TraceError",
+    "TraceEvent",
+    "TraceWriter",
+    "TracingEndpoint",
+    "TracingReader",
     "TransactionProof",
     "Transmit",
     "TripRecord",
@@ -201,11 +229,13 @@ __all__ = [
     "bcd_time",
     "card_keys",
     "checkpoint",
+    "decode_apdu",
     "describe_path",
     "diversify",
     "diversify_card_key",
     "drive",
     "fen_to_yuan",
+    "find_tears",
     "full_serial",
     "is_weak_pin",
     "list_readers",
@@ -219,11 +249,13 @@ __all__ = [
     "parse_response",
     "personalise",
     "process",
+    "read_trace",
     "running_pcscd",
     "save_image",
     "session_key",
     "shown",
     "step_of",
+    "sw_meaning",
     "tac_key",
     "vicc_serve",
     "vicc_tap",
