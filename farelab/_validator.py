@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from farelab._errors import CliError
-from farelab.card import describe_path
+from farelab.card import TraceWriter, describe_path
 from farelab.protocol import ParamsError
 from farelab.validator import (
     PULL_STEPS,
@@ -108,6 +108,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help='parameters file, applied whenever it changes: {"version": N, '
         '"hotlist": [...], "whitelist": [...]}',
     )
+    _trace_option(run)
     run.set_defaults(func=_run)
 
     rp = cmds.add_parser(
@@ -116,7 +117,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description='Replay taps in-process. Each input line: {"device": ID, "card": PATH, '
         '"at": ISO-8601 with offset, "pull_after": optional, one of '
         + ", ".join(PULL_STEPS)
-        + " — the card leaves right after that command reached it}. Each output line (JSON): "
+        + ' — the card leaves right after that command reached it}; "from_trace": '
+        'TRACE.jsonl in place of "card" taps a stub card that answers from a recording. '
+        "Each output line (JSON): "
         "device, card_serial, result, reason, fare_fen, balance_fen, tac, grey. Card images are "
         "updated as the taps go.",
         epilog=CONFIG_HELP,
@@ -150,7 +153,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="give up waiting for acknowledgements after this long (default 30); "
         "what is still pending is sent by the next run with the same journal",
     )
+    _trace_option(rp)
     rp.set_defaults(func=_replay)
+
+
+def _trace_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append every APDU exchange with the cards to FILE, one JSON line each "
+        "(read it with 'farelab trace show')",
+    )
+
+
+def _trace_writer(path: Path | None) -> TraceWriter | None:
+    if path is None:
+        return None
+    try:
+        return TraceWriter(path)
+    except OSError as exc:
+        raise CliError(f"--trace {describe_path(path)}: cannot write: {exc.strerror}") from None
 
 
 def _seconds(text: str) -> float:
@@ -184,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     uplink = _uplink(args.broker, config)
+    trace = _trace_writer(args.trace)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -198,12 +222,15 @@ def _run(args: argparse.Namespace) -> int:
             params_file=args.params,
             uplink=uplink,
             stop=stop,
+            trace=trace,
         )
 
     try:
         asyncio.run(main())
     finally:
         journal.close()
+        if trace is not None:
+            trace.close()
     return 0
 
 
@@ -233,8 +260,9 @@ def _replay(args: argparse.Namespace) -> int:
             "--broker needs a journal file (--journal DB or [journal] path), so "
             "that what is not yet acknowledged survives this run"
         )
+    trace = _trace_writer(args.trace)
     try:
-        for result in replay(config, taps, journal):
+        for result in replay(config, taps, journal, trace=trace):
             print(json.dumps(result_json(result), ensure_ascii=False), flush=True)
         if uplink is not None:
             return asyncio.run(_drain(uplink, journal, args.upload_timeout))
@@ -242,6 +270,8 @@ def _replay(args: argparse.Namespace) -> int:
         raise CliError(f"{describe_path(args.taps)}: {exc}") from None
     finally:
         journal.close()
+        if trace is not None:
+            trace.close()
     return 0
 
 

@@ -22,7 +22,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from farelab.card import CST, InProcessReader, Reader, ReaderError, SimulatedCard, describe_path
+from farelab.card import (
+    CST,
+    InProcessReader,
+    Reader,
+    ReaderError,
+    SimulatedCard,
+    TraceCard,
+    TraceWriter,
+    TracingReader,
+    describe_path,
+)
 from farelab.protocol import Backoff, ParamsError, decode_params
 from farelab.validator._config import Config
 from farelab.validator._decision import Rejected, TapResult
@@ -94,6 +104,7 @@ class _Station:
     validator: Validator
     reader: Reader
     thread: ThreadPoolExecutor
+    trace: TraceWriter | None = None
 
 
 def _now() -> datetime:
@@ -105,7 +116,9 @@ async def _in_thread(station: _Station, fn: Callable[[], Any]) -> Any:
 
 
 def _tap_once(station: _Station) -> TapResult:
-    reader = station.reader
+    reader = (
+        station.reader if station.trace is None else TracingReader(station.reader, station.trace)
+    )
     try:
         reader.connect()
     except ReaderError:
@@ -156,8 +169,10 @@ async def _watch(
 async def _feed(
     stations: dict[str, _Station], source: TextIO, results: asyncio.Queue[TapResult | str]
 ) -> None:
-    """Tap requests for ``sim`` readers, one JSON object a line: {"device": ID, "card": PATH}."""
+    """Tap requests for ``sim`` readers, one JSON object a line: {"device": ID, "card": PATH}
+    (or "from_trace": PATH in place of "card", a stub card answering from a recording)."""
     loop = asyncio.get_running_loop()
+    recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
     while True:
         line = await loop.run_in_executor(None, source.readline)
         if not line:
@@ -167,7 +182,8 @@ async def _feed(
         try:
             doc = json.loads(line)
             station = stations[doc["device"]]
-            path = Path(doc["card"])
+            from_trace = "from_trace" in doc
+            path = Path(doc["from_trace"] if from_trace else doc["card"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             shown = describe_path(repr(line.strip()))
             results.put_nowait(f"ignored tap request {shown}: {describe_path(repr(exc))}")
@@ -177,7 +193,11 @@ async def _feed(
             results.put_nowait(f"device {station.validator.device.id!r} has no sim reader")
             continue
         try:
-            card = SimulatedCard.from_file(path)
+            card: SimulatedCard | TraceCard
+            if from_trace:
+                card = recorded[path] = recorded.get(path) or TraceCard.from_file(path)
+            else:
+                card = SimulatedCard.from_file(path)
         except Exception as exc:  # a card that cannot be loaded is this tap's card_error
             failed = functools.partial(
                 station.validator.card_failed, _now(), failure_text(exc, path)
@@ -187,10 +207,12 @@ async def _feed(
 
         def tap(
             reader: InProcessReader = reader,
-            card: SimulatedCard = card,
+            card: SimulatedCard | TraceCard = card,
             station: _Station = station,
         ) -> TapResult:
             reader.insert(card)
+            if isinstance(card, TraceCard):
+                reader.pull_after(card.tears_after)  # it leaves where the recorded card left
             try:
                 return _tap_once(station)
             finally:
@@ -291,9 +313,10 @@ async def run(
     params_file: Path | None = None,
     uplink: Uplink | None = None,
     stop: asyncio.Event | None = None,
+    trace: TraceWriter | None = None,
 ) -> None:
     """Run every configured device until ``stop`` is set (or, with only sim readers, until
-    ``source`` ends).
+    ``source`` ends); ``trace``: where every tap's APDU exchanges are recorded, if anywhere.
 
     This is the application: it tunes the process for its taps — the uplink and the journal's
     background work yield to taps in progress (a :class:`TapGate` on ``journal``, unless it has
@@ -316,7 +339,8 @@ async def run(
         except ReaderError as exc:
             results.put_nowait(f"device {dc.device.id}: reader not available yet: {exc}")
             reader = InProcessReader(dc.device.reader)
-        stations[dc.device.id] = _Station(Validator(config=dc, journal=journal), reader, thread)
+        validator = Validator(config=dc, journal=journal)
+        stations[dc.device.id] = _Station(validator, reader, thread, trace)
     only_sim = all(dc.device.reader == "sim" for dc in config.devices)
     tasks: list[asyncio.Task[None]] = []
     try:

@@ -1,9 +1,10 @@
 """Deterministic, in-process replay of a taps file (``farelab validator replay``).
 
 Each input line: ``{"device": ID, "card": PATH, "at": ISO-8601 with offset, "pull_after":
-optional step}``; each output line: ``{"device", "card_serial", "result", "reason", "fare_fen",
-"balance_fen", "tac", "grey"}``.  The whole file is checked before the first tap runs, so a typo
-on line 900 does not leave 899 taps applied and the rest not.
+optional step}`` (or ``"from_trace": TRACE.jsonl`` in place of ``"card"``: a stub card that
+answers from a recorded session); each output line: ``{"device", "card_serial", "result",
+"reason", "fare_fen", "balance_fen", "tac", "grey"}``.  The whole file is checked before the
+first tap runs, so a typo on line 900 does not leave 899 taps applied and the rest not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from farelab.card import InProcessReader, SimulatedCard, step_of
+from farelab.card import (
+    InProcessReader,
+    Reader,
+    SimulatedCard,
+    TraceCard,
+    TraceWriter,
+    TracingReader,
+    step_of,
+)
 from farelab.validator._config import Config
 from farelab.validator._decision import TapResult
 from farelab.validator._journal import Journal
@@ -40,6 +49,7 @@ class TapLine:
     card: Path
     at: datetime
     pull_after: str | None
+    from_trace: bool = False
 
 
 def _check(number: int, text: str, config: Config) -> TapLine:
@@ -55,6 +65,13 @@ def _check(number: int, text: str, config: Config) -> TapLine:
         doc.get("at"),
         doc.get("pull_after"),
     )
+    from_trace = "from_trace" in doc
+    if from_trace:
+        if card is not None:
+            raise ValueError('"card" and "from_trace" cannot both be given')
+        card = doc["from_trace"]
+        if not isinstance(card, str) or not card:
+            raise ValueError('"from_trace" must be a trace file path')
     if not isinstance(device, str):
         raise ValueError('"device" must be a device id')
     config.device(device)
@@ -70,10 +87,10 @@ def _check(number: int, text: str, config: Config) -> TapLine:
         raise ValueError(f'"at" {shown(at)} has no UTC offset')
     if pull is not None and pull not in PULL_STEPS:
         raise ValueError(f'"pull_after" must be one of {", ".join(PULL_STEPS)}')
-    unknown = set(doc) - {"device", "card", "at", "pull_after"}
+    unknown = set(doc) - {"device", "card", "from_trace", "at", "pull_after"}
     if unknown:
         raise ValueError(f"unknown keys {shown(sorted(unknown))}")
-    return TapLine(number, device, Path(card), moment, pull)
+    return TapLine(number, device, Path(card), moment, pull, from_trace)
 
 
 def parse_taps(lines: Iterator[str], config: Config) -> list[TapLine]:
@@ -107,13 +124,27 @@ def result_json(result: TapResult) -> dict[str, Any]:
     }
 
 
-def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[TapResult]:
-    """Run the taps in order; yields each result once it is journalled and the card written."""
+def _card(tap: TapLine, recorded: dict[Path, TraceCard]) -> SimulatedCard | TraceCard:
+    if not tap.from_trace:
+        return SimulatedCard.from_file(tap.card)
+    # One recording is one card's session: each tap of it goes on where the last one ended.
+    card = recorded.get(tap.card)
+    if card is None:
+        card = recorded[tap.card] = TraceCard.from_file(tap.card)
+    return card
+
+
+def replay(
+    config: Config, taps: list[TapLine], journal: Journal, *, trace: TraceWriter | None = None
+) -> Iterator[TapResult]:
+    """Run the taps in order; yields each result once it is journalled and the card written.
+    ``trace``: where each tap's APDU exchanges are recorded, if anywhere."""
     devices = {dc.device.id: Validator(config=dc, journal=journal) for dc in config.devices}
+    recorded: dict[Path, TraceCard] = {}
     for tap in taps:
         device = devices[tap.device]
         try:
-            card = SimulatedCard.from_file(tap.card)
+            card = _card(tap, recorded)
         except Exception as exc:  # any card that cannot be loaded is this tap's card_error
             yield device.card_failed(tap.at, f"line {tap.line}: {failure_text(exc, tap.card)}")
             continue
@@ -122,10 +153,14 @@ def replay(config: Config, taps: list[TapLine], journal: Journal) -> Iterator[Ta
         if tap.pull_after is not None:
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
+        elif isinstance(card, TraceCard):
+            reader.pull_after(card.tears_after)  # where the recorded card left, this one does
+        tapped: Reader = reader if trace is None else TracingReader(reader, trace)
         try:
-            result = device.tap(reader, tap.at)
+            result = device.tap(tapped, tap.at)
         finally:
-            card.close()  # out of the field: the next line's tap of this card may take it
+            if isinstance(card, SimulatedCard):
+                card.close()  # out of the field: the next line's tap of this card may take it
         if journal.gate is not None:
             journal.gate.between_taps()  # nothing here waits on a display: collect now
         yield result
