@@ -380,11 +380,16 @@ def sw_meaning(sw: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """A command's name and its fields, and the fields of its answer, as ``key=value`` text."""
+    """A command's name and its fields, and the fields of its answer (amounts in yuan, counters
+    in decimal, dates and times as people write them, the rest in hex)."""
 
     name: str
-    fields: list[str] = field(default_factory=list)
-    answer: list[str] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    answer: dict[str, str] = field(default_factory=dict)
+
+
+def _pairs(texts: list[str]) -> dict[str, str]:
+    return dict(t.split("=", 1) for t in texts)
 
 
 _TX = {0x02: "load", 0x06: "purchase", 0x09: "composite purchase"}
@@ -508,12 +513,12 @@ def decode_apdu(command: bytes, response: bytes | None = None) -> Decoded:
     """The command's name and PBOC fields (amounts in yuan, counters, terminal id, date and
     time, MAC1/MAC2/TAC), and those of its answer's data."""
     if len(command) < 4:
-        return Decoded(f"{len(command)}-byte message", [f"data={command.hex().upper()}"])
+        return Decoded(f"{len(command)}-byte message", {"data": command.hex().upper()})
     cla, ins, p1, p2 = command[0], command[1], command[2], command[3]
     data = command[5 : 5 + command[4]] if len(command) > 5 else b""
     name, fields = _command_fields(cla, ins, p1, p2, data)
     answer = [] if response is None else _answer_fields(cla, ins, p1, response)
-    return Decoded(name, fields, answer)
+    return Decoded(name, _pairs(fields), _pairs(answer))
 
 
 _MONEY = frozenset({(0x80, 0x54), (0x80, 0x52)})

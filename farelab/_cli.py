@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "farelab._bench",
         "measure tap latency, throughput and memory against their budgets",
     ),
+    "trace": ("farelab._trace", "read APDU traces: decode one, or set two side by side"),
 }
 
 
