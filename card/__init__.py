@@ -11,6 +11,8 @@
   card to a vpcd virtual reader (:func:`vicc_serve`, :func:`vicc_tap`); :class:`PcscReader` reads
   any PC/SC reader and :func:`running_pcscd` starts a pcscd for tests (these two load pyscard on
   first use).
+- Fault injection for testing other people's terminals: a :class:`Behaviour` file's rules, acted
+  out by :class:`BehavingCard` around any card.
 - Helpers every part shares: money in yuan and fen (:func:`yuan_to_fen`, :func:`fen_to_yuan`),
   China Standard Time (:data:`CST`), 20-digit serials (:func:`full_serial`), the crash-test
   hook :func:`checkpoint`, and :func:`describe_path` / :func:`shown` for error messages.
@@ -36,6 +38,19 @@ from farelab.card._applet import (
     is_weak_pin,
     maintenance_mac,
     process,
+)
+from farelab.card._behaviour import ACTIONS as BEHAVIOUR_ACTIONS
+from farelab.card._behaviour import COMMANDS as BEHAVIOUR_COMMANDS
+from farelab.card._behaviour import (
+    BehavingCard,
+    Behaviour,
+    BehaviourError,
+    BehaviourState,
+    CardLeftError,
+    CardMutedError,
+    FieldFaultError,
+    Firing,
+    command_name,
 )
 from farelab.card._crypto import Alg, diversify, mac, session_key, tac_key
 from farelab.card._faults import checkpoint
@@ -140,6 +155,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ATR",
     "BANK_AID",
+    "BEHAVIOUR_ACTIONS",
+    "BEHAVIOUR_COMMANDS",
     "CST",
     "DEMO_ISSUER_ID",
     "DEMO_KEYS",
@@ -152,6 +169,10 @@ __all__ = [
     "Alg",
     "ApduFormatError",
     "App",
+    "BehavingCard",
+    "Behaviour",
+    "BehaviourError",
+    "BehaviourState",
     "BlockApplication",
     "BusRecord",
     "CappUpdate",
@@ -159,13 +180,17 @@ __all__ = [
     "CardEndpoint",
     "CardImage",
     "CardKeys",
+    "CardLeftError",
+    "CardMutedError",
     "CardRemovedError",
     "CardSnapshot",
     "CardType",
     "Command",
     "Decoded",
     "Exchange",
+    "FieldFaultError",
     "FileStore",
+    "Firing",
     "FlowError",
     "ImageError",
     "ImageLock",
@@ -229,6 +254,7 @@ __all__ = [
     "bcd_time",
     "card_keys",
     "checkpoint",
+    "command_name",
     "decode_apdu",
     "describe_path",
     "diversify",

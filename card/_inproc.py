@@ -3,6 +3,8 @@
 Used by unit tests, benchmarks, ``reader = "sim"`` validators and deterministic replays.  It can
 tear a transaction like a hand pulling the card: :meth:`InProcessReader.pull_after` makes the
 reader deliver one chosen command to the card and then lose the card before the answer arrives.
+A card that misbehaves (:class:`card.BehavingCard`) leaves, comes back or falls silent here as it
+would in a real field.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from farelab.card._behaviour import BehavingCard, CardLeftError, CardMutedError
 from farelab.card._reader import CardEndpoint, CardRemovedError
 
 __all__ = ["InProcessReader", "step_of"]
@@ -36,9 +39,15 @@ def step_of(apdu: bytes) -> str | None:
 class InProcessReader:
     """A reader whose field holds at most one in-process card."""
 
-    def __init__(self, name: str = "sim") -> None:
-        """``name``: the reader name reported to the layers above."""
+    def __init__(self, name: str = "sim", *, mute_wait: float | None = None) -> None:
+        """
+        Args:
+            name: the reader name reported to the layers above.
+            mute_wait: seconds a terminal waits on a card that stopped answering before its
+                holder takes it away; None: until someone calls :meth:`remove`.
+        """
         self._name = name
+        self._mute_wait = mute_wait
         self._card: CardEndpoint | None = None
         self._powered = False
         self._tear: Callable[[bytes], bool] | None = None
@@ -62,6 +71,8 @@ class InProcessReader:
             self._card = card
             self._powered = False
             self._changed.notify_all()
+        if isinstance(card, BehavingCard):
+            card.field_entered()
 
     def remove(self) -> None:
         """Take the card away; the card loses power and its session."""
@@ -104,7 +115,18 @@ class InProcessReader:
         if not self._powered:
             card.power_on()
             self._powered = True
-        response = card.transmit(apdu)
+        try:
+            response = card.transmit(apdu)
+        except CardLeftError as left:
+            self.remove()
+            if left.away == 0:
+                self.insert(card)
+            raise CardRemovedError(str(left)) from None
+        except CardMutedError as muted:
+            with self._changed:
+                self._changed.wait_for(lambda: self._card is None, self._mute_wait)
+            self.remove()
+            raise CardRemovedError(str(muted)) from None
         tear = self._tear
         if tear is not None and tear(apdu):
             self.remove()

@@ -4,8 +4,14 @@ The vpcd protocol is tiny: vpcd (inside pcscd) listens on TCP (35963 for reader 
 00"); the virtual card connects.  Each message either way is a 2-byte big-endian length and that
 many bytes.  From vpcd, a 1-byte message is a control — 00 power off, 01 power on, 02 reset, 04
 "send your ATR" (answered with the ATR); anything longer is a C-APDU, answered with the R-APDU.
+vpcd also passes a terminal's 1-byte C-APDU on as a 1-byte message: any other 1-byte message goes
+to the card as a C-APDU (which answers ``6700``, wrong length), so that the terminal, and every
+other client of the reader, is not left waiting; a 1-byte C-APDU ``00``, ``01``, ``02`` or ``04``
+cannot be told from vpcd's controls and is taken as one (docs/card-protocol.md, "Lengths").
 pcscd polls for the ATR about every 400 ms to see that the card is still there; closing the
-socket takes the card out of the field.
+socket takes the card out of the field.  A card that misbehaves (:class:`card.BehavingCard`)
+leaves by closing it, and stays away at least :data:`SEEN_GONE` seconds: vpcd only tells pcscd a
+card is absent when pcscd's presence poll finds no connection.
 
 The socket is blocking and served on one thread: a tap is a strict request/response exchange, and
 the blocking loop costs less per APDU than an event loop would.  ``TCP_NODELAY`` plus
@@ -23,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from farelab.card._behaviour import BehavingCard, CardLeftError, CardMutedError
 from farelab.card._reader import CardEndpoint, ReaderError
 
 __all__ = ["DEFAULT_PORT", "ViccClient", "ViccError", "serve", "tap"]
@@ -31,7 +38,11 @@ log = logging.getLogger("farelab.vicc")
 
 DEFAULT_PORT = 35963
 _CTRL_OFF, _CTRL_ON, _CTRL_RESET, _CTRL_ATR = 0, 1, 2, 4
+_CONTROLS = frozenset({_CTRL_OFF, _CTRL_ON, _CTRL_RESET, _CTRL_ATR})
 _POLL = 0.2
+SEEN_GONE = 0.8
+"""Seconds a card must stay out of vpcd's field for pcscd to see it gone (its presence poll
+runs every 0.4 s)."""
 
 
 class ViccError(ReaderError):
@@ -77,7 +88,10 @@ class ViccClient:
         self.port = port
         self._drop_after = drop_after
         self._sock: socket.socket | None = None
+        self._muted = False
         self.apdus = 0
+        self.left: CardLeftError | None = None
+        """Set when the card left the field of its own accord (a behaviour's vanish or reset)."""
 
     def connect(self, *, timeout: float = 0.0) -> None:
         """Connect to vpcd, retrying until ``timeout`` seconds have passed."""
@@ -97,6 +111,8 @@ class ViccClient:
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        if isinstance(self.card, BehavingCard):
+            self.card.field_entered()
 
     def close(self) -> None:
         """Take the card out of the field."""
@@ -166,18 +182,29 @@ class ViccClient:
             self.close()
 
     def _handle(self, sock: socket.socket, message: bytes) -> bool:
-        if len(message) == 1:
+        if self._muted:
+            return True  # a muted card answers nothing, not even vpcd's presence polls
+        if len(message) == 1 and message[0] in _CONTROLS:
             ctrl = message[0]
             if ctrl == _CTRL_ATR:
                 self._send(sock, self.card.atr())
             elif ctrl in (_CTRL_ON, _CTRL_RESET):
                 self.card.power_on()
-            elif ctrl == _CTRL_OFF:
-                self.card.power_off()
             else:
-                log.warning("vpcd sent unknown control %02X; ignored", ctrl)
+                self.card.power_off()
             return True
-        answer = self.card.transmit(message)
+        # Any other 1-byte message is a terminal's 1-byte C-APDU, which vpcd frames like a
+        # control and then waits on: the card answers it (6700, too short to be a command).
+        try:
+            answer = self.card.transmit(message)
+        except CardLeftError as left:
+            self.apdus += 1
+            self.left = left
+            return False
+        except CardMutedError:
+            self.apdus += 1
+            self._muted = True
+            return True
         self.apdus += 1
         drop = self._drop_after
         if drop is not None and drop(message):
@@ -200,6 +227,20 @@ def serve(
         client = ViccClient(card, host=host, port=port)
         client.connect(timeout=connect_timeout)
         client.serve(stop=stop)
+        away = _away(client)
+        if away is not None:
+            if stop is not None:
+                stop.wait(away)
+            else:
+                time.sleep(away)
+
+
+def _away(client: ViccClient) -> float | None:
+    """How long a card that left of its own accord stays away (None if it did not leave)."""
+    left = client.left
+    if left is None:
+        return None
+    return max(left.away if left.away is not None else 0.0, SEEN_GONE)
 
 
 def tap(
@@ -213,7 +254,19 @@ def tap(
 ) -> ViccClient:
     """Present ``card`` once for ``hold`` seconds, then take it away; returns the client (its
     ``apdus`` count what the card answered)."""
+    until = time.monotonic() + hold
     client = ViccClient(card, host=host, port=port, drop_after=drop_after)
     client.connect(timeout=connect_timeout)
-    client.serve(until=time.monotonic() + hold)
+    client.serve(until=until)
+    apdus = 0
+    # A card that resets itself comes back while the hand still holds it.
+    while client.left is not None and client.left.away == 0:
+        apdus += client.apdus
+        time.sleep(SEEN_GONE)
+        if time.monotonic() >= until:
+            break
+        client = ViccClient(card, host=host, port=port)
+        client.connect(timeout=connect_timeout)
+        client.serve(until=until)
+    client.apdus += apdus
     return client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import signal
@@ -10,7 +11,7 @@ import sys
 import threading
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from farelab._errors import CliError
 from farelab.card import (
@@ -18,7 +19,11 @@ from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     Alg,
+    BehavingCard,
+    Behaviour,
+    BehaviourError,
     BusRecord,
+    CardEndpoint,
     CardImage,
     CardType,
     ImageError,
@@ -130,6 +135,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_VPCD,
         metavar="HOST:PORT",
         help=f"where vpcd listens (default {DEFAULT_VPCD})",
+    )
+    serve.add_argument(
+        "--behaviour",
+        type=Path,
+        metavar="FILE",
+        help="misbehave as this TOML file's rules say: vanish, delay, status, corrupt, mute, "
+        "reset on chosen commands (docs/testbed.md)",
+    )
+    serve.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="append each rule that fires to FILE as a JSON line (with --behaviour)",
     )
     serve.set_defaults(func=_serve)
 
@@ -412,12 +430,39 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _behaviour(args: argparse.Namespace) -> Behaviour | None:
+    """``--behaviour``'s rules, checked (CliError naming the bad key)."""
+    if args.behaviour is None:
+        if args.log is not None:
+            raise CliError("--log needs --behaviour")
+        return None
+    try:
+        return Behaviour.load(args.behaviour)
+    except BehaviourError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     host, port = parse_vpcd(args.vpcd)
+    behaviour = _behaviour(args)
+    with contextlib.ExitStack() as stack:
+        log: TextIO | None = None
+        if args.log is not None:
+            try:
+                log = stack.enter_context(args.log.open("a", encoding="utf-8"))
+            except OSError as exc:
+                raise CliError(f"{describe_path(args.log)}: {exc.strerror or exc}") from None
+        return _serve_card(args.path, host, port, behaviour, log)
+
+
+def _serve_card(
+    path: Path, host: str, port: int, behaviour: Behaviour | None, log: TextIO | None
+) -> int:
     try:
-        sim = SimulatedCard.from_file(args.path)
+        sim = SimulatedCard.from_file(path)
     except ImageError as exc:
         raise CliError(str(exc)) from None
+    card: CardEndpoint = sim if behaviour is None else BehavingCard(sim, behaviour, log=log)
     stop = threading.Event()
     _stop_on_signals(stop)
     print(
@@ -426,7 +471,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        vicc_serve(sim, host=host, port=port, stop=stop)
+        vicc_serve(card, host=host, port=port, stop=stop)
     except (ViccError, ImageError) as exc:
         raise CliError(str(exc)) from None
     finally:
