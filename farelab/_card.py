@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import secrets
 import signal
 import sys
@@ -33,8 +34,13 @@ from farelab.card import (
     LogRecord,
     MetroRecord,
     SimulatedCard,
+    TraceCard,
+    TraceError,
+    TraceWriter,
+    TracingEndpoint,
     TripRecord,
     TxType,
+    ViccClient,
     ViccError,
     describe_path,
     fen_to_yuan,
@@ -129,7 +135,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Connect the card to vpcd (pcscd's vsmartcard driver) so that it sits in "
         "the 'Virtual PCD' reader for any PC/SC program, until Ctrl-C or SIGTERM.",
     )
-    serve.add_argument("path", type=Path, metavar="PATH", help="card image file")
+    serve.add_argument(
+        "path", type=Path, nargs="?", metavar="PATH", help="card image file (or --from-trace)"
+    )
     serve.add_argument(
         "--vpcd",
         default=DEFAULT_VPCD,
@@ -148,6 +156,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         metavar="FILE",
         help="append each rule that fires to FILE as a JSON line (with --behaviour)",
+    )
+    serve.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append every APDU exchange the card answers to FILE, one JSON line each "
+        "(read it with 'farelab trace show')",
+    )
+    serve.add_argument(
+        "--from-trace",
+        type=Path,
+        metavar="FILE",
+        help="instead of a card image, a stub card that answers from a recorded trace: a "
+        "command other than the one recorded next is answered 6F00 and logged",
     )
     serve.set_defaults(func=_serve)
 
@@ -444,25 +466,85 @@ def _behaviour(args: argparse.Namespace) -> Behaviour | None:
 
 def _serve(args: argparse.Namespace) -> int:
     host, port = parse_vpcd(args.vpcd)
+    if (args.path is None) == (args.from_trace is None):
+        raise CliError("card serve takes a card image PATH or --from-trace FILE (one of them)")
+    if args.from_trace is not None:
+        return _serve_trace(args, host, port)
     behaviour = _behaviour(args)
     with contextlib.ExitStack() as stack:
+        trace = _trace_writer(args.trace)
+        if trace is not None:
+            stack.callback(trace.close)
         log: TextIO | None = None
         if args.log is not None:
             try:
                 log = stack.enter_context(args.log.open("a", encoding="utf-8"))
             except OSError as exc:
                 raise CliError(f"{describe_path(args.log)}: {exc.strerror or exc}") from None
-        return _serve_card(args.path, host, port, behaviour, log)
+        return _serve_card(args.path, host, port, behaviour, log, trace=trace)
+
+
+def _trace_writer(path: Path | None) -> TraceWriter | None:
+    if path is None:
+        return None
+    try:
+        return TraceWriter(path)
+    except OSError as exc:
+        raise CliError(f"--trace {describe_path(path)}: cannot write: {exc.strerror}") from None
+
+
+def _serve_trace(args: argparse.Namespace, host: str, port: int) -> int:
+    """``card serve --from-trace``: the recording answers, and leaves the field where the
+    recorded card left it (a torn exchange), coming back at once as a hand would."""
+    if args.behaviour is not None:
+        raise CliError("--behaviour applies to a card image, not to --from-trace")
+    try:
+        recorded = TraceCard.from_file(args.from_trace)
+    except TraceError as exc:
+        raise CliError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="farelab card: %(message)s")
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    trace = _trace_writer(args.trace)
+    card: CardEndpoint = recorded if trace is None else TracingEndpoint(recorded, trace)
+    print(
+        f"recording {describe_path(args.from_trace)} ({recorded.remaining} exchanges) presented "
+        f"to vpcd at {host}:{port} (reader 'Virtual PCD'); Ctrl-C to take it away",
+        flush=True,
+    )
+    try:
+        while not stop.is_set():
+            client = ViccClient(card, host=host, port=port, drop_after=recorded.tears_after)
+            client.connect(timeout=5.0)
+            client.serve(stop=stop)
+    except ViccError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        if trace is not None:
+            trace.close()
+    print(
+        f"recording removed; {recorded.remaining} exchanges not asked for, "
+        f"{recorded.mismatches} commands not in it"
+    )
+    return 0
 
 
 def _serve_card(
-    path: Path, host: str, port: int, behaviour: Behaviour | None, log: TextIO | None
+    path: Path,
+    host: str,
+    port: int,
+    behaviour: Behaviour | None,
+    log: TextIO | None,
+    *,
+    trace: TraceWriter | None = None,
 ) -> int:
     try:
         sim = SimulatedCard.from_file(path)
     except ImageError as exc:
         raise CliError(str(exc)) from None
     card: CardEndpoint = sim if behaviour is None else BehavingCard(sim, behaviour, log=log)
+    if trace is not None:
+        card = TracingEndpoint(card, trace)  # what the terminal saw, misbehaviour included
     stop = threading.Event()
     _stop_on_signals(stop)
     print(
