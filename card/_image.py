@@ -125,6 +125,9 @@ class CardImage:
     max_balance: int = MAX_BALANCE_FEN
     social: SocialSecurity = field(default_factory=SocialSecurity)
     bank_balance: int = 0
+    ef15_damaged: bool = False
+    """EF15 holds bytes no terminal can decode (a card zoo's damaged card): the image loads
+    without checking it, and :attr:`public` raises ValueError."""
 
     @property
     def public(self) -> PublicInfo:
@@ -182,6 +185,8 @@ class CardImage:
                 "locked": ss.locked,
             },
             "bank_balance": self.bank_balance,
+            # Written only when set, so that every other image keeps its bytes.
+            **({"ef15_damaged": True} if self.ef15_damaged else {}),
         }
 
     @classmethod
@@ -228,9 +233,11 @@ class CardImage:
                 locked=ss.flag("locked"),
             ),
             bank_balance=p.integer("bank_balance", 0, 0xFFFFFFFF),
+            ef15_damaged=doc.get("ef15_damaged", False) is True,
         )
         try:
-            image.public  # noqa: B018 - validates EF15 once, at load
+            if not image.ef15_damaged:
+                image.public  # noqa: B018 - validates EF15 once, at load
         except ValueError as exc:
             raise ImageError(f"field 'ef15': {exc}") from None
         if image.balance > image.max_balance:

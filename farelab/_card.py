@@ -196,6 +196,50 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     tap.set_defaults(func=_tap)
 
+    zoo = cmds.add_parser(
+        "zoo",
+        help="write card images for a terminal's edge cases, with an answer key",
+        description="Write into DIR a card image for each edge state a validator (or, with "
+        "--kiosk, a top-up kiosk) must get right, DIR/validator.toml (the devices in farelab's "
+        "configuration format: whitelist, hotlist, station or route fare) and "
+        "DIR/manifest.json: for each card, its case and what a correct terminal does with it, "
+        "as farelab's own validator decides at the zoo's moment (--at). See docs/testbed.md.",
+    )
+    zoo.add_argument("dir", type=Path, metavar="DIR", help="folder to write (new or empty)")
+    zoo.add_argument("--network", required=True, metavar="NAME", help="a shipped network")
+    where = zoo.add_mutually_exclusive_group(required=True)
+    where.add_argument("--station", metavar="S", help="metro gates (entry and exit) at S")
+    where.add_argument("--bus", metavar="FARE_YUAN", help="a bus with this route fare")
+    zoo.add_argument("--kiosk", action="store_true", help="add a top-up kiosk's cards")
+    zoo.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of serials and randoms (default 0)"
+    )
+    zoo.add_argument(
+        "--keys",
+        type=Path,
+        metavar="FILE",
+        help="issuer master keys the cards carry (TOML, as card new --keys; default: demo keys)",
+    )
+    zoo.add_argument(
+        "--at",
+        metavar="ISO-8601",
+        help="the moment the answer key assumes, with offset (default: now)",
+    )
+    zoo.add_argument(
+        "--reader",
+        default="sim",
+        metavar="READER",
+        help='the devices\' reader in validator.toml: "sim" (default) or "pcsc:NAME"',
+    )
+    zoo.set_defaults(func=_zoo)
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    # The zoo prices its cards with the validator's rules (numpy): loaded only when it runs.
+    from farelab._zoo import zoo_command  # noqa: PLC0415
+
+    return zoo_command(args)
+
 
 def _parse_day(text: str | None, what: str) -> date | None:
     if text is None:
