@@ -26,6 +26,8 @@ from farelab.card import (
     Reader,
     ReaderError,
     SimulatedCard,
+    TraceWriter,
+    TracingReader,
     fen_to_yuan,
 )
 from farelab.topup import CardView, Kiosk, LoadResult, parse_amount
@@ -41,21 +43,24 @@ _ENDS_THE_CARD = frozenset({"host_unreachable", "card_removed", "card_busy", "ca
 class _Session:
     """One presented card."""
 
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: Reader, trace: TraceWriter | None = None) -> None:
         self.reader = reader
+        self._exchanges = reader if trace is None else TracingReader(reader, trace)
 
     async def run(self, fn: Callable[[Reader], T]) -> T:
-        return await asyncio.to_thread(fn, self.reader)
+        return await asyncio.to_thread(fn, self._exchanges)
 
 
-def _present(console: Console, spec: str, pcsc: Reader | None) -> _Session | None:
+def _present(
+    console: Console, spec: str, pcsc: Reader | None, trace: TraceWriter | None
+) -> _Session | None:
     """Wait for a card; None when the person wants to stop."""
     if pcsc is not None:
         console.print("[bold]Present a card[/bold] to the reader (Ctrl-C to close the kiosk)…")
         while not pcsc.wait_for_card(0.5):
             pass
         pcsc.connect()
-        return _Session(pcsc)
+        return _Session(pcsc, trace)
     path = Prompt.ask(
         "[bold]Card image to present[/bold] (empty to close the kiosk)",
         console=console,
@@ -71,7 +76,7 @@ def _present(console: Console, spec: str, pcsc: Reader | None) -> _Session | Non
         return _Session(InProcessReader(spec))
     reader = InProcessReader(spec)
     reader.insert(card)
-    return _Session(reader)
+    return _Session(reader, trace)
 
 
 def _card_panel(view: CardView) -> Panel:
@@ -125,8 +130,15 @@ async def _serve_card(console: Console, kiosk: Kiosk, session: _Session) -> None
             return
 
 
-def run_kiosk(kiosk: Kiosk, *, reader_spec: str, console: Console | None = None) -> None:
-    """The kiosk's loop until the person closes it."""
+def run_kiosk(
+    kiosk: Kiosk,
+    *,
+    reader_spec: str,
+    console: Console | None = None,
+    trace: TraceWriter | None = None,
+) -> None:
+    """The kiosk's loop until the person closes it; ``trace``: where the APDU exchanges with
+    each card are recorded, if anywhere."""
     console = console or Console(highlight=False)
     console.print(
         Panel(
@@ -141,7 +153,7 @@ def run_kiosk(kiosk: Kiosk, *, reader_spec: str, console: Console | None = None)
         pcsc = PcscReader(reader_spec.removeprefix("pcsc:"))
     while True:
         try:
-            session = _present(console, reader_spec, pcsc)
+            session = _present(console, reader_spec, pcsc, trace)
         except ReaderError as exc:
             console.print(f"[red]{exc}[/red]")
             return

@@ -25,6 +25,9 @@ from farelab.card import (
     Reader,
     ReaderError,
     SimulatedCard,
+    TraceWriter,
+    TracingReader,
+    describe_path,
     fen_to_yuan,
     shown,
 )
@@ -209,6 +212,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="wait this long for the host before refusing (default 5)",
     )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append every APDU exchange with the card to FILE, one JSON line each "
+        "(read it with 'farelab trace show')",
+    )
+
+
+def _trace_writer(path: Path | None) -> TraceWriter | None:
+    if path is None:
+        return None
+    try:
+        return TraceWriter(path)
+    except OSError as exc:
+        raise CliError(f"--trace {describe_path(path)}: cannot write: {exc.strerror}") from None
 
 
 class _InProcessHost:
@@ -308,15 +327,18 @@ def _kiosk(args: argparse.Namespace) -> int:
 
     if args.reader != "sim" and not args.reader.startswith("pcsc:"):
         raise CliError('--reader must be "sim" or "pcsc:<reader name>"')
+    trace = _trace_writer(args.trace)
     kiosk, close = make_kiosk(args)
     try:
-        run_kiosk(kiosk, reader_spec=args.reader)
+        run_kiosk(kiosk, reader_spec=args.reader, trace=trace)
     except ReaderError as exc:
         raise CliError(str(exc)) from None
     except (KeyboardInterrupt, EOFError):
         print()
     finally:
         close()
+        if trace is not None:
+            trace.close()
     return 0
 
 
@@ -327,11 +349,13 @@ def _one_shot(
     ok: str,
 ) -> int:
     """Open the reader and the kiosk, run one action on the presented card, report it."""
+    trace = _trace_writer(args.trace)
     reader = _reader(args)
     kiosk, close = make_kiosk(args)
+    exchanges: Reader = reader if trace is None else TracingReader(reader, trace)
 
     async def run(fn: Callable[[Reader], T]) -> T:
-        return fn(reader)
+        return fn(exchanges)
 
     try:
         result = asyncio.run(action(kiosk, run))
@@ -339,6 +363,8 @@ def _one_shot(
         if isinstance(reader, InProcessReader):
             reader.remove()  # the card leaves the field: another reader may have it now
         close()
+        if trace is not None:
+            trace.close()
     if args.json:
         print(json.dumps(result.to_json()))
     else:
