@@ -148,6 +148,8 @@ class Zoo:
     reader: str = "sim"
     loads: dict[str, int] = field(default_factory=dict)
     """A kiosk card's file → the amount its case asks the kiosk to load."""
+    valid_until: datetime | None = None
+    """The last moment every expectation still holds (a re-tap window closes, the day ends)."""
 
     @property
     def day(self) -> date:
@@ -165,6 +167,7 @@ class Zoo:
             "route_fare_fen": first.route_fare_fen,
             "day": self.day.isoformat(),
             "at": self.at.isoformat(),
+            "valid_until": (self.valid_until or self.at).isoformat(),
             "whitelist": sorted(i.hex().upper() for i in self.devices[0].params.whitelist),
             "hotlist": sorted(self.devices[0].params.hotlist),
             "keys": str(self.keys_file) if self.keys_file is not None else "demo",
@@ -422,6 +425,15 @@ def build_zoo(
     def add(case: str, device: str, image: CardImage) -> None:
         cards.append((case, device, image))
 
+    # First, since its answer holds only inside the re-tap window: a DEBIT that reached the
+    # card (committed) whose answer never reached this device.
+    torn_at = at - timedelta(seconds=10)
+    add("torn_last_transaction", main, _ride(issue.card(), main_dc, torn_at, rng, tear=True))
+    second = timedelta(seconds=1)
+    until = [
+        torn_at + timedelta(seconds=network.rules.antipassback_s) - second,
+        datetime.combine(day + timedelta(days=1), datetime.min.time(), CST) - second,
+    ]
     # Balance: under, at and far from what the tap needs; at the cap (R4).
     if least > 0:
         add("balance_one_fen_under_" + ("max_fare" if station else "fare"), main,
@@ -454,15 +466,15 @@ def build_zoo(
         overtime = network.rules.overtime_s
         if overtime is not None:
             add("over_time", EXIT, entered(issue.card(), overtime / 60 + 10))
+            until.append(at + timedelta(seconds=overtime - 30 * 60))
     window = network.rules.transfer_window_s
     if window > 0:
         rode = _ride(issue.card(), history_bus, at - timedelta(seconds=window / 2), rng)
         if station is not None:
             rode = _ride(rode, elsewhere, at - timedelta(seconds=window / 4), rng)
         add("inside_transfer_window", trip_device, rode)
-    # A card that misbehaved or wore out.
-    torn = _ride(issue.card(), main_dc, at - timedelta(seconds=10), rng, tear=True)
-    add("torn_last_transaction", main, torn)
+        until.append(at + timedelta(seconds=window / 2))
+    # A card that wore out, or broke.
     add("counter_exhausted", main, issue.card().replace(offline_counter=0xFFFF))
     damaged = issue.card()
     add("damaged_ef15", main, damaged.replace(
@@ -483,7 +495,7 @@ def build_zoo(
             name = f"{len(zoo_cards) + 1:02d}-{case}.json"
             zoo_cards.append(ZooCard(name, case, KIOSK, image, _serial(image)))
             loads[name] = amount
-    return Zoo(network, at, devices, tuple(zoo_cards), keys_file, kiosk, reader, loads)
+    return Zoo(network, at, devices, tuple(zoo_cards), keys_file, kiosk, reader, loads, min(until))
 
 
 def _serial(image: CardImage) -> str:

@@ -48,10 +48,12 @@ def make_zoo(folder: Path, *args: str) -> dict[str, Any]:
     return manifest
 
 
-def replayed(folder: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def replayed(
+    folder: Path, manifest: dict[str, Any], at: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Each validator card's result in farelab's own replay, configured by validator.toml."""
     config = load_config(folder / "validator.toml")
-    at = manifest["device"]["at"]
+    at = at or manifest["device"]["at"]
     lines = [
         json.dumps({"device": c["device"], "card": str(folder / c["file"]), "at": at})
         for c in manifest["cards"]
@@ -268,3 +270,19 @@ def test_default_moment_is_now_in_china_time(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     at = datetime.fromisoformat(manifest["device"]["at"])
     assert at.utcoffset() == CST.utcoffset(None)
+
+
+def test_the_answer_key_holds_until_valid_until(zoo: Any, tmp_path: Path) -> None:
+    name, _, _ = zoo
+    manifest = make_zoo(tmp_path, *ZOOS[name])
+    until = manifest["device"]["valid_until"]
+    assert datetime.fromisoformat(until) > datetime.fromisoformat(AT)
+    seen = replayed(tmp_path, manifest, at=until)
+    for case, expect in by_case(manifest).items():
+        if not case.startswith("kiosk_"):
+            assert {k: seen[case][k] for k in expect} == expect, case
+
+
+def test_the_torn_card_comes_first(zoo: Any) -> None:
+    _, _, manifest = zoo
+    assert manifest["cards"][0]["case"] == "torn_last_transaction"
