@@ -134,6 +134,11 @@ class CardImage:
         """EF15 decoded."""
         return PublicInfo.decode(self.ef15)
 
+    @property
+    def serial(self) -> str:
+        """The card number's 20 digits as EF15 holds them (read even where EF15 is damaged)."""
+        return self.ef15[10:20].hex()
+
     def with_log(self, record: bytes) -> tuple[bytes, ...]:
         """EF18 after one more record (cyclic: newest first, oldest dropped)."""
         return (record, *self.log)[:LOG_RECORDS]

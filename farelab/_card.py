@@ -403,8 +403,9 @@ def _trip_json(raw: bytes) -> dict[str, Any]:
 
 
 def card_json(image: CardImage) -> dict[str, Any]:
-    """The decoded card, as ``farelab card show --json`` prints it."""
-    public = image.public
+    """The decoded card, as ``farelab card show --json`` prints it (a damaged EF15's fields
+    as null, its bytes under ``ef15``)."""
+    public = None if image.ef15_damaged else image.public
     log = []
     for raw in image.log:
         rec = LogRecord.decode(raw)
@@ -423,13 +424,14 @@ def card_json(image: CardImage) -> dict[str, Any]:
         )
     social = image.social
     return {
-        "serial": public.serial,
-        "issuer": _hex(public.issuer_id),
-        "city": public.city_code,
-        "type": public.card_type.label,
+        "serial": image.serial,
+        "issuer": _hex(image.ef15[:8]),
+        "city": image.ef15[2:4].hex(),
+        "type": public.card_type.label if public else None,
         "alg": image.alg.label,
-        "start": public.start.isoformat(),
-        "expires": public.expiry.isoformat(),
+        "start": public.start.isoformat() if public else None,
+        "expires": public.expiry.isoformat() if public else None,
+        **({"ef15": _hex(image.ef15)} if public is None else {}),
         "balance_fen": image.balance,
         "balance_yuan": fen_to_yuan(image.balance),
         "max_balance_fen": image.max_balance,
@@ -592,7 +594,7 @@ def _serve_card(
     stop = threading.Event()
     _stop_on_signals(stop)
     print(
-        f"card {sim.image.public.serial} presented to vpcd at {host}:{port} "
+        f"card {sim.image.serial} presented to vpcd at {host}:{port} "
         "(reader 'Virtual PCD'); Ctrl-C to take it away",
         flush=True,
     )
@@ -623,7 +625,7 @@ def _tap(args: argparse.Namespace) -> int:
         sim.close()
     after = sim.image.balance
     print(
-        f"card {sim.image.public.serial} tapped for {args.hold:g} s: {sim.apdus} APDUs, "
+        f"card {sim.image.serial} tapped for {args.hold:g} s: {sim.apdus} APDUs, "
         f"balance {fen_to_yuan(before)} -> {fen_to_yuan(after)} yuan"
     )
     return 0

@@ -286,3 +286,18 @@ def test_the_answer_key_holds_until_valid_until(zoo: Any, tmp_path: Path) -> Non
 def test_the_torn_card_comes_first(zoo: Any) -> None:
     _, _, manifest = zoo
     assert manifest["cards"][0]["case"] == "torn_last_transaction"
+
+
+def test_card_show_reads_the_damaged_ef15_card(
+    zoo: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, folder, manifest = zoo
+    card = next(c for c in manifest["cards"] if c["case"] == "damaged_ef15")
+    capsys.readouterr()
+    assert main(["card", "show", "--json", str(folder / card["file"])]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["serial"] == card["serial"]
+    assert doc["start"] is None
+    assert doc["ef15"].endswith("FF" * 10)
+    assert main(["card", "show", str(folder / card["file"])]) == 0
+    assert card["serial"] in capsys.readouterr().out
