@@ -38,6 +38,7 @@ from farelab.card import (
     SimulatedCard,
     command_name,
     drive,
+    load_image,
     personalise,
     save_image,
 )
@@ -549,3 +550,75 @@ def test_card_serve_with_a_behaviour_answers_the_status_word_and_logs_it(
     assert [(x["rule"], x["command"], x["do"], x["sw"]) for x in lines] == [
         (1, "GET_BALANCE", "status", "6A82")
     ]
+
+
+# --- the replay ----------------------------------------------------------------------------
+
+VANISH_AFTER_DEBIT = """
+[[rule]]
+when = { command = "DEBIT", occurrence = 1 }
+do = { action = "vanish", moment = "after" }
+
+[[rule]]
+when = { command = "SELECT", presentation = 3 }
+do = "mute"
+"""
+
+
+def replay(tmp_path: Path, taps: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    from tests.test_validator_run import DEVICES, farelab  # noqa: PLC0415
+
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES.format(reader="sim"))
+    stdin = "".join(json.dumps(t) + "\n" for t in taps)
+    return farelab("validator", "replay", "--config", str(config), "--taps", "-", stdin=stdin)
+
+
+def test_replay_taps_lines_name_a_behaviour_whose_counts_go_on_from_line_to_line(
+    tmp_path: Path,
+) -> None:
+    from tests.test_validator_run import card  # noqa: PLC0415
+
+    path = card(tmp_path)
+    behaviour = tmp_path / "vanish.toml"
+    behaviour.write_text(VANISH_AFTER_DEBIT)
+    at = ("09:00:00", "09:00:09", "09:30:00")
+    taps = [
+        {
+            "device": "bus-1",
+            "card": str(path),
+            "at": f"2026-11-23T{t}+08:00",
+            "behaviour": str(behaviour),
+        }
+        for t in at
+    ]
+    result = replay(tmp_path, taps)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [(x["result"], x["reason"], x["grey"]) for x in lines] == [
+        ("rejected", "card_removed", True),  # debited, then the card vanished
+        ("accepted", "recovered", False),  # the next tap settles it: charged once
+        ("rejected", "card_removed", False),  # the third presentation: muted, taken away
+    ]
+    assert load_image(path).balance == 2000 - 50
+
+
+def test_replay_refuses_a_behaviour_naming_an_unknown_command_with_the_key(
+    tmp_path: Path,
+) -> None:
+    from tests.test_validator_run import card  # noqa: PLC0415
+
+    behaviour = tmp_path / "bad.toml"
+    behaviour.write_text('[[rule]]\nwhen = { command = "PAY" }\ndo = "vanish"\n')
+    taps = [
+        {
+            "device": "bus-1",
+            "card": str(card(tmp_path)),
+            "at": "2026-11-23T09:00:00+08:00",
+            "behaviour": str(behaviour),
+        }
+    ]
+    result = replay(tmp_path, taps)
+    assert result.returncode != 0
+    assert "line 1" in result.stderr
+    assert "rule[1].when.command: unknown command 'PAY'" in result.stderr

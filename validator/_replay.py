@@ -2,9 +2,11 @@
 
 Each input line: ``{"device": ID, "card": PATH, "at": ISO-8601 with offset, "pull_after":
 optional step}`` (or ``"from_trace": TRACE.jsonl`` in place of ``"card"``: a stub card that
-answers from a recorded session); each output line: ``{"device", "card_serial", "result",
-"reason", "fare_fen", "balance_fen", "tac", "grey"}``.  The whole file is checked before the
-first tap runs, so a typo on line 900 does not leave 899 taps applied and the rest not.
+answers from a recorded session; ``"behaviour": FILE.toml``: the card misbehaves as the file's
+rules say, their counts carried from one line to the next of the same card); each output line:
+``{"device", "card_serial", "result", "reason", "fare_fen", "balance_fen", "tac", "grey"}``.
+The whole file is checked before the first tap runs, so a typo on line 900 does not leave 899
+taps applied and the rest not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from farelab.card import (
+    BehavingCard,
+    Behaviour,
+    BehaviourError,
+    BehaviourState,
     InProcessReader,
     Reader,
     SimulatedCard,
@@ -50,6 +56,8 @@ class TapLine:
     at: datetime
     pull_after: str | None
     from_trace: bool = False
+    behaviour: Behaviour | None = None
+    behaviour_file: Path | None = None
 
 
 def _check(number: int, text: str, config: Config) -> TapLine:
@@ -87,10 +95,25 @@ def _check(number: int, text: str, config: Config) -> TapLine:
         raise ValueError(f'"at" {shown(at)} has no UTC offset')
     if pull is not None and pull not in PULL_STEPS:
         raise ValueError(f'"pull_after" must be one of {", ".join(PULL_STEPS)}')
-    unknown = set(doc) - {"device", "card", "from_trace", "at", "pull_after"}
+    unknown = set(doc) - {"device", "card", "from_trace", "at", "pull_after", "behaviour"}
     if unknown:
         raise ValueError(f"unknown keys {shown(sorted(unknown))}")
-    return TapLine(number, device, Path(card), moment, pull, from_trace)
+    behaviour, behaviour_file = _behaviour(doc.get("behaviour"), from_trace)
+    return TapLine(number, device, Path(card), moment, pull, from_trace, behaviour, behaviour_file)
+
+
+def _behaviour(value: object, from_trace: bool) -> tuple[Behaviour | None, Path | None]:
+    """A line's ``behaviour`` file, read and checked now (a bad rule names its key)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, str) or not value:
+        raise ValueError('"behaviour" must be a behaviour file path')
+    if from_trace:
+        raise ValueError('"behaviour" applies to a card image, not to "from_trace"')
+    try:
+        return Behaviour.load(Path(value)), Path(value)
+    except BehaviourError as exc:
+        raise ValueError(f'"behaviour": {exc}') from None
 
 
 def parse_taps(lines: Iterator[str], config: Config) -> list[TapLine]:
@@ -134,6 +157,21 @@ def _card(tap: TapLine, recorded: dict[Path, TraceCard]) -> SimulatedCard | Trac
     return card
 
 
+def _behaving(
+    tap: TapLine,
+    card: SimulatedCard | TraceCard,
+    states: dict[tuple[Path, Path], BehaviourState],
+) -> SimulatedCard | TraceCard | BehavingCard:
+    if tap.behaviour is None or tap.behaviour_file is None:
+        return card
+    key = (tap.behaviour_file, tap.card)
+    state = states.get(key)
+    if state is None:
+        state = states[key] = BehaviourState(tap.behaviour)
+    # A replay keeps no clock: a delay is logged, never waited for.
+    return BehavingCard(card, state, sleep=lambda _: None)
+
+
 def replay(
     config: Config, taps: list[TapLine], journal: Journal, *, trace: TraceWriter | None = None
 ) -> Iterator[TapResult]:
@@ -141,6 +179,8 @@ def replay(
     ``trace``: where each tap's APDU exchanges are recorded, if anywhere."""
     devices = {dc.device.id: Validator(config=dc, journal=journal) for dc in config.devices}
     recorded: dict[Path, TraceCard] = {}
+    # A behaviour's counts (presentations, occurrences) belong to one card under one file.
+    behaving: dict[tuple[Path, Path], BehaviourState] = {}
     for tap in taps:
         device = devices[tap.device]
         try:
@@ -148,8 +188,9 @@ def replay(
         except Exception as exc:  # any card that cannot be loaded is this tap's card_error
             yield device.card_failed(tap.at, f"line {tap.line}: {failure_text(exc, tap.card)}")
             continue
-        reader = InProcessReader()
-        reader.insert(card)
+        # A muted card: the terminal gives up at once and the card is taken away.
+        reader = InProcessReader(mute_wait=0)
+        reader.insert(_behaving(tap, card, behaving))
         if tap.pull_after is not None:
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
