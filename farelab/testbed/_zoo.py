@@ -1,4 +1,4 @@
-"""``farelab card zoo``: card images for the edge states a terminal must get right, with an
+"""The card zoo: card images for the edge states a terminal must get right, with an
 answer key computed by farelab's own validator.
 
 :func:`build_zoo` issues the cards (their history made by farelab's own taps at other devices,
@@ -19,7 +19,6 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from farelab._errors import CliError
 from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
@@ -30,15 +29,12 @@ from farelab.card import (
     ImageError,
     InProcessReader,
     IssuerKeys,
-    KeysFileError,
     SimulatedCard,
     describe_path,
-    load_keys_file,
     personalise,
     save_image,
     shown,
     step_of,
-    yuan_to_fen,
 )
 from farelab.topup import AmountRules, check_amount, room
 from farelab.validator import (
@@ -58,12 +54,12 @@ from farelab.validator import (
     bus_fare,
     load_config,
     metro_entry_minimum,
-    shipped_networks,
 )
 
 __all__ = [
     "FOREIGN_LISTED",
     "FOREIGN_UNLISTED",
+    "KIOSK",
     "Expect",
     "Zoo",
     "ZooCard",
@@ -72,7 +68,6 @@ __all__ = [
     "build_zoo",
     "parse_moment",
     "write_zoo",
-    "zoo_command",
 ]
 
 FOREIGN_LISTED = bytes.fromhex("2100099900000001")
@@ -84,7 +79,9 @@ CAP_FEN = 100_000
 BALANCE_FEN = 5_000
 """What a card holds when its balance is not what the case is about."""
 
-ENTRY, EXIT, BUS, KIOSK = "zoo-entry", "zoo-exit", "zoo-bus", "zoo-kiosk"
+ENTRY, EXIT, BUS = "zoo-entry", "zoo-exit", "zoo-bus"
+KIOSK = "zoo-kiosk"
+"""The device name of a kiosk's cards in the manifest (not a device of ``validator.toml``)."""
 _TERMINALS = {ENTRY: "0A0000000001", EXIT: "0A0000000002", BUS: "0B0000000001"}
 # Devices elsewhere on the network that wrote the cards' history; not in validator.toml.
 _ELSEWHERE_GATE = bytes.fromhex("0C0000000001")
@@ -584,50 +581,3 @@ def parse_moment(text: str | None) -> datetime:
     if moment.tzinfo is None:
         raise ZooError(f"--at {shown(text)} has no UTC offset (say +08:00)")
     return moment
-
-
-def zoo_command(args: Any) -> int:
-    """``farelab card zoo``: build and write the zoo the arguments describe."""
-    networks = shipped_networks()
-    network = networks.get(args.network)
-    if network is None:
-        known = ", ".join(networks)
-        raise CliError(f"--network {shown(args.network)} is not a shipped network ({known})")
-    fare: int | None = None
-    if args.bus is not None:
-        try:
-            fare = yuan_to_fen(args.bus, what="--bus")
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-    keys, keys_file = DEMO_KEYS, None
-    if args.keys is not None:
-        try:
-            keys = load_keys_file(args.keys)
-        except KeysFileError as exc:
-            raise CliError(str(exc)) from None
-        keys_file = args.keys.resolve()
-    try:
-        zoo = build_zoo(
-            network=network,
-            at=parse_moment(args.at),
-            station=args.station,
-            bus_fare_fen=fare,
-            kiosk=args.kiosk,
-            seed=args.seed,
-            keys=keys,
-            keys_file=keys_file,
-            reader=args.reader,
-        )
-        manifest = write_zoo(args.dir, zoo)
-    except ZooError as exc:
-        raise CliError(str(exc)) from None
-    results: dict[str, int] = {}
-    for card in manifest["cards"]:
-        results[card["expect"]["result"]] = results.get(card["expect"]["result"], 0) + 1
-    counted = ", ".join(f"{n} {result}" for result, n in sorted(results.items()))
-    print(
-        f"{len(manifest['cards'])} cards written to {describe_path(args.dir)} "
-        f"({counted}); answer key manifest.json, devices validator.toml, "
-        f"assuming {zoo.at.isoformat()}"
-    )
-    return 0
