@@ -14,10 +14,13 @@ __all__ = ["SW", "ApduFormatError", "Command", "Response", "parse_command", "par
 
 class SW(enum.IntEnum):
     """Status words (docs/card-protocol.md B3, plus the ISO 7816-4 ones the card needs for the
-    social-security PIN and for records)."""
+    social-security PIN, for files and records, and for classes it does not take)."""
 
     OK = 0x9000
+    END_OF_FILE = 0x6282
     WRONG_LENGTH = 0x6700
+    CHANNEL_NOT_SUPPORTED = 0x6881
+    SM_NOT_SUPPORTED = 0x6882
     FILE_INCOMPATIBLE = 0x6981
     SECURITY_STATUS = 0x6982
     AUTH_BLOCKED = 0x6983
@@ -27,6 +30,7 @@ class SW(enum.IntEnum):
     NOT_FOUND = 0x6A82
     RECORD_NOT_FOUND = 0x6A83
     WRONG_P1P2 = 0x6A86
+    OFFSET_BEYOND_END = 0x6B00
     INS_NOT_SUPPORTED = 0x6D00
     CLA_NOT_SUPPORTED = 0x6E00
     MAC_INVALID = 0x9302
@@ -44,6 +48,16 @@ class SW(enum.IntEnum):
 def pin_tries_left(tries: int) -> int:
     """``63Cx``: a wrong PIN, ``x`` tries left."""
     return 0x63C0 | min(tries, 15)
+
+
+def exact_length(n: int) -> int:
+    """``6Cxx``: wrong Le, ``xx`` the number of bytes the card has (``00`` for 256)."""
+    return 0x6C00 | (n & 0xFF)
+
+
+def bytes_remaining(n: int) -> int:
+    """``61xx``: done, ``xx`` bytes still to fetch with GET RESPONSE (``00`` for 256 or more)."""
+    return 0x6100 | (min(n, 256) & 0xFF)
 
 
 class ApduFormatError(ValueError):

@@ -21,19 +21,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
 
-from farelab.card._apdu import SW, ApduFormatError, Command, parse_command, pin_tries_left
+from farelab.card._apdu import (
+    SW,
+    ApduFormatError,
+    Command,
+    bytes_remaining,
+    exact_length,
+    parse_command,
+    pin_tries_left,
+)
 from farelab.card._crypto import mac, session_key, tac_key
 from farelab.card._files import EF1A_LEN, EF1E_LEN, LogRecord, TxType
 from farelab.card._image import CardImage, Proof
 
 __all__ = [
     "BANK_AID",
+    "PPSE_NAME",
+    "PSE_NAME",
     "SOCIAL_AID",
     "TRANSIT_AID",
     "App",
     "Outcome",
     "Pending",
     "Session",
+    "card_uid",
     "is_weak_pin",
     "maintenance_mac",
     "process",
@@ -42,6 +53,8 @@ __all__ = [
 TRANSIT_AID = bytes.fromhex("A000000632010105")
 SOCIAL_AID = bytes.fromhex("D15600000100")
 BANK_AID = bytes.fromhex("A000000333010101")
+PSE_NAME = b"1PAY.SYS.DDF01"
+PPSE_NAME = b"2PAY.SYS.DDF01"
 MF_FID = b"\x3f\x00"
 
 SFI_PUBLIC, SFI_HOLDER, SFI_MANAGEMENT = 0x15, 0x16, 0x17
@@ -83,6 +96,9 @@ class Session:
     cache: tuple[tuple[int, int, bytes], ...] = ()
     challenge: bytes | None = None
     pin_ok: bool = False
+    response: bytes = b""
+    """Response data the last command could not send (no Le, or a GET RESPONSE shorter than
+    it), for a GET RESPONSE that follows at once."""
 
     @classmethod
     def power_on(cls, entropy: bytes) -> Session:
@@ -131,57 +147,144 @@ def maintenance_mac(image: CardImage, challenge: bytes, message: bytes) -> bytes
 class _Ctx:
     """Working state of one command: answers are built through it."""
 
-    __slots__ = ("cmd", "image", "session", "today")
+    __slots__ = ("cmd", "entry", "held", "image", "session", "today")
 
-    def __init__(self, image: CardImage, session: Session, cmd: Command, today: date) -> None:
+    def __init__(
+        self, image: CardImage, session: Session, cmd: Command, today: date, held: bytes
+    ) -> None:
         self.image = image
         self.session = session
+        self.entry = session
         self.cmd = cmd
         self.today = today
+        self.held = held
 
     def answer(self, sw: int, data: bytes = b"") -> Outcome:
         return Outcome(self.image, self.session, data + _sw(sw))
 
     def ok(self, data: bytes = b"") -> Outcome:
-        return Outcome(self.image, self.session, data + _OK)
+        """Success, its data sent as far as Le asks (docs/card-protocol.md, "Lengths"): none
+        without Le (kept for GET RESPONSE); all of it for Le 00 or its exact length; any other
+        Le is ``6Cxx`` and the command is not executed (the session as the command found it)."""
+        le = self.cmd.le
+        if not data or le in (256, len(data)):
+            return Outcome(self.image, self.session, data + _OK)
+        if le is None:
+            return Outcome(self.image, replace(self.session, response=data), _OK)
+        return Outcome(self.image, self.entry, _sw(exact_length(len(data))))
 
     def commit(self, image: CardImage, sw: int = SW.OK, data: bytes = b"") -> Outcome:
+        """A committed change; its data held for GET RESPONSE when the command had no Le (a
+        wrong Le is refused before anything is committed, see :meth:`le_refusal`)."""
+        if data and self.cmd.le is None:
+            return Outcome(image, replace(self.session, response=data), _sw(sw), committed=True)
         return Outcome(image, self.session, data + _sw(sw), committed=True)
 
-    def le_allows(self, length: int) -> bool:
-        """True if the command's Le (absent, 00 or exact) admits ``length`` response bytes."""
+    def le_refusal(self, length: int) -> Outcome | None:
+        """``6Cxx`` for an Le that is neither absent, 00 nor ``length``, else None; for the
+        commands that commit, which must refuse before they change anything."""
         le = self.cmd.le
-        return le in (None, 256, length)
+        if le in (None, 256, length):
+            return None
+        return self.answer(exact_length(length))
 
     def cancel(self) -> None:
         self.session = replace(self.session, pending=None, cache=())
 
 
 _Handler = Callable[[_Ctx], Outcome]
-_CONTINUATIONS = frozenset({(0x80, 0xDC), (0x80, 0x54), (0x80, 0x52)})
+_GET_RESPONSE = (0x00, 0xC0)
+_GET_UID = (0xFF, 0xCA)
+_CONTINUATIONS = frozenset({(0x80, 0xDC), (0x80, 0x54), (0x80, 0x52), _GET_RESPONSE})
 _USES_CHALLENGE = frozenset({(0x84, 0x1E), (0x84, 0x18), (0x84, 0x2C)})
+_KEEP_CHALLENGE = _USES_CHALLENGE | {(0x00, 0x84), _GET_RESPONSE}
 
 
 def process(image: CardImage, session: Session, apdu: bytes, *, today: date) -> Outcome:
     """Run one C-APDU. Never raises on any input: bad input gets a status word."""
+    held = session.response
     try:
         cmd = parse_command(apdu)
     except ApduFormatError as exc:
-        return Outcome(image, session, _sw(exc.sw))
-    if cmd.cla not in (0x00, 0x80, 0x84):
-        return Outcome(image, session, _sw(SW.CLA_NOT_SUPPORTED))
+        return Outcome(image, replace(session, response=b""), _sw(exc.sw))
     key = (cmd.cla, cmd.ins)
+    if key == _GET_UID:
+        # The contactless reader's own command (PC/SC part 3): the card never sees it, so it
+        # changes nothing of the card's session.
+        return _get_uid(image, session, cmd)
+    session = replace(session, response=b"") if held else session
+    refusal = _class_refusal(cmd.cla, cmd.ins)
+    if refusal is not None:
+        return Outcome(image, session, _sw(refusal))
     handler = _HANDLERS.get(key)
     if handler is None:
         known = any(ins == cmd.ins for _, ins in _HANDLERS)
         sw = SW.CLA_NOT_SUPPORTED if known else SW.INS_NOT_SUPPORTED
         return Outcome(image, session, _sw(sw))
-    ctx = _Ctx(image, session, cmd, today)
+    ctx = _Ctx(image, session, cmd, today, held)
     if key not in _CONTINUATIONS and session.pending is not None:
         ctx.cancel()
-    if key not in _USES_CHALLENGE and key != (0x00, 0x84) and session.challenge is not None:
+    if key not in _KEEP_CHALLENGE and session.challenge is not None:
         ctx.session = replace(ctx.session, challenge=None)
+    ctx.entry = ctx.session
     return handler(ctx)
+
+
+def _class_refusal(cla: int, ins: int) -> int | None:
+    """``6881``/``6882`` for a class byte asking for a logical channel or secure messaging the
+    card does not have (ISO 7816-4 5.4.1, proprietary classes read alike), else None.
+
+    Only the maintenance commands' ``84`` (their MAC) is secure messaging the card takes.
+    """
+    if (cla, ins) in _HANDLERS:
+        return None
+    if 0x40 <= cla <= 0x7F:  # further interindustry classes: logical channels 4 to 19
+        return SW.CHANNEL_NOT_SUPPORTED
+    if cla & 0x60 == 0x00:
+        if cla & 0x03:
+            return SW.CHANNEL_NOT_SUPPORTED
+        if cla & 0x0C:
+            return SW.SM_NOT_SUPPORTED
+    if cla not in (0x00, 0x80, 0x84):
+        return SW.CLA_NOT_SUPPORTED
+    return None
+
+
+def card_uid(image: CardImage) -> bytes:
+    """The card's 4-byte ISO 14443-A UID (farelab: fixed, derived from the serial in EF15)."""
+    return hashlib.sha256(b"farelab-uid" + image.ef15[12:20]).digest()[:4]
+
+
+def _get_uid(image: CardImage, session: Session, cmd: Command) -> Outcome:
+    """``FF CA 00 00 Le``: the UID, as a PC/SC contactless reader answers it."""
+    if cmd.p1 != 0x00 or cmd.p2 != 0x00:
+        return Outcome(image, session, _sw(SW.APP_BLOCKED))  # 6A81: function not supported
+    if cmd.data:
+        return Outcome(image, session, _sw(SW.WRONG_LENGTH))
+    uid = card_uid(image)
+    if cmd.le not in (None, 256, len(uid)):
+        return Outcome(image, session, _sw(exact_length(len(uid))))
+    return Outcome(image, session, uid + _OK)
+
+
+def _get_response(ctx: _Ctx) -> Outcome:
+    """``00 C0 00 00 Le``: the data the command before could not send."""
+    cmd = ctx.cmd
+    if cmd.p1 or cmd.p2:
+        return ctx.answer(SW.WRONG_P1P2)
+    if cmd.data or cmd.le is None:
+        return ctx.answer(SW.WRONG_LENGTH)
+    held = ctx.held
+    if not held:
+        return ctx.answer(SW.CONDITIONS)
+    if cmd.le == 256 or cmd.le == len(held):
+        return ctx.ok(held)
+    if cmd.le > len(held):
+        ctx.session = replace(ctx.session, response=held)
+        return ctx.answer(exact_length(len(held)))
+    rest = held[cmd.le :]
+    ctx.session = replace(ctx.session, response=rest)
+    return ctx.answer(bytes_remaining(len(rest)), held[: cmd.le])
 
 
 # --- selection -----------------------------------------------------------------------------
@@ -218,6 +321,8 @@ def _select(ctx: _Ctx) -> Outcome:
         app, prop = App.SOCIAL, _tlv(b"\x88", bytes((SFI_SOCIAL_HOLDER,)))
     elif aid == BANK_AID:
         app, prop = App.BANK, _tlv(b"\x50", b"FARELAB BANK")
+    elif aid in (PSE_NAME, PPSE_NAME):
+        app, prop = App.NONE, _tlv(b"\xbf\x0c", _DIRECTORY)
     else:
         ctx.session = replace(ctx.session, app=App.NONE, pin_ok=False)
         return ctx.answer(SW.NOT_FOUND)
@@ -225,6 +330,21 @@ def _select(ctx: _Ctx) -> Outcome:
     if not fci:
         return ctx.ok()
     return ctx.ok(_tlv(b"\x6f", _tlv(b"\x84", aid) + _tlv(b"\xa5", prop)))
+
+
+def _directory_entry(aid: bytes, label: bytes, priority: int) -> bytes:
+    return _tlv(
+        b"\x61", _tlv(b"\x4f", aid) + _tlv(b"\x50", label) + _tlv(b"\x87", bytes((priority,)))
+    )
+
+
+# The payment-system environment's directory (EMV Book 1 12.2.3, the PPSE's form also for the
+# PSE): every application of the card, so that generic tools find them without knowing the AIDs.
+_DIRECTORY = (
+    _directory_entry(TRANSIT_AID, b"T-UNION TRANSIT", 1)
+    + _directory_entry(SOCIAL_AID, b"SOCIAL SECURITY", 2)
+    + _directory_entry(BANK_AID, b"FARELAB BANK", 3)
+)
 
 
 def _refusal_outside(ctx: _Ctx, wanted: App) -> int | None:
@@ -285,13 +405,13 @@ def _read_binary(ctx: _Ctx) -> Outcome:
         is_record = sfi in _record_files(ctx)
         return ctx.answer(SW.FILE_INCOMPATIBLE if is_record else SW.NOT_FOUND)
     if offset >= len(content):
-        return ctx.answer(SW.WRONG_P1P2)
+        return ctx.answer(SW.OFFSET_BEYOND_END)
     rest = content[offset:]
     le = cmd.le
     if le is None or le == 256:
         return ctx.ok(rest)
     if le > len(rest):
-        return ctx.answer(SW.WRONG_LENGTH)
+        return ctx.answer(SW.END_OF_FILE, rest)
     return ctx.ok(rest[:le])
 
 
@@ -313,10 +433,7 @@ def _read_record(ctx: _Ctx) -> Outcome:
         return ctx.answer(SW.FILE_INCOMPATIBLE if is_binary else SW.NOT_FOUND)
     if not 1 <= cmd.p1 <= len(records):
         return ctx.answer(SW.RECORD_NOT_FOUND)
-    record = records[cmd.p1 - 1]
-    if not ctx.le_allows(len(record)):
-        return ctx.answer(SW.WRONG_LENGTH)
-    return ctx.ok(record)
+    return ctx.ok(records[cmd.p1 - 1])
 
 
 def _get_challenge(ctx: _Ctx) -> Outcome:
@@ -340,7 +457,7 @@ def _get_balance(ctx: _Ctx) -> Outcome:
     cmd = ctx.cmd
     if cmd.p1 != 0x00 or cmd.p2 != 0x02:
         return ctx.answer(SW.WRONG_P1P2)
-    if cmd.data or not ctx.le_allows(4):
+    if cmd.data:
         return ctx.answer(SW.WRONG_LENGTH)
     return ctx.ok(ctx.image.balance.to_bytes(4, "big"))
 
@@ -357,7 +474,7 @@ def _initialize(ctx: _Ctx) -> Outcome:
     if kind is None or cmd.p2 != 0x02:
         return ctx.answer(SW.WRONG_P1P2)
     is_load = kind is TxType.LOAD
-    if len(cmd.data) != 11 or not ctx.le_allows(16 if is_load else 15):
+    if len(cmd.data) != 11:
         return ctx.answer(SW.WRONG_LENGTH)
     if cmd.data[0] != KEY_INDEX:
         return ctx.answer(SW.KEY_NOT_FOUND)
@@ -438,6 +555,9 @@ def _debit(ctx: _Ctx) -> Outcome:
     refusal = _refusal_outside(ctx, App.TRANSIT)
     if refusal is not None:
         return ctx.answer(refusal)
+    wrong_le = ctx.le_refusal(8)  # not executed: the transaction stays for a corrected DEBIT
+    if wrong_le is not None:
+        return wrong_le
     cmd = ctx.cmd
     pending, cache = ctx.session.pending, ctx.session.cache
     ctx.cancel()
@@ -445,7 +565,7 @@ def _debit(ctx: _Ctx) -> Outcome:
         return ctx.answer(SW.WRONG_P1P2)
     if pending is None or pending.tx_type is TxType.LOAD:
         return ctx.answer(SW.CONDITIONS)
-    if len(cmd.data) != 15 or not ctx.le_allows(8):
+    if len(cmd.data) != 15:
         return ctx.answer(SW.WRONG_LENGTH)
     img = ctx.image
     ttc, day, time, mac1 = cmd.data[0:4], cmd.data[4:8], cmd.data[8:11], cmd.data[11:15]
@@ -486,6 +606,9 @@ def _credit(ctx: _Ctx) -> Outcome:
     refusal = _refusal_outside(ctx, App.TRANSIT)
     if refusal is not None:
         return ctx.answer(refusal)
+    wrong_le = ctx.le_refusal(4)  # not executed: the transaction stays for a corrected CREDIT
+    if wrong_le is not None:
+        return wrong_le
     cmd = ctx.cmd
     pending = ctx.session.pending
     ctx.cancel()
@@ -493,7 +616,7 @@ def _credit(ctx: _Ctx) -> Outcome:
         return ctx.answer(SW.WRONG_P1P2)
     if pending is None or pending.tx_type is not TxType.LOAD:
         return ctx.answer(SW.CONDITIONS)
-    if len(cmd.data) != 11 or not ctx.le_allows(4):
+    if len(cmd.data) != 11:
         return ctx.answer(SW.WRONG_LENGTH)
     img = ctx.image
     day, time, mac2 = cmd.data[0:4], cmd.data[4:7], cmd.data[7:11]
@@ -526,7 +649,7 @@ def _transaction_proof(ctx: _Ctx) -> Outcome:
     cmd = ctx.cmd
     if cmd.p1 != 0x00 or cmd.p2 not in (TxType.LOAD, TxType.PURCHASE, TxType.CAPP_PURCHASE):
         return ctx.answer(SW.WRONG_P1P2)
-    if len(cmd.data) != 2 or not ctx.le_allows(8):
+    if len(cmd.data) != 2:
         return ctx.answer(SW.WRONG_LENGTH)
     counter = int.from_bytes(cmd.data, "big")
     for proof in ctx.image.proofs:
@@ -680,6 +803,7 @@ def _reset_retry_counter(ctx: _Ctx) -> Outcome:
 
 _HANDLERS: dict[tuple[int, int], _Handler] = {
     (0x00, 0xA4): _select,
+    _GET_RESPONSE: _get_response,
     (0x00, 0xB0): _read_binary,
     (0x00, 0xB2): _read_record,
     (0x00, 0x84): _get_challenge,

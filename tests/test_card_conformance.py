@@ -193,7 +193,7 @@ def purse_state(image: CardImage) -> tuple[object, ...]:
 
 
 def test_select_transit_returns_fci_with_ef15_and_the_algorithm(link: Link) -> None:
-    data, sw = link.send(SELECT_TRANSIT)
+    data, sw = link.send(SELECT_TRANSIT + "00")
     assert sw == 0x9000
     assert data[0] == 0x6F
     i = data.index(b"\x9f\x0c\x1e")
@@ -226,8 +226,8 @@ def test_select_status_words(link: Link, apdu: str, sw: int) -> None:
         ("00B0950000", 0x9000, 30),  # EF15, Le 00 = all
         ("00B095001E", 0x9000, 30),
         ("00B0950A0A", 0x9000, 10),  # offset 10
-        ("00B095001F", 0x6700, 0),  # Le beyond the file
-        ("00B0951E00", 0x6A86, 0),  # offset at the end
+        ("00B095001F", 0x6282, 30),  # Le beyond the file: what there is, end of file
+        ("00B0951E00", 0x6B00, 0),  # offset at the end
         ("00B0960037", 0x9000, 55),  # EF16
         ("00B097003C", 0x9000, 60),  # EF17
         ("00B0980000", 0x6981, 0),  # EF18 is a record file
@@ -251,7 +251,7 @@ def test_read_binary(link: Link, apdu: str, sw: int, length: int) -> None:
         ("00B203D400", 0x6A83, 0),
         ("00B201C417", 0x6A83, 0),  # empty log
         ("00B201F430", 0x6A83, 0),  # empty trips
-        ("00B201D420", 0x6700, 0),  # wrong Le
+        ("00B201D420", 0x6C80, 0),  # wrong Le: the record's length
         ("00B201AC00", 0x6981, 0),  # EF15 is binary
         ("00B201D000", 0x6A86, 0),  # P2 low bits must be 100
         ("00B201FC00", 0x6A82, 0),  # SFI 1F does not exist
@@ -313,7 +313,7 @@ def test_get_balance(link: Link) -> None:
     link.send(SELECT_TRANSIT)
     assert link.send("805C000204") == ((5000).to_bytes(4, "big"), 0x9000)
     assert link.sw("805C000104") == 0x6A86
-    assert link.sw("805C000205") == 0x6700
+    assert link.sw("805C000205") == 0x6C04
 
 
 def test_purchase_with_independent_mac_and_tac(alink: Link) -> None:
@@ -344,7 +344,7 @@ def test_purchase_with_independent_mac_and_tac(alink: Link) -> None:
         DAY,
         TIME,
     )
-    assert link.send("805A00060200 01".replace(" ", "")) == (mac2 + tac, 0x9000)
+    assert link.send("805A0006020001 08".replace(" ", "")) == (mac2 + tac, 0x9000)
 
 
 def test_debit_with_forged_mac1_is_refused_and_changes_nothing(alink: Link) -> None:
@@ -370,7 +370,7 @@ def test_no_overdraft_9401(link: Link) -> None:
         (f"805001020A01000000C8{TERMINAL.hex()[:-2]}", 0x6700),
         (f"805001010B01000000C8{TERMINAL.hex()}", 0x6A86),  # e-deposit
         (f"805002020B01000000C8{TERMINAL.hex()}", 0x6A86),
-        (f"805001020B01000000C8{TERMINAL.hex()}05", 0x6700),  # Le of 5
+        (f"805001020B01000000C8{TERMINAL.hex()}05", 0x6C0F),  # Le of 5: the exact length
     ],
 )
 def test_initialize_status_words(link: Link, apdu: str, sw: int) -> None:
