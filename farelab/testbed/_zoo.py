@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +85,7 @@ _TERMINALS = {ENTRY: "0A0000000001", EXIT: "0A0000000002", BUS: "0B0000000001"}
 # Devices elsewhere on the network that wrote the cards' history; not in validator.toml.
 _ELSEWHERE_GATE = bytes.fromhex("0C0000000001")
 _ELSEWHERE_BUS = bytes.fromhex("0C0000000002")
+_SECOND = timedelta(seconds=1)
 
 
 class ZooError(ValueError):
@@ -247,10 +247,6 @@ class _Issuer:
         )
 
 
-def _entropy(rng: random.Random) -> Callable[[int], bytes]:
-    return rng.randbytes
-
-
 def _ride(
     image: CardImage,
     dc: DeviceConfig,
@@ -260,7 +256,7 @@ def _ride(
     tear: bool = False,
 ) -> CardImage:
     """The card after a tap at ``dc`` (torn right after its DEBIT reached the card)."""
-    card = SimulatedCard(image, entropy=_entropy(rng), today=lambda: at.astimezone(CST).date())
+    card = SimulatedCard(image, entropy=rng.randbytes, today=lambda: at.astimezone(CST).date())
     reader = InProcessReader()
     reader.insert(card)
     if tear:
@@ -282,28 +278,24 @@ def _device(
     kind: Kind,
     *,
     terminal: bytes,
+    params: Parameters,
+    keys: IssuerKeys,
     station: str | None = None,
     line: str | None = None,
     direction: Direction = Direction.BOTH,
     route_fare_fen: int | None = None,
-    whitelist: frozenset[bytes],
-    hotlist: frozenset[str] = frozenset(),
-    keys: IssuerKeys,
 ) -> DeviceConfig:
-    return DeviceConfig(
-        Device(
-            id=device_id,
-            kind=kind,
-            network=network,
-            terminal_id=terminal,
-            line=network.line(line) if line is not None else None,
-            station=network.station(station) if station is not None else None,
-            direction=direction,
-            route_fare_fen=route_fare_fen,
-        ),
-        Parameters(0, hotlist, whitelist),
-        dict.fromkeys(whitelist, keys),
+    device = Device(
+        id=device_id,
+        kind=kind,
+        network=network,
+        terminal_id=terminal,
+        line=network.line(line) if line is not None else None,
+        station=network.station(station) if station is not None else None,
+        direction=direction,
+        route_fare_fen=route_fare_fen,
     )
+    return DeviceConfig(device, params, dict.fromkeys(params.whitelist, keys))
 
 
 def _far_station(network: Network, station: str, line: str) -> str:
@@ -314,6 +306,219 @@ def _far_station(network: Network, station: str, line: str) -> str:
     if far == here:
         far = stops[0][0] if stops[0][0] != here else stops[-1][0]
     return network.stations[far].name_en
+
+
+@dataclass(frozen=True, slots=True)
+class _Site:
+    """The devices a zoo's cards are meant for, and those elsewhere that made their history."""
+
+    devices: tuple[DeviceConfig, ...]
+    main: str
+    """The device for cases about the card itself."""
+    trip: str
+    """The device where a ride is priced (the exit gate, the bus)."""
+    least: int
+    """The balance an adult card needs at ``main`` (R3's maximum fare, the bus fare)."""
+    history_bus: DeviceConfig
+    history_gate: DeviceConfig | None = None
+
+    @property
+    def main_device(self) -> DeviceConfig:
+        return next(dc for dc in self.devices if dc.device.id == self.main)
+
+
+def _gate_site(
+    network: Network, station: str, lists: Parameters, keys: IssuerKeys, history: Parameters
+) -> _Site:
+    if not network.has_stations:
+        raise ZooError(f"network {network.key!r} ships no stations: use --bus")
+    try:
+        where = network.station(station)
+    except NetworkError as exc:
+        raise ZooError(str(exc)) from None
+    line = where.lines[0]
+    entry, exit_ = (
+        _device(
+            network,
+            name,
+            Kind.METRO_GATE,
+            terminal=bytes.fromhex(_TERMINALS[name]),
+            station=where.name_en,
+            line=line,
+            direction=direction,
+            params=lists,
+            keys=keys,
+        )
+        for name, direction in ((ENTRY, Direction.ENTRY), (EXIT, Direction.EXIT))
+    )
+    far = _far_station(network, where.name_en, line)
+    elsewhere = _device(
+        network,
+        "zoo-history-gate",
+        Kind.METRO_GATE,
+        terminal=_ELSEWHERE_GATE,
+        station=far,
+        line=network.station(far).lines[0],
+        direction=Direction.ENTRY,
+        params=history,
+        keys=keys,
+    )
+    adult = Rider(CardType.ADULT, network.is_local(DEMO_ISSUER_ID))
+    return _Site(
+        (entry, exit_),
+        main=ENTRY,
+        trip=EXIT,
+        least=metro_entry_minimum(network, adult),
+        history_bus=_history_bus(network, None, history, keys),
+        history_gate=elsewhere,
+    )
+
+
+def _bus_site(
+    network: Network,
+    fare: int,
+    *,
+    lists: Parameters,
+    keys: IssuerKeys,
+    history: Parameters,
+    at: datetime,
+) -> _Site:
+    bus = _device(
+        network,
+        BUS,
+        Kind.BUS,
+        terminal=bytes.fromhex(_TERMINALS[BUS]),
+        route_fare_fen=fare,
+        params=lists,
+        keys=keys,
+    )
+    adult = Rider(CardType.ADULT, network.is_local(DEMO_ISSUER_ID))
+    least = bus_fare(network, adult, route_fare_fen=fare, previous=None, now=at).fare_fen
+    return _Site((bus,), BUS, BUS, least, _history_bus(network, fare, history, keys))
+
+
+def _history_bus(
+    network: Network, fare: int | None, history: Parameters, keys: IssuerKeys
+) -> DeviceConfig:
+    return _device(
+        network,
+        "zoo-history-bus",
+        Kind.BUS,
+        terminal=_ELSEWHERE_BUS,
+        route_fare_fen=fare or network.rules.bus_base_fen or 200,
+        params=history,
+        keys=keys,
+    )
+
+
+class _Cases:
+    """The zoo's cards as they are added, each with its case and device; and the last moment
+    their expectations hold."""
+
+    def __init__(self, *, site: _Site, at: datetime, rng: random.Random, issue: _Issuer) -> None:
+        self.site = site
+        self.at = at
+        self.rng = rng
+        self.issue = issue
+        self.cards: list[ZooCard] = []
+        self.loads: dict[str, int] = {}
+        self.until = [datetime.combine(at.date() + timedelta(days=1), time(), CST) - _SECOND]
+
+    def add(self, case: str, device: str, image: CardImage) -> ZooCard:
+        card = ZooCard(f"{len(self.cards) + 1:02d}-{case}.json", case, device, image, image.serial)
+        self.cards.append(card)
+        return card
+
+    def ride(
+        self, image: CardImage, dc: DeviceConfig, ago: timedelta, *, tear: bool = False
+    ) -> CardImage:
+        return _ride(image, dc, self.at - ago, self.rng, tear=tear)
+
+    def entered(self, image: CardImage, minutes: float) -> CardImage:
+        """The card with a trip entered at a gate elsewhere ``minutes`` ago (a gate zoo)."""
+        gate = self.site.history_gate
+        return image if gate is None else self.ride(image, gate, timedelta(minutes=minutes))
+
+    def torn(self) -> None:
+        """First, since its answer holds only inside the re-tap window: a DEBIT at this device
+        that reached the card (committed) and whose answer never came back."""
+        ago = timedelta(seconds=10)
+        image = self.ride(self.issue.card(), self.site.main_device, ago, tear=True)
+        self.add("torn_last_transaction", self.site.main, image)
+        window = timedelta(seconds=self.site.main_device.device.network.rules.antipassback_s)
+        self.until.append(self.at - ago + window - _SECOND)
+
+    def the_card(self, gate: bool) -> None:
+        """Balance, validity, issuer, lists, blocking: what the card is, at the main device."""
+        main, issue, day = self.site.main, self.issue, self.at.date()
+        need, least = ("max_fare" if gate else "fare"), self.site.least
+        # Balance: under, at and far from what the tap needs; at the cap (R4).
+        if least > 0:
+            self.add(f"balance_one_fen_under_{need}", main, issue.card(balance=least - 1))
+        self.add(f"balance_at_{need}", main, issue.card(balance=least))
+        self.add("balance_zero", main, issue.card(balance=0))
+        self.add("balance_one_fen_under_cap", main, issue.card(balance=CAP_FEN - 1))
+        self.add("balance_at_cap", main, issue.card(balance=CAP_FEN))
+        # Validity (R9).
+        long_ago = day - timedelta(days=3650)
+        yesterday = day - timedelta(days=1)
+        self.add("expired_yesterday", main, issue.card(issued=long_ago, expires=yesterday))
+        self.add("expiring_today", main, issue.card(issued=long_ago, expires=day))
+        self.add("valid_from_tomorrow", main, issue.card(issued=day + timedelta(days=1)))
+        # Issuers and the lists.
+        self.add("foreign_issuer_whitelisted", main, issue.card(issuer=FOREIGN_LISTED))
+        self.add("foreign_issuer_not_whitelisted", main, issue.card(issuer=FOREIGN_UNLISTED))
+        self.add("application_blocked", main, issue.card().replace(blocked=True))
+
+    def riders(self) -> None:
+        """Each card type but adult, each purse algorithm, priced where the fare is charged."""
+        trip, issue = self.site.trip, self.issue
+        for card_type in CardType:
+            if card_type is not CardType.ADULT:
+                image = self.entered(issue.card(card_type=card_type), 20)
+                self.add(f"type_{card_type.label}", trip, image)
+        self.add("alg_3des", trip, self.entered(issue.card(alg=Alg.TDES), 20))
+        self.add("alg_sm4", trip, self.entered(issue.card(alg=Alg.SM4), 20))
+
+    def trips(self, network: Network) -> None:
+        """The metro trip's rules: entry while entered, exit without entry, over time."""
+        self.add("already_entered", ENTRY, self.entered(self.issue.card(), 30))
+        self.add("exit_without_entry", EXIT, self.issue.card())
+        overtime = network.rules.overtime_s
+        if overtime is not None:
+            self.add("over_time", EXIT, self.entered(self.issue.card(), overtime / 60 + 10))
+            # The other trips, entered 30 minutes before, go over time then.
+            self.until.append(self.at + timedelta(seconds=overtime - 30 * 60))
+
+    def transfer(self, network: Network) -> None:
+        """A bus ride half a transfer window ago (and, at a gate, an entry after it)."""
+        window = network.rules.transfer_window_s
+        if window <= 0:
+            return
+        rode = self.ride(self.issue.card(), self.site.history_bus, timedelta(seconds=window / 2))
+        if self.site.history_gate is not None:
+            rode = self.ride(rode, self.site.history_gate, timedelta(seconds=window / 4))
+        self.add("inside_transfer_window", self.site.trip, rode)
+        self.until.append(self.at + timedelta(seconds=window / 2))
+
+    def broken(self) -> None:
+        """A card that wore out (its purchase counter at its end), or broke (EF15)."""
+        main = self.site.main
+        self.add("counter_exhausted", main, self.issue.card().replace(offline_counter=0xFFFF))
+        image = self.issue.card()
+        damaged = image.replace(ef15=image.ef15[:20] + b"\xff" * 10, ef15_damaged=True)
+        self.add("damaged_ef15", main, damaged)
+
+    def kiosk(self) -> None:
+        """R4 at the kiosk: the most that may be loaded, one fen more, one fen on a full card."""
+        most = room(CAP_FEN - 1000, AmountRules())
+        for case, balance, amount in (
+            ("kiosk_most_loadable", CAP_FEN - 1000, most),
+            ("kiosk_one_fen_over_cap", CAP_FEN - 1000, most + 1),
+            ("kiosk_at_cap_one_fen", CAP_FEN, 1),
+        ):
+            card = self.add(case, KIOSK, self.issue.card(balance=balance))
+            self.loads[card.file] = amount
 
 
 def build_zoo(
@@ -355,149 +560,39 @@ def build_zoo(
             f"the bus fare must be more than 0 and at most 1000 yuan, got {bus_fare_fen} fen"
         )
     at = at.astimezone(CST).replace(microsecond=0)
-    day = at.date()
     rng = random.Random(seed)
-    issue = _Issuer(rng=rng, day=day, keys=keys)
-    whitelist = frozenset({DEMO_ISSUER_ID, FOREIGN_LISTED})
-    history_list = frozenset({DEMO_ISSUER_ID, FOREIGN_LISTED, FOREIGN_UNLISTED})
-    local = network.is_local(DEMO_ISSUER_ID)
-    adult = Rider(CardType.ADULT, local)
-    cards: list[tuple[str, str, CardImage]] = []
+    issue = _Issuer(rng=rng, day=at.date(), keys=keys)
     hot = issue.card()
-    hotlist = frozenset({hot.public.serial})
-
+    whitelist = frozenset({DEMO_ISSUER_ID, FOREIGN_LISTED})
+    lists = Parameters(0, frozenset({hot.serial}), whitelist)
+    history = Parameters(0, frozenset(), whitelist | {FOREIGN_UNLISTED})
     if station is not None:
-        if not network.has_stations:
-            raise ZooError(f"network {network.key!r} ships no stations: use --bus")
-        try:
-            where = network.station(station)
-        except NetworkError as exc:
-            raise ZooError(str(exc)) from None
-        line = where.lines[0]
-        gate_kw: dict[str, Any] = {"station": where.name_en, "line": line, "keys": keys}
-        entry = _device(
-            network, ENTRY, Kind.METRO_GATE, terminal=bytes.fromhex(_TERMINALS[ENTRY]),
-            direction=Direction.ENTRY, whitelist=whitelist, hotlist=hotlist, **gate_kw,
-        )  # fmt: skip
-        exit_ = _device(
-            network, EXIT, Kind.METRO_GATE, terminal=bytes.fromhex(_TERMINALS[EXIT]),
-            direction=Direction.EXIT, whitelist=whitelist, hotlist=hotlist, **gate_kw,
-        )  # fmt: skip
-        devices: tuple[DeviceConfig, ...] = (entry, exit_)
-        far = _far_station(network, where.name_en, line)
-        far_line = network.station(far).lines[0]
-        elsewhere = _device(
-            network, "zoo-history-gate", Kind.METRO_GATE, terminal=_ELSEWHERE_GATE,
-            station=far, line=far_line, direction=Direction.ENTRY, whitelist=history_list,
-            keys=keys,
-        )  # fmt: skip
-        main, least = ENTRY, metro_entry_minimum(network, adult)
-
-        def entered(image: CardImage, minutes: float) -> CardImage:
-            return _ride(image, elsewhere, at - timedelta(minutes=minutes), rng)
-
-        trip_device = EXIT
+        site = _gate_site(network, station, lists, keys, history)
     else:
-        assert bus_fare_fen is not None
-        bus = _device(
-            network, BUS, Kind.BUS, terminal=bytes.fromhex(_TERMINALS[BUS]),
-            route_fare_fen=bus_fare_fen, whitelist=whitelist, hotlist=hotlist, keys=keys,
-        )  # fmt: skip
-        devices = (bus,)
-        main = trip_device = BUS
-        least = bus_fare(
-            network, adult, route_fare_fen=bus_fare_fen, previous=None, now=at
-        ).fare_fen
-
-        def entered(image: CardImage, minutes: float) -> CardImage:
-            return image
-
-    history_bus = _device(
-        network, "zoo-history-bus", Kind.BUS, terminal=_ELSEWHERE_BUS,
-        route_fare_fen=bus_fare_fen or network.rules.bus_base_fen or 200,
-        whitelist=history_list, keys=keys,
-    )  # fmt: skip
-    main_dc = next(dc for dc in devices if dc.device.id == main)
-
-    def add(case: str, device: str, image: CardImage) -> None:
-        cards.append((case, device, image))
-
-    # First, since its answer holds only inside the re-tap window: a DEBIT that reached the
-    # card (committed) whose answer never reached this device.
-    torn_at = at - timedelta(seconds=10)
-    add("torn_last_transaction", main, _ride(issue.card(), main_dc, torn_at, rng, tear=True))
-    second = timedelta(seconds=1)
-    until = [
-        torn_at + timedelta(seconds=network.rules.antipassback_s) - second,
-        datetime.combine(day + timedelta(days=1), datetime.min.time(), CST) - second,
-    ]
-    # Balance: under, at and far from what the tap needs; at the cap (R4).
-    if least > 0:
-        add("balance_one_fen_under_" + ("max_fare" if station else "fare"), main,
-            issue.card(balance=least - 1))  # fmt: skip
-    add("balance_at_" + ("max_fare" if station else "fare"), main, issue.card(balance=least))
-    add("balance_zero", main, issue.card(balance=0))
-    add("balance_one_fen_under_cap", main, issue.card(balance=CAP_FEN - 1))
-    add("balance_at_cap", main, issue.card(balance=CAP_FEN))
-    # Validity (R9).
-    add("expired_yesterday", main, issue.card(
-        issued=day - timedelta(days=3650), expires=day - timedelta(days=1)))  # fmt: skip
-    add("expiring_today", main, issue.card(issued=day - timedelta(days=3650), expires=day))
-    add("valid_from_tomorrow", main, issue.card(issued=day + timedelta(days=1)))
-    # Issuers and the lists.
-    add("foreign_issuer_whitelisted", main, issue.card(issuer=FOREIGN_LISTED))
-    add("foreign_issuer_not_whitelisted", main, issue.card(issuer=FOREIGN_UNLISTED))
-    add("hotlisted", main, hot)
-    add("application_blocked", main, issue.card().replace(blocked=True))
-    # Who rides: each card type, each purse algorithm (priced where the fare is charged).
-    for card_type in CardType:
-        if card_type is not CardType.ADULT:
-            add(f"type_{card_type.label}", trip_device,
-                entered(issue.card(card_type=card_type), 20))  # fmt: skip
-    add("alg_3des", trip_device, entered(issue.card(alg=Alg.TDES), 20))
-    add("alg_sm4", trip_device, entered(issue.card(alg=Alg.SM4), 20))
-    # The trip's rules.
+        assert bus_fare_fen is not None  # narrowed by the check above
+        site = _bus_site(network, bus_fare_fen, lists=lists, keys=keys, history=history, at=at)
+    cases = _Cases(site=site, at=at, rng=rng, issue=issue)
+    cases.torn()
+    cases.the_card(gate=station is not None)
+    cases.add("hotlisted", site.main, hot)
+    cases.riders()
     if station is not None:
-        add("already_entered", ENTRY, entered(issue.card(), 30))
-        add("exit_without_entry", EXIT, issue.card())
-        overtime = network.rules.overtime_s
-        if overtime is not None:
-            add("over_time", EXIT, entered(issue.card(), overtime / 60 + 10))
-            until.append(at + timedelta(seconds=overtime - 30 * 60))
-    window = network.rules.transfer_window_s
-    if window > 0:
-        rode = _ride(issue.card(), history_bus, at - timedelta(seconds=window / 2), rng)
-        if station is not None:
-            rode = _ride(rode, elsewhere, at - timedelta(seconds=window / 4), rng)
-        add("inside_transfer_window", trip_device, rode)
-        until.append(at + timedelta(seconds=window / 2))
-    # A card that wore out, or broke.
-    add("counter_exhausted", main, issue.card().replace(offline_counter=0xFFFF))
-    damaged = issue.card()
-    add("damaged_ef15", main, damaged.replace(
-        ef15=damaged.ef15[:20] + b"\xff" * 10, ef15_damaged=True))  # fmt: skip
-
-    loads: dict[str, int] = {}
-    zoo_cards: list[ZooCard] = []
-    for n, (case, device, image) in enumerate(cards, 1):
-        zoo_cards.append(ZooCard(f"{n:02d}-{case}.json", case, device, image, _serial(image)))
+        cases.trips(network)
+    cases.transfer(network)
+    cases.broken()
     if kiosk:
-        most = room(CAP_FEN - 1000, AmountRules())
-        for case, balance, amount in (
-            ("kiosk_most_loadable", CAP_FEN - 1000, most),
-            ("kiosk_one_fen_over_cap", CAP_FEN - 1000, most + 1),
-            ("kiosk_at_cap_one_fen", CAP_FEN, 1),
-        ):
-            image = issue.card(balance=balance)
-            name = f"{len(zoo_cards) + 1:02d}-{case}.json"
-            zoo_cards.append(ZooCard(name, case, KIOSK, image, _serial(image)))
-            loads[name] = amount
-    return Zoo(network, at, devices, tuple(zoo_cards), keys_file, kiosk, reader, loads, min(until))
-
-
-def _serial(image: CardImage) -> str:
-    """The 20-digit serial of EF15; for a damaged EF15, the digits it still holds."""
-    return image.ef15[10:20].hex()
+        cases.kiosk()
+    return Zoo(
+        network,
+        at,
+        site.devices,
+        tuple(cases.cards),
+        keys_file,
+        kiosk,
+        reader,
+        cases.loads,
+        min(cases.until),
+    )
 
 
 def answer(config: DeviceConfig, image: CardImage, at: datetime) -> Expect:
