@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -301,3 +304,38 @@ def test_card_show_reads_the_damaged_ef15_card(
     assert doc["ef15"].endswith("FF" * 10)
     assert main(["card", "show", str(folder / card["file"])]) == 0
     assert card["serial"] in capsys.readouterr().out
+
+
+def test_farelabs_kiosk_does_what_the_answer_key_says(tmp_path: Path) -> None:
+    manifest = make_zoo(tmp_path / "zoo", "--network", "taiyuan", "--bus", "1", "--kiosk")
+    kiosk = [c for c in manifest["cards"] if c["device"] == "zoo-kiosk"]
+    assert len(kiosk) == 3
+    for card in kiosk:
+        expect = card["expect"]
+        amount = f"{expect['fare_fen'] // 100}.{expect['fare_fen'] % 100:02d}"
+        path = tmp_path / "zoo" / card["file"]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "farelab",
+                "topup",
+                "load",
+                str(path),
+                "--amount",
+                amount,
+                "--json",
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        seen = json.loads(done.stdout)
+        # The manifest's words are the interface's: the kiosk's "refused" is "rejected".
+        result = {"refused": "rejected"}.get(seen["result"], seen["result"])
+        assert result == expect["result"], (card["case"], done.stderr)
+        assert seen["reason"] == expect["reason"], card["case"]
+        assert load_image(path).balance == expect["balance_fen"]
