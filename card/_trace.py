@@ -247,9 +247,16 @@ class TracingEndpoint:
         return self.card.atr()
 
     def transmit(self, apdu: bytes) -> bytes:
-        """One exchange, recorded."""
+        """One exchange, recorded — also when the card leaves the field instead of answering
+        (a card that misbehaves on purpose)."""
         start = time.perf_counter()
-        answer = self.card.transmit(apdu)
+        try:
+            answer = self.card.transmit(apdu)
+        except ReaderError as exc:
+            self._trace.exchange(
+                self._name, apdu, None, time.perf_counter() - start, str(exc) or "no answer"
+            )
+            raise
         self._trace.exchange(self._name, apdu, answer, time.perf_counter() - start)
         return answer
 

@@ -21,6 +21,7 @@ import pytest
 
 from farelab.card import (
     MISMATCH_SW,
+    CardRemovedError,
     Exchange,
     InProcessReader,
     SimulatedCard,
@@ -28,6 +29,7 @@ from farelab.card import (
     TraceError,
     TraceEvent,
     TraceWriter,
+    TracingEndpoint,
     TracingReader,
     decode_apdu,
     find_tears,
@@ -418,3 +420,31 @@ def test_a_card_served_from_trace_through_pcscd_gets_the_original_result(
     assert len(rows) > 4
     for row, mark in zip(rows[1:], marks(rows), strict=True):
         assert mark == ("~" if "DEBIT" in row or "UPDATE CAPP" in row else "="), row
+
+
+class _Vanishing:
+    """A card that leaves the field at its first command."""
+
+    def power_on(self) -> bytes:
+        return b"\x3b\x00"
+
+    def power_off(self) -> None:
+        pass
+
+    def atr(self) -> bytes:
+        return b"\x3b\x00"
+
+    def transmit(self, apdu: bytes) -> bytes:
+        raise CardRemovedError("the card left the field")
+
+
+def test_the_card_side_records_a_card_that_leaves_instead_of_answering(tmp_path: Path) -> None:
+    trace = tmp_path / "card.jsonl"
+    writer = TraceWriter(trace)
+    card_side = TracingEndpoint(_Vanishing(), writer)
+    with pytest.raises(CardRemovedError):
+        card_side.transmit(bytes.fromhex("805C000204"))
+    writer.close()
+    (item,) = read_trace(trace)
+    assert isinstance(item, Exchange)
+    assert (item.reader, item.sw, item.error) == ("card", None, "the card left the field")
