@@ -18,8 +18,8 @@
   hook :func:`checkpoint`, and :func:`describe_path` / :func:`shown` for error messages.
 - APDU traces: :class:`TracingReader` and :class:`TracingEndpoint` write each exchange to a
   :class:`TraceWriter` as a JSON line; :func:`read_trace`, :func:`decode_apdu`,
-  :func:`sw_meaning` and :func:`find_tears` read it back as an analyser would; :class:`TraceCard`
-  answers a terminal from a recording.
+  :func:`sw_meaning`, :func:`find_tears` and :func:`format_trace` read it back as an analyser
+  would; :class:`TraceCard` answers a terminal from a recording.
 """
 
 from __future__ import annotations
@@ -143,6 +143,8 @@ from farelab.card._trace import (
     TracingReader,
     decode_apdu,
     find_tears,
+    format_exchange,
+    format_trace,
     read_trace,
     sw_meaning,
 )
@@ -268,6 +270,8 @@ __all__ = [
     "drive",
     "fen_to_yuan",
     "find_tears",
+    "format_exchange",
+    "format_trace",
     "full_serial",
     "is_weak_pin",
     "list_readers",

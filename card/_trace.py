@@ -44,6 +44,8 @@ __all__ = [
     "TracingReader",
     "decode_apdu",
     "find_tears",
+    "format_exchange",
+    "format_trace",
     "read_trace",
     "sw_meaning",
 ]
@@ -553,6 +555,58 @@ def find_tears(items: Sequence[Exchange | TraceEvent]) -> dict[int, str]:
             notes[index] = f"proof of the transaction torn at #{torn + 1}: {verdict}"
             torn = None
     return notes
+
+
+#: How many hex digits of a long field a decoded line shows unless asked for all of them.
+_SHORT = 32
+
+
+def _short(value: str, full: bool) -> str:
+    if full or len(value) <= _SHORT:
+        return value
+    return f"{value[:_SHORT]}…({len(value) // 2} bytes)"
+
+
+def _fields(fields: dict[str, str], full: bool) -> str:
+    return " ".join(f"{k}={_short(v, full)}" for k, v in fields.items())
+
+
+def format_exchange(
+    number: int, item: Exchange, note: str | None = None, *, full: bool = False
+) -> str:
+    """One exchange as ``farelab trace show`` prints it: number, time of day, elapsed time,
+    reader, the command's name and fields, the status word and its meaning, the answer's fields
+    and ``note`` (a tear); long data cut to 16 bytes unless ``full``."""
+    decoded = decode_apdu(item.command, item.response)
+    clock = item.time[11:23] if len(item.time) >= 23 else item.time
+    head = f"{number:>4}  {clock}  {item.elapsed_ms:>8.3f} ms  {item.reader}  {decoded.name}"
+    fields = _fields(decoded.fields, full)
+    if item.sw is None:
+        answer = f"-> no answer ({item.error or 'card gone'})"
+    else:
+        answer = f"-> {item.sw:04X} {sw_meaning(item.sw)}"
+        extra = _fields(decoded.answer, full)
+        if extra:
+            answer += f": {extra}"
+    text = f"{head}  {fields}  {answer}" if fields else f"{head}  {answer}"
+    return f"{text}  !! {note}" if note else text
+
+
+def format_trace(items: Sequence[Exchange | TraceEvent], *, full: bool = False) -> list[str]:
+    """A whole trace as ``farelab trace show`` prints it: one line an exchange (numbered from
+    1), a ``-`` line for each power-up or power-down, tears and their proofs noted."""
+    notes = find_tears(items)
+    lines: list[str] = []
+    number = 0
+    for index, item in enumerate(items):
+        if isinstance(item, TraceEvent):
+            atr = f" ATR {item.atr.hex().upper()}" if item.atr else ""
+            word = "card powered up" if item.event == "connect" else "card powered down"
+            lines.append(f"   -  {item.reader}  {word}{atr}")
+            continue
+        number += 1
+        lines.append(format_exchange(number, item, notes.get(index), full=full))
+    return lines
 
 
 # --- replay ----------------------------------------------------------------------------------

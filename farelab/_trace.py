@@ -15,14 +15,12 @@ from farelab.card import (
     TraceEvent,
     decode_apdu,
     find_tears,
+    format_trace,
     read_trace,
     sw_meaning,
 )
 
 __all__ = ["exchange_json", "register"]
-
-#: How many hex digits of a long field ``show`` prints unless asked for all of them.
-_SHORT = 32
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,16 +66,6 @@ def _read(path: Path) -> list[Exchange | TraceEvent]:
         raise CliError(str(exc)) from None
 
 
-def _short(value: str, full: bool) -> str:
-    if full or len(value) <= _SHORT:
-        return value
-    return f"{value[:_SHORT]}…({len(value) // 2} bytes)"
-
-
-def _fields(fields: dict[str, str], full: bool) -> str:
-    return " ".join(f"{k}={_short(v, full)}" for k, v in fields.items())
-
-
 def exchange_json(number: int, item: Exchange, note: str | None) -> dict[str, Any]:
     """One exchange decoded, as ``trace show --json`` prints it."""
     decoded = decode_apdu(item.command, item.response)
@@ -96,39 +84,19 @@ def exchange_json(number: int, item: Exchange, note: str | None) -> dict[str, An
     }
 
 
-def _line(number: int, item: Exchange, note: str | None, full: bool) -> str:
-    decoded = decode_apdu(item.command, item.response)
-    clock = item.time[11:23] if len(item.time) >= 23 else item.time
-    head = f"{number:>4}  {clock}  {item.elapsed_ms:>8.3f} ms  {item.reader}  {decoded.name}"
-    fields = _fields(decoded.fields, full)
-    if item.sw is None:
-        answer = f"-> no answer ({item.error or 'card gone'})"
-    else:
-        answer = f"-> {item.sw:04X} {sw_meaning(item.sw)}"
-        extra = _fields(decoded.answer, full)
-        if extra:
-            answer += f": {extra}"
-    text = f"{head}  {fields}  {answer}" if fields else f"{head}  {answer}"
-    return f"{text}  !! {note}" if note else text
-
-
 def _show(args: argparse.Namespace) -> int:
     items = _read(args.path)
+    if not args.json:
+        for line in format_trace(items, full=args.full):
+            print(line)
+        return 0
     notes = find_tears(items)
     number = 0
     for index, item in enumerate(items):
-        if isinstance(item, TraceEvent):
-            if not args.json:
-                atr = f" ATR {item.atr.hex().upper()}" if item.atr else ""
-                word = "card powered up" if item.event == "connect" else "card powered down"
-                print(f"   -  {item.reader}  {word}{atr}")
-            continue
-        number += 1
-        note = notes.get(index)
-        if args.json:
-            print(json.dumps(exchange_json(number, item, note), ensure_ascii=False))
-        else:
-            print(_line(number, item, note, args.full))
+        if isinstance(item, Exchange):
+            number += 1
+            doc = exchange_json(number, item, notes.get(index))
+            print(json.dumps(doc, ensure_ascii=False))
     return 0
 
 
