@@ -163,9 +163,10 @@ class _Ctx:
         return Outcome(self.image, self.session, data + _sw(sw))
 
     def ok(self, data: bytes = b"") -> Outcome:
-        """Success, its data sent as far as Le asks (docs/card-protocol.md, "Lengths"): none
-        without Le (kept for GET RESPONSE); all of it for Le 00 or its exact length; any other
-        Le is ``6Cxx`` and the command is not executed (the session as the command found it)."""
+        """Success, its data sent as far as Le asks: none without Le (kept for GET RESPONSE);
+        all of it for Le 00 or its exact length; any other Le is ``6Cxx`` and the command is not
+        executed, the session left as the command found it (docs/card-protocol.md, "Lengths,
+        classes and the reader")."""
         le = self.cmd.le
         if not data or le in (256, len(data)):
             return Outcome(self.image, self.session, data + _OK)

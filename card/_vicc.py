@@ -7,7 +7,8 @@ many bytes.  From vpcd, a 1-byte message is a control — 00 power off, 01 power
 vpcd also passes a terminal's 1-byte C-APDU on as a 1-byte message: any other 1-byte message goes
 to the card as a C-APDU (which answers ``6700``, wrong length), so that the terminal, and every
 other client of the reader, is not left waiting; a 1-byte C-APDU ``00``, ``01``, ``02`` or ``04``
-cannot be told from vpcd's controls and is taken as one (docs/card-protocol.md, "Lengths").
+cannot be told from vpcd's controls and is taken as one (docs/card-protocol.md, "Lengths,
+classes and the reader").
 pcscd polls for the ATR about every 400 ms to see that the card is still there; closing the
 socket takes the card out of the field.  A card that misbehaves (:class:`card.BehavingCard`)
 leaves by closing it, and stays away at least :data:`SEEN_GONE` seconds: vpcd only tells pcscd a
