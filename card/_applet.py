@@ -60,6 +60,7 @@ MF_FID = b"\x3f\x00"
 SFI_PUBLIC, SFI_HOLDER, SFI_MANAGEMENT = 0x15, 0x16, 0x17
 SFI_LOG, SFI_TRANSIT, SFI_TRIPS = 0x18, 0x1A, 0x1E
 SFI_SOCIAL_HOLDER = 0x05
+SFI_DIRECTORY = 0x01
 MAX_CACHED_RECORDS = 4
 KEY_INDEX = 0x01
 
@@ -72,6 +73,8 @@ class App(enum.Enum):
     TRANSIT_BLOCKED = "transit-blocked"
     SOCIAL = "social"
     BANK = "bank"
+    PSE = "pse"
+    """The payment-system environment (``1PAY.SYS.DDF01``), its directory file readable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +325,10 @@ def _select(ctx: _Ctx) -> Outcome:
         app, prop = App.SOCIAL, _tlv(b"\x88", bytes((SFI_SOCIAL_HOLDER,)))
     elif aid == BANK_AID:
         app, prop = App.BANK, _tlv(b"\x50", b"FARELAB BANK")
-    elif aid in (PSE_NAME, PPSE_NAME):
+    elif aid == PSE_NAME:
+        directory = _tlv(b"\xbf\x0c", _DIRECTORY)
+        app, prop = App.PSE, _tlv(b"\x88", bytes((SFI_DIRECTORY,))) + directory
+    elif aid == PPSE_NAME:
         app, prop = App.NONE, _tlv(b"\xbf\x0c", _DIRECTORY)
     else:
         ctx.session = replace(ctx.session, app=App.NONE, pin_ok=False)
@@ -339,13 +345,15 @@ def _directory_entry(aid: bytes, label: bytes, priority: int) -> bytes:
     )
 
 
-# The payment-system environment's directory (EMV Book 1 12.2.3, the PPSE's form also for the
-# PSE): every application of the card, so that generic tools find them without knowing the AIDs.
+# The payment-system environment's directory (EMV Book 1 12.2.3): every application of the card,
+# so that generic tools find them without knowing the AIDs. The PPSE's FCI carries it; the PSE's
+# carries it too, and its directory file (SFI 1) holds it as one record.
 _DIRECTORY = (
     _directory_entry(TRANSIT_AID, b"T-UNION TRANSIT", 1)
     + _directory_entry(SOCIAL_AID, b"SOCIAL SECURITY", 2)
     + _directory_entry(BANK_AID, b"FARELAB BANK", 3)
 )
+_DIRECTORY_RECORD = _tlv(b"\x70", _DIRECTORY)
 
 
 def _refusal_outside(ctx: _Ctx, wanted: App) -> int | None:
@@ -357,7 +365,7 @@ def _refusal_outside(ctx: _Ctx, wanted: App) -> int | None:
         return SW.APP_BLOCKED
     if app is App.BANK:
         return SW.SECURITY_STATUS
-    if app is App.NONE:
+    if app in (App.NONE, App.PSE):
         return SW.CONDITIONS
     return SW.INS_NOT_SUPPORTED
 
@@ -383,6 +391,8 @@ def _binary_files(ctx: _Ctx) -> dict[int, bytes] | int:
 
 
 def _record_files(ctx: _Ctx) -> dict[int, tuple[bytes, ...]]:
+    if ctx.session.app is App.PSE:
+        return {SFI_DIRECTORY: (_DIRECTORY_RECORD,)}
     if ctx.session.app is not App.TRANSIT:
         return {}
     img = ctx.image
@@ -424,7 +434,7 @@ def _read_record(ctx: _Ctx) -> Outcome:
         return ctx.answer(SW.WRONG_P1P2)
     sfi = cmd.p2 >> 3
     app = ctx.session.app
-    if app is not App.TRANSIT:
+    if app not in (App.TRANSIT, App.PSE):
         refusal = {App.BANK: SW.SECURITY_STATUS, App.TRANSIT_BLOCKED: SW.APP_BLOCKED}
         return ctx.answer(refusal.get(app, SW.NOT_FOUND))
     records = _record_files(ctx).get(sfi)

@@ -285,6 +285,23 @@ def test_select_of_the_payment_system_environment_lists_the_applications(
     assert card.send(select + "05") == (b"", 0x6C00 | len(data))
 
 
+def test_the_pse_keeps_its_directory_in_a_record_file_as_emv_contact_tools_read_it(
+    card: Card,
+) -> None:
+    data, _ = card.send(f"00A404000E{PSE_NAME.hex()}00")
+    a5 = dict(_tlvs(dict(_tlvs(_tlvs(data)[0][1]))[b"\xa5"]))
+    assert a5[b"\x88"] == b"\x01"
+    record, sw = card.send("00B2010C00")
+    assert sw == 0x9000
+    [(tag, body)] = _tlvs(record)
+    assert tag == b"\x70"
+    assert [dict(_tlvs(e))[b"\x4f"] for _, e in _tlvs(body)] == [TRANSIT_AID, SOCIAL_AID, BANK_AID]
+    assert card.sw("00B2020C00") == 0x6A83
+    assert card.sw("805C000204") == 0x6985  # no application selected
+    card.send(f"00A404000E{PPSE_NAME.hex()}00")
+    assert card.sw("00B2010C00") == 0x6A82  # the PPSE has no file
+
+
 # --- the reader's GET UID -------------------------------------------------------------------------
 
 

@@ -9,10 +9,33 @@ to say what a correct terminal does.
   :func:`parse_moment` reads the moment a zoo assumes; :class:`ZooError` for arguments that do
   not fit the network.  The foreign issuers it uses are :data:`FOREIGN_LISTED` and
   :data:`FOREIGN_UNLISTED`.
+- The conformance run: :func:`load_manifest` reads a zoo (:class:`ZooManifest` of
+  :class:`ZooEntry`), :func:`select_cards` picks the cards to present, :func:`run_zoo` presents
+  each in a vpcd slot (:func:`present`, :func:`vpcd_port`) to a terminal under test and
+  :func:`judge` compares the card's end state with the answer key: a :class:`CardResult` with
+  what the card showed (:class:`Seen`) and how its presentation went (:class:`Presence`);
+  :func:`describe_expect` words an expectation; :class:`RunError` for a zoo or reader the run
+  cannot use.
 
 See docs/testbed.md.
 """
 
+from farelab.testbed._run import (
+    VPCD_BASE_PORT,
+    CardResult,
+    Presence,
+    RunError,
+    Seen,
+    ZooEntry,
+    ZooManifest,
+    describe_expect,
+    judge,
+    load_manifest,
+    present,
+    run_zoo,
+    select_cards,
+    vpcd_port,
+)
 from farelab.testbed._zoo import (
     FOREIGN_LISTED,
     FOREIGN_UNLISTED,
@@ -31,12 +54,26 @@ __all__ = [
     "FOREIGN_LISTED",
     "FOREIGN_UNLISTED",
     "KIOSK",
+    "VPCD_BASE_PORT",
+    "CardResult",
     "Expect",
+    "Presence",
+    "RunError",
+    "Seen",
     "Zoo",
     "ZooCard",
+    "ZooEntry",
     "ZooError",
+    "ZooManifest",
     "answer",
     "build_zoo",
+    "describe_expect",
+    "judge",
+    "load_manifest",
     "parse_moment",
+    "present",
+    "run_zoo",
+    "select_cards",
+    "vpcd_port",
     "write_zoo",
 ]

@@ -1,0 +1,262 @@
+"""``farelab testbed``: put a terminal farelab did not write in front of farelab's cards, and
+score it against the card zoo's answer key (:mod:`farelab.testbed`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from farelab._errors import CliError
+from farelab.card import ViccError, describe_path, format_trace
+from farelab.testbed import (
+    CardResult,
+    Presence,
+    RunError,
+    describe_expect,
+    load_manifest,
+    run_zoo,
+    select_cards,
+    vpcd_port,
+)
+
+__all__ = ["junit_xml", "register"]
+
+DEFAULT_READER = "Virtual PCD 00 00"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 3600")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``testbed`` and its subcommands."""
+    testbed = sub.add_parser(
+        "testbed",
+        help="score a terminal farelab did not write against the card zoo's answer key",
+        description="A testbed for other people's validators and kiosks (docs/testbed.md).",
+    )
+    cmds = testbed.add_subparsers(dest="testbed_command", required=True, metavar="SUBCOMMAND")
+    run = cmds.add_parser(
+        "run",
+        help="present every zoo card to the terminal under test and judge what it did",
+        description="Present each card of a zoo (farelab card zoo) in pcscd's virtual reader, "
+        "one after the other; wait until the terminal under test is done with it (no APDU "
+        "for --quiet seconds after its first, or --timeout), take it away, and compare the "
+        "card's end state — purchases, balance, records, counters, TACs, blocking — with the "
+        "zoo's answer key. Prints a table (the exchanges of every failing card), and exits 0 "
+        "when every card passed, 1 when one failed, 2 on bad input.",
+    )
+    run.add_argument("--zoo", type=Path, required=True, metavar="DIR", help="the zoo's folder")
+    run.add_argument(
+        "--reader",
+        action="append",
+        metavar="[DEVICE=]NAME",
+        help="the virtual reader the terminal under test reads (default "
+        f"{DEFAULT_READER!r}); DEVICE=NAME for one device of the zoo (a gate zoo's "
+        "zoo-entry and zoo-exit in two readers), repeatable",
+    )
+    run.add_argument("--vpcd-host", default="127.0.0.1", metavar="HOST", help="where vpcd listens")
+    run.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="take a card away after S seconds at most (default 10)",
+    )
+    run.add_argument(
+        "--quiet",
+        type=_seconds,
+        default=0.5,
+        metavar="S",
+        help="the terminal is done with a card after S seconds without an APDU (default 0.5)",
+    )
+    run.add_argument(
+        "--cases", metavar="CASE,…", help="present only these cases of the zoo (comma-separated)"
+    )
+    run.add_argument(
+        "--device", action="append", metavar="ID", help="present only the cards of this device"
+    )
+    run.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML report")
+    run.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    run.add_argument(
+        "--trace", type=Path, metavar="FILE", help="append every exchange the cards saw"
+    )
+    run.add_argument(
+        "--kind", choices=("validator", "kiosk"), default="validator", help=argparse.SUPPRESS
+    )
+    run.add_argument("--behaviour", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    run.set_defaults(func=_run)
+
+
+def _slots(
+    readers: Sequence[str] | None, devices: set[str], host: str
+) -> dict[str, tuple[str, int]]:
+    """``--reader`` values → each device's vpcd slot."""
+    slots: dict[str, tuple[str, int]] = {}
+    default: tuple[str, int] | None = None
+    for text in readers or [DEFAULT_READER]:
+        device, sep, name = text.partition("=")
+        try:
+            slot = (host, vpcd_port(name if sep else text))
+        except RunError as exc:
+            raise CliError(f"--reader: {exc}") from None
+        if not sep:
+            default = slot
+        elif device not in devices:
+            known = ", ".join(sorted(devices))
+            raise CliError(f"--reader {text!r}: the zoo has no device {device!r} ({known})")
+        else:
+            slots[device] = slot
+    if default is not None:
+        for device in devices:
+            slots.setdefault(device, default)
+    return slots
+
+
+def _timing(results: Sequence[CardResult]) -> str:
+    n = len(results)
+    if not n:
+        return "no card presented"
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / n
+
+    total = sum(r.seconds for r in results)
+    presences: list[Presence] = [r.presence for r in results]
+    first = mean([p.to_first_apdu for p in presences])
+    busy = mean([p.busy for p in presences])
+    quiet = mean([p.quiet for p in presences])
+    away = mean([r.seconds for r in results]) - first - busy - quiet
+    return (
+        f"{n} cards in {total:.1f} s, {total / n:.2f} s a card: {first:.2f} s until the "
+        f"terminal's first APDU (pcscd's presence poll and the terminal's), {busy:.2f} s of "
+        f"APDUs, {quiet:.2f} s waiting for quiet, {away:.2f} s taking the card away"
+    )
+
+
+def _row(result: CardResult) -> str:
+    verdict = "pass" if result.passed else "FAIL"
+    return (
+        f"{result.entry.file:<40} {describe_expect(result.entry.expect):<44} "
+        f"{result.seen.describe():<44} {verdict}"
+    )
+
+
+def _report_failure(result: CardResult) -> None:
+    for problem in result.seen.problems:
+        print(f"    ! {problem}")
+    for line in format_trace(result.trace):
+        print(f"    {line}")
+
+
+def junit_xml(network: str, results: Sequence[CardResult]) -> bytes:
+    """The results as a JUnit XML document (one testcase a card)."""
+    failed = sum(not r.passed for r in results)
+    suites = ET.Element("testsuites")
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"farelab testbed ({network})",
+        tests=str(len(results)),
+        failures=str(failed),
+        errors="0",
+        time=f"{sum(r.seconds for r in results):.3f}",
+    )
+    for result in results:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"zoo.{network}",
+            name=f"{result.entry.file} {result.entry.case}",
+            time=f"{result.seconds:.3f}",
+        )
+        if not result.passed:
+            failure = ET.SubElement(
+                case,
+                "failure",
+                message="; ".join(result.seen.problems),
+                type="conformance",
+            )
+            failure.text = "\n".join(
+                [
+                    f"expected: {describe_expect(result.entry.expect)}",
+                    f"seen:     {result.seen.describe()}",
+                    *format_trace(result.trace),
+                ]
+            )
+    document: bytes = ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return document
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise CliError(f"{describe_path(path)}: cannot write: {exc.strerror or exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.kind != "validator":
+        raise CliError("--kind kiosk is not yet supported: the run judges validators' cards only")
+    if args.behaviour is not None:
+        raise CliError("--behaviour is not yet supported by testbed run")
+    try:
+        manifest = load_manifest(args.zoo)
+        cases = None if args.cases is None else {c.strip() for c in args.cases.split(",")}
+        devices = None if args.device is None else set(args.device)
+        cards = select_cards(manifest, cases=cases, devices=devices)
+    except RunError as exc:
+        raise CliError(str(exc)) from None
+    slots = _slots(args.reader, {c.device for c in cards}, args.vpcd_host)
+    print(f"{'card':<40} {'expected':<44} {'seen':<44} result", flush=True)
+
+    def show(result: CardResult) -> None:
+        print(_row(result), flush=True)
+        if not result.passed:
+            _report_failure(result)
+
+    began = time.monotonic()
+    try:
+        results = run_zoo(
+            manifest,
+            cards,
+            slots=slots,
+            quiet=args.quiet,
+            timeout=args.timeout,
+            trace=args.trace,
+            on_result=show,
+        )
+    except RunError as exc:
+        raise CliError(str(exc)) from None
+    except ViccError as exc:
+        raise CliError(str(exc)) from None
+    passed = sum(r.passed for r in results)
+    failed = len(results) - passed
+    print(
+        f"{passed} of {len(results)} cards passed, {failed} failed "
+        f"({time.monotonic() - began:.1f} s); {_timing(results)}"
+    )
+    if args.json is not None:
+        doc: dict[str, Any] = {
+            "cards": len(results),
+            "passed": passed,
+            "failed": failed,
+            "results": [r.to_json() for r in results],
+        }
+        _write(args.json, (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode())
+    if args.junit is not None:
+        _write(args.junit, junit_xml(manifest.network, results))
+    sys.stdout.flush()
+    return 0 if failed == 0 else 1

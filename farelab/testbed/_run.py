@@ -1,0 +1,521 @@
+"""The conformance run: each zoo card presented to a terminal farelab did not write, through
+pcscd's virtual reader, and the card's end state judged against the zoo's answer key.
+
+The judging is a pure function (:func:`judge`) of the card as it went in, the card as it came
+out, the exchanges it saw and the answer key; :func:`present` is the shell that serves one card
+in a vpcd slot until the terminal is done with it; :func:`run_zoo` does both for every card of
+a zoo (:func:`load_manifest`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farelab.card import (
+    DEMO_KEYS,
+    CardEndpoint,
+    CardImage,
+    Exchange,
+    ImageError,
+    IssuerKeys,
+    KeysFileError,
+    LogRecord,
+    MemoryStore,
+    SimulatedCard,
+    TacVerifier,
+    TraceEvent,
+    TraceWriter,
+    TracingEndpoint,
+    TxType,
+    ViccClient,
+    describe_path,
+    fen_to_yuan,
+    load_image,
+    load_keys_file,
+    read_trace,
+)
+from farelab.testbed._zoo import KIOSK, Expect
+
+__all__ = [
+    "VPCD_BASE_PORT",
+    "CardResult",
+    "Presence",
+    "RunError",
+    "Seen",
+    "ZooEntry",
+    "ZooManifest",
+    "describe_expect",
+    "judge",
+    "load_manifest",
+    "present",
+    "run_zoo",
+    "select_cards",
+    "vpcd_port",
+]
+
+VPCD_BASE_PORT = 35963
+"""vpcd's port for the slot "Virtual PCD 00 00"; slot N listens on this port + N."""
+AWAY_S = 0.8
+"""How long a card stays out between two presentations: vpcd reports a card gone only when
+pcscd's presence poll (every 0.4 s) finds no connection."""
+_TICK = 0.02
+
+
+class RunError(ValueError):
+    """A zoo, a reader or an option the run cannot use; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class ZooEntry:
+    """One card of a zoo's manifest."""
+
+    file: str
+    case: str
+    device: str
+    expect: Expect
+
+
+@dataclass(frozen=True, slots=True)
+class ZooManifest:
+    """A zoo as the run reads it: its folder, its cards, the devices' terminal ids and the
+    issuer keys its cards carry."""
+
+    folder: Path
+    network: str
+    cards: tuple[ZooEntry, ...]
+    terminals: Mapping[str, bytes]
+    keys: IssuerKeys
+
+
+def _need(doc: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise RunError(f"{where}: key {key!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _expect(doc: Any, where: str) -> Expect:
+    if not isinstance(doc, dict):
+        raise RunError(f"{where}: key 'expect' is not an object")
+    result = _need(doc, "result", str, where)
+    if result not in ("accepted", "rejected", "loaded"):
+        raise RunError(f"{where}: expect.result {result!r} is not accepted, rejected or loaded")
+    reason = doc.get("reason")
+    balance = doc.get("balance_fen")
+    if reason is not None and not isinstance(reason, str):
+        raise RunError(f"{where}: expect.reason is not a string")
+    if balance is not None and not isinstance(balance, int):
+        raise RunError(f"{where}: expect.balance_fen is not a number of fen")
+    return Expect(result, reason, _need(doc, "fare_fen", int, where), balance)
+
+
+def load_manifest(folder: Path) -> ZooManifest:
+    """Read ``folder/manifest.json`` (written by ``farelab card zoo``) and the keys it names;
+    RunError naming the file and the key when it cannot be used."""
+    path = folder / "manifest.json"
+    where = describe_path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{where}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(doc, dict):
+        raise RunError(f"{where}: not a zoo manifest")
+    device = _need(doc, "device", dict, where)
+    terminals: dict[str, bytes] = {}
+    for i, dev in enumerate(_need(device, "devices", list, where)):
+        here = f"{where}: device.devices[{i}]"
+        if not isinstance(dev, dict):
+            raise RunError(f"{here}: not an object")
+        try:
+            terminals[_need(dev, "id", str, here)] = bytes.fromhex(
+                _need(dev, "terminal_id", str, here)
+            )
+        except ValueError:
+            raise RunError(f"{here}: terminal_id is not hex") from None
+    keys_name = device.get("keys", "demo")
+    keys = DEMO_KEYS
+    if keys_name != "demo":
+        if not isinstance(keys_name, str):
+            raise RunError(f"{where}: device.keys is not a file name")
+        try:
+            keys = load_keys_file(Path(keys_name))
+        except KeysFileError as exc:
+            raise RunError(f"{where}: device.keys: {exc}") from None
+    cards = []
+    for i, card in enumerate(_need(doc, "cards", list, where)):
+        here = f"{where}: cards[{i}]"
+        if not isinstance(card, dict):
+            raise RunError(f"{here}: not an object")
+        cards.append(
+            ZooEntry(
+                _need(card, "file", str, here),
+                _need(card, "case", str, here),
+                _need(card, "device", str, here),
+                _expect(card.get("expect"), here),
+            )
+        )
+    return ZooManifest(folder, str(doc.get("network", "")), tuple(cards), terminals, keys)
+
+
+def vpcd_port(reader: str) -> int:
+    """The vpcd port behind a virtual reader's PC/SC name (``Virtual PCD 00 01`` → 35964)."""
+    match = re.fullmatch(r"Virtual PCD \d\d (\d\d)", reader.strip())
+    if match is None:
+        raise RunError(
+            f"reader {reader!r} is not one of vpcd's virtual readers ('Virtual PCD 00 NN')"
+        )
+    return VPCD_BASE_PORT + int(match.group(1))
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What the card shows after the terminal had it: the purchases it committed (amounts,
+    newest last), its balance, whether it was blocked, the TACs checked, and what is wrong
+    with it by the answer key (empty when it passes)."""
+
+    debits: tuple[int, ...]
+    balance_fen: int
+    blocked: bool
+    apdus: int
+    problems: tuple[str, ...]
+    tac_valid: bool | None = None
+
+    @property
+    def result(self) -> str:
+        """``accepted`` (one purchase), ``rejected`` (none) or ``debited N times``."""
+        if not self.debits:
+            return "rejected"
+        if len(self.debits) == 1:
+            return "accepted"
+        return f"debited {len(self.debits)} times"
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``seen`` object of the run's JSON report."""
+        return {
+            "result": self.result,
+            "debits_fen": list(self.debits),
+            "balance_fen": self.balance_fen,
+            "blocked": self.blocked,
+            "tac_valid": self.tac_valid,
+            "apdus": self.apdus,
+            "problems": list(self.problems),
+        }
+
+    def describe(self) -> str:
+        """One line for the run's table."""
+        if self.apdus == 0:
+            return "untouched (no APDU)"
+        parts = []
+        if self.debits:
+            amounts = " + ".join(fen_to_yuan(d) for d in self.debits)
+            parts.append(f"debit {amounts}, balance {fen_to_yuan(self.balance_fen)}")
+            if self.tac_valid is not None:
+                parts.append("TAC ok" if self.tac_valid else "TAC BAD")
+        else:
+            parts.append(f"no debit, balance {fen_to_yuan(self.balance_fen)}")
+        if self.blocked:
+            parts.append("blocked")
+        return ", ".join(parts)
+
+
+def describe_expect(expect: Expect) -> str:
+    """The answer key's expectation as one line of the run's table."""
+    if expect.result == "accepted":
+        balance = (
+            "" if expect.balance_fen is None else f", balance {fen_to_yuan(expect.balance_fen)}"
+        )
+        reason = "" if expect.reason is None else f" ({expect.reason})"
+        return f"debit {fen_to_yuan(expect.fare_fen)}{balance}{reason}"
+    return f"no debit ({expect.reason})"
+
+
+def _debit_ttc(exchanges: Sequence[Exchange], record: LogRecord) -> int | None:
+    """The terminal counter of the DEBIT that wrote ``record`` (its date and time match)."""
+    for ex in reversed(exchanges):
+        cmd = ex.command
+        if len(cmd) >= 20 and cmd[1] == 0x54 and cmd[4] == 15:
+            data = cmd[5:20]
+            if data[4:8] == record.day and data[8:11] == record.time:
+                return int.from_bytes(data[0:4], "big")
+    return None
+
+
+def _tacs_valid(
+    before: CardImage,
+    after: CardImage,
+    records: Sequence[LogRecord],
+    exchanges: Sequence[Exchange],
+    keys: IssuerKeys,
+) -> bool:
+    """Whether each new purchase's TAC (kept with its proof) is the one the issuer's TAC key
+    gives for the record and the DEBIT that made it."""
+    public = before.public
+    verifier = TacVerifier(issuers={public.issuer_id: keys.tac}, cache_size=0)
+    proofs = {p.counter: p for p in after.proofs}
+    for record in records:
+        proof = proofs.get(record.counter + 1)
+        ttc = _debit_ttc(exchanges, record)
+        if proof is None or ttc is None:
+            return False
+        expected = verifier.purchase_tac(
+            alg=before.alg,
+            issuer_id=public.issuer_id,
+            serial8=public.serial8,
+            amount=record.amount,
+            tx_type=record.tx_type,
+            terminal=record.terminal,
+            ttc=ttc,
+            day=record.day,
+            time=record.time,
+        )
+        if expected != proof.tac:
+            return False
+    return True
+
+
+def judge(
+    entry: ZooEntry,
+    before: CardImage,
+    after: CardImage,
+    exchanges: Sequence[Exchange],
+    *,
+    terminal_id: bytes | None,
+    keys: IssuerKeys,
+) -> Seen:
+    """The card's end state against the answer key.
+
+    An ``accepted`` card must carry exactly one new purchase of the fare, by the device's
+    terminal, its TAC valid under the issuer's keys, and the expected balance; a ``rejected``
+    card must come out as it went in — no purchase, no load, no record changed — except that a
+    hotlisted card must come out blocked.  Two purchases are a second debit (a terminal that
+    charged again a card whose last transaction tore)."""
+    new = max(after.offline_counter - before.offline_counter, 0)
+    records = [LogRecord.decode(r) for r in after.log[:new]][::-1]
+    debits = tuple(r.amount for r in records)
+    problems: list[str] = []
+    tac_valid: bool | None = None
+    if records:
+        if not before.ef15_damaged:
+            tac_valid = _tacs_valid(before, after, records, exchanges, keys)
+            if not tac_valid:
+                problems.append("a purchase's TAC does not verify with the issuer's keys")
+        for record in records:
+            if record.tx_type not in (TxType.PURCHASE, TxType.CAPP_PURCHASE):
+                problems.append(f"a transaction of type {record.tx_type:02X} is not a purchase")
+            if terminal_id is not None and record.terminal != terminal_id:
+                problems.append(
+                    f"a purchase by terminal {record.terminal.hex().upper()}, "
+                    f"not the device's {terminal_id.hex().upper()}"
+                )
+    if after.online_counter != before.online_counter:
+        problems.append("the card was loaded")
+    expect = entry.expect
+    if expect.result == "accepted":
+        if len(debits) != 1:
+            problems.insert(0, f"{len(debits)} purchases where one was expected")
+        elif debits[0] != expect.fare_fen:
+            problems.insert(
+                0, f"charged {fen_to_yuan(debits[0])}, the fare is {fen_to_yuan(expect.fare_fen)}"
+            )
+        if expect.balance_fen is not None and after.balance != expect.balance_fen:
+            problems.append(
+                f"balance {fen_to_yuan(after.balance)}, expected {fen_to_yuan(expect.balance_fen)}"
+            )
+        if after.blocked and not before.blocked:
+            problems.append("the card was blocked")
+    elif expect.result == "rejected":
+        if debits:
+            what = "debited again after a tear" if expect.reason == "already_processed" else ""
+            problems.insert(0, f"{len(debits)} purchase(s) where none was expected {what}".strip())
+        elif (after.balance, after.log, after.metro, after.bus, after.trips) != (
+            before.balance,
+            before.log,
+            before.metro,
+            before.bus,
+            before.trips,
+        ):
+            problems.append("the card's records changed")
+        if expect.reason == "hotlisted" and not after.blocked:
+            problems.append("a hotlisted card was not blocked")
+        elif expect.reason != "hotlisted" and after.blocked and not before.blocked:
+            problems.append("the card was blocked")
+    else:
+        problems.append(f"a {expect.result!r} card is for a kiosk, not judged by this run")
+    apdus = sum(1 for _ in exchanges)
+    return Seen(debits, after.balance, after.blocked, apdus, tuple(problems), tac_valid)
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """How one presentation went: seconds from entering the field to the terminal's first
+    APDU (pcscd's presence poll and the terminal's own), from the first to the last APDU, the
+    quiet period waited after it, and whether the timeout ended it."""
+
+    to_first_apdu: float
+    busy: float
+    quiet: float
+    timed_out: bool
+
+
+def present(
+    card: CardEndpoint,
+    counter: Callable[[], int],
+    *,
+    host: str,
+    port: int,
+    quiet: float,
+    timeout: float,
+) -> Presence:
+    """Serve ``card`` in the vpcd slot at ``host:port`` until the terminal under test has been
+    quiet (``counter``, the APDUs the card answered, unchanged) for ``quiet`` seconds after
+    its first APDU, or ``timeout`` seconds passed; then take it away (and keep it away long
+    enough for pcscd to see it gone)."""
+    client = ViccClient(card, host=host, port=port)
+    client.connect(timeout=5.0)
+    stop = threading.Event()
+    server = threading.Thread(target=client.serve, kwargs={"stop": stop}, name="testbed-vicc")
+    start = time.monotonic()
+    server.start()
+    first: float | None = None
+    last = start
+    seen = counter()
+    timed_out = False
+    try:
+        while server.is_alive():
+            now = time.monotonic()
+            count = counter()
+            if count != seen:
+                seen, last = count, now
+                if first is None:
+                    first = now
+            if first is not None and now - last >= quiet:
+                break
+            if now - start >= timeout:
+                timed_out = True
+                break
+            time.sleep(_TICK)
+    finally:
+        stop.set()
+        server.join()
+    time.sleep(AWAY_S)
+    if first is None:
+        return Presence(time.monotonic() - start - AWAY_S, 0.0, 0.0, timed_out)
+    return Presence(first - start, last - first, quiet, timed_out)
+
+
+@dataclass(frozen=True, slots=True)
+class CardResult:
+    """One card of the run: the manifest's entry, what the card showed, the exchanges it saw
+    (trace items) and how its presentation went."""
+
+    entry: ZooEntry
+    seen: Seen
+    trace: tuple[Exchange | TraceEvent, ...]
+    presence: Presence
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        """Whether the card's end state is what the answer key says."""
+        return not self.seen.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """One of the JSON report's ``results``."""
+        return {
+            "file": self.entry.file,
+            "case": self.entry.case,
+            "expected": self.entry.expect.to_json(),
+            "seen": self.seen.to_json(),
+            "pass": self.passed,
+            "trace": [item.to_json() for item in self.trace],
+        }
+
+
+def select_cards(
+    manifest: ZooManifest, *, cases: Collection[str] | None, devices: Collection[str] | None
+) -> list[ZooEntry]:
+    """The manifest's cards a run presents: a validator's cards (not the kiosk's), restricted
+    to ``cases`` and ``devices`` when given (RunError for a name no card has)."""
+    chosen = [c for c in manifest.cards if c.device != KIOSK]
+    for names, what in ((cases, "case"), (devices, "device")):
+        if names is None:
+            continue
+        known = sorted({getattr(c, what) for c in chosen})
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise RunError(f"no {what} {', '.join(unknown)} in the zoo ({', '.join(known)})")
+        chosen = [c for c in chosen if getattr(c, what) in names]
+    return chosen
+
+
+def _apdus_of(sim: SimulatedCard) -> Callable[[], int]:
+    return lambda: sim.apdus
+
+
+def run_zoo(
+    manifest: ZooManifest,
+    cards: Sequence[ZooEntry],
+    *,
+    slots: Mapping[str, tuple[str, int]],
+    quiet: float = 0.5,
+    timeout: float = 10.0,
+    trace: Path | None = None,
+    on_result: Callable[[CardResult], None] | None = None,
+) -> list[CardResult]:
+    """Present each of ``cards`` in the vpcd slot (``slots``: device id → host and port) of
+    the device it is meant for, one after the other, and judge it; ``on_result`` hears each
+    result as it comes.  ``trace`` appends every exchange the cards saw (the trace format)."""
+    missing = sorted({c.device for c in cards} - set(slots))
+    if missing:
+        raise RunError(f"no reader for the zoo's device(s) {', '.join(missing)}")
+    results: list[CardResult] = []
+    with tempfile.TemporaryDirectory(prefix="farelab-testbed-") as work:
+        for n, entry in enumerate(cards):
+            try:
+                before = load_image(manifest.folder / entry.file)
+            except ImageError as exc:
+                raise RunError(str(exc)) from None
+            sim = SimulatedCard(before, store=MemoryStore())
+            card_trace = Path(work) / f"{n}.jsonl"
+            writer = TraceWriter(card_trace)
+            host, port = slots[entry.device]
+            began = time.monotonic()
+            try:
+                presence = present(
+                    TracingEndpoint(sim, writer),
+                    _apdus_of(sim),
+                    host=host,
+                    port=port,
+                    quiet=quiet,
+                    timeout=timeout,
+                )
+            finally:
+                writer.close()
+            items = tuple(read_trace(card_trace))
+            if trace is not None:
+                with trace.open("a", encoding="utf-8") as out:
+                    out.write(card_trace.read_text(encoding="utf-8"))
+            exchanges = [i for i in items if isinstance(i, Exchange)]
+            seen = judge(
+                entry,
+                before,
+                sim.image,
+                exchanges,
+                terminal_id=manifest.terminals.get(entry.device),
+                keys=manifest.keys,
+            )
+            result = CardResult(entry, seen, items, presence, time.monotonic() - began)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results
