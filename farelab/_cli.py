@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "measure tap latency, throughput and memory against their budgets",
     ),
     "trace": ("farelab._trace", "read APDU traces: decode one, or set two side by side"),
+    "testbed": (
+        "farelab._testbed",
+        "score a terminal farelab did not write against the card zoo's answer key",
+    ),
 }
 
 

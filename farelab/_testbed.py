@@ -149,7 +149,7 @@ def _timing(results: Sequence[CardResult]) -> str:
 def _row(result: CardResult) -> str:
     verdict = "pass" if result.passed else "FAIL"
     return (
-        f"{result.entry.file:<40} {describe_expect(result.entry.expect):<44} "
+        f"{result.entry.file:<40} {describe_expect(result.entry.expect):<50} "
         f"{result.seen.describe():<44} {verdict}"
     )
 
@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     except RunError as exc:
         raise CliError(str(exc)) from None
     slots = _slots(args.reader, {c.device for c in cards}, args.vpcd_host)
-    print(f"{'card':<40} {'expected':<44} {'seen':<44} result", flush=True)
+    print(f"{'card':<40} {'expected':<50} {'seen':<44} result", flush=True)
 
     def show(result: CardResult) -> None:
         print(_row(result), flush=True)
