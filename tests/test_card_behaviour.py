@@ -371,6 +371,21 @@ class Served:
             probe.close()
 
 
+def connect(reader: Any) -> None:
+    """Power the card up.  pcscd reports a card present as soon as vpcd has its connection, and
+    powers it a moment later: a connect in between gets "card is unpowered", so retry a while."""
+    deadline = time.monotonic() + 2
+    while True:
+        try:
+            reader.connect()
+        except CardRemovedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            return
+
+
 @pytest.fixture
 def pcsc(pcscd: None) -> Iterator[Any]:
     from farelab.card import VIRTUAL_READER, PcscReader  # noqa: PLC0415
@@ -400,25 +415,25 @@ def test_pcscd_vanish_makes_the_reader_see_the_card_leave_and_come_back(
     pcsc: Any, serve: Any
 ) -> None:
     serve(rules({"when": {"command": "SELECT", "occurrence": 1}, "do": "vanish"}))
-    pcsc.connect()
+    connect(pcsc)
     with pytest.raises(CardRemovedError):
         pcsc.transmit(SELECT)
     assert pcsc.wait_for_removal(3)
     assert pcsc.wait_for_card(3)  # back after away_ms
-    pcsc.connect()
+    connect(pcsc)
     assert pcsc.transmit(SELECT)[-2:] == b"\x90\x00"
 
 
 @pytest.mark.pcsc
 def test_pcscd_reset_leaves_and_comes_back_as_a_new_presentation(pcsc: Any, serve: Any) -> None:
     card = serve(rules({"when": {"command": "GET_BALANCE", "occurrence": 1}, "do": "reset"}))
-    pcsc.connect()
+    connect(pcsc)
     pcsc.transmit(SELECT)
     with pytest.raises(CardRemovedError):
         pcsc.transmit(GET_BALANCE)
     assert pcsc.wait_for_removal(3)
     assert pcsc.wait_for_card(3)
-    pcsc.connect()
+    connect(pcsc)
     pcsc.transmit(SELECT)
     assert balance_of(pcsc.transmit(GET_BALANCE)) == 5000
     assert card.state.presentation == 2
@@ -427,7 +442,7 @@ def test_pcscd_reset_leaves_and_comes_back_as_a_new_presentation(pcsc: Any, serv
 @pytest.mark.pcsc
 def test_pcscd_delay_answers_after_the_delay(pcsc: Any, serve: Any) -> None:
     serve(rules({"when": {"command": "GET_BALANCE"}, "do": {"action": "delay", "ms": 600}}))
-    pcsc.connect()
+    connect(pcsc)
     pcsc.transmit(SELECT)
     started = time.monotonic()
     assert balance_of(pcsc.transmit(GET_BALANCE)) == 5000
@@ -437,7 +452,7 @@ def test_pcscd_delay_answers_after_the_delay(pcsc: Any, serve: Any) -> None:
 @pytest.mark.pcsc
 def test_pcscd_corrupt_flips_the_answers_bytes(pcsc: Any, serve: Any) -> None:
     serve(rules({"when": {"command": "GET_BALANCE"}, "do": "corrupt"}))
-    pcsc.connect()
+    connect(pcsc)
     pcsc.transmit(SELECT)
     assert pcsc.transmit(GET_BALANCE) == (5000 ^ 0xFFFFFFFF).to_bytes(4, "big") + b"\x90\x00"
 
@@ -446,7 +461,7 @@ def test_pcscd_corrupt_flips_the_answers_bytes(pcsc: Any, serve: Any) -> None:
 def test_pcscd_corrupt_mac2_is_seen_by_the_terminal(pcsc: Any, serve: Any) -> None:
     sim = plain_card()
     serve(rules({"when": {"command": "DEBIT"}, "do": {"action": "corrupt", "field": "mac"}}), sim)
-    pcsc.connect()
+    connect(pcsc)
     snapshot = drive(pcsc, ReadCard(records=[]))
     assert isinstance(snapshot, CardSnapshot)
     done = drive(pcsc, Purchase(psam=psam(), card=snapshot, amount=200, when=WHEN))
@@ -460,7 +475,7 @@ def test_pcscd_mute_never_answers_until_the_card_is_removed(pcsc: Any, pcscd: No
     card = BehavingCard(plain_card(), rules({"when": {"command": "GET_BALANCE"}, "do": "mute"}))
     served = Served(card)
     assert pcsc.wait_for_card(3)
-    pcsc.connect()
+    connect(pcsc)
     pcsc.transmit(SELECT)
     outcome: list[BaseException] = []
 
@@ -500,7 +515,7 @@ def test_pcscd_a_validator_tap_against_vanish_after_debit_is_settled_on_the_next
 
     def pcsc_tap(lab: Lab, device: str, _: BehavingCard, at: float) -> Any:
         assert pcsc.wait_for_card(5)
-        pcsc.connect()
+        connect(pcsc)
         try:
             return lab.validators[device].tap(pcsc, T0 + timedelta(seconds=at))
         finally:
@@ -538,7 +553,7 @@ def test_card_serve_with_a_behaviour_answers_the_status_word_and_logs_it(
         assert served.stdout is not None
         assert "presented" in served.stdout.readline()
         assert pcsc.wait_for_card(5)
-        pcsc.connect()
+        connect(pcsc)
         pcsc.transmit(SELECT)
         assert pcsc.transmit(GET_BALANCE) == b"\x6a\x82"
         assert balance_of(pcsc.transmit(GET_BALANCE)) == 5000
