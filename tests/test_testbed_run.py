@@ -230,7 +230,7 @@ def test_an_entry_gate_that_lets_a_rider_in_under_the_maximum_fare_fails(tmp_pat
         assert failing["pass"] is False
         seen = failing["seen"]
         assert isinstance(seen, dict)
-        assert seen["problems"][0] == "1 purchase(s) where none was expected"
+        assert seen["problems"][0] == "a purchase where none was expected"
         trace = failing["trace"]
         assert isinstance(trace, list)
         assert any(x.get("command", "").startswith("805401") for x in trace)  # its DEBIT
@@ -261,7 +261,10 @@ def test_a_bus_validator_that_debits_again_after_a_tear_fails(tmp_path: Path) ->
     assert torn["pass"] is False
     seen = torn["seen"]
     assert isinstance(seen, dict)
-    assert seen["problems"][0] == "1 purchase(s) where none was expected debited again after a tear"
+    assert seen["problems"][0] == (
+        "a purchase where none was expected: the card was debited again after its last "
+        "transaction tore"
+    )
     assert "DEBIT FOR PURCHASE" in result.stdout
 
 

@@ -283,6 +283,10 @@ def _tacs_valid(
     return True
 
 
+def _purchases(n: int) -> str:
+    return "no purchase" if n == 0 else "a purchase" if n == 1 else f"{n} purchases"
+
+
 def judge(
     entry: ZooEntry,
     before: CardImage,
@@ -322,7 +326,7 @@ def judge(
     expect = entry.expect
     if expect.result == "accepted":
         if len(debits) != 1:
-            problems.insert(0, f"{len(debits)} purchases where one was expected")
+            problems.insert(0, f"{_purchases(len(debits))} where one was expected")
         elif debits[0] != expect.fare_fen:
             problems.insert(
                 0, f"charged {fen_to_yuan(debits[0])}, the fare is {fen_to_yuan(expect.fare_fen)}"
@@ -335,8 +339,10 @@ def judge(
             problems.append("the card was blocked")
     elif expect.result == "rejected":
         if debits:
-            what = "debited again after a tear" if expect.reason == "already_processed" else ""
-            problems.insert(0, f"{len(debits)} purchase(s) where none was expected {what}".strip())
+            what = f"{_purchases(len(debits))} where none was expected"
+            if expect.reason == "already_processed":
+                what += ": the card was debited again after its last transaction tore"
+            problems.insert(0, what)
         elif (after.balance, after.log, after.metro, after.bus, after.trips) != (
             before.balance,
             before.log,
