@@ -4,16 +4,17 @@ score it against the card zoo's answer key (:mod:`farelab.testbed`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from xml.etree import ElementTree as ET
 
 from farelab._errors import CliError
-from farelab.card import ViccError, describe_path, format_trace
+from farelab.card import Behaviour, BehaviourError, ViccError, describe_path, format_trace
 from farelab.testbed import (
     CardResult,
     Presence,
@@ -96,7 +97,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--kind", choices=("validator", "kiosk"), default="validator", help=argparse.SUPPRESS
     )
-    run.add_argument("--behaviour", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    run.add_argument(
+        "--behaviour",
+        type=Path,
+        metavar="FILE",
+        help="each card misbehaves by these rules (docs/testbed.md, card behaviours); a card "
+        "that leaves the field is put back after it was away, as a rider taps again",
+    )
+    run.add_argument(
+        "--log", type=Path, metavar="FILE", help="append each behaviour firing as a JSON line"
+    )
     run.set_defaults(func=_run)
 
 
@@ -210,8 +220,14 @@ def _write(path: Path, data: bytes) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.kind != "validator":
         raise CliError("--kind kiosk is not yet supported: the run judges validators' cards only")
+    behaviour: Behaviour | None = None
     if args.behaviour is not None:
-        raise CliError("--behaviour is not yet supported by testbed run")
+        try:
+            behaviour = Behaviour.load(args.behaviour)
+        except BehaviourError as exc:
+            raise CliError(str(exc)) from None
+    elif args.log is not None:
+        raise CliError("--log needs --behaviour")
     try:
         manifest = load_manifest(args.zoo)
         cases = None if args.cases is None else {c.strip() for c in args.cases.split(",")}
@@ -228,20 +244,27 @@ def _run(args: argparse.Namespace) -> int:
             _report_failure(result)
 
     began = time.monotonic()
-    try:
-        results = run_zoo(
-            manifest,
-            cards,
-            slots=slots,
-            quiet=args.quiet,
-            timeout=args.timeout,
-            trace=args.trace,
-            on_result=show,
-        )
-    except RunError as exc:
-        raise CliError(str(exc)) from None
-    except ViccError as exc:
-        raise CliError(str(exc)) from None
+    with contextlib.ExitStack() as stack:
+        log: TextIO | None = None
+        if args.log is not None:
+            try:
+                log = stack.enter_context(args.log.open("a", encoding="utf-8"))
+            except OSError as exc:
+                raise CliError(f"{describe_path(args.log)}: {exc.strerror or exc}") from None
+        try:
+            results = run_zoo(
+                manifest,
+                cards,
+                slots=slots,
+                quiet=args.quiet,
+                timeout=args.timeout,
+                trace=args.trace,
+                behaviour=behaviour,
+                log=log,
+                on_result=show,
+            )
+        except (RunError, ViccError) as exc:
+            raise CliError(str(exc)) from None
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
     print(

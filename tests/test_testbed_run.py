@@ -268,6 +268,65 @@ def test_a_bus_validator_that_debits_again_after_a_tear_fails(tmp_path: Path) ->
     assert "DEBIT FOR PURCHASE" in result.stdout
 
 
+TEAR_AFTER_DEBIT = """
+[[rule]]        # the first DEBIT commits, then the card leaves before its answer does
+when = { command = "DEBIT", occurrence = 1 }
+do = { action = "vanish", moment = "after", away_ms = 1000 }
+"""
+
+
+@pytest.mark.pcsc
+@pytest.mark.usefixtures("pcscd")
+def test_farelab_validator_settles_a_tap_torn_by_the_card_without_a_second_debit(
+    tmp_path: Path,
+) -> None:
+    zoo = make_zoo(tmp_path / "zoo", bus_fen=200)
+    rules = tmp_path / "tear.toml"
+    rules.write_text(TEAR_AFTER_DEBIT)
+    log = tmp_path / "firings.jsonl"
+    validator = ("-m", "farelab", "validator", "run", "--config", str(zoo / "validator.toml"))
+    with terminal(*validator, "--journal", str(tmp_path / "j.db"), ready="running"):
+        result, doc = run(
+            zoo,
+            "--cases",
+            "balance_at_fare,expiring_today",
+            "--behaviour",
+            str(rules),
+            "--log",
+            str(log),
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (doc["cards"], doc["passed"]) == (2, 2)
+    assert [json.loads(x)["do"] for x in log.read_text().splitlines()] == ["vanish", "vanish"]
+    for entry in results_by_case(doc).values():
+        trace = entry["trace"]
+        assert isinstance(trace, list)
+        commands = [x["command"][:4] for x in trace if "command" in x]
+        torn = [x for x in trace if x.get("command", "").startswith("8054")]
+        assert torn[0]["response"] is None  # the DEBIT the card left during
+        assert "805A" in commands[commands.index(torn[0]["command"][:4]) :]  # its proof asked
+
+
+@pytest.mark.pcsc
+@pytest.mark.usefixtures("pcscd")
+def test_a_terminal_that_debits_again_when_the_torn_card_comes_back_fails(
+    tmp_path: Path,
+) -> None:
+    zoo = make_zoo(tmp_path / "zoo", bus_fen=200)
+    fare = next(c.expect.fare_fen for c in load_manifest(zoo).cards if c.case == "expiring_today")
+    rules = tmp_path / "tear.toml"
+    rules.write_text(TEAR_AFTER_DEBIT)
+    script = tmp_path / "greedy_bus.py"
+    script.write_text(WRONG_TERMINAL)
+    with terminal(str(script), "Virtual PCD 00 00", BUS_TERMINAL, str(fare), ready="ready"):
+        result, doc = run(zoo, "--cases", "expiring_today", "--behaviour", str(rules))
+    assert result.returncode == 1, result.stdout + result.stderr
+    seen = results_by_case(doc)["expiring_today"]["seen"]
+    assert isinstance(seen, dict)
+    assert seen["debits_fen"] == [fare, fare]
+    assert seen["problems"][0] == "2 purchases where one was expected"
+
+
 # In-process: the judging itself, and bad input.
 
 
@@ -378,7 +437,8 @@ def test_cases_and_devices_select_cards_and_unknown_names_are_refused(tmp_path: 
     ("args", "message"),
     [
         (("--kind", "kiosk"), "--kind kiosk is not yet supported"),
-        (("--behaviour", "rules.toml"), "--behaviour is not yet supported"),
+        (("--behaviour", "no-rules.toml"), "no-rules.toml"),
+        (("--log", "firings.jsonl"), "--log needs --behaviour"),
         (("--cases", "no_such_case"), "no case no_such_case in the zoo"),
         (("--reader", "Some Reader"), "not one of vpcd's virtual readers"),
         (("--reader", "zoo-gate=Virtual PCD 00 00"), "the zoo has no device 'zoo-gate'"),

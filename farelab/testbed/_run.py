@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from farelab.card import (
     DEMO_KEYS,
+    BehavingCard,
+    Behaviour,
     CardEndpoint,
     CardImage,
     Exchange,
@@ -363,60 +365,104 @@ def judge(
 
 @dataclass(frozen=True, slots=True)
 class Presence:
-    """How one presentation went: seconds from entering the field to the terminal's first
+    """How one card's turn went: seconds from entering the field to the terminal's first
     APDU (pcscd's presence poll and the terminal's own), from the first to the last APDU, the
-    quiet period waited after it, and whether the timeout ended it."""
+    quiet period waited after it, whether the timeout ended it, and how many times the card
+    entered the field (more than once when a behaviour made it leave and come back)."""
 
     to_first_apdu: float
     busy: float
     quiet: float
     timed_out: bool
+    presentations: int = 1
+
+
+class _Counting:
+    """Counts the commands a terminal sent the card (answered or not)."""
+
+    def __init__(self, card: CardEndpoint) -> None:
+        self.card = card
+        self.commands = 0
+
+    def power_on(self) -> bytes:
+        return self.card.power_on()
+
+    def power_off(self) -> None:
+        self.card.power_off()
+
+    def atr(self) -> bytes:
+        return self.card.atr()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        self.commands += 1
+        return self.card.transmit(apdu)
 
 
 def present(
     card: CardEndpoint,
-    counter: Callable[[], int],
     *,
     host: str,
     port: int,
     quiet: float,
     timeout: float,
+    on_enter: Callable[[], None] | None = None,
 ) -> Presence:
-    """Serve ``card`` in the vpcd slot at ``host:port`` until the terminal under test has been
-    quiet (``counter``, the APDUs the card answered, unchanged) for ``quiet`` seconds after
-    its first APDU, or ``timeout`` seconds passed; then take it away (and keep it away long
-    enough for pcscd to see it gone)."""
-    client = ViccClient(card, host=host, port=port)
-    client.connect(timeout=5.0)
-    stop = threading.Event()
-    server = threading.Thread(target=client.serve, kwargs={"stop": stop}, name="testbed-vicc")
+    """Serve ``card`` in the vpcd slot at ``host:port`` until the terminal under test has sent
+    no command for ``quiet`` seconds after its first, or ``timeout`` seconds passed; then take
+    it away (and keep it away long enough for pcscd to see it gone).
+
+    A card that leaves the field of its own accord (a behaviour's ``vanish`` or ``reset``) is
+    put back after it has been away as long as it asked (at least :data:`AWAY_S`), as a rider
+    taps again, and the quiet period starts again from there.  ``on_enter`` is called each
+    time the card enters the field (a behaving card counts its presentations)."""
+    counting = _Counting(card)
     start = time.monotonic()
-    server.start()
+    deadline = start + timeout
     first: float | None = None
     last = start
-    seen = counter()
+    seen = 0
     timed_out = False
-    try:
-        while server.is_alive():
-            now = time.monotonic()
-            count = counter()
-            if count != seen:
-                seen, last = count, now
-                if first is None:
-                    first = now
-            if first is not None and now - last >= quiet:
-                break
-            if now - start >= timeout:
-                timed_out = True
-                break
-            time.sleep(_TICK)
-    finally:
-        stop.set()
-        server.join()
+    presentations = 0
+    while True:
+        client = ViccClient(counting, host=host, port=port)
+        client.connect(timeout=5.0)
+        presentations += 1
+        if on_enter is not None:
+            on_enter()
+        stop = threading.Event()
+        server = threading.Thread(target=client.serve, kwargs={"stop": stop}, name="testbed-vicc")
+        server.start()
+        done = False
+        try:
+            while server.is_alive():
+                now = time.monotonic()
+                if counting.commands != seen:
+                    seen, last = counting.commands, now
+                    if first is None:
+                        first = now
+                if first is not None and now - last >= quiet:
+                    done = True
+                    break
+                if now >= deadline:
+                    timed_out = done = True
+                    break
+                time.sleep(_TICK)
+        finally:
+            stop.set()
+            server.join()
+        left = client.left
+        if done or left is None:
+            break
+        away = max(left.away if left.away is not None else 0.0, AWAY_S)
+        if time.monotonic() + away >= deadline:
+            timed_out = True
+            break
+        time.sleep(away)
+        last = time.monotonic()
     time.sleep(AWAY_S)
     if first is None:
-        return Presence(time.monotonic() - start - AWAY_S, 0.0, 0.0, timed_out)
-    return Presence(first - start, last - first, quiet, timed_out)
+        return Presence(time.monotonic() - start - AWAY_S, 0.0, 0.0, timed_out, presentations)
+    return Presence(first - start, last - first, quiet, timed_out, presentations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,10 +510,6 @@ def select_cards(
     return chosen
 
 
-def _apdus_of(sim: SimulatedCard) -> Callable[[], int]:
-    return lambda: sim.apdus
-
-
 def run_zoo(
     manifest: ZooManifest,
     cards: Sequence[ZooEntry],
@@ -476,11 +518,15 @@ def run_zoo(
     quiet: float = 0.5,
     timeout: float = 10.0,
     trace: Path | None = None,
+    behaviour: Behaviour | None = None,
+    log: TextIO | None = None,
     on_result: Callable[[CardResult], None] | None = None,
 ) -> list[CardResult]:
     """Present each of ``cards`` in the vpcd slot (``slots``: device id → host and port) of
     the device it is meant for, one after the other, and judge it; ``on_result`` hears each
-    result as it comes.  ``trace`` appends every exchange the cards saw (the trace format)."""
+    result as it comes.  ``trace`` appends every exchange the cards saw (the trace format).
+    With ``behaviour``, each card misbehaves by those rules (their counts start afresh for
+    each card), each firing a JSON line in ``log``."""
     missing = sorted({c.device for c in cards} - set(slots))
     if missing:
         raise RunError(f"no reader for the zoo's device(s) {', '.join(missing)}")
@@ -496,14 +542,19 @@ def run_zoo(
             writer = TraceWriter(card_trace)
             host, port = slots[entry.device]
             began = time.monotonic()
+            inner: CardEndpoint = sim
+            on_enter: Callable[[], None] | None = None
+            if behaviour is not None:
+                behaving = BehavingCard(sim, behaviour, log=log)
+                inner, on_enter = behaving, behaving.field_entered
             try:
                 presence = present(
-                    TracingEndpoint(sim, writer),
-                    _apdus_of(sim),
+                    TracingEndpoint(inner, writer),  # what the terminal saw, faults included
                     host=host,
                     port=port,
                     quiet=quiet,
                     timeout=timeout,
+                    on_enter=on_enter,
                 )
             finally:
                 writer.close()
