@@ -95,7 +95,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--trace", type=Path, metavar="FILE", help="append every exchange the cards saw"
     )
     run.add_argument(
-        "--kind", choices=("validator", "kiosk"), default="validator", help=argparse.SUPPRESS
+        "--kind",
+        choices=("validator", "kiosk"),
+        default="validator",
+        help="the kind of terminal under test: validator (default); kiosk is not yet supported",
     )
     run.add_argument(
         "--behaviour",

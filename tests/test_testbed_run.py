@@ -219,8 +219,9 @@ def test_an_entry_gate_that_lets_a_rider_in_under_the_maximum_fare_fails(tmp_pat
     script.write_text(WRONG_TERMINAL)
     junit = tmp_path / "junit.xml"
     cases = "balance_one_fen_under_max_fare,balance_zero,balance_at_max_fare"
+    recorded = tmp_path / "run.jsonl"
     with terminal(str(script), "Virtual PCD 00 00", ENTRY_TERMINAL, "0", ready="ready"):
-        result, doc = run(zoo, "--cases", cases, "--junit", str(junit))
+        result, doc = run(zoo, "--cases", cases, "--junit", str(junit), "--trace", str(recorded))
     assert result.returncode == 1, result.stdout + result.stderr
     by_case = results_by_case(doc)
     assert (doc["cards"], doc["passed"], doc["failed"]) == (3, 1, 2)
@@ -242,6 +243,28 @@ def test_an_entry_gate_that_lets_a_rider_in_under_the_maximum_fare_fails(tmp_pat
     assert suite.get("failures") == "2"
     failures = [c for c in suite.iter("testcase") if c.find("failure") is not None]
     assert all("DEBIT FOR PURCHASE" in (c.findtext("failure") or "") for c in failures)
+    # --trace: every card's exchanges, which trace show decodes
+    shown = farelab("trace", "show", str(recorded))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("DEBIT FOR PURCHASE") == 3
+
+
+@pytest.mark.pcsc
+@pytest.mark.usefixtures("pcscd")
+def test_a_card_no_terminal_touches_is_taken_away_at_the_timeout(tmp_path: Path) -> None:
+    zoo = make_zoo(tmp_path / "zoo", bus_fen=200)
+    result, doc = run(zoo, "--cases", "expired_yesterday,balance_at_fare", "--timeout", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    by_case = results_by_case(doc)
+    assert by_case["expired_yesterday"]["pass"] is True  # untouched is what a refusal leaves
+    seen = by_case["balance_at_fare"]["seen"]
+    assert isinstance(seen, dict)
+    assert seen["apdus"] == 0
+    assert seen["problems"] == [
+        "no purchase where one was expected",
+        "balance 1.90, expected 0.00",
+    ]
+    assert "untouched (no APDU)" in result.stdout
 
 
 @pytest.mark.pcsc
