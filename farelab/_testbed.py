@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -98,7 +99,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--kind",
         choices=("validator", "kiosk"),
         default="validator",
-        help="the kind of terminal under test: validator (default); kiosk is not yet supported",
+        help="the kind of terminal under test: validator (default), or kiosk (the zoo's "
+        "kiosk cards, each to be loaded with the amount its answer key names)",
+    )
+    run.add_argument(
+        "--kiosk-command",
+        metavar="CMD",
+        help="with --kind kiosk: the command that makes the kiosk under test load the card "
+        "in the reader, run once a card, {amount} replaced by the amount in yuan (e.g. "
+        "\"farelab topup load --reader 'pcsc:Virtual PCD 00 00' --amount {amount}\")",
     )
     run.add_argument(
         "--behaviour",
@@ -172,6 +181,8 @@ def _report_failure(result: CardResult) -> None:
         print(f"    ! {problem}")
     for line in format_trace(result.trace):
         print(f"    {line}")
+    for line in result.output.splitlines():
+        print(f"    | {line}")
 
 
 def junit_xml(network: str, results: Sequence[CardResult]) -> bytes:
@@ -221,8 +232,18 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.kind != "validator":
-        raise CliError("--kind kiosk is not yet supported: the run judges validators' cards only")
+    kiosk_command: list[str] | None = None
+    if args.kind == "kiosk":
+        if args.kiosk_command is None:
+            raise CliError("--kind kiosk needs --kiosk-command (how to tell the kiosk the amount)")
+        try:
+            kiosk_command = shlex.split(args.kiosk_command)
+        except ValueError as exc:
+            raise CliError(f"--kiosk-command: {exc}") from None
+        if not kiosk_command:
+            raise CliError("--kiosk-command is empty")
+    elif args.kiosk_command is not None:
+        raise CliError("--kiosk-command needs --kind kiosk")
     behaviour: Behaviour | None = None
     if args.behaviour is not None:
         try:
@@ -235,7 +256,9 @@ def _run(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.zoo)
         cases = None if args.cases is None else {c.strip() for c in args.cases.split(",")}
         devices = None if args.device is None else set(args.device)
-        cards = select_cards(manifest, cases=cases, devices=devices)
+        cards = select_cards(
+            manifest, cases=cases, devices=devices, kiosk=kiosk_command is not None
+        )
     except RunError as exc:
         raise CliError(str(exc)) from None
     slots = _slots(args.reader, {c.device for c in cards}, args.vpcd_host)
@@ -264,6 +287,7 @@ def _run(args: argparse.Namespace) -> int:
                 trace=args.trace,
                 behaviour=behaviour,
                 log=log,
+                kiosk_command=kiosk_command,
                 on_result=show,
             )
         except (RunError, ViccError) as exc:

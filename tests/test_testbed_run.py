@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -350,6 +351,65 @@ def test_a_terminal_that_debits_again_when_the_torn_card_comes_back_fails(
     assert seen["problems"][0] == "2 purchases where one was expected"
 
 
+def kiosk_zoo(folder: Path) -> Path:
+    network = shipped_networks()["taiyuan"]
+    at = datetime.now(CST).replace(microsecond=0)
+    write_zoo(folder, build_zoo(network=network, at=at, bus_fare_fen=100, kiosk=True))
+    return folder
+
+
+def topup_load(tmp_path: Path, amount: str) -> str:
+    """farelab's kiosk, loading ``amount`` onto the card in the virtual reader."""
+    return shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "farelab",
+            "topup",
+            "load",
+            "--reader",
+            "pcsc:Virtual PCD 00 00",
+            "--amount",
+            amount,
+            "--db",
+            str(tmp_path / "host.db"),
+            "--journal",
+            str(tmp_path / "kiosk.db"),
+            "--json",
+        ]
+    )
+
+
+@pytest.mark.pcsc
+@pytest.mark.usefixtures("pcscd")
+def test_farelab_kiosk_passes_every_kiosk_card(tmp_path: Path) -> None:
+    zoo = kiosk_zoo(tmp_path / "zoo")
+    command = topup_load(tmp_path, "{amount}")
+    result, doc = run(zoo, "--kind", "kiosk", "--kiosk-command", command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_case = results_by_case(doc)
+    assert set(by_case) == {"kiosk_most_loadable", "kiosk_one_fen_over_cap", "kiosk_at_cap_one_fen"}
+    seen = by_case["kiosk_most_loadable"]["seen"]
+    assert isinstance(seen, dict)
+    assert (seen["result"], seen["loads_fen"], seen["balance_fen"]) == ("loaded", [1000], 100_000)
+    assert seen["tac_valid"] is True
+
+
+@pytest.mark.pcsc
+@pytest.mark.usefixtures("pcscd")
+def test_a_kiosk_that_loads_another_amount_fails(tmp_path: Path) -> None:
+    zoo = kiosk_zoo(tmp_path / "zoo")
+    command = topup_load(tmp_path, "5")
+    result, doc = run(
+        zoo, "--kind", "kiosk", "--kiosk-command", command, "--cases", "kiosk_most_loadable"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    seen = results_by_case(doc)["kiosk_most_loadable"]["seen"]
+    assert isinstance(seen, dict)
+    assert seen["problems"][0] == "loaded 5.00, expected 10.00"
+    assert '"result": "loaded"' in result.stdout  # the kiosk's own words, under the failure
+
+
 # In-process: the judging itself, and bad input.
 
 
@@ -412,7 +472,7 @@ def test_a_purchase_whose_tac_does_not_verify_fails(tmp_path: Path) -> None:
         card, before, after, exchanges, terminal_id=bytes.fromhex(BUS_TERMINAL), keys=other_keys
     )
     assert seen.tac_valid is False
-    assert "a purchase's TAC does not verify with the issuer's keys" in seen.problems
+    assert "a TAC does not verify with the issuer's keys" in seen.problems
 
 
 def test_a_second_debit_fails_an_accepted_card(tmp_path: Path) -> None:
@@ -459,7 +519,9 @@ def test_cases_and_devices_select_cards_and_unknown_names_are_refused(tmp_path: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--kind", "kiosk"), "--kind kiosk is not yet supported"),
+        (("--kind", "kiosk"), "--kind kiosk needs --kiosk-command"),
+        (("--kind", "kiosk", "--kiosk-command", "true"), "the zoo has no kiosk cards"),
+        (("--kiosk-command", "true"), "--kiosk-command needs --kind kiosk"),
         (("--behaviour", "no-rules.toml"), "no-rules.toml"),
         (("--log", "firings.jsonl"), "--log needs --behaviour"),
         (("--cases", "no_such_case"), "no case no_such_case in the zoo"),

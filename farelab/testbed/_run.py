@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tempfile
 import threading
 import time
@@ -181,9 +182,9 @@ def vpcd_port(reader: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """What the card shows after the terminal had it: the purchases it committed (amounts,
-    newest last), its balance, whether it was blocked, the TACs checked, and what is wrong
-    with it by the answer key (empty when it passes)."""
+    """What the card shows after the terminal had it: the purchases and loads it committed
+    (amounts, oldest first), its balance, whether it was blocked, the TACs checked, and what
+    is wrong with it by the answer key (empty when it passes)."""
 
     debits: tuple[int, ...]
     balance_fen: int
@@ -191,10 +192,16 @@ class Seen:
     apdus: int
     problems: tuple[str, ...]
     tac_valid: bool | None = None
+    loads: tuple[int, ...] = ()
 
     @property
     def result(self) -> str:
-        """``accepted`` (one purchase), ``rejected`` (none) or ``debited N times``."""
+        """``accepted`` (one purchase), ``loaded`` (one load), ``rejected`` (neither),
+        ``debited N times`` or ``loaded N times``."""
+        if self.debits and self.loads:
+            return "debited and loaded"
+        if self.loads:
+            return "loaded" if len(self.loads) == 1 else f"loaded {len(self.loads)} times"
         if not self.debits:
             return "rejected"
         if len(self.debits) == 1:
@@ -206,6 +213,7 @@ class Seen:
         return {
             "result": self.result,
             "debits_fen": list(self.debits),
+            "loads_fen": list(self.loads),
             "balance_fen": self.balance_fen,
             "blocked": self.blocked,
             "tac_valid": self.tac_valid,
@@ -219,12 +227,14 @@ class Seen:
             return "untouched (no APDU)"
         parts = []
         if self.debits:
-            amounts = " + ".join(fen_to_yuan(d) for d in self.debits)
-            parts.append(f"debit {amounts}, balance {fen_to_yuan(self.balance_fen)}")
-            if self.tac_valid is not None:
-                parts.append("TAC ok" if self.tac_valid else "TAC BAD")
-        else:
-            parts.append(f"no debit, balance {fen_to_yuan(self.balance_fen)}")
+            parts.append("debit " + " + ".join(fen_to_yuan(d) for d in self.debits))
+        if self.loads:
+            parts.append("load " + " + ".join(fen_to_yuan(d) for d in self.loads))
+        if not self.debits and not self.loads:
+            parts.append("no debit")
+        parts.append(f"balance {fen_to_yuan(self.balance_fen)}")
+        if self.tac_valid is not None:
+            parts.append("TAC ok" if self.tac_valid else "TAC BAD")
         if self.blocked:
             parts.append("blocked")
         return ", ".join(parts)
@@ -232,12 +242,12 @@ class Seen:
 
 def describe_expect(expect: Expect) -> str:
     """The answer key's expectation as one line of the run's table."""
+    balance = "" if expect.balance_fen is None else f", balance {fen_to_yuan(expect.balance_fen)}"
     if expect.result == "accepted":
-        balance = (
-            "" if expect.balance_fen is None else f", balance {fen_to_yuan(expect.balance_fen)}"
-        )
         reason = "" if expect.reason is None else f" ({expect.reason})"
         return f"debit {fen_to_yuan(expect.fare_fen)}{balance}{reason}"
+    if expect.result == "loaded":
+        return f"load {fen_to_yuan(expect.fare_fen)}{balance}"
     return f"no debit ({expect.reason})"
 
 
@@ -259,27 +269,46 @@ def _tacs_valid(
     exchanges: Sequence[Exchange],
     keys: IssuerKeys,
 ) -> bool:
-    """Whether each new purchase's TAC (kept with its proof) is the one the issuer's TAC key
-    gives for the record and the DEBIT that made it."""
+    """Whether each new transaction's TAC (kept with its proof) is the one the issuer's TAC key
+    gives for its record — and, for a purchase, the DEBIT that made it; for a load, the
+    balance it left (walked forward from the balance before)."""
     public = before.public
     verifier = TacVerifier(issuers={public.issuer_id: keys.tac}, cache_size=0)
-    proofs = {p.counter: p for p in after.proofs}
+    proofs = {(p.tx_type, p.counter): p for p in after.proofs}
+    balance = before.balance
     for record in records:
-        proof = proofs.get(record.counter + 1)
-        ttc = _debit_ttc(exchanges, record)
-        if proof is None or ttc is None:
+        proof = proofs.get((record.tx_type, record.counter + 1))
+        if proof is None:
             return False
-        expected = verifier.purchase_tac(
-            alg=before.alg,
-            issuer_id=public.issuer_id,
-            serial8=public.serial8,
-            amount=record.amount,
-            tx_type=record.tx_type,
-            terminal=record.terminal,
-            ttc=ttc,
-            day=record.day,
-            time=record.time,
-        )
+        if record.tx_type == TxType.LOAD:
+            balance += record.amount
+            expected = verifier.load_tac(
+                alg=before.alg,
+                issuer_id=public.issuer_id,
+                serial8=public.serial8,
+                balance_after=balance,
+                counter=record.counter,
+                amount=record.amount,
+                terminal=record.terminal,
+                day=record.day,
+                time=record.time,
+            )
+        else:
+            balance -= record.amount
+            ttc = _debit_ttc(exchanges, record)
+            if ttc is None:
+                return False
+            expected = verifier.purchase_tac(
+                alg=before.alg,
+                issuer_id=public.issuer_id,
+                serial8=public.serial8,
+                amount=record.amount,
+                tx_type=record.tx_type,
+                terminal=record.terminal,
+                ttc=ttc,
+                day=record.day,
+                time=record.time,
+            )
         if expected != proof.tac:
             return False
     return True
@@ -287,6 +316,10 @@ def _tacs_valid(
 
 def _purchases(n: int) -> str:
     return "no purchase" if n == 0 else "a purchase" if n == 1 else f"{n} purchases"
+
+
+def _loads(n: int) -> str:
+    return "no load" if n == 0 else "a load" if n == 1 else f"{n} loads"
 
 
 def judge(
@@ -301,51 +334,60 @@ def judge(
     """The card's end state against the answer key.
 
     An ``accepted`` card must carry exactly one new purchase of the fare, by the device's
-    terminal, its TAC valid under the issuer's keys, and the expected balance; a ``rejected``
-    card must come out as it went in — no purchase, no load, no record changed — except that a
-    hotlisted card must come out blocked.  Two purchases are a second debit (a terminal that
-    charged again a card whose last transaction tore)."""
-    new = max(after.offline_counter - before.offline_counter, 0)
+    terminal, and a ``loaded`` card (a kiosk's) exactly one new load of the amount, with the
+    expected balance, its TAC valid under the issuer's keys; a ``rejected`` card must come out
+    as it went in — no purchase, no load, no record changed — except that a hotlisted card
+    must come out blocked.  Two purchases are a second debit (a terminal that charged again a
+    card whose last transaction tore)."""
+    new = max(after.offline_counter - before.offline_counter, 0) + max(
+        after.online_counter - before.online_counter, 0
+    )
     records = [LogRecord.decode(r) for r in after.log[:new]][::-1]
-    debits = tuple(r.amount for r in records)
+    debits = tuple(r.amount for r in records if r.tx_type != TxType.LOAD)
+    loads = tuple(r.amount for r in records if r.tx_type == TxType.LOAD)
     problems: list[str] = []
     tac_valid: bool | None = None
     if records:
         if not before.ef15_damaged:
             tac_valid = _tacs_valid(before, after, records, exchanges, keys)
             if not tac_valid:
-                problems.append("a purchase's TAC does not verify with the issuer's keys")
+                problems.append("a TAC does not verify with the issuer's keys")
         for record in records:
-            if record.tx_type not in (TxType.PURCHASE, TxType.CAPP_PURCHASE):
-                problems.append(f"a transaction of type {record.tx_type:02X} is not a purchase")
+            if record.tx_type not in (TxType.PURCHASE, TxType.CAPP_PURCHASE, TxType.LOAD):
+                problems.append(f"a transaction of unknown type {record.tx_type:02X}")
             if terminal_id is not None and record.terminal != terminal_id:
                 problems.append(
-                    f"a purchase by terminal {record.terminal.hex().upper()}, "
+                    f"a transaction by terminal {record.terminal.hex().upper()}, "
                     f"not the device's {terminal_id.hex().upper()}"
                 )
-    if after.online_counter != before.online_counter:
-        problems.append("the card was loaded")
     expect = entry.expect
-    if expect.result == "accepted":
-        if len(debits) != 1:
-            problems.insert(0, f"{_purchases(len(debits))} where one was expected")
-        elif debits[0] != expect.fare_fen:
+    wanted = {"accepted": (1, 0), "loaded": (0, 1)}.get(expect.result, (0, 0))
+    if (len(debits), len(loads)) != wanted:
+        if len(debits) != wanted[0]:
+            what = f"{_purchases(len(debits))} where {('one', 'none')[wanted[0] == 0]} was expected"
+            if expect.reason == "already_processed" and debits:
+                what += ": the card was debited again after its last transaction tore"
+            problems.insert(0, what)
+        if len(loads) != wanted[1]:
             problems.insert(
-                0, f"charged {fen_to_yuan(debits[0])}, the fare is {fen_to_yuan(expect.fare_fen)}"
+                0, f"{_loads(len(loads))} where {('one', 'none')[wanted[1] == 0]} was expected"
             )
+    elif expect.result in ("accepted", "loaded"):
+        amount = (debits or loads)[0]
+        if amount != expect.fare_fen:
+            what = "charged" if debits else "loaded"
+            problems.insert(
+                0, f"{what} {fen_to_yuan(amount)}, expected {fen_to_yuan(expect.fare_fen)}"
+            )
+    if expect.result in ("accepted", "loaded"):
         if expect.balance_fen is not None and after.balance != expect.balance_fen:
             problems.append(
                 f"balance {fen_to_yuan(after.balance)}, expected {fen_to_yuan(expect.balance_fen)}"
             )
         if after.blocked and not before.blocked:
             problems.append("the card was blocked")
-    elif expect.result == "rejected":
-        if debits:
-            what = f"{_purchases(len(debits))} where none was expected"
-            if expect.reason == "already_processed":
-                what += ": the card was debited again after its last transaction tore"
-            problems.insert(0, what)
-        elif (after.balance, after.log, after.metro, after.bus, after.trips) != (
+    else:
+        if not records and (after.balance, after.log, after.metro, after.bus, after.trips) != (
             before.balance,
             before.log,
             before.metro,
@@ -357,10 +399,8 @@ def judge(
             problems.append("a hotlisted card was not blocked")
         elif expect.reason != "hotlisted" and after.blocked and not before.blocked:
             problems.append("the card was blocked")
-    else:
-        problems.append(f"a {expect.result!r} card is for a kiosk, not judged by this run")
     apdus = sum(1 for _ in exchanges)
-    return Seen(debits, after.balance, after.blocked, apdus, tuple(problems), tac_valid)
+    return Seen(debits, after.balance, after.blocked, apdus, tuple(problems), tac_valid, loads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,6 +515,8 @@ class CardResult:
     trace: tuple[Exchange | TraceEvent, ...]
     presence: Presence
     seconds: float
+    output: str = ""
+    """What the terminal command printed (a kiosk run's ``kiosk_command``)."""
 
     @property
     def passed(self) -> bool:
@@ -494,11 +536,18 @@ class CardResult:
 
 
 def select_cards(
-    manifest: ZooManifest, *, cases: Collection[str] | None, devices: Collection[str] | None
+    manifest: ZooManifest,
+    *,
+    cases: Collection[str] | None,
+    devices: Collection[str] | None,
+    kiosk: bool = False,
 ) -> list[ZooEntry]:
-    """The manifest's cards a run presents: a validator's cards (not the kiosk's), restricted
-    to ``cases`` and ``devices`` when given (RunError for a name no card has)."""
-    chosen = [c for c in manifest.cards if c.device != KIOSK]
+    """The manifest's cards a run presents: a validator's cards, or with ``kiosk`` the
+    kiosk's, restricted to ``cases`` and ``devices`` when given (RunError for a name no card
+    has, or a kiosk run of a zoo without the kiosk's cards)."""
+    chosen = [c for c in manifest.cards if (c.device == KIOSK) == kiosk]
+    if kiosk and not chosen:
+        raise RunError("the zoo has no kiosk cards (make it with farelab card zoo --kiosk)")
     for names, what in ((cases, "case"), (devices, "device")):
         if names is None:
             continue
@@ -508,6 +557,30 @@ def select_cards(
             raise RunError(f"no {what} {', '.join(unknown)} in the zoo ({', '.join(known)})")
         chosen = [c for c in chosen if getattr(c, what) in names]
     return chosen
+
+
+def _start(command: Sequence[str]) -> subprocess.Popen[str]:
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    except OSError as exc:
+        raise RunError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The terminal command's output, once it ended (stopped if it outlives ``timeout``)."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        output += f"\n(stopped: still running {timeout:g} s after the card was taken away)"
+    return output
 
 
 def run_zoo(
@@ -520,13 +593,16 @@ def run_zoo(
     trace: Path | None = None,
     behaviour: Behaviour | None = None,
     log: TextIO | None = None,
+    kiosk_command: Sequence[str] | None = None,
     on_result: Callable[[CardResult], None] | None = None,
 ) -> list[CardResult]:
     """Present each of ``cards`` in the vpcd slot (``slots``: device id → host and port) of
     the device it is meant for, one after the other, and judge it; ``on_result`` hears each
     result as it comes.  ``trace`` appends every exchange the cards saw (the trace format).
     With ``behaviour``, each card misbehaves by those rules (their counts start afresh for
-    each card), each firing a JSON line in ``log``."""
+    each card), each firing a JSON line in ``log``.  ``kiosk_command`` is run for each card
+    just before it is presented, ``{amount}`` in its words replaced by the amount (yuan) the
+    answer key asks the kiosk to load: the kiosk under test, told what to load."""
     missing = sorted({c.device for c in cards} - set(slots))
     if missing:
         raise RunError(f"no reader for the zoo's device(s) {', '.join(missing)}")
@@ -547,6 +623,10 @@ def run_zoo(
             if behaviour is not None:
                 behaving = BehavingCard(sim, behaviour, log=log)
                 inner, on_enter = behaving, behaving.field_entered
+            kiosk = None
+            if kiosk_command is not None:
+                amount = fen_to_yuan(entry.expect.fare_fen)
+                kiosk = _start([word.replace("{amount}", amount) for word in kiosk_command])
             try:
                 presence = present(
                     TracingEndpoint(inner, writer),  # what the terminal saw, faults included
@@ -558,6 +638,7 @@ def run_zoo(
                 )
             finally:
                 writer.close()
+                output = "" if kiosk is None else _finish(kiosk, timeout)
             items = tuple(read_trace(card_trace))
             if trace is not None:
                 with trace.open("a", encoding="utf-8") as out:
@@ -571,7 +652,7 @@ def run_zoo(
                 terminal_id=manifest.terminals.get(entry.device),
                 keys=manifest.keys,
             )
-            result = CardResult(entry, seen, items, presence, time.monotonic() - began)
+            result = CardResult(entry, seen, items, presence, time.monotonic() - began, output)
             results.append(result)
             if on_result is not None:
                 on_result(result)
