@@ -637,3 +637,29 @@ def test_replay_refuses_a_behaviour_naming_an_unknown_command_with_the_key(
     assert result.returncode != 0
     assert "line 1" in result.stderr
     assert "rule[1].when.command: unknown command 'PAY'" in result.stderr
+
+
+@pytest.mark.pcsc
+def test_pcscd_a_card_tapped_once_that_resets_comes_back_while_the_hand_holds_it(
+    pcsc: Any, pcscd: None
+) -> None:
+    from farelab.card import vicc_tap  # noqa: PLC0415
+
+    card = BehavingCard(
+        plain_card(), rules({"when": {"command": "SELECT", "occurrence": 1}, "do": "reset"})
+    )
+    held = threading.Thread(target=vicc_tap, args=(card,), kwargs={"hold": 4.0}, daemon=True)
+    held.start()
+    try:
+        assert pcsc.wait_for_card(3)
+        connect(pcsc)
+        with pytest.raises(CardRemovedError):
+            pcsc.transmit(SELECT)
+        assert pcsc.wait_for_removal(3)
+        assert pcsc.wait_for_card(3)
+        connect(pcsc)
+        assert pcsc.transmit(SELECT)[-2:] == b"\x90\x00"
+        assert card.state.presentation == 2
+    finally:
+        held.join(6)
+    assert pcsc.wait_for_removal(3)
