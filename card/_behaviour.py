@@ -49,6 +49,7 @@ __all__ = [
     "Rule",
     "When",
     "command_name",
+    "enter_field",
 ]
 
 COMMANDS = (
@@ -474,3 +475,12 @@ class BehavingCard:
             line = {"time": self._clock(), **firing.as_json(), **extra}
             self._log.write(json.dumps(line) + "\n")
             self._log.flush()
+
+
+def enter_field(card: object) -> None:
+    """Tell a card that a transport put it in a field, if it wants to know (a
+    :class:`BehavingCard` counts presentations), also through wrappers that pass on what they do
+    not define (a card recorded by ``card serve --trace``)."""
+    hook = getattr(card, "field_entered", None)
+    if callable(hook):
+        hook()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from farelab.card._behaviour import BehavingCard, CardLeftError, CardMutedError
+from farelab.card._behaviour import CardLeftError, CardMutedError, enter_field
 from farelab.card._reader import CardEndpoint, CardRemovedError
 
 __all__ = ["InProcessReader", "step_of"]
@@ -71,8 +71,7 @@ class InProcessReader:
             self._card = card
             self._powered = False
             self._changed.notify_all()
-        if isinstance(card, BehavingCard):
-            card.field_entered()
+        enter_field(card)
 
     def remove(self) -> None:
         """Take the card away; the card loses power and its session."""

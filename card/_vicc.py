@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from farelab.card._behaviour import BehavingCard, CardLeftError, CardMutedError
+from farelab.card._behaviour import CardLeftError, CardMutedError, enter_field
 from farelab.card._reader import CardEndpoint, ReaderError
 
 __all__ = ["DEFAULT_PORT", "ViccClient", "ViccError", "serve", "tap"]
@@ -112,8 +112,7 @@ class ViccClient:
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        if isinstance(self.card, BehavingCard):
-            self.card.field_entered()
+        enter_field(self.card)
 
     def close(self) -> None:
         """Take the card out of the field."""

@@ -36,6 +36,8 @@ from farelab.card import (
     ReadCard,
     ReaderError,
     SimulatedCard,
+    TraceWriter,
+    TracingEndpoint,
     command_name,
     drive,
     load_image,
@@ -663,3 +665,21 @@ def test_pcscd_a_card_tapped_once_that_resets_comes_back_while_the_hand_holds_it
     finally:
         held.join(6)
     assert pcsc.wait_for_removal(3)
+
+
+def test_presentations_are_counted_through_a_recording_wrapper(tmp_path: Path) -> None:
+    """``card serve --behaviour --trace`` serves the misbehaving card inside the trace recorder:
+    the transport's word that the card entered a field must still reach it."""
+    card = BehavingCard(
+        plain_card(), rules({"when": {"presentation": 2}, "do": {"action": "status", "sw": "6A82"}})
+    )
+    trace = TraceWriter(tmp_path / "t.jsonl")
+    recorded = TracingEndpoint(card, trace)
+    reader = InProcessReader()
+    reader.insert(recorded)
+    assert reader.transmit(SELECT)[-2:] == b"\x90\x00"
+    reader.remove()
+    reader.insert(recorded)
+    assert card.state.presentation == 2
+    assert reader.transmit(SELECT)[-2:] == b"\x6a\x82"
+    trace.close()
