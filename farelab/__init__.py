@@ -10,6 +10,8 @@ The packages, from the bottom layer up (each names its public API in its ``__ini
 - :mod:`farelab.validator`, :mod:`farelab.topup`, :mod:`farelab.backend`: the validators, the
   kiosk and the clearing backend, each a sans-IO core in a thin asyncio shell; none imports
   another.
+- :mod:`farelab.testbed`: scoring terminals farelab did not write (the card zoo and its answer
+  key, the conformance run), built on the layers below.
 - :mod:`farelab.bench`: the benchmarks.  The ``farelab`` command is ``farelab._cli``.
 
 Docstrings cite the rules of the source documents by their ids in docs/rules.md (R1–R13) and the
