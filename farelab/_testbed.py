@@ -10,16 +10,30 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 from xml.etree import ElementTree as ET
 
 from farelab._errors import CliError
-from farelab.card import Behaviour, BehaviourError, ViccError, describe_path, format_trace
+from farelab.card import (
+    CST,
+    Behaviour,
+    BehaviourError,
+    KeysFileError,
+    ReaderError,
+    ViccError,
+    describe_path,
+    format_trace,
+    load_keys_file,
+)
 from farelab.testbed import (
+    CardCheckError,
     CardResult,
+    DebitKeys,
     Presence,
     RunError,
+    check_card,
     describe_expect,
     load_manifest,
     run_zoo,
@@ -120,6 +134,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--log", type=Path, metavar="FILE", help="append each behaviour firing as a JSON line"
     )
     run.set_defaults(func=_run)
+    card = cmds.add_parser(
+        "card",
+        help="check that a card in a reader answers as a T-Union card must, without changing it",
+        description="Run farelab's terminal against the card in a PC/SC reader: SELECT of each "
+        "application (transit, social security, bank, the PSE and the PPSE), the transit "
+        "files and records, GET BALANCE and the status words of malformed commands — none of "
+        "which changes the card. With --keys FILE --allow-debit it also buys one fen and "
+        "checks MAC2, the TAC (with the issuer's TAC key), the transaction proof and the "
+        "balance after. Prints a table (check, expected, seen, conforms); exits 0 when every "
+        "check conforms, 1 when one does not, 2 on bad input or a reader it cannot use.",
+    )
+    card.add_argument(
+        "--reader", required=True, metavar="pcsc:NAME", help="the PC/SC reader holding the card"
+    )
+    card.add_argument(
+        "--wait",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="wait up to S seconds for a card in the reader (default 5)",
+    )
+    card.add_argument(
+        "--keys",
+        type=Path,
+        metavar="FILE",
+        help="the issuer's master keys (TOML), for --allow-debit: never the demo keys by default",
+    )
+    card.add_argument(
+        "--allow-debit",
+        action="store_true",
+        help="with --keys: buy one fen (the card's balance drops by 0.01 yuan) and check its TAC",
+    )
+    card.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    card.set_defaults(func=_card)
 
 
 def _slots(
@@ -310,3 +358,50 @@ def _run(args: argparse.Namespace) -> int:
         _write(args.junit, junit_xml(manifest.network, results))
     sys.stdout.flush()
     return 0 if failed == 0 else 1
+
+
+def _card(args: argparse.Namespace) -> int:
+    if args.allow_debit and args.keys is None:
+        raise CliError("--allow-debit needs --keys FILE: the issuer's keys the purchase uses")
+    if args.keys is not None and not args.allow_debit:
+        raise CliError("--keys is for the one-fen purchase: add --allow-debit to make it")
+    kind, sep, name = args.reader.partition(":")
+    if not sep or kind != "pcsc" or not name:
+        raise CliError(f"--reader {args.reader!r}: expected pcsc:NAME")
+    debit: DebitKeys | None = None
+    if args.keys is not None:
+        try:
+            debit = DebitKeys(load_keys_file(args.keys), datetime.now(CST))
+        except KeysFileError as exc:
+            raise CliError(str(exc)) from None
+    from farelab.card import PcscReader  # noqa: PLC0415 - loads pyscard
+
+    try:
+        reader = PcscReader(name)
+    except ReaderError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        if not reader.wait_for_card(args.wait):
+            raise CliError(f"no card in {reader.name!r} after {args.wait:g} s")
+        reader.connect()
+        report = check_card(reader, debit=debit)
+    except (ReaderError, CardCheckError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        reader.disconnect()
+    width = max(len(c.name) for c in report.checks)
+    print(f"{'check':<{width}}  {'expected':<52} {'seen':<40} conforms")
+    for c in report.checks:
+        verdict = "yes" if c.conforms else "NO"
+        print(f"{c.name:<{width}}  {c.expected:<52} {c.seen:<40} {verdict}")
+    failed = sum(not c.conforms for c in report.checks)
+    mode = "one fen debited" if report.debited else "read-only"
+    print(
+        f"{len(report.checks) - failed} of {len(report.checks)} checks conform, {failed} do "
+        f"not ({mode})"
+    )
+    if args.json is not None:
+        text = json.dumps(report.to_json(), ensure_ascii=False, indent=2) + "\n"
+        _write(args.json, text.encode())
+    sys.stdout.flush()
+    return 0 if report.conforms else 1

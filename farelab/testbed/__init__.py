@@ -16,10 +16,22 @@ to say what a correct terminal does.
   what the card showed (:class:`Seen`) and how its presentation went (:class:`Presence`);
   :func:`describe_expect` words an expectation; :class:`RunError` for a zoo or reader the run
   cannot use.
+- The card's own conformance: :func:`check_card` puts farelab's terminal's questions to a card
+  in a reader — read-only, or with :class:`DebitKeys` one fen bought and its TAC checked — and
+  returns a :class:`CardReport` of :class:`Check`; :class:`CardCheckError` when the card cannot be
+  checked.  The purchase names :data:`CHECK_TERMINAL`.
 
 See docs/testbed.md.
 """
 
+from farelab.testbed._cardcheck import (
+    CHECK_TERMINAL,
+    CardCheckError,
+    CardReport,
+    Check,
+    DebitKeys,
+    check_card,
+)
 from farelab.testbed._run import (
     VPCD_BASE_PORT,
     CardResult,
@@ -51,11 +63,16 @@ from farelab.testbed._zoo import (
 )
 
 __all__ = [
+    "CHECK_TERMINAL",
     "FOREIGN_LISTED",
     "FOREIGN_UNLISTED",
     "KIOSK",
     "VPCD_BASE_PORT",
+    "CardCheckError",
+    "CardReport",
     "CardResult",
+    "Check",
+    "DebitKeys",
     "Expect",
     "Presence",
     "RunError",
@@ -67,6 +84,7 @@ __all__ = [
     "ZooManifest",
     "answer",
     "build_zoo",
+    "check_card",
     "describe_expect",
     "judge",
     "load_manifest",
