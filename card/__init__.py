@@ -10,7 +10,7 @@
 - Transports behind :class:`Reader`: :class:`InProcessReader`; :class:`ViccClient` presents a
   card to a vpcd virtual reader (:func:`vicc_serve`, :func:`vicc_tap`); :class:`PcscReader` reads
   any PC/SC reader and :func:`running_pcscd` starts a pcscd for tests (these two load pyscard on
-  first use).
+  first use); :class:`RelayCard` and :func:`relay` present a card in any reader to vpcd.
 - Fault injection for testing other people's terminals: a :class:`Behaviour` file's rules, acted
   out by :class:`BehavingCard` around any card.
 - Helpers every part shares: money in yuan and fen (:func:`yuan_to_fen`, :func:`fen_to_yuan`),
@@ -107,6 +107,7 @@ from farelab.card._reader import (
     ReaderError,
     ReaderUnavailableError,
 )
+from farelab.card._relay import RelayCard, relay
 from farelab.card._simcard import ATR, FileStore, ImageStore, MemoryStore, SimulatedCard
 from farelab.card._terminal import (
     BlockApplication,
@@ -238,6 +239,7 @@ __all__ = [
     "ReaderThread",
     "ReaderUnavailableError",
     "Refused",
+    "RelayCard",
     "Response",
     "Session",
     "SimulatedCard",
@@ -286,6 +288,7 @@ __all__ = [
     "personalise",
     "process",
     "read_trace",
+    "relay",
     "running_pcscd",
     "save_image",
     "session_key",

@@ -196,6 +196,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     tap.set_defaults(func=_tap)
 
+    relay = cmds.add_parser(
+        "relay",
+        help="make a card in any PC/SC reader appear in pcscd's virtual reader",
+        description="Relay the card in a PC/SC reader into vpcd's virtual reader, so that a "
+        "terminal under test talks to that card while farelab records the exchanges (--trace) "
+        "and makes the card misbehave (--behaviour). Each card put in the reader is presented; "
+        "a card taken out of it leaves the virtual reader. Until Ctrl-C or SIGTERM.",
+    )
+    relay.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="pcsc:READER",
+        help="the PC/SC reader the card is in (a prefix of its name picks the first match)",
+    )
+    relay.add_argument(
+        "--to",
+        default="vpcd",
+        metavar="vpcd[:HOST:PORT]",
+        help=f"the virtual reader's vpcd (default vpcd:{DEFAULT_VPCD}; port 35964 is the "
+        "second slot, 'Virtual PCD 00 01')",
+    )
+    relay.add_argument(
+        "--behaviour",
+        type=Path,
+        metavar="FILE",
+        help="make the relayed card misbehave as this TOML file's rules say (docs/testbed.md)",
+    )
+    relay.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="append each rule that fires to FILE as a JSON line (with --behaviour)",
+    )
+    relay.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append every APDU exchange relayed to FILE, one JSON line each, as the terminal "
+        "saw it (read it with 'farelab trace show')",
+    )
+    relay.set_defaults(func=_relay)
+
     zoo = cmds.add_parser(
         "zoo",
         help="write card images for a terminal's edge cases, with an answer key",
@@ -232,6 +275,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help='the devices\' reader in validator.toml: "sim" (default) or "pcsc:NAME"',
     )
     zoo.set_defaults(func=_zoo)
+
+
+def _relay(args: argparse.Namespace) -> int:
+    # The relay reads a PC/SC reader (pyscard): loaded only when it runs.
+    from farelab._relay import relay_command  # noqa: PLC0415
+
+    return relay_command(args)
 
 
 def _zoo(args: argparse.Namespace) -> int:
