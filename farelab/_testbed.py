@@ -20,7 +20,9 @@ from farelab.card import (
     CST,
     Behaviour,
     BehaviourError,
+    CardRemovedError,
     KeysFileError,
+    Reader,
     ReaderError,
     ViccError,
     describe_path,
@@ -360,6 +362,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def _connect(reader: Reader, deadline: float) -> None:
+    """Power the card up; pcscd reports a card present before it has powered it, and a connect
+    in between is told the card is unpowered: try again until ``deadline``."""
+    while True:
+        try:
+            reader.connect()
+        except CardRemovedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            return
+
+
 def _card(args: argparse.Namespace) -> int:
     if args.allow_debit and args.keys is None:
         raise CliError("--allow-debit needs --keys FILE: the issuer's keys the purchase uses")
@@ -381,9 +397,10 @@ def _card(args: argparse.Namespace) -> int:
     except ReaderError as exc:
         raise CliError(str(exc)) from None
     try:
+        deadline = time.monotonic() + args.wait
         if not reader.wait_for_card(args.wait):
             raise CliError(f"no card in {reader.name!r} after {args.wait:g} s")
-        reader.connect()
+        _connect(reader, deadline)
         report = check_card(reader, debit=debit)
     except (ReaderError, CardCheckError) as exc:
         raise CliError(str(exc)) from None
