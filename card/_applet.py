@@ -313,7 +313,7 @@ def _select(ctx: _Ctx) -> Outcome:
     if not 5 <= len(cmd.data) <= 16:
         return ctx.answer(SW.WRONG_LENGTH)
     aid = cmd.data
-    if aid == TRANSIT_AID:
+    if aid == TRANSIT_AID and ctx.image.transit:
         if ctx.image.blocked:
             ctx.session = replace(ctx.session, app=App.TRANSIT_BLOCKED, pin_ok=False)
             return ctx.answer(SW.APP_BLOCKED)
@@ -326,10 +326,10 @@ def _select(ctx: _Ctx) -> Outcome:
     elif aid == BANK_AID:
         app, prop = App.BANK, _tlv(b"\x50", b"FARELAB BANK")
     elif aid == PSE_NAME:
-        directory = _tlv(b"\xbf\x0c", _DIRECTORY)
+        directory = _tlv(b"\xbf\x0c", _directory(ctx.image))
         app, prop = App.PSE, _tlv(b"\x88", bytes((SFI_DIRECTORY,))) + directory
     elif aid == PPSE_NAME:
-        app, prop = App.NONE, _tlv(b"\xbf\x0c", _DIRECTORY)
+        app, prop = App.NONE, _tlv(b"\xbf\x0c", _directory(ctx.image))
     else:
         ctx.session = replace(ctx.session, app=App.NONE, pin_ok=False)
         return ctx.answer(SW.NOT_FOUND)
@@ -348,12 +348,16 @@ def _directory_entry(aid: bytes, label: bytes, priority: int) -> bytes:
 # The payment-system environment's directory (EMV Book 1 12.2.3): every application of the card,
 # so that generic tools find them without knowing the AIDs. The PPSE's FCI carries it; the PSE's
 # carries it too, and its directory file (SFI 1) holds it as one record.
-_DIRECTORY = (
-    _directory_entry(TRANSIT_AID, b"T-UNION TRANSIT", 1)
-    + _directory_entry(SOCIAL_AID, b"SOCIAL SECURITY", 2)
-    + _directory_entry(BANK_AID, b"FARELAB BANK", 3)
+_TRANSIT_ENTRY = _directory_entry(TRANSIT_AID, b"T-UNION TRANSIT", 1)
+_OTHER_ENTRIES = _directory_entry(SOCIAL_AID, b"SOCIAL SECURITY", 2) + _directory_entry(
+    BANK_AID, b"FARELAB BANK", 3
 )
-_DIRECTORY_RECORD = _tlv(b"\x70", _DIRECTORY)
+
+
+def _directory(image: CardImage) -> bytes:
+    """The directory of the applications this card carries (a card without the transit
+    application lists only the others)."""
+    return _TRANSIT_ENTRY + _OTHER_ENTRIES if image.transit else _OTHER_ENTRIES
 
 
 def _refusal_outside(ctx: _Ctx, wanted: App) -> int | None:
@@ -392,7 +396,7 @@ def _binary_files(ctx: _Ctx) -> dict[int, bytes] | int:
 
 def _record_files(ctx: _Ctx) -> dict[int, tuple[bytes, ...]]:
     if ctx.session.app is App.PSE:
-        return {SFI_DIRECTORY: (_DIRECTORY_RECORD,)}
+        return {SFI_DIRECTORY: (_tlv(b"\x70", _directory(ctx.image)),)}
     if ctx.session.app is not App.TRANSIT:
         return {}
     img = ctx.image

@@ -128,6 +128,10 @@ class CardImage:
     ef15_damaged: bool = False
     """EF15 holds bytes no terminal can decode (a card zoo's damaged card): the image loads
     without checking it, and :attr:`public` raises ValueError."""
+    transit: bool = True
+    """The card carries the transit application; False for a card with only the bank and
+    social-security applications (a card zoo's), which answers SELECT of the transit AID with
+    ``6A82`` and leaves it out of its PSE/PPSE directory."""
 
     @property
     def public(self) -> PublicInfo:
@@ -192,6 +196,7 @@ class CardImage:
             "bank_balance": self.bank_balance,
             # Written only when set, so that every other image keeps its bytes.
             **({"ef15_damaged": True} if self.ef15_damaged else {}),
+            **({"transit": False} if not self.transit else {}),
         }
 
     @classmethod
@@ -239,6 +244,7 @@ class CardImage:
             ),
             bank_balance=p.integer("bank_balance", 0, 0xFFFFFFFF),
             ef15_damaged=doc.get("ef15_damaged", False) is True,
+            transit=doc.get("transit", True) is not False,
         )
         try:
             if not image.ef15_damaged:

@@ -35,6 +35,7 @@ def personalise(
     keys: IssuerKeys = DEMO_KEYS,
     initial_pin: str = "888888",
     pin_try_limit: int = 5,
+    transit: bool = True,
 ) -> CardImage:
     """A freshly issued card image.
 
@@ -48,6 +49,8 @@ def personalise(
         keys: the issuer's master keys; the card receives only its diversified keys.
         initial_pin: the social-security PIN at issue (Nanjing 888888, Haining 123456).
         pin_try_limit: wrong PIN entries in one day that lock it (Nanjing 5, Haining 6).
+        transit: False issues a card with only the bank and social-security applications
+            (no transit application: SELECT of its AID is ``6A82``).
     """
     if not serial.isdigit() or len(serial) > 20:
         raise ValueError(f"card serial must be 1 to 20 digits, got {serial!r}")
@@ -76,4 +79,5 @@ def personalise(
             initial_pin=initial_pin,
             try_limit=pin_try_limit,
         ),
+        transit=transit,
     )

@@ -6,14 +6,25 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from farelab._cli import main
-from farelab.card import CST, load_image
+from farelab.card import (
+    BANK_AID,
+    CST,
+    SOCIAL_AID,
+    TRANSIT_AID,
+    CardImage,
+    InProcessReader,
+    MemoryStore,
+    SimulatedCard,
+    load_image,
+    personalise,
+)
 from farelab.validator import Journal, load_config, parse_taps, replay, result_json
 
 AT = "2026-03-02T09:30:00+08:00"
@@ -339,3 +350,46 @@ def test_farelabs_kiosk_does_what_the_answer_key_says(tmp_path: Path) -> None:
         assert result == expect["result"], (card["case"], done.stderr)
         assert seen["reason"] == expect["reason"], card["case"]
         assert load_image(path).balance == expect["balance_fen"]
+
+
+# --- a card with only the bank and social-security applications ----------------------------
+
+
+def test_a_card_with_only_bank_and_social_security_is_refused_as_a_card_error(zoo: Any) -> None:
+    _, folder, manifest = zoo
+    card = next(c for c in manifest["cards"] if c["case"] == "bank_and_social_only")
+    assert card["expect"] == {
+        "result": "rejected",
+        "reason": "card_error",
+        "fare_fen": 0,
+        "balance_fen": None,
+    }
+    image = load_image(folder / card["file"])
+    assert image.transit is False
+    assert json.loads((folder / card["file"]).read_text())["transit"] is False
+
+
+def test_a_card_without_the_transit_application_does_not_find_it_but_finds_the_others() -> None:
+    def select(aid: bytes) -> bytes:
+        return bytes((0x00, 0xA4, 0x04, 0x00, len(aid))) + aid + b"\x00"
+
+    image = personalise(serial="77", issued=date(2026, 1, 1), transit=False)
+    reader = InProcessReader()
+    reader.insert(SimulatedCard(image, store=MemoryStore(), entropy=bytes))
+    reader.connect()
+    assert reader.transmit(select(TRANSIT_AID)) == b"\x6a\x82"
+    assert reader.transmit(select(SOCIAL_AID))[-2:] == b"\x90\x00"
+    assert reader.transmit(select(BANK_AID))[-2:] == b"\x90\x00"
+    ppse = reader.transmit(select(b"2PAY.SYS.DDF01"))
+    assert ppse[-2:] == b"\x90\x00"
+    assert SOCIAL_AID in ppse
+    assert BANK_AID in ppse
+    assert TRANSIT_AID not in ppse
+
+
+def test_the_transit_flag_is_written_only_for_a_card_without_it() -> None:
+    plain = personalise(serial="77", issued=date(2026, 1, 1))
+    assert "transit" not in plain.to_json()
+    without = personalise(serial="77", issued=date(2026, 1, 1), transit=False)
+    assert CardImage.from_json(without.to_json()) == without
+    assert CardImage.from_json(plain.to_json()).transit is True

@@ -233,6 +233,7 @@ class _Issuer:
         issuer: bytes = DEMO_ISSUER_ID,
         issued: date | None = None,
         expires: date | None = None,
+        transit: bool = True,
     ) -> CardImage:
         serial = f"{self._rng.randrange(10**19, 10**20)}"
         return personalise(
@@ -244,6 +245,7 @@ class _Issuer:
             expires=expires,
             issuer_id=issuer,
             keys=self._keys,
+            transit=transit,
         )
 
 
@@ -502,12 +504,14 @@ class _Cases:
         self.until.append(self.at + timedelta(seconds=window / 2))
 
     def broken(self) -> None:
-        """A card that wore out (its purchase counter at its end), or broke (EF15)."""
+        """A card that wore out (its purchase counter at its end), or broke (EF15); a card
+        issued without the transit application (only the bank and social security)."""
         main = self.site.main
         self.add("counter_exhausted", main, self.issue.card().replace(offline_counter=0xFFFF))
         image = self.issue.card()
         damaged = image.replace(ef15=image.ef15[:20] + b"\xff" * 10, ef15_damaged=True)
         self.add("damaged_ef15", main, damaged)
+        self.add("bank_and_social_only", main, self.issue.card(transit=False))
 
     def kiosk(self) -> None:
         """R4 at the kiosk: the most that may be loaded, one fen more, one fen on a full card."""
