@@ -1,0 +1,215 @@
+"""The relay: a card in one reader presented in the virtual reader, as a terminal under test
+sees it — forwarded, recorded, misbehaving on request, and gone when it leaves the real reader."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farelab.card import (
+    CardLeftError,
+    CardSnapshot,
+    InProcessReader,
+    Purchase,
+    PurchaseDone,
+    ReadCard,
+    RelayCard,
+    SimulatedCard,
+    drive,
+    read_trace,
+)
+from tests.test_card_behaviour import (
+    GET_BALANCE,
+    ROOT,
+    SELECT,
+    WHEN,
+    Served,
+    balance_of,
+    connect,
+    plain_card,
+    psam,
+)
+
+SLOT0, SLOT1 = "Virtual PCD 00 00", "Virtual PCD 00 01"
+
+
+def in_field(card: SimulatedCard) -> InProcessReader:
+    reader = InProcessReader("real")
+    reader.insert(card)
+    return reader
+
+
+def test_a_relayed_card_answers_what_the_real_card_answers() -> None:
+    sim = plain_card()
+    reader = in_field(sim)
+    relayed = RelayCard(reader, reader.connect())
+    assert relayed.power_on() == sim.atr()
+    assert relayed.transmit(SELECT)[-2:] == b"\x90\x00"
+    assert balance_of(relayed.transmit(GET_BALANCE)) == 5000
+
+
+def test_the_real_card_leaving_its_reader_is_the_relayed_card_leaving_the_field() -> None:
+    reader = in_field(plain_card())
+    relayed = RelayCard(reader, reader.connect())
+    relayed.power_on()
+    reader.remove()
+    with pytest.raises(CardLeftError) as left:
+        relayed.transmit(SELECT)
+    assert left.value.away is None  # back only when someone puts it back
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--from", "Virtual PCD 00 00"], 'is not "pcsc:READER"'),
+        (["--from", "pcsc:Virtual PCD 00 00", "--to", "vpcd:nowhere"], "--to 'vpcd:nowhere'"),
+        (["--from", "pcsc:Virtual PCD 00 00", "--log", "x.jsonl"], "--log needs --behaviour"),
+        # "no PC/SC reader 'No Such Reader 9'", or that pcscd is not running
+        (["--from", "pcsc:No Such Reader 9"], "farelab: error:"),
+    ],
+)
+def test_card_relay_refuses_bad_input_in_one_line(options: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "farelab", "card", "relay", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- through pcscd: a card in slot 0 relayed into slot 1 --------------------------------------
+
+
+class Relay:
+    """``farelab card relay`` from slot 0 into slot 1, as a tester runs it."""
+
+    def __init__(self, *options: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "farelab",
+                "card",
+                "relay",
+                "--from",
+                f"pcsc:{SLOT0}",
+                "--to",
+                "vpcd:127.0.0.1:35964",
+                *options,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert "relaying" in self.proc.stdout.readline()
+
+    def stop(self) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=15)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture
+def slot1(pcscd: None) -> Iterator[Any]:
+    from farelab.card import PcscReader  # noqa: PLC0415
+
+    reader = PcscReader(SLOT1)
+    yield reader
+    reader.close()
+
+
+@pytest.fixture
+def real_card(pcscd: None) -> Iterator[SimulatedCard]:
+    """A farelab card in slot 0: the 'real' card the relay reads."""
+    sim = plain_card()
+    served = Served(sim)  # type: ignore[arg-type]
+    yield sim
+    if served.thread.is_alive():
+        served.remove()
+
+
+@pytest.mark.pcsc
+def test_a_tap_on_the_relayed_card_debits_the_real_card_and_is_traced(
+    slot1: Any, real_card: SimulatedCard, tmp_path: Path
+) -> None:
+    trace = tmp_path / "relay.jsonl"
+    relay = Relay("--trace", str(trace))
+    try:
+        assert slot1.wait_for_card(5)
+        connect(slot1)
+        snapshot = drive(slot1, ReadCard(records=[]))
+        assert isinstance(snapshot, CardSnapshot)
+        done = drive(slot1, Purchase(psam=psam(), card=snapshot, amount=200, when=WHEN))
+        assert isinstance(done, PurchaseDone)
+        assert done.mac2_valid
+        slot1.disconnect()
+    finally:
+        code, out, err = relay.stop()
+    assert (code, err) == (0, "")
+    assert real_card.image.balance == 4800
+    assert "relayed" in out
+    commands = [item.command[1] for item in read_trace(trace) if hasattr(item, "command")]
+    assert 0x54 in commands  # the DEBIT went through the relay
+    assert all(item.reader == SLOT0 for item in read_trace(trace))
+
+
+@pytest.mark.pcsc
+def test_a_behaviour_applied_by_the_relay_is_seen_in_the_virtual_reader(
+    slot1: Any, real_card: SimulatedCard, tmp_path: Path
+) -> None:
+    rules = tmp_path / "status.toml"
+    rules.write_text(
+        '[[rule]]\nwhen = { command = "GET_BALANCE", occurrence = 1 }\n'
+        'do = { action = "status", sw = "6A82" }\n'
+    )
+    log = tmp_path / "firings.jsonl"
+    relay = Relay("--behaviour", str(rules), "--log", str(log))
+    try:
+        assert slot1.wait_for_card(5)
+        connect(slot1)
+        slot1.transmit(SELECT)
+        assert slot1.transmit(GET_BALANCE) == b"\x6a\x82"
+        assert balance_of(slot1.transmit(GET_BALANCE)) == 5000
+        slot1.disconnect()
+    finally:
+        code, _, err = relay.stop()
+    assert (code, err) == (0, "")
+    firings = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(f["command"], f["do"], f["sw"]) for f in firings] == [
+        ("GET_BALANCE", "status", "6A82")
+    ]
+
+
+@pytest.mark.pcsc
+def test_the_card_pulled_from_the_real_reader_leaves_the_virtual_reader(
+    slot1: Any, pcscd: None
+) -> None:
+    served = Served(plain_card())  # type: ignore[arg-type]
+    relay = Relay()
+    try:
+        assert slot1.wait_for_card(5)
+        served.remove()
+        assert slot1.wait_for_removal(3)
+        served = Served(plain_card())  # type: ignore[arg-type]
+        assert slot1.wait_for_card(5)  # put back: relayed again
+    finally:
+        code, out, err = relay.stop()
+        served.remove()
+    assert (code, err) == (0, "")
+    assert out.count("card in ") == 2
+    assert "relay stopped; 2 card presentations relayed" in out
+    assert "card left the virtual reader" in out
