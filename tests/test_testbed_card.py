@@ -118,6 +118,16 @@ def test_a_card_answering_a_wrong_status_word_to_get_balance_does_not_conform() 
     assert (failing[0].name, failing[0].seen) == ("GET BALANCE", "6A82")
 
 
+def test_a_card_without_the_transit_application_does_not_conform() -> None:
+    image = personalise(serial="77", issued=date(2026, 1, 1), transit=False)
+    card = SimulatedCard(image, store=MemoryStore(), entropy=bytes)
+    report = check_card(in_reader(card))
+    by_name = {c.name: c for c in report.checks}
+    assert not report.conforms
+    assert by_name["SELECT transit application"].seen == "6A82"
+    assert by_name["SELECT bank application"].conforms
+
+
 def test_the_report_as_json_names_check_expected_seen_conforms() -> None:
     doc = check_card(in_reader(issued())).to_json()
     assert set(doc) == {"reader", "conforms", "debited", "checks"}
