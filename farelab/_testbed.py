@@ -407,10 +407,10 @@ def _card(args: argparse.Namespace) -> int:
     finally:
         reader.disconnect()
     width = max(len(c.name) for c in report.checks)
-    print(f"{'check':<{width}}  {'expected':<52} {'seen':<40} conforms")
+    print(f"{'check':<{width}}  {'expected':<52} {'seen':<42} conforms")
     for c in report.checks:
         verdict = "yes" if c.conforms else "NO"
-        print(f"{c.name:<{width}}  {c.expected:<52} {c.seen:<40} {verdict}")
+        print(f"{c.name:<{width}}  {c.expected:<52} {c.seen:<42} {verdict}")
     failed = sum(not c.conforms for c in report.checks)
     mode = "one fen debited" if report.debited else "read-only"
     print(

@@ -199,7 +199,7 @@ def _transit(s: _Session) -> int | None:
     fci = s.ask(
         "SELECT transit application",
         _select(TRANSIT_AID),
-        "9000, FCI with the AID, EF15 (9F0C) and the purse algorithm (DF01)",
+        "9000, FCI: the AID, EF15 (9F0C), algorithm (DF01)",
         _transit_fci,
     )
     ef15 = s.ask("READ BINARY EF15", "00B095001E", "9000, 30 bytes", lambda r: r.ok)
