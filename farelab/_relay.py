@@ -51,7 +51,11 @@ def relay_command(args: argparse.Namespace) -> int:
     from farelab.card import PcscReader  # noqa: PLC0415
 
     try:
-        PcscReader(name).close()
+        probe = PcscReader(name)
+        try:
+            present = probe.wait_for_card(0)
+        finally:
+            probe.close()
     except ReaderError as exc:
         raise CliError(str(exc)) from None
     stop = threading.Event()
@@ -89,6 +93,8 @@ def relay_command(args: argparse.Namespace) -> int:
             f"relaying the card in PC/SC reader {name!r} to vpcd at {host}:{port}; Ctrl-C to stop",
             flush=True,
         )
+        if not present:
+            print(f"no card in {name!r} yet: waiting for one", flush=True)
         try:
             relay(
                 lambda: PcscReader(name),

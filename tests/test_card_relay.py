@@ -7,6 +7,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 
 from farelab.card import (
     CardLeftError,
+    CardRemovedError,
     CardSnapshot,
     InProcessReader,
     Purchase,
@@ -114,13 +117,26 @@ class Relay:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.lines: list[str] = []
+        self._reading = threading.Thread(target=self._read, daemon=True)
+        self._reading.start()
+        deadline = time.monotonic() + 10
+        while not any("relaying" in line for line in self.lines):
+            assert time.monotonic() < deadline, "card relay did not start"
+            time.sleep(0.05)
+
+    def _read(self) -> None:
         assert self.proc.stdout is not None
-        assert "relaying" in self.proc.stdout.readline()
+        for line in self.proc.stdout:
+            self.lines.append(line)
 
     def stop(self) -> tuple[int, str, str]:
+        """SIGTERM, as a tester's script ends it: exit status, output, errors."""
         self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=15)
-        return self.proc.returncode, out, err
+        self.proc.wait(15)
+        self._reading.join(5)
+        assert self.proc.stderr is not None
+        return self.proc.returncode, "".join(self.lines), self.proc.stderr.read()
 
 
 @pytest.fixture
@@ -210,6 +226,44 @@ def test_the_card_pulled_from_the_real_reader_leaves_the_virtual_reader(
         code, out, err = relay.stop()
         served.remove()
     assert (code, err) == (0, "")
-    assert out.count("card in ") == 2
+    assert out.count(") relayed") == 2
     assert "relay stopped; 2 card presentations relayed" in out
     assert "card left the virtual reader" in out
+
+
+@pytest.mark.pcsc
+def test_a_vanish_applied_by_the_relay_tears_the_tap_and_the_card_comes_back(
+    slot1: Any, real_card: SimulatedCard, tmp_path: Path
+) -> None:
+    rules = tmp_path / "vanish.toml"
+    rules.write_text(
+        '[[rule]]\nwhen = { command = "DEBIT", occurrence = 1 }\n'
+        'do = { action = "vanish", moment = "after", away_ms = 500 }\n'
+    )
+    relay = Relay("--behaviour", str(rules))
+    try:
+        assert slot1.wait_for_card(5)
+        connect(slot1)
+        snapshot = drive(slot1, ReadCard(records=[]))
+        assert isinstance(snapshot, CardSnapshot)
+        with pytest.raises(CardRemovedError):
+            drive(slot1, Purchase(psam=psam(), card=snapshot, amount=200, when=WHEN))
+        assert real_card.image.balance == 4800  # the real card committed the DEBIT
+        assert slot1.wait_for_removal(3)
+        assert slot1.wait_for_card(5)  # put back by the relay after away_ms
+        connect(slot1)
+        slot1.transmit(SELECT)
+        assert balance_of(slot1.transmit(GET_BALANCE)) == 4800
+        slot1.disconnect()
+    finally:
+        code, _, err = relay.stop()
+    assert (code, err) == (0, "")
+
+
+@pytest.mark.pcsc
+def test_card_relay_without_a_card_says_it_waits_and_stops_cleanly(pcscd: None) -> None:
+    relay = Relay()
+    code, out, err = relay.stop()
+    assert (code, err) == (0, "")
+    assert "waiting for one" in out
+    assert "relay stopped; 0 card presentations relayed" in out
