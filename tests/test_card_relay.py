@@ -23,6 +23,7 @@ from farelab.card import (
     Purchase,
     PurchaseDone,
     ReadCard,
+    ReaderError,
     RelayCard,
     SimulatedCard,
     drive,
@@ -267,3 +268,36 @@ def test_card_relay_without_a_card_says_it_waits_and_stops_cleanly(pcscd: None) 
     assert (code, err) == (0, "")
     assert "waiting for one" in out
     assert "relay stopped; 0 card presentations relayed" in out
+
+
+@pytest.mark.pcsc
+def test_a_card_muted_by_the_relay_leaves_when_pulled_from_the_real_reader(
+    slot1: Any, pcscd: None, tmp_path: Path
+) -> None:
+    rules = tmp_path / "mute.toml"
+    rules.write_text('[[rule]]\nwhen = { command = "GET_BALANCE" }\ndo = "mute"\n')
+    served = Served(plain_card())  # type: ignore[arg-type]
+    relay = Relay("--behaviour", str(rules))
+    try:
+        assert slot1.wait_for_card(5)
+        connect(slot1)
+        slot1.transmit(SELECT)
+        outcome: list[BaseException] = []
+
+        def terminal() -> None:
+            try:
+                slot1.transmit(GET_BALANCE)
+            except ReaderError as exc:
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=terminal, daemon=True)
+        waiting.start()
+        waiting.join(0.8)
+        assert waiting.is_alive()  # the relayed card answers nothing
+        served.remove()  # the real card leaves its reader
+        waiting.join(5)
+        assert [type(x) for x in outcome] == [CardRemovedError]
+        assert slot1.wait_for_removal(3)
+    finally:
+        code, _, err = relay.stop()
+    assert (code, err) == (0, "")
