@@ -126,14 +126,14 @@ def test_each_exchange_is_a_json_line_with_time_reader_command_response_sw_and_e
 ) -> None:
     trace, _ = recorded_session(tmp_path)
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
-    assert len(lines) == 18
+    assert len(lines) == 19
     for line in lines:
         assert set(line) >= {"time", "reader", "command", "response", "sw", "elapsed_ms"}
         assert line["time"].endswith("+00:00")
         assert line["reader"] == "sim"
     assert lines[0]["command"] == "00A4040008A00000063201010500"
     assert lines[0]["sw"] == "9000"
-    torn = lines[13]
+    torn = lines[14]
     assert torn["command"].startswith("80540100")
     assert (torn["response"], torn["sw"]) == (None, None)
     assert "pulled" in torn["error"]
@@ -144,36 +144,36 @@ def test_trace_show_decodes_a_recorded_validator_session(tmp_path: Path) -> None
     shown = farelab("trace", "show", str(trace))
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert len(lines) == 18  # one exchange a line
+    assert len(lines) == 19  # one exchange a line
     assert "SELECT" in lines[0]
     assert "aid=A000000632010105" in lines[0]
     assert "READ RECORD  sfi=1E record=1  -> 6A83 record not found" in lines[2]
-    init = lines[10]
+    init = lines[11]
     assert "INITIALIZE FOR CAPP" in init
     assert "amount=0.50 terminal=000000000B01" in init
     assert "-> 9000 success: balance=20.00 offline_counter=1" in init
-    debit = lines[6]
+    debit = lines[7]
     assert "DEBIT FOR PURCHASE  terminal_counter=1 at=2026-11-23 08:00:00 mac1=" in debit
     assert f"tac={results[0]['tac']}" in debit
     assert "mac2=" in debit
-    assert "TORN" in lines[13]
-    assert "no answer" in lines[13]
-    proof = lines[17]
+    assert "TORN" in lines[14]
+    assert "no answer" in lines[14]
+    proof = lines[18]
     assert "GET TRANSACTION PROOF  type=composite purchase counter=2" in proof
     assert f"tac={results[2]['tac']}" in proof
-    assert "proof of the transaction torn at #14: the card committed it" in proof
+    assert "proof of the transaction torn at #15: the card committed it" in proof
 
 
 def test_trace_show_json_decodes_fields_by_name(tmp_path: Path) -> None:
     trace, _ = recorded_session(tmp_path)
     shown = farelab("trace", "show", "--json", str(trace))
     docs = [json.loads(x) for x in shown.stdout.splitlines()]
-    assert docs[10]["name"] == "INITIALIZE FOR CAPP"
-    assert docs[10]["fields"] == {"key": "01", "amount": "0.50", "terminal": "000000000B01"}
-    assert docs[10]["answer"]["balance"] == "20.00"
+    assert docs[11]["name"] == "INITIALIZE FOR CAPP"
+    assert docs[11]["fields"] == {"key": "01", "amount": "0.50", "terminal": "000000000B01"}
+    assert docs[11]["answer"]["balance"] == "20.00"
     assert docs[2]["meaning"] == "record not found"
-    assert docs[13]["sw"] is None
-    assert docs[13]["note"].startswith("TORN")
+    assert docs[14]["sw"] is None
+    assert docs[14]["note"].startswith("TORN")
 
 
 def test_replay_from_the_recording_reaches_the_original_result(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_replay_from_the_recording_reaches_the_original_result(tmp_path: Path) -
     assert [r["result"] for r in results] == ["accepted", "rejected", "accepted"]
     same = farelab("trace", "diff", str(trace), str(again))
     assert same.returncode == 0, same.stdout
-    assert same.stdout.count(" = ") == 18
+    assert same.stdout.count(" = ") == 19
 
 
 def test_run_from_the_recording_at_another_time_reaches_the_original_result(
@@ -225,11 +225,11 @@ def test_trace_diff_sets_two_sessions_side_by_side(tmp_path: Path) -> None:
     diff = farelab("trace", "diff", str(trace), str(other / "bus.jsonl"))
     assert diff.returncode == 1
     rows = diff.stdout.splitlines()
-    assert len(rows) == 1 + 18
+    assert len(rows) == 1 + 19
     assert marks(rows)[:3] == ["=", "~", "="]  # the gate reads record 1, the bus record 2
     assert "READ RECORD 9000" in rows[2]
-    assert marks(rows)[7:] == ["!"] * 11  # the bus session has 7 exchanges
-    assert "18 of 18 exchanges differ" not in diff.stderr
+    assert marks(rows)[7:] == ["!"] * 12  # the bus session has 7 exchanges
+    assert "19 of 19 exchanges differ" not in diff.stderr
     assert "exchanges differ" in diff.stderr
 
 

@@ -315,3 +315,41 @@ def test_the_same_device_after_the_retap_window_is_a_new_ride() -> None:
     assert (later.result, later.reason, later.fare_fen) == ("accepted", None, 50)
     assert card.image.balance == 1900
     conserved(lab, card, 2000)
+
+
+def test_a_metro_trip_after_a_bus_ride_gets_the_transfer_off_at_the_exit() -> None:
+    """Bus → metro inside the window: the entry writes its own trip record over the bus ride's
+    place at the top of EF1E, so the exit must look past it, and judge the window at the entry."""
+    ride, entry, exit_ = (
+        bus("changzhou"),
+        gate("changzhou", "森林公园"),
+        gate("changzhou", "南夏墅"),
+    )
+    lab = Lab([ride, entry, exit_])
+    card = new_card(balance=5000)
+    assert lab.tap(ride, card, 0).result == "accepted"
+    assert lab.tap(entry, card, 50 * 60).result == "accepted"  # 50 minutes after the bus
+    transfer = lab.tap(exit_, card, 50 * 60 + 40 * 60)  # the trip ends outside the window
+    plain = Lab([entry, exit_])
+    other = new_card(balance=5000)
+    assert plain.tap(entry, other, 50 * 60).result == "accepted"
+    no_transfer = plain.tap(exit_, other, 50 * 60 + 40 * 60)
+    assert no_transfer.fare_fen - transfer.fare_fen == 95  # 1 yuan off before the 95 % card rate
+    conserved(lab, card, 5000)
+
+
+def test_no_transfer_when_the_metro_entry_is_outside_the_bus_ride_window() -> None:
+    ride, entry, exit_ = (
+        bus("changzhou"),
+        gate("changzhou", "森林公园"),
+        gate("changzhou", "南夏墅"),
+    )
+    lab = Lab([ride, entry, exit_])
+    card = new_card(balance=5000)
+    assert lab.tap(ride, card, 0).result == "accepted"
+    assert lab.tap(entry, card, 61 * 60).result == "accepted"
+    late = lab.tap(exit_, card, 61 * 60 + 20 * 60)
+    plain = Lab([entry, exit_])
+    other = new_card(balance=5000)
+    assert plain.tap(entry, other, 61 * 60).result == "accepted"
+    assert late.fare_fen == plain.tap(exit_, other, 61 * 60 + 20 * 60).fare_fen

@@ -180,9 +180,13 @@ class Tap:
         self.psam = psam
         self.now = now
         self._pending = pending or {}
-        record = 2 if device.kind is Kind.BUS else 1
+        # A gate also reads the trip before the latest: at an exit the latest is the trip's own
+        # entry, and a bus ride before it is what a bus → metro transfer is judged on.
+        wanted = [(SFI_TRANSIT, 2), (SFI_TRIPS, 1)]
+        if device.kind is not Kind.BUS:
+            wanted = [(SFI_TRANSIT, 1), (SFI_TRIPS, 1), (SFI_TRIPS, 2)]
         self._flow: ReadCard | TransactionProof | Purchase | BlockApplication = ReadCard(
-            records=[(SFI_TRANSIT, record), (SFI_TRIPS, 1)]
+            records=wanted
         )
         self._snapshot: CardSnapshot | None = None
         self._resolution: Resolution | None = None
@@ -367,10 +371,11 @@ class Tap:
         )
         return self._send_plain(self._flow.start())
 
-    def _previous(self) -> PreviousRide | None:
+    def _previous(self, index: int = 1) -> PreviousRide | None:
+        """The card's ``index``-th latest ride (EF1E record), if it has one that decodes."""
         snap = self._snapshot
         assert snap is not None
-        raw = snap.records.get((SFI_TRIPS, 1))
+        raw = snap.records.get((SFI_TRIPS, index))
         if raw is None:
             return None
         try:
@@ -378,6 +383,21 @@ class Tap:
         except ValueError:
             return None
         return PreviousRide(trip.industry, trip.time)
+
+    def _before_entry(self, entered_at: datetime | None) -> tuple[PreviousRide | None, datetime]:
+        """For an exit: the ride before this trip's entry, and the moment a transfer onto the
+        metro is judged at (the entry: the rider changed from the bus to the metro there).  The
+        latest EF1E record is the entry's own when the entry gate wrote it; a card whose latest
+        ride is not this entry (an entry record left by another system) is judged as before."""
+        latest = self._previous(1)
+        if (
+            entered_at is not None
+            and latest is not None
+            and latest.industry is Industry.METRO
+            and latest.at == entered_at
+        ):
+            return self._previous(2), entered_at
+        return latest, self.now
 
     def _recent(self, terminal8: bytes, moment: datetime | None) -> bool:
         if moment is None or terminal8[2:] != self.device.terminal_id:
@@ -445,6 +465,7 @@ class Tap:
                 detail=f"now {self.now.isoformat()} is before the card's entry at "
                 f"{trip.entry_time.isoformat()}",
             )
+        previous, transfer_at = self._before_entry(trip.entry_time)
         quote = metro_trip_fare(
             net,
             rider,
@@ -452,7 +473,8 @@ class Tap:
             exit_=device.station.id,
             entered_at=trip.entry_time,
             now=self.now,
-            previous=self._previous(),
+            previous=previous,
+            transfer_at=transfer_at,
         )
         reason = "overtime" if "overtime" in quote.notes else None
         return _Plan("exit", quote, quote.fare_fen, reason)

@@ -123,14 +123,17 @@ def metro_trip_fare(
     entered_at: datetime | None,
     now: datetime,
     previous: PreviousRide | None,
+    transfer_at: datetime | None = None,
 ) -> Quote:
-    """The fare charged at the exit gate for a trip from ``entry`` to ``exit_``."""
+    """The fare charged at the exit gate for a trip from ``entry`` to ``exit_``; a bus ride
+    (``previous``) inside the transfer window of ``transfer_at`` (the entry; ``now`` if not
+    given) takes the transfer reduction."""
     base = net.fare(entry, exit_)
     notes: list[str] = []
     transfer = (
         previous is not None
         and previous.industry is Industry.BUS
-        and _in_window(net, previous, now)
+        and _in_window(net, previous, transfer_at or now)
     )
     off = net.rules.transfer_off_to_metro_fen if transfer else 0
     quote = _priced(base, off, metro_share(net, rider), notes)
