@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from farelab._errors import CliError
+from farelab._options import append_log, trace_writer
 from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
@@ -568,25 +569,11 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_trace(args, host, port)
     behaviour = _behaviour(args)
     with contextlib.ExitStack() as stack:
-        trace = _trace_writer(args.trace)
+        trace = trace_writer(args.trace)
         if trace is not None:
             stack.callback(trace.close)
-        log: TextIO | None = None
-        if args.log is not None:
-            try:
-                log = stack.enter_context(args.log.open("a", encoding="utf-8"))
-            except OSError as exc:
-                raise CliError(f"{describe_path(args.log)}: {exc.strerror or exc}") from None
+        log = append_log(stack, args.log)
         return _serve_card(args.path, host, port, behaviour, log, trace=trace)
-
-
-def _trace_writer(path: Path | None) -> TraceWriter | None:
-    if path is None:
-        return None
-    try:
-        return TraceWriter(path)
-    except OSError as exc:
-        raise CliError(f"--trace {describe_path(path)}: cannot write: {exc.strerror}") from None
 
 
 def _serve_trace(args: argparse.Namespace, host: str, port: int) -> int:
@@ -601,7 +588,7 @@ def _serve_trace(args: argparse.Namespace, host: str, port: int) -> int:
     logging.basicConfig(level=logging.INFO, format="farelab card: %(message)s")
     stop = threading.Event()
     _stop_on_signals(stop)
-    trace = _trace_writer(args.trace)
+    trace = trace_writer(args.trace)
     card: CardEndpoint = recorded if trace is None else TracingEndpoint(recorded, trace)
     print(
         f"recording {describe_path(args.from_trace)} ({recorded.remaining} exchanges) presented "

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import threading
-from typing import TextIO
 
-from farelab._card import DEFAULT_VPCD, _behaviour, _stop_on_signals, _trace_writer, parse_vpcd
+from farelab._card import DEFAULT_VPCD, _behaviour, _stop_on_signals, parse_vpcd
 from farelab._errors import CliError
+from farelab._options import append_log, trace_writer
 from farelab.card import (
     BehavingCard,
     BehaviourState,
@@ -17,7 +17,6 @@ from farelab.card import (
     ReaderUnavailableError,
     TracingEndpoint,
     ViccError,
-    describe_path,
     relay,
     shown,
 )
@@ -62,15 +61,10 @@ def relay_command(args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     relayed = 0
     with contextlib.ExitStack() as stack:
-        trace = _trace_writer(args.trace)
+        trace = trace_writer(args.trace)
         if trace is not None:
             stack.callback(trace.close)
-        log: TextIO | None = None
-        if args.log is not None:
-            try:
-                log = stack.enter_context(args.log.open("a", encoding="utf-8"))
-            except OSError as exc:
-                raise CliError(f"{describe_path(args.log)}: {exc.strerror or exc}") from None
+        log = append_log(stack, args.log)
         # One behaviour for the whole run: its counts go on from one presentation to the next.
         state = None if behaviour is None else BehaviourState(behaviour)
 

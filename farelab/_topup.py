@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import platformdirs
 
 from farelab._errors import CliError
+from farelab._options import trace_writer
 from farelab.backend import LocalHost, StoreError
 from farelab.card import (
     DEMO_ISSUER_ID,
@@ -25,9 +26,7 @@ from farelab.card import (
     Reader,
     ReaderError,
     SimulatedCard,
-    TraceWriter,
     TracingReader,
-    describe_path,
     fen_to_yuan,
     shown,
 )
@@ -221,15 +220,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _trace_writer(path: Path | None) -> TraceWriter | None:
-    if path is None:
-        return None
-    try:
-        return TraceWriter(path)
-    except OSError as exc:
-        raise CliError(f"--trace {describe_path(path)}: cannot write: {exc.strerror}") from None
-
-
 class _InProcessHost:
     """The in-process host, whose own failures (its ledger refusing a write) reach the kiosk as
     a host that did not answer — a refusal with the host's words — never as a traceback."""
@@ -327,7 +317,7 @@ def _kiosk(args: argparse.Namespace) -> int:
 
     if args.reader != "sim" and not args.reader.startswith("pcsc:"):
         raise CliError('--reader must be "sim" or "pcsc:<reader name>"')
-    trace = _trace_writer(args.trace)
+    trace = trace_writer(args.trace)
     kiosk, close = make_kiosk(args)
     try:
         run_kiosk(kiosk, reader_spec=args.reader, trace=trace)
@@ -349,7 +339,7 @@ def _one_shot(
     ok: str,
 ) -> int:
     """Open the reader and the kiosk, run one action on the presented card, report it."""
-    trace = _trace_writer(args.trace)
+    trace = trace_writer(args.trace)
     reader = _reader(args)
     kiosk, close = make_kiosk(args)
     exchanges: Reader = reader if trace is None else TracingReader(reader, trace)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from farelab._errors import CliError
-from farelab.card import TraceWriter, describe_path
+from farelab._options import trace_writer
+from farelab.card import describe_path
 from farelab.protocol import ParamsError
 from farelab.validator import (
     PULL_STEPS,
@@ -168,15 +169,6 @@ def _trace_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _trace_writer(path: Path | None) -> TraceWriter | None:
-    if path is None:
-        return None
-    try:
-        return TraceWriter(path)
-    except OSError as exc:
-        raise CliError(f"--trace {describe_path(path)}: cannot write: {exc.strerror}") from None
-
-
 def _seconds(text: str) -> float:
     try:
         return positive_seconds(text, "a timeout")
@@ -208,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     uplink = _uplink(args.broker, config)
-    trace = _trace_writer(args.trace)
+    trace = trace_writer(args.trace)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -261,7 +253,7 @@ def _replay(args: argparse.Namespace) -> int:
             "--broker needs a journal file (--journal DB or [journal] path), so "
             "that what is not yet acknowledged survives this run"
         )
-    trace = _trace_writer(args.trace)
+    trace = trace_writer(args.trace)
     try:
         for result in replay(config, taps, journal, trace=trace):
             print(json.dumps(result_json(result), ensure_ascii=False), flush=True)
