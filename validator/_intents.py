@@ -86,46 +86,9 @@ class IntentLogError(Exception):
 def intent_text(intent: Intent) -> tuple[Any, ...]:
     """The intent as people read it, the values of :data:`TEXT_FIELDS` (the log's JSON, the
     ``transactions`` table's columns)."""
-    (
-        _,
-        _,
-        tx_type,
-        kind,
-        alg,
-        serial,
-        issuer,
-        counter,
-        ttc,
-        amount,
-        before,
-        terminal,
-        day,
-        time,
-        _,
-        station,
-        line,
-        operator,
-        _,
-    ) = intent.record.as_text()
-    return (
-        intent.device,
-        serial,
-        issuer,
-        alg,
-        tx_type,
-        kind,
-        amount,
-        before,
-        counter,
-        ttc,
-        terminal,
-        day,
-        time,
-        intent.at.isoformat(),
-        station,
-        line,
-        operator,
-    )
+    doc = intent.record.to_json()
+    doc["device"], doc["at"] = intent.device, intent.at.isoformat()
+    return tuple(doc[name] for name in TEXT_FIELDS)
 
 
 def intent_from_text(doc: Mapping[str, Any]) -> Intent:
