@@ -406,6 +406,7 @@ class BehavingCard:
         log: TextIO | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], str] = _utc_now,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -415,6 +416,7 @@ class BehavingCard:
             log: where each firing is written as a JSON line (flushed at once); None: nowhere.
             sleep: how a delay waits (tests pass a fake).
             clock: the time written in the log.
+            label: fields written into every log line after the time (which tap, which card).
         """
         self.card = card
         self.state = state if isinstance(state, BehaviourState) else BehaviourState(state)
@@ -422,6 +424,7 @@ class BehavingCard:
         self._log = log
         self._sleep = sleep
         self._clock = clock
+        self._label = dict(label or {})
         self._lock = threading.Lock()
 
     def field_entered(self) -> None:
@@ -472,7 +475,7 @@ class BehavingCard:
     def _write(self, firing: Firing, extra: dict[str, Any]) -> None:
         self.firings.append(firing)
         if self._log is not None:
-            line = {"time": self._clock(), **firing.as_json(), **extra}
+            line = {"time": self._clock(), **self._label, **firing.as_json(), **extra}
             self._log.write(json.dumps(line) + "\n")
             self._log.flush()
 

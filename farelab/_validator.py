@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from farelab._errors import CliError
-from farelab._options import trace_writer
+from farelab._options import append_log, trace_writer
 from farelab.card import describe_path
 from farelab.protocol import ParamsError
 from farelab.validator import (
@@ -120,7 +121,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         '"at": ISO-8601 with offset, "pull_after": optional, one of '
         + ", ".join(PULL_STEPS)
         + ' — the card leaves right after that command reached it}; "from_trace": '
-        'TRACE.jsonl in place of "card" taps a stub card that answers from a recording. '
+        'TRACE.jsonl in place of "card" taps a stub card that answers from a recording; '
+        '"behaviour": FILE.toml makes the card misbehave as the file\'s rules say. '
         "Each output line (JSON): "
         "device, card_serial, result, reason, fare_fen, balance_fen, tac, grey. Card images are "
         "updated as the taps go.",
@@ -154,6 +156,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="give up waiting for acknowledgements after this long (default 30); "
         "what is still pending is sent by the next run with the same journal",
+    )
+    rp.add_argument(
+        "--behaviour-log",
+        type=Path,
+        metavar="FILE",
+        help='append each firing of a taps line\'s "behaviour" rules to FILE, one JSON line '
+        "each (the tap's time, line, device and card, the rule, the command and the action)",
     )
     _trace_option(rp)
     rp.set_defaults(func=_replay)
@@ -255,8 +264,10 @@ def _replay(args: argparse.Namespace) -> int:
         )
     trace = trace_writer(args.trace)
     try:
-        for result in replay(config, taps, journal, trace=trace):
-            print(json.dumps(result_json(result), ensure_ascii=False), flush=True)
+        with contextlib.ExitStack() as stack:
+            log = append_log(stack, args.behaviour_log)
+            for result in replay(config, taps, journal, trace=trace, behaviour_log=log):
+                print(json.dumps(result_json(result), ensure_ascii=False), flush=True)
         if uplink is not None:
             return asyncio.run(_drain(uplink, journal, args.upload_timeout))
     except ReplayError as exc:

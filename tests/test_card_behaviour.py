@@ -582,13 +582,17 @@ do = "mute"
 """
 
 
-def replay(tmp_path: Path, taps: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+def replay(
+    tmp_path: Path, taps: list[dict[str, Any]], *extra: str
+) -> subprocess.CompletedProcess[str]:
     from tests.test_validator_run import DEVICES, farelab  # noqa: PLC0415
 
     config = tmp_path / "devices.toml"
     config.write_text(DEVICES.format(reader="sim"))
     stdin = "".join(json.dumps(t) + "\n" for t in taps)
-    return farelab("validator", "replay", "--config", str(config), "--taps", "-", stdin=stdin)
+    return farelab(
+        "validator", "replay", "--config", str(config), "--taps", "-", *extra, stdin=stdin
+    )
 
 
 def test_replay_taps_lines_name_a_behaviour_whose_counts_go_on_from_line_to_line(
@@ -609,7 +613,8 @@ def test_replay_taps_lines_name_a_behaviour_whose_counts_go_on_from_line_to_line
         }
         for t in at
     ]
-    result = replay(tmp_path, taps)
+    log = tmp_path / "firings.jsonl"
+    result = replay(tmp_path, taps, "--behaviour-log", str(log))
     assert result.returncode == 0, result.stderr
     lines = [json.loads(x) for x in result.stdout.splitlines()]
     assert [(x["result"], x["reason"], x["grey"]) for x in lines] == [
@@ -618,6 +623,28 @@ def test_replay_taps_lines_name_a_behaviour_whose_counts_go_on_from_line_to_line
         ("rejected", "card_removed", False),  # the third presentation: muted, taken away
     ]
     assert load_image(path).balance == 2000 - 50
+    # Each firing is one JSON line at the tap's own time, naming the line, device and card.
+    firings = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [
+        (f["time"], f["line"], f["device"], f["card"], f["rule"], f["command"], f["do"])
+        for f in firings
+    ] == [
+        ("2026-11-23T09:00:00.000+08:00", 1, "bus-1", str(path), 1, "DEBIT", "vanish"),
+        ("2026-11-23T09:30:00.000+08:00", 3, "bus-1", str(path), 2, "SELECT", "mute"),
+    ]
+    # The same taps on another copy of the card give the same log: nothing in it comes from the
+    # wall clock (the APDUs differ only by the MAC1 that the card's fresh random goes into).
+    again = tmp_path / "again"
+    again.mkdir()
+    path2 = card(again)
+    taps2 = [dict(t, card=str(path2)) for t in taps]
+    log2 = tmp_path / "firings2.jsonl"
+    assert replay(again, taps2, "--behaviour-log", str(log2)).returncode == 0
+
+    def same(line: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in line.items() if k not in ("card", "apdu")}
+
+    assert [same(json.loads(x)) for x in log2.read_text().splitlines()] == list(map(same, firings))
 
 
 def test_replay_refuses_a_behaviour_naming_an_unknown_command_with_the_key(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from farelab.card import (
     BehavingCard,
@@ -161,6 +161,7 @@ def _behaving(
     tap: TapLine,
     card: SimulatedCard | TraceCard,
     states: dict[tuple[Path, Path], BehaviourState],
+    log: TextIO | None,
 ) -> SimulatedCard | TraceCard | BehavingCard:
     if tap.behaviour is None or tap.behaviour_file is None:
         return card
@@ -168,15 +169,25 @@ def _behaving(
     state = states.get(key)
     if state is None:
         state = states[key] = BehaviourState(tap.behaviour)
-    # A replay keeps no clock: a delay is logged, never waited for.
-    return BehavingCard(card, state, sleep=lambda _: None)
+    # A replay keeps no clock: a delay is logged, never waited for, and a firing is logged at
+    # the tap's own time, so that the same taps give the same log.
+    at = tap.at.isoformat(timespec="milliseconds")
+    label = {"line": tap.line, "device": tap.device, "card": str(tap.card)}
+    return BehavingCard(card, state, log=log, sleep=lambda _: None, clock=lambda: at, label=label)
 
 
 def replay(
-    config: Config, taps: list[TapLine], journal: Journal, *, trace: TraceWriter | None = None
+    config: Config,
+    taps: list[TapLine],
+    journal: Journal,
+    *,
+    trace: TraceWriter | None = None,
+    behaviour_log: TextIO | None = None,
 ) -> Iterator[TapResult]:
     """Run the taps in order; yields each result once it is journalled and the card written.
-    ``trace``: where each tap's APDU exchanges are recorded, if anywhere."""
+    ``trace``: where each tap's APDU exchanges are recorded, if anywhere; ``behaviour_log``:
+    where each firing of a line's behaviour rules is written as a JSON line (the tap's time, its
+    line, device and card, then the rule and what it did)."""
     devices = {dc.device.id: Validator(config=dc, journal=journal) for dc in config.devices}
     recorded: dict[Path, TraceCard] = {}
     # A behaviour's counts (presentations, occurrences) belong to one card under one file.
@@ -190,7 +201,7 @@ def replay(
             continue
         # A muted card: the terminal gives up at once and the card is taken away.
         reader = InProcessReader(mute_wait=0)
-        reader.insert(_behaving(tap, card, behaving))
+        reader.insert(_behaving(tap, card, behaving, behaviour_log))
         if tap.pull_after is not None:
             step = tap.pull_after
             reader.pull_after(lambda apdu, step=step: step_of(apdu) == step)  # type: ignore[misc]
