@@ -24,6 +24,7 @@ from farelab.card import (
     PurchaseDone,
     ReadCard,
     ReaderError,
+    ReaderUnavailableError,
     RelayCard,
     SimulatedCard,
     drive,
@@ -301,3 +302,107 @@ def test_a_card_muted_by_the_relay_leaves_when_pulled_from_the_real_reader(
     finally:
         code, _, err = relay.stop()
     assert (code, err) == (0, "")
+
+
+# --- the source reader going away mid-run ---------------------------------------------------
+
+
+class Unpluggable:
+    """A source reader that can be unplugged: from then on every call says it is gone, as
+    pyscard does for a USB reader pulled out. Each relay thread gets its own view of one field."""
+
+    def __init__(self, field: InProcessReader, unplugged: threading.Event) -> None:
+        self.field = field
+        self.unplugged = unplugged
+
+    @property
+    def name(self) -> str:
+        return "USB reader"
+
+    def _check(self) -> None:
+        if self.unplugged.is_set():
+            raise ReaderUnavailableError("the reader 'USB reader' is gone")
+
+    def wait_for_card(self, timeout: float) -> bool:
+        self._check()
+        return self.field.wait_for_card(timeout)
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check()
+            if self.field.wait_for_removal(0.02) or time.monotonic() >= deadline:
+                return self.field.card is None
+
+    def connect(self) -> bytes:
+        self._check()
+        return self.field.connect()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        self._check()
+        return self.field.transmit(apdu)
+
+    def disconnect(self) -> None:
+        """Nothing to power down on a reader that is gone."""
+
+
+class RelayThread:
+    """:func:`relay` from an unpluggable reader into slot 1, on a thread; what it raised."""
+
+    def __init__(self) -> None:
+        from farelab.card import relay  # noqa: PLC0415
+
+        self.field = in_field(plain_card())
+        self.unplugged = threading.Event()
+        self.stop = threading.Event()
+        self.raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                relay(
+                    lambda: Unpluggable(self.field, self.unplugged),
+                    stop=self.stop,
+                    port=35964,
+                )
+            except BaseException as exc:
+                self.raised.append(exc)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def ended(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(5)
+            return False
+        return True
+
+
+@pytest.mark.pcsc
+def test_a_source_reader_unplugged_while_idle_ends_the_relay_and_empties_the_virtual_reader(
+    slot1: Any,
+) -> None:
+    relayed = RelayThread()
+    assert slot1.wait_for_card(5)
+    relayed.unplugged.set()  # pulled out with the card on it, nobody talking to it
+    assert relayed.ended(5), "the relay kept running without its reader"
+    assert [type(x) for x in relayed.raised] == [ReaderUnavailableError]
+    assert slot1.wait_for_removal(3)  # the terminal under test sees the card leave
+
+
+@pytest.mark.pcsc
+def test_a_source_reader_unplugged_mid_command_fails_the_terminals_command_and_ends_the_relay(
+    slot1: Any,
+) -> None:
+    relayed = RelayThread()
+    assert slot1.wait_for_card(5)
+    connect(slot1)
+    assert slot1.transmit(SELECT)[-2:] == b"\x90\x00"
+    relayed.unplugged.set()
+    with pytest.raises(CardRemovedError):
+        slot1.transmit(GET_BALANCE)  # the command that found the reader gone
+    assert relayed.ended(5), "the relay kept running without its reader"
+    assert [type(x) for x in relayed.raised] == [ReaderUnavailableError]
+    assert slot1.wait_for_removal(3)
+    assert relayed.field.card is not None  # the card itself was never written or taken
