@@ -89,29 +89,18 @@ class Classified:
 def expected_tac(record: Record, verifier: TacVerifier) -> bytes | None:
     """The TAC the card must have given this transaction (a load's or a purchase's, by its
     type), or None if the verifier has no keys for its issuer."""
-    alg, serial8 = Alg.from_label(record.alg), record.card_serial[2:]  # EF15[12:20]
-    if record.tx_type == LOAD_TYPE:
-        return verifier.load_tac(
-            alg=alg,
-            issuer_id=record.issuer,
-            serial8=serial8,
-            balance_after=record.balance_before + record.amount,
-            counter=record.card_counter,
-            amount=record.amount,
-            terminal=record.terminal,
-            day=record.day,
-            time=record.time,
-        )
-    return verifier.purchase_tac(
-        alg=alg,
+    return verifier.tac(
+        alg=Alg.from_label(record.alg),
         issuer_id=record.issuer,
-        serial8=serial8,
-        amount=record.amount,
+        serial8=record.card_serial[2:],  # EF15[12:20]
         tx_type=record.tx_type,
+        amount=record.amount,
         terminal=record.terminal,
-        ttc=record.ttc,
         day=record.day,
         time=record.time,
+        ttc=record.ttc,
+        counter=record.card_counter,
+        balance_after=record.balance_before + record.amount,
     )
 
 

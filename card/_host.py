@@ -159,6 +159,48 @@ class TacVerifier:
         )
         return key.compute(body)
 
+    def tac(
+        self,
+        *,
+        alg: Alg,
+        issuer_id: bytes,
+        serial8: bytes,
+        tx_type: int,
+        amount: int,
+        terminal: bytes,
+        day: bytes,
+        time: bytes,
+        ttc: int,
+        counter: int,
+        balance_after: int,
+    ) -> bytes | None:
+        """The TAC a genuine card computes for a transaction of ``tx_type``: a load's (over
+        ``balance_after`` and the card's online ``counter``) or a purchase's (over the terminal's
+        ``ttc``); None for an unknown issuer."""
+        if tx_type == TxType.LOAD:
+            return self.load_tac(
+                alg=alg,
+                issuer_id=issuer_id,
+                serial8=serial8,
+                balance_after=balance_after,
+                counter=counter,
+                amount=amount,
+                terminal=terminal,
+                day=day,
+                time=time,
+            )
+        return self.purchase_tac(
+            alg=alg,
+            issuer_id=issuer_id,
+            serial8=serial8,
+            amount=amount,
+            tx_type=tx_type,
+            terminal=terminal,
+            ttc=ttc,
+            day=day,
+            time=time,
+        )
+
     def load_tac(
         self,
         *,

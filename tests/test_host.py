@@ -104,6 +104,31 @@ def test_tac_verifier_tells_a_genuine_tac_from_a_forged_one(alg: Alg) -> None:
     assert TacVerifier(issuers={}).purchase_tac(**fields) is None  # type: ignore[arg-type]
 
 
+def test_tac_verifier_picks_the_load_or_the_purchase_formula_by_the_transaction_type() -> None:
+    verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
+    common = {
+        "alg": Alg.SM4,
+        "issuer_id": DEMO_ISSUER_ID,
+        "serial8": bytes.fromhex("0000000000000077"),
+        "amount": 5000,
+        "terminal": KIOSK,
+        "day": bytes.fromhex("20261123"),
+        "time": bytes.fromhex("093000"),
+    }
+    load = verifier.tac(tx_type=2, ttc=9, counter=4, balance_after=7000, **common)  # type: ignore[arg-type]
+    assert load is not None
+    assert load == verifier.load_tac(balance_after=7000, counter=4, **common)  # type: ignore[arg-type]
+    # A load's TAC covers the balance after it and the card's counter, not a terminal counter.
+    assert verifier.tac(tx_type=2, ttc=10, counter=4, balance_after=7000, **common) == load  # type: ignore[arg-type]
+    assert verifier.tac(tx_type=2, ttc=9, counter=5, balance_after=7000, **common) != load  # type: ignore[arg-type]
+    purchase = verifier.tac(tx_type=6, ttc=9, counter=4, balance_after=7000, **common)  # type: ignore[arg-type]
+    assert purchase == verifier.purchase_tac(tx_type=6, ttc=9, **common)  # type: ignore[arg-type]
+    assert purchase != load
+    # A purchase's covers the terminal counter, not the card's counter or the balance.
+    assert verifier.tac(tx_type=6, ttc=9, counter=5, balance_after=1, **common) == purchase  # type: ignore[arg-type]
+    assert verifier.tac(tx_type=6, ttc=10, counter=4, balance_after=7000, **common) != purchase  # type: ignore[arg-type]
+
+
 def _tac(verifier: TacVerifier, card: int, ttc: int) -> bytes | None:
     return verifier.purchase_tac(
         alg=Alg.TDES,

@@ -280,35 +280,24 @@ def _tacs_valid(
         proof = proofs.get((record.tx_type, record.counter + 1))
         if proof is None:
             return False
-        if record.tx_type == TxType.LOAD:
-            balance += record.amount
-            expected = verifier.load_tac(
-                alg=before.alg,
-                issuer_id=public.issuer_id,
-                serial8=public.serial8,
-                balance_after=balance,
-                counter=record.counter,
-                amount=record.amount,
-                terminal=record.terminal,
-                day=record.day,
-                time=record.time,
-            )
-        else:
-            balance -= record.amount
-            ttc = _debit_ttc(exchanges, record)
-            if ttc is None:
-                return False
-            expected = verifier.purchase_tac(
-                alg=before.alg,
-                issuer_id=public.issuer_id,
-                serial8=public.serial8,
-                amount=record.amount,
-                tx_type=record.tx_type,
-                terminal=record.terminal,
-                ttc=ttc,
-                day=record.day,
-                time=record.time,
-            )
+        load = record.tx_type == TxType.LOAD
+        balance += record.amount if load else -record.amount
+        ttc = 0 if load else _debit_ttc(exchanges, record)
+        if ttc is None:
+            return False
+        expected = verifier.tac(
+            alg=before.alg,
+            issuer_id=public.issuer_id,
+            serial8=public.serial8,
+            tx_type=record.tx_type,
+            amount=record.amount,
+            terminal=record.terminal,
+            day=record.day,
+            time=record.time,
+            ttc=ttc,
+            counter=record.counter,
+            balance_after=balance,
+        )
         if expected != proof.tac:
             return False
     return True
