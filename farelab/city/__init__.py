@@ -1,0 +1,9 @@
+"""A city in one command (``farelab city``): every device a process, riders with habits, chaos
+that cannot lose a fen, and the reconciliation that proves it.
+
+Public names are added as the parts land; nothing here is imported by the packages below it.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
