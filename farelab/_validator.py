@@ -84,7 +84,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run every device of the config: PC/SC readers are watched for cards; "
         'devices with reader = "sim" take tap requests on stdin, one JSON object a line: '
         '{"device": ID, "card": PATH} (or "from_trace": TRACE.jsonl in place of "card": a stub '
-        "card answering from a recording). Each tap prints one JSON line (as replay does, plus "
+        'card answering from a recording), optionally with "at" (ISO-8601 with offset: the tap\'s '
+        'time, for a simulated clock) and "pull_after" (as in replay). Each tap prints one JSON '
+        "line (as replay does, plus "
         '"at" and "beep": pass|stop). With only sim readers the command ends when stdin '
         "ends; otherwise on Ctrl-C or SIGTERM.",
         epilog=CONFIG_HELP,

@@ -32,6 +32,7 @@ from farelab.card import (
     TraceWriter,
     TracingReader,
     describe_path,
+    step_of,
 )
 from farelab.protocol import Backoff, ParamsError, decode_params
 from farelab.validator._config import Config
@@ -40,7 +41,7 @@ from farelab.validator._device import Parameters
 from farelab.validator._journal import Journal
 from farelab.validator._network import NetworkError, parse_networks
 from farelab.validator._priority import TapGate
-from farelab.validator._replay import result_json
+from farelab.validator._replay import PULL_STEPS, result_json
 from farelab.validator._runtime import Validator, failure_text, favour_taps
 
 __all__ = ["ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
@@ -111,31 +112,44 @@ def _now() -> datetime:
     return datetime.now(CST)
 
 
+@dataclass(frozen=True, slots=True)
+class _Tapped:
+    """A tap's result and the time the tap took place (the device's clock, or the request's)."""
+
+    result: TapResult
+    at: datetime
+
+
+Shown = _Tapped | str
+
+
 async def _in_thread(station: _Station, fn: Callable[[], Any]) -> Any:
     return await asyncio.get_running_loop().run_in_executor(station.thread, fn)
 
 
-def _tap_once(station: _Station) -> TapResult:
+def _tap_once(station: _Station, at: datetime | None = None) -> _Tapped:
+    """One tap at ``at`` (default: now), the card connected and let go around it."""
+    at = at or _now()
     reader = (
         station.reader if station.trace is None else TracingReader(station.reader, station.trace)
     )
     try:
         reader.connect()
     except ReaderError:
-        return _tap_safely(station, reader)
+        return _Tapped(_tap_safely(station, reader, at), at)
     try:
-        return _tap_safely(station, reader)
+        return _Tapped(_tap_safely(station, reader, at), at)
     finally:
         with contextlib.suppress(Exception):  # the tap's result is decided and journalled
             reader.disconnect()
 
 
-def _tap_safely(station: _Station, reader: Reader) -> TapResult:
+def _tap_safely(station: _Station, reader: Reader, at: datetime) -> TapResult:
     """One tap; whatever fails inside it is that tap's result, never the device loop's end
     (the other devices go on)."""
     validator = station.validator
     try:
-        return validator.tap(reader, _now())
+        return validator.tap(reader, at)
     except Exception as exc:  # the validator turns card and journal failures into results
         detail = failure_text(exc)
         log.error("device %s: tap failed: %s", validator.device.id, detail)  # noqa: TRY400
@@ -143,7 +157,7 @@ def _tap_safely(station: _Station, reader: Reader) -> TapResult:
 
 
 async def _watch(
-    station: _Station, results: asyncio.Queue[TapResult | str], make_reader: Callable[[], Reader]
+    station: _Station, results: asyncio.Queue[Shown], make_reader: Callable[[], Reader]
 ) -> None:
     """Wait for a card, tap it once, wait for it to leave; survive the reader going away."""
     backoff = Backoff(base=0.4, cap=5.0)  # 0.2–0.4 s after the first failure, 2.5–5 s at most
@@ -167,10 +181,12 @@ async def _watch(
 
 
 async def _feed(
-    stations: dict[str, _Station], source: TextIO, results: asyncio.Queue[TapResult | str]
+    stations: dict[str, _Station], source: TextIO, results: asyncio.Queue[Shown]
 ) -> None:
     """Tap requests for ``sim`` readers, one JSON object a line: {"device": ID, "card": PATH}
-    (or "from_trace": PATH in place of "card", a stub card answering from a recording)."""
+    (or "from_trace": PATH in place of "card", a stub card answering from a recording), with
+    optionally "at" (ISO-8601 with offset: the tap's time, for a simulated clock; default now)
+    and "pull_after" (a step: the card leaves right after that command reached it)."""
     loop = asyncio.get_running_loop()
     recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
     while True:
@@ -184,7 +200,9 @@ async def _feed(
             station = stations[doc["device"]]
             from_trace = "from_trace" in doc
             path = Path(doc["from_trace"] if from_trace else doc["card"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            at = _request_time(doc.get("at"))
+            pull = _request_pull(doc.get("pull_after"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             shown = describe_path(repr(line.strip()))
             results.put_nowait(f"ignored tap request {shown}: {describe_path(repr(exc))}")
             continue
@@ -199,31 +217,51 @@ async def _feed(
             else:
                 card = SimulatedCard.from_file(path)
         except Exception as exc:  # a card that cannot be loaded is this tap's card_error
-            failed = functools.partial(
-                station.validator.card_failed, _now(), failure_text(exc, path)
-            )
-            results.put_nowait(await _in_thread(station, failed))
+            when = at or _now()
+            failed = functools.partial(station.validator.card_failed, when, failure_text(exc, path))
+            results.put_nowait(_Tapped(await _in_thread(station, failed), when))
             continue
 
         def tap(
             reader: InProcessReader = reader,
             card: SimulatedCard | TraceCard = card,
             station: _Station = station,
-        ) -> TapResult:
+            at: datetime | None = at,
+            pull: str | None = pull,
+        ) -> _Tapped:
             reader.insert(card)
-            if isinstance(card, TraceCard):
+            if pull is not None:
+                reader.pull_after(lambda apdu: step_of(apdu) == pull)
+            elif isinstance(card, TraceCard):
                 reader.pull_after(card.tears_after)  # it leaves where the recorded card left
             try:
-                return _tap_once(station)
+                return _tap_once(station, at)
             finally:
                 reader.remove()
 
         results.put_nowait(await _in_thread(station, tap))
 
 
-async def _display(
-    results: asyncio.Queue[TapResult | str], out: TextIO, gate: TapGate | None = None
-) -> None:
+def _request_time(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError('"at" must be an ISO-8601 time with its offset')
+    at = datetime.fromisoformat(value)
+    if at.tzinfo is None:
+        raise ValueError(f'"at" {value!r} has no UTC offset')
+    return at
+
+
+def _request_pull(value: object) -> str | None:
+    if value is None:
+        return None
+    if value not in PULL_STEPS:
+        raise ValueError(f'"pull_after" must be one of {", ".join(PULL_STEPS)}')
+    return str(value)
+
+
+async def _display(results: asyncio.Queue[Shown], out: TextIO, gate: TapGate | None = None) -> None:
     """Show each result: one JSON line per tap on ``out``, notices on stderr; then let the
     garbage collection a tap deferred run (``gate``)."""
     while True:
@@ -231,17 +269,17 @@ async def _display(
         if isinstance(item, str):
             print(f"farelab validator: {item}", file=sys.stderr, flush=True)
             continue
-        doc = result_json(item)
-        doc["at"] = _now().isoformat(timespec="milliseconds")
+        doc = result_json(item.result)
+        doc["at"] = item.at.isoformat(timespec="milliseconds")
         # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
-        doc["beep"] = "pass" if item.result == "accepted" else "stop"
+        doc["beep"] = "pass" if item.result.result == "accepted" else "stop"
         print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
         if gate is not None:
             gate.between_taps()
 
 
 async def _update_params(
-    path: Path, stations: dict[str, _Station], results: asyncio.Queue[TapResult | str]
+    path: Path, stations: dict[str, _Station], results: asyncio.Queue[Shown]
 ) -> None:
     """Apply a new parameters file to every device atomically whenever it changes."""
     seen: float | None = None
@@ -270,9 +308,7 @@ async def _checkpoints(journal: Journal, every: float = 2.0) -> None:
         await asyncio.to_thread(journal.checkpoint)
 
 
-def _params_handler(
-    stations: dict[str, _Station], results: asyncio.Queue[TapResult | str]
-) -> ParamsHandler:
+def _params_handler(stations: dict[str, _Station], results: asyncio.Queue[Shown]) -> ParamsHandler:
     def handle(device: str, payload: bytes) -> int | None:
         station = stations.get(device)
         if station is None:
@@ -327,7 +363,7 @@ async def run(
     gate = journal.gate
     favour_taps()
     stop = stop or asyncio.Event()
-    results: asyncio.Queue[TapResult | str] = asyncio.Queue()
+    results: asyncio.Queue[Shown] = asyncio.Queue()
     stations: dict[str, _Station] = {}
     factories: dict[str, Callable[[], Reader]] = {}
     for dc in config.devices:

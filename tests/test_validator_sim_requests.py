@@ -1,0 +1,91 @@
+"""``farelab validator run``'s sim tap requests carry a simulated clock (``"at"``) and can pull
+the card mid-tap (``"pull_after"``), as a city of device processes drives them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from farelab.card import MetroRecord, load_image
+from tests.cli_support import DEVICES, card, farelab
+
+
+def run(tmp_path: Path, requests: list[dict[str, str]], *extra: str) -> list[dict[str, object]]:
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES.format(reader="sim"))
+    stdin = "".join(json.dumps(r) + "\n" for r in requests)
+    result = farelab(
+        "validator",
+        "run",
+        "--config",
+        str(config),
+        "--journal",
+        str(tmp_path / "j.db"),
+        *extra,
+        stdin=stdin,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(x) for x in result.stdout.splitlines()]
+
+
+def test_a_request_at_a_time_is_tapped_and_shown_at_that_time(tmp_path: Path) -> None:
+    path = card(tmp_path)
+    entry = {"device": "gate-in", "card": str(path), "at": "2026-11-23T08:00:00+08:00"}
+    lines = run(tmp_path, [entry])
+    assert [(x["result"], x["at"]) for x in lines] == [
+        ("accepted", "2026-11-23T08:00:00.000+08:00")
+    ]
+    # The card's entry record carries the request's time, not the wall clock's.
+    record = MetroRecord.decode(load_image(path).metro)
+    assert record.entry_time is not None
+    assert record.entry_time.isoformat().startswith("2026-11-23T08:00:00")
+
+
+def test_a_request_pulled_after_debit_tears_and_the_next_settles_it_once(tmp_path: Path) -> None:
+    path = card(tmp_path)
+    taps = [
+        {
+            "device": "bus-1",
+            "card": str(path),
+            "at": "2026-11-23T09:00:00+08:00",
+            "pull_after": "DEBIT",
+        },
+        {"device": "bus-1", "card": str(path), "at": "2026-11-23T09:00:09+08:00"},
+    ]
+    lines = run(tmp_path, taps)
+    assert [(x["result"], x["reason"], x["grey"]) for x in lines] == [
+        ("rejected", "card_removed", True),
+        ("accepted", "recovered", False),
+    ]
+    assert load_image(path).balance == 2000 - 50  # charged once
+
+
+def test_bad_at_and_pull_after_are_ignored_with_a_notice_and_the_rest_runs(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES.format(reader="sim"))
+    path = card(tmp_path)
+    stdin = "".join(
+        json.dumps(r) + "\n"
+        for r in [
+            {"device": "bus-1", "card": str(path), "at": "2026-11-23T09:00:00"},
+            {"device": "bus-1", "card": str(path), "pull_after": "PAY"},
+            {"device": "bus-1", "card": str(path), "at": 5},
+            {"device": "bus-1", "card": str(path), "at": "2026-11-23T09:00:00+08:00"},
+        ]
+    )
+    result = farelab(
+        "validator",
+        "run",
+        "--config",
+        str(config),
+        "--journal",
+        str(tmp_path / "j.db"),
+        stdin=stdin,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(x)["result"] for x in result.stdout.splitlines()] == ["accepted"]
+    assert result.stderr.count("ignored tap request") == 3
+    assert "has no UTC offset" in result.stderr
+    assert '"pull_after" must be one of' in result.stderr
