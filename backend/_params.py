@@ -85,10 +85,10 @@ async def read_status(
             async with asyncio.timeout(wait):
                 async for message in client.messages:
                     try:
-                        device, version = decode_status(bytes(message.payload))
+                        status = decode_status(bytes(message.payload))
                     except ParamsError:
                         continue  # not a status message: nothing a device said
-                    out[device] = version
+                    out[status.device] = status.params_version
                     if set(out) >= wanted:
                         break
         except TimeoutError:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import pytest
 
 from farelab.card import Alg, LoadRequest
 from farelab.protocol import (
+    LATENCY_BOUNDS_MS,
     LOAD_REQ,
     PARAMS_TOPIC,
+    DeviceStatus,
     ParamsError,
     ParamsMessage,
     authorize_message,
@@ -62,10 +65,59 @@ def test_bad_parameters_say_what_is_wrong(payload: bytes, words: str) -> None:
 
 
 def test_status_round_trip_and_refusals() -> None:
-    assert decode_status(encode_status("bus-1", 9)) == ("bus-1", 9)
+    status = decode_status(encode_status(DeviceStatus("bus-1", 9)))
+    assert (status.device, status.params_version) == ("bus-1", 9)
     for bad in (b"", b"{}", b'{"device": 1, "params_version": 2}', b'{"device": "a"}', b"[1]"):
         with pytest.raises(ParamsError):
             decode_status(bad)
+
+
+def test_the_short_status_of_older_devices_is_still_read() -> None:
+    status = decode_status(b'{"device": "bus-1", "params_version": 3}')
+    assert status == DeviceStatus("bus-1", 3)
+    assert (status.taps, status.outbox, status.latency_counts, status.at) == (None,) * 4
+    assert json.loads(encode_status(status)) == {"device": "bus-1", "params_version": 3}
+
+
+def test_a_full_status_report_round_trips() -> None:
+    counts = tuple(range(len(LATENCY_BOUNDS_MS) + 1))
+    status = DeviceStatus(
+        "gate-a",
+        4,
+        at=datetime(2026, 11, 23, 8, 0, 1, 250_000, tzinfo=UTC),
+        taps=12,
+        accepted=9,
+        refused={"insufficient_balance": 2, "<script>": 1},
+        outbox=5,
+        latency_counts=counts,
+    )
+    payload = encode_status(status)
+    assert decode_status(payload) == status
+    doc = json.loads(payload)
+    assert doc["latency_ms"] == {"bounds": list(LATENCY_BOUNDS_MS), "counts": list(counts)}
+    assert doc["at"] == "2026-11-23T08:00:01.250+00:00"
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"taps": -1}, "'taps'"),
+        ({"outbox": True}, "'outbox'"),
+        ({"accepted": "3"}, "'accepted'"),
+        ({"refused": {"x": -1}}, "'refused'"),
+        ({"refused": ["x"]}, "'refused'"),
+        ({"refused": {"x" * 65: 1}}, "'refused'"),
+        ({"latency_ms": {"bounds": [1, 2], "counts": [1, 2]}}, "'latency_ms'"),
+        ({"latency_ms": {"bounds": [2, 1], "counts": [1, 2, 3]}}, "'latency_ms'"),
+        ({"latency_ms": [1]}, "'latency_ms'"),
+        ({"at": "2026-11-23T08:00:00"}, "'at'"),
+        ({"at": "yesterday"}, "'at'"),
+    ],
+)
+def test_a_bad_status_report_says_what_is_wrong(extra: dict[str, object], words: str) -> None:
+    payload = json.dumps({"device": "bus-1", "params_version": 1, **extra}).encode()
+    with pytest.raises(ParamsError, match=words):
+        decode_status(payload)
 
 
 def test_an_authorization_request_carries_the_card_answer_whole() -> None:

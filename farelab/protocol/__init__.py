@@ -7,7 +7,8 @@ on disk, shared by both ends so that neither imports the other.
 - Topics and client ids: ``TX_TOPIC``, ``ACK_TOPIC``, ``PARAMS_TOPIC``, ``STATUS_TOPIC``,
   ``LOAD_REQ``, ``LOAD_RESP``, the shared-subscription forms, :func:`check_client_id`.
 - Parameters and status messages: :class:`ParamsMessage`, :func:`encode_params`,
-  :func:`decode_params`, :func:`encode_status`, :func:`decode_status`.
+  :func:`decode_params`; a device's report :class:`DeviceStatus` (``LATENCY_BOUNDS_MS``),
+  :func:`encode_status`, :func:`decode_status`.
 - Load authorization: :func:`authorize_message`, :func:`load_request_of`,
   :func:`card_serial_of`; the kiosk's other load messages (:func:`confirm_message`,
   :func:`void_message`, :func:`quote_message`, :func:`transfer_message`,
@@ -39,8 +40,10 @@ from farelab.protocol._loads import (
     void_message,
 )
 from farelab.protocol._params import (
+    LATENCY_BOUNDS_MS,
     MAX_PACKET_SIZE,
     PARAMS_MAX,
+    DeviceStatus,
     ParamsError,
     ParamsMessage,
     decode_params,
@@ -95,6 +98,7 @@ __all__ = [
     "DEVICE_CLIENT_ID",
     "KINDS",
     "KIOSK_CLIENT_ID",
+    "LATENCY_BOUNDS_MS",
     "LOAD_OPS",
     "LOAD_REQ",
     "LOAD_RESP",
@@ -111,6 +115,7 @@ __all__ = [
     "Backoff",
     "Batch",
     "BrokerURL",
+    "DeviceStatus",
     "FileKind",
     "ForeignFileError",
     "LinkState",

@@ -5,7 +5,10 @@ file): ``{"version": n, "hotlist": [serials], "whitelist": [issuer ids], "networ
 ``version`` is required (an integer, 0 or more); a list left out keeps what the device has.
 ``hotlist`` holds card serials of up to 20 digits, ``whitelist`` 16-digit hex issuer ids, and
 ``networks`` the fare tables as TOML text.  A device reports the version it runs, retained on
-its ``status`` topic: ``{"device": id, "params_version": n}``.
+its ``status`` topic: ``{"device": id, "params_version": n}``, and, from devices that count
+their taps, what the backend cannot see otherwise (:class:`DeviceStatus`): the taps, accepted
+and refused by reason, the outbox rows waiting, a histogram of the taps' durations over
+:data:`LATENCY_BOUNDS_MS`, and the time of the report.
 
 A message must fit the broker's packet limit (:data:`MAX_PACKET_SIZE`, which farelab's broker
 configuration sets): parameters are at most :data:`PARAMS_MAX` bytes.
@@ -14,14 +17,19 @@ configuration sets): parameters are at most :data:`PARAMS_MAX` bytes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from farelab.card import full_serial
 
 __all__ = [
+    "LATENCY_BOUNDS_MS",
     "MAX_PACKET_SIZE",
     "PARAMS_MAX",
+    "DeviceStatus",
     "ParamsError",
     "ParamsMessage",
     "decode_params",
@@ -37,6 +45,12 @@ __all__ = [
 MAX_PACKET_SIZE = 4 * 1024 * 1024
 #: The largest parameters message: the packet limit less room for the topic and header.
 PARAMS_MAX = MAX_PACKET_SIZE - 4096
+#: The upper bounds (milliseconds) of a status report's tap-duration histogram; its counts have
+#: one more bucket, for the taps longer than the last bound.
+LATENCY_BOUNDS_MS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# A report's refusal reasons are a device's own words: a few dozen at most, each short.
+_REASONS_MAX = 64
+_REASON_LEN = 64
 
 
 class ParamsError(ValueError):
@@ -104,13 +118,95 @@ def decode_params(payload: str | bytes) -> ParamsMessage:
     )
 
 
-def encode_status(device: str, version: int) -> bytes:
-    """A device's report of the parameters version it runs."""
-    return json.dumps({"device": device, "params_version": version}).encode()
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """A device's status report.  Only ``device`` and ``params_version`` in the short form that
+    older devices send; the counters are None there.  ``taps``, ``accepted`` and ``refused``
+    (reason → taps) count since the device started; ``outbox``: its rows not yet acknowledged;
+    ``latency_counts``: taps per bucket of ``latency_bounds_ms`` (one more bucket, the taps
+    longer than the last bound); ``at``: when the device made the report (its clock)."""
+
+    device: str
+    params_version: int
+    at: datetime | None = None
+    taps: int | None = None
+    accepted: int | None = None
+    refused: Mapping[str, int] = field(default_factory=dict)
+    outbox: int | None = None
+    latency_bounds_ms: tuple[int, ...] = LATENCY_BOUNDS_MS
+    latency_counts: tuple[int, ...] | None = None
 
 
-def decode_status(payload: bytes) -> tuple[str, int]:
-    """(device, parameters version) from a status message; ParamsError if it is not one."""
+def encode_status(status: DeviceStatus) -> bytes:
+    """A device's status report as JSON: the short form when it carries no counters."""
+    doc: dict[str, object] = {"device": status.device, "params_version": status.params_version}
+    if status.at is not None:
+        doc["at"] = status.at.isoformat(timespec="milliseconds")
+    for name in ("taps", "accepted", "outbox"):
+        value = getattr(status, name)
+        if value is not None:
+            doc[name] = value
+    if status.taps is not None:
+        doc["refused"] = dict(sorted(status.refused.items()))
+    if status.latency_counts is not None:
+        doc["latency_ms"] = {
+            "bounds": list(status.latency_bounds_ms),
+            "counts": list(status.latency_counts),
+        }
+    return json.dumps(doc, ensure_ascii=False).encode()
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _optional_count(doc: dict[str, object], name: str) -> int | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or not _count(value):
+        raise ParamsError(f"status: {name!r} must be a count (0 or more)")
+    return value
+
+
+def _refused(raw: object) -> dict[str, int]:
+    if raw is None:
+        return {}
+    if (
+        not isinstance(raw, dict)
+        or len(raw) > _REASONS_MAX
+        or not all(
+            isinstance(k, str) and 0 < len(k) <= _REASON_LEN and _count(v) for k, v in raw.items()
+        )
+    ):
+        raise ParamsError(
+            f"status: 'refused' must map up to {_REASONS_MAX} reasons to counts (0 or more)"
+        )
+    return dict(raw)
+
+
+def _latency(raw: object) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    if raw is None:
+        return LATENCY_BOUNDS_MS, None
+    bounds = raw.get("bounds") if isinstance(raw, dict) else None
+    counts = raw.get("counts") if isinstance(raw, dict) else None
+    if (
+        not isinstance(bounds, list)
+        or not isinstance(counts, list)
+        or not 0 < len(bounds) <= 64
+        or len(counts) != len(bounds) + 1
+        or not all(_count(b) for b in bounds)
+        or any(a >= b for a, b in itertools.pairwise(bounds))
+        or not all(_count(c) for c in counts)
+    ):
+        raise ParamsError(
+            "status: 'latency_ms' must be increasing 'bounds' and one more 'counts' than bounds"
+        )
+    return tuple(bounds), tuple(counts)
+
+
+def decode_status(payload: bytes) -> DeviceStatus:
+    """A device's status report, the short form or the full one; ParamsError if it is not one."""
     try:
         doc = json.loads(payload)
         device, version = doc["device"], doc["params_version"]
@@ -118,4 +214,23 @@ def decode_status(payload: bytes) -> tuple[str, int]:
         raise ParamsError("not a status message") from None
     if not isinstance(device, str) or not isinstance(version, int) or isinstance(version, bool):
         raise ParamsError("not a status message")
-    return device, version
+    at = doc.get("at")
+    if at is not None:
+        try:
+            at = datetime.fromisoformat(at) if isinstance(at, str) else None
+        except ValueError:
+            at = None
+        if at is None or at.tzinfo is None:
+            raise ParamsError("status: 'at' must be an ISO-8601 time with its offset")
+    bounds, counts = _latency(doc.get("latency_ms"))
+    return DeviceStatus(
+        device,
+        version,
+        at=at,
+        taps=_optional_count(doc, "taps"),
+        accepted=_optional_count(doc, "accepted"),
+        refused=_refused(doc.get("refused")),
+        outbox=_optional_count(doc, "outbox"),
+        latency_bounds_ms=bounds,
+        latency_counts=counts,
+    )
