@@ -31,7 +31,14 @@ from farelab.backend import (
     report,
     run_workers,
 )
-from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, KeysFileError, fen_to_yuan, load_keys_file
+from farelab.card import (
+    DEMO_ISSUER_ID,
+    DEMO_KEYS,
+    IssuerKeys,
+    KeysFileError,
+    fen_to_yuan,
+    load_keys_file,
+)
 from farelab.protocol import BrokerURL, check_client_id
 from farelab.validator import NetworkError, parse_networks, positive_seconds
 
@@ -88,9 +95,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument(
         "--issuer",
-        default=DEMO_ISSUER_ID.hex().upper(),
+        action="append",
         metavar="HEX16",
-        help="the issuer id the --keys belong to (default: the demo issuer)",
+        help="an issuer id the --keys belong to (repeatable, as a PSAM holds the same keys for "
+        "every whitelisted issuer; default: the demo issuer)",
     )
     run.add_argument(
         "--group",
@@ -194,10 +202,15 @@ def _run(args: argparse.Namespace) -> int:
             keys = load_keys_file(Path(args.keys))
         except KeysFileError as exc:
             raise CliError(str(exc)) from None
-    try:
-        issuer = bytes.fromhex(args.issuer)
-    except ValueError:
-        raise CliError(f"--issuer {args.issuer!r} is not hex") from None
+    issuers: dict[bytes, IssuerKeys] = {}
+    for text in args.issuer or [DEMO_ISSUER_ID.hex()]:
+        try:
+            issuer = bytes.fromhex(text)
+        except ValueError:
+            raise CliError(f"--issuer {text!r} is not hex") from None
+        if len(issuer) != 8:
+            raise CliError(f"--issuer {text!r} must be 16 hex digits (8 bytes)")
+        issuers[issuer] = keys
     try:
         store = Store(args.db)
     except StoreError as exc:
@@ -223,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     return run_workers(
         str(args.broker),
         args.db,
-        issuers={issuer: keys},
+        issuers=issuers,
         workers=args.workers,
         group=args.group,
     )
