@@ -6,4 +6,6 @@ Public names are added as the parts land; nothing here is imported by the packag
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from farelab.city._chaos import FAULT_KINDS, PULL_STEPS, Fault, FaultKind, plan_faults
+
+__all__: list[str] = ["FAULT_KINDS", "PULL_STEPS", "Fault", "FaultKind", "plan_faults"]
