@@ -15,12 +15,13 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 from farelab.card import (
     CST,
@@ -43,8 +44,17 @@ from farelab.validator._network import NetworkError, parse_networks
 from farelab.validator._priority import TapGate
 from farelab.validator._replay import PULL_STEPS, result_json
 from farelab.validator._runtime import Validator, failure_text, favour_taps
+from farelab.validator._stats import TapCounts, TapStats
 
-__all__ = ["ParamsHandler", "Uplink", "load_params", "parse_params", "run"]
+__all__ = [
+    "ParamsHandler",
+    "ReportingUplink",
+    "StatusSource",
+    "Uplink",
+    "load_params",
+    "parse_params",
+    "run",
+]
 
 log = logging.getLogger("farelab.validator")
 
@@ -62,6 +72,20 @@ class Uplink(Protocol):
 
     def attach_params(self, handler: ParamsHandler) -> None:
         """Where parameters received from the backend go."""
+        ...
+
+
+StatusSource = Callable[[str], tuple[int, TapCounts] | None]
+"""Called with a device id; returns the parameters version it runs and its tap counters (None:
+not a device of this loop)."""
+
+
+@runtime_checkable
+class ReportingUplink(Uplink, Protocol):
+    """An uplink that also publishes the devices' status reports."""
+
+    def attach_status(self, source: StatusSource) -> None:
+        """Where the devices' parameters versions and tap counters are read."""
         ...
 
 
@@ -114,10 +138,12 @@ def _now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class _Tapped:
-    """A tap's result and the time the tap took place (the device's clock, or the request's)."""
+    """A tap's result, the time the tap took place (the device's clock, or the request's) and
+    how long it took (seconds; None when no tap was attempted)."""
 
     result: TapResult
     at: datetime
+    elapsed_s: float | None = None
 
 
 Shown = _Tapped | str
@@ -130,15 +156,18 @@ async def _in_thread(station: _Station, fn: Callable[[], Any]) -> Any:
 def _tap_once(station: _Station, at: datetime | None = None) -> _Tapped:
     """One tap at ``at`` (default: now), the card connected and let go around it."""
     at = at or _now()
+    started = time.perf_counter()
     reader = (
         station.reader if station.trace is None else TracingReader(station.reader, station.trace)
     )
     try:
         reader.connect()
     except ReaderError:
-        return _Tapped(_tap_safely(station, reader, at), at)
+        result = _tap_safely(station, reader, at)
+        return _Tapped(result, at, time.perf_counter() - started)
     try:
-        return _Tapped(_tap_safely(station, reader, at), at)
+        result = _tap_safely(station, reader, at)
+        return _Tapped(result, at, time.perf_counter() - started)
     finally:
         with contextlib.suppress(Exception):  # the tap's result is decided and journalled
             reader.disconnect()
@@ -261,14 +290,24 @@ def _request_pull(value: object) -> str | None:
     return str(value)
 
 
-async def _display(results: asyncio.Queue[Shown], out: TextIO, gate: TapGate | None = None) -> None:
-    """Show each result: one JSON line per tap on ``out``, notices on stderr; then let the
-    garbage collection a tap deferred run (``gate``)."""
+async def _display(
+    results: asyncio.Queue[Shown],
+    out: TextIO,
+    gate: TapGate | None = None,
+    stats: Mapping[str, TapStats] | None = None,
+) -> None:
+    """Show each result: one JSON line per tap on ``out``, notices on stderr; count it in its
+    device's ``stats``; then let the garbage collection a tap deferred run (``gate``)."""
     while True:
         item = await results.get()
         if isinstance(item, str):
             print(f"farelab validator: {item}", file=sys.stderr, flush=True)
             continue
+        counter = None if stats is None else stats.get(item.result.device)
+        if counter is not None:
+            accepted = item.result.result == "accepted"
+            reason = None if accepted else item.result.reason
+            counter.count(accepted=accepted, reason=reason, elapsed_s=item.elapsed_s)
         doc = result_json(item.result)
         doc["at"] = item.at.isoformat(timespec="milliseconds")
         # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
@@ -326,6 +365,16 @@ def _params_handler(stations: dict[str, _Station], results: asyncio.Queue[Shown]
     return handle
 
 
+def _status_source(stations: dict[str, _Station], stats: Mapping[str, TapStats]) -> StatusSource:
+    def status(device: str) -> tuple[int, TapCounts] | None:
+        station = stations.get(device)
+        if station is None:
+            return None
+        return station.validator.params.version, stats[device].snapshot()
+
+    return status
+
+
 def _reader_factory(spec: str) -> Callable[[], Reader]:
     if spec == "sim":
         return InProcessReader
@@ -378,10 +427,11 @@ async def run(
         validator = Validator(config=dc, journal=journal)
         stations[dc.device.id] = _Station(validator, reader, thread, trace)
     only_sim = all(dc.device.reader == "sim" for dc in config.devices)
+    stats = {device_id: TapStats() for device_id in stations}
     tasks: list[asyncio.Task[None]] = []
     try:
         async with asyncio.TaskGroup() as group:
-            display = _display(results, out, gate)
+            display = _display(results, out, gate, stats)
             tasks.append(group.create_task(display, name="display"))
             tasks.append(group.create_task(_checkpoints(journal), name="checkpoints"))
             if params_file is not None:
@@ -390,6 +440,8 @@ async def run(
                 )
             if uplink is not None:
                 uplink.attach_params(_params_handler(stations, results))
+                if isinstance(uplink, ReportingUplink):
+                    uplink.attach_status(_status_source(stations, stats))
                 tasks.append(group.create_task(uplink.run(journal), name="uplink"))
             for device_id, station in stations.items():
                 if not isinstance(station.reader, InProcessReader):

@@ -9,22 +9,29 @@ is its asyncio shell: connect, subscribe, read the outbox and delete acknowledge
 worker thread), publish, and sleep until the session's next deadline or the next ack.
 The connection is an explicit state (:class:`farelab.protocol.LinkState`) with capped jittered
 backoff; the first failure is logged loudly, repeats quietly.
+
+Each device's status report (:class:`farelab.protocol.DeviceStatus`: the parameters version it
+runs, its tap counters, its outbox rows) goes retained on its ``status`` topic at connection,
+after a new parameters version, and every ``status_every`` seconds when it changed — and at
+least every :data:`STATUS_HEARTBEAT` seconds, so that a device's silence means it is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from farelab.card import CST
 from farelab.protocol import (
     ACK_TOPIC,
     BATCH_MAX,
@@ -33,12 +40,15 @@ from farelab.protocol import (
     STATUS_TOPIC,
     TX_TOPIC,
     BrokerURL,
+    DeviceStatus,
     cancel_and_wait,
+    encode_status,
     honour_cancellation,
     subscribe_or_raise,
 )
 from farelab.validator._journal import Journal
 from farelab.validator._priority import TapGate
+from farelab.validator._stats import TapCounts
 from farelab.validator._uplink_session import (
     AckIgnored,
     Acknowledge,
@@ -49,9 +59,14 @@ from farelab.validator._uplink_session import (
     UplinkStats,
 )
 
-__all__ = ["MqttUplink", "UplinkStats"]
+__all__ = ["STATUS_HEARTBEAT", "MqttUplink", "UplinkStats"]
 
 log = logging.getLogger("farelab.uplink")
+
+#: Seconds after which a device's status report goes again even when nothing changed.
+STATUS_HEARTBEAT = 30.0
+
+_StatusSource = Callable[[str], tuple[int, TapCounts] | None]
 
 
 class MqttUplink:
@@ -67,6 +82,7 @@ class MqttUplink:
         ack_timeout: float = 10.0,
         passwords: dict[str, str] | None = None,
         rng: random.Random | None = None,
+        status_every: float = 2.0,
     ) -> None:
         """
         Args:
@@ -77,6 +93,8 @@ class MqttUplink:
             ack_timeout: seconds before an unacknowledged batch is sent again.
             passwords: per-device MQTT passwords (the username is the device id).
             rng: the jitter of the reconnect and refusal backoffs.
+            status_every: seconds between status reports, sent only when something changed
+                (their counters come from :meth:`attach_status`).
         """
         if not 1 <= batch_size <= BATCH_MAX:
             raise ValueError(f"batch_size must be 1 to {BATCH_MAX}")
@@ -88,11 +106,18 @@ class MqttUplink:
         self.passwords = passwords or {}
         self.stats: dict[str, UplinkStats] = {d: UplinkStats() for d in self.devices}
         self._rng = rng or random.Random()
+        self.status_every = status_every
         self._on_params: Callable[[str, bytes], int | None] | None = None
+        self._status: _StatusSource | None = None
 
     def attach_params(self, handler: Callable[[str, bytes], int | None]) -> None:
         """Apply parameters the backend publishes for these devices with ``handler``."""
         self._on_params = handler
+
+    def attach_status(self, source: _StatusSource) -> None:
+        """Report each device's parameters version and tap counters, as ``source`` gives them,
+        on its status topic."""
+        self._status = source
 
     async def run(self, journal: Journal) -> None:
         """One task per device until cancelled."""
@@ -145,7 +170,8 @@ class MqttUplink:
                     await subscribe_or_raise(client, ACK_TOPIC.format(device=device))
                     if self._on_params is not None:
                         await subscribe_or_raise(client, PARAMS_TOPIC.format(device=device))
-                    await _Connection(client, journal, session, self._on_params).run()
+                    reporter = _Reporter(client, journal, device, self._status, self.status_every)
+                    await _Connection(client, journal, session, self._on_params, reporter).run()
             except aiomqtt.MqttError as exc:
                 delay = session.connection_lost()
                 level = logging.WARNING if session.link.failures == 1 else logging.DEBUG
@@ -170,21 +196,26 @@ class _Connection:
         journal: Journal,
         session: UplinkSession,
         on_params: Callable[[str, bytes], int | None] | None,
+        reporter: _Reporter,
     ) -> None:
         self.client = client
         self.journal = journal
         self.session = session
         self.device = session.device
         self.on_params = on_params
+        self.reporter = reporter
         self.topic = TX_TOPIC.format(device=self.device)
         self.gate = journal.gate  # the uplink steps aside while a tap is in progress
         self.woken = asyncio.Event()  # an ack made room in the window
 
     async def run(self) -> None:
         receiver = asyncio.create_task(self._receive(), name=f"uplink-acks-{self.device}")
+        reports = asyncio.create_task(self.reporter.run(), name=f"uplink-status-{self.device}")
         try:
             while True:
                 honour_cancellation()
+                if reports.done():
+                    reports.result()
                 if receiver.done():
                     receiver.result()
                     raise aiomqtt.MqttError("the ack stream ended")
@@ -195,6 +226,7 @@ class _Connection:
                     async with asyncio.timeout(max(0.0, until - time.monotonic())):
                         await self.woken.wait()
         finally:
+            await cancel_and_wait(reports)
             await cancel_and_wait(receiver)
 
     async def _send_what_is_due(self) -> float:
@@ -257,10 +289,66 @@ class _Connection:
             return
         version = self.on_params(self.device, payload)
         if version is not None:
-            status = json.dumps({"device": self.device, "params_version": version})
-            await self.client.publish(
-                STATUS_TOPIC.format(device=self.device), status, qos=1, retain=True
-            )
+            await self.reporter.publish(version)
+
+
+class _Reporter:
+    """One connection's status reports of one device."""
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        journal: Journal,
+        device: str,
+        source: _StatusSource | None,
+        every: float,
+    ) -> None:
+        self.client = client
+        self.journal = journal
+        self.device = device
+        self.source = source
+        self.every = every
+        self.topic = STATUS_TOPIC.format(device=device)
+        self.last: DeviceStatus | None = None  # the last report sent, without its time
+        self.sent_at = 0.0  # monotonic
+
+    async def run(self) -> None:
+        """Report at once, then every ``every`` seconds when something changed."""
+        if self.source is None:
+            return
+        while True:
+            await self.publish(None)
+            await asyncio.sleep(self.every)
+
+    async def publish(self, version: int | None) -> None:
+        """Send the report if it changed (or the heartbeat is due, or ``version``, a new
+        parameters version, is given)."""
+        known = None if self.source is None else self.source(self.device)
+        if known is None:
+            if version is not None:
+                await self._send(DeviceStatus(self.device, version))
+            return
+        running, counts = known
+        await _yield_to_taps(self.journal.gate)
+        outbox = await asyncio.to_thread(self.journal.outbox_count, device=self.device)
+        status = DeviceStatus(
+            self.device,
+            running if version is None else version,
+            taps=counts.taps,
+            accepted=counts.accepted,
+            refused=dict(counts.refused),
+            outbox=outbox,
+            latency_bounds_ms=counts.latency_bounds_ms,
+            latency_counts=counts.latency_counts,
+        )
+        due = time.monotonic() - self.sent_at >= STATUS_HEARTBEAT
+        if status != self.last or due or version is not None:
+            self.last = status
+            await self._send(dataclasses.replace(status, at=datetime.now(CST)))
+
+    async def _send(self, status: DeviceStatus) -> None:
+        self.sent_at = time.monotonic()
+        await self.client.publish(self.topic, encode_status(status), qos=1, retain=True)
 
 
 async def _yield_to_taps(gate: TapGate | None) -> None:
