@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._registry import lookup
 from farelab.backend._store import Store
+from tests.cli_support import farelab as run_farelab
 from tests.test_uplink_backend import DEVICES, start_backend, stop
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def farelab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", "backend", "devices", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_farelab("backend", "devices", *args)
 
 
 def test_devices_from_a_validator_config_are_registered_as_they_write_records(

@@ -19,7 +19,8 @@ from farelab.backend._registry import DeviceEntry, register
 from farelab.backend._store import Store
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, LoadAuthority, TacVerifier
 from farelab.protocol import Batch, Record, WireError, decode_batch, encode_batch
-from tests.test_uplink_backend import DEVICES, farelab, make_taps, replay, start_backend, stop
+from tests.cli_support import farelab
+from tests.test_uplink_backend import DEVICES, make_taps, replay, start_backend, stop
 
 _COLUMNS = (
     "seq, status, tx_type, kind, alg, card_serial, issuer, card_counter, ttc, amount, "

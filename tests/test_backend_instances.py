@@ -7,37 +7,29 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.backend._store import Store
+from tests.cli_support import start_farelab
 from tests.test_uplink_backend import stop
 
-ROOT = Path(__file__).resolve().parent.parent
 CONNECTED = re.compile(r"New client connected from \S+ as (farelab-(?!probe)\S+) ")
 
 
 def start(broker: Mosquitto, db: str, workers: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "farelab",
-            "backend",
-            "run",
-            "--broker",
-            broker.url,
-            "--db",
-            db,
-            "--workers",
-            str(workers),
-        ],
-        cwd=ROOT,
+    return start_farelab(
+        "backend",
+        "run",
+        "--broker",
+        broker.url,
+        "--db",
+        db,
+        "--workers",
+        str(workers),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
 
 

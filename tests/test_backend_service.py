@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,9 +23,9 @@ from farelab.backend._store import Store
 from farelab.card import load_image
 from farelab.protocol import encode_batch
 from farelab.validator._journal import Journal
-from tests.test_uplink_backend import DEVICES, farelab, make_taps, start_backend, stop
+from tests.cli_support import farelab, start_farelab
+from tests.test_uplink_backend import DEVICES, make_taps, start_backend, stop
 
-ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -123,26 +122,19 @@ def replay_in_parallel(
         taps, _ = make_taps(folder, cards=cards, rounds=rounds, first_serial=1000 * (i + 1))
         taps.write_text(taps.read_text().replace('"device": "', f'"device": "v{i}-'))
         procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "farelab",
-                    "validator",
-                    "replay",
-                    "--config",
-                    str(config),
-                    "--taps",
-                    str(taps),
-                    "--journal",
-                    str(folder / "j.db"),
-                    "--broker",
-                    broker.url,
-                    "--upload-timeout",
-                    "90",
-                ],
-                cwd=ROOT,
-                text=True,
+            start_farelab(
+                "validator",
+                "replay",
+                "--config",
+                str(config),
+                "--taps",
+                str(taps),
+                "--journal",
+                str(folder / "j.db"),
+                "--broker",
+                broker.url,
+                "--upload-timeout",
+                "90",
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )

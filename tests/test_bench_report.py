@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from farelab.bench._report import write_report
+from tests.cli_support import farelab
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def synthetic_doc(*, broken: bool = True) -> dict[str, object]:
@@ -145,14 +144,7 @@ def test_report_skips_malformed_samples_and_series(tmp_path: Path) -> None:
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", "bench", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    return farelab("bench", *args, timeout=120)
 
 
 def test_cli_renders_a_report_from_earlier_json(tmp_path: Path) -> None:

@@ -36,9 +36,9 @@ from farelab.protocol import (
 from farelab.topup._host import HostUnreachableError, MqttHost
 from farelab.validator._journal import Journal
 from farelab.validator._uplink import MqttUplink
-from tests.test_uplink_backend import farelab, make_taps, stop
+from tests.cli_support import ROOT, farelab, start_farelab
+from tests.test_uplink_backend import make_taps, stop
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = {
     "farelab-backend": "backend-pw",
     "bus-1": "bus1-pw",
@@ -149,12 +149,15 @@ def login(port: int, user: str | None, password: str | None = None) -> aiomqtt.C
 
 
 def backend(url: str, db: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "farelab", "backend", "run", "--broker", url, "--db", db],
-        cwd=ROOT,
+    proc = start_farelab(
+        "backend",
+        "run",
+        "--broker",
+        url,
+        "--db",
+        db,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
     time.sleep(1.5)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -495,12 +498,15 @@ def test_devices_with_their_own_credentials_over_tls(tmp_path: Path) -> None:
 
 def run_briefly(url: str, db: str) -> str:
     """``backend run`` until its worker is connected; its stderr."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "farelab", "backend", "run", "--broker", url, "--db", db],
-        cwd=ROOT,
+    proc = start_farelab(
+        "backend",
+        "run",
+        "--broker",
+        url,
+        "--db",
+        db,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
     assert proc.stderr is not None
     lines = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,9 +43,9 @@ from farelab.card import (
     personalise,
     save_image,
 )
+from tests.cli_support import DEVICES, farelab, start_farelab
 from tests.validator_support import T0, Lab, gate, new_card
 
-ROOT = Path(__file__).resolve().parent.parent
 SELECT = bytes.fromhex("00A40400") + bytes((len(TRANSIT_AID),)) + TRANSIT_AID
 GET_BALANCE = bytes.fromhex("805C000204")
 
@@ -545,12 +544,7 @@ def test_card_serve_with_a_behaviour_answers_the_status_word_and_logs_it(
     )
     log = tmp_path / "firings.jsonl"
     options = ["--behaviour", str(behaviour), "--log", str(log)]
-    served = subprocess.Popen(
-        [sys.executable, "-m", "farelab", "card", "serve", str(path), *options],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    served = start_farelab("card", "serve", str(path), *options, stdout=subprocess.PIPE)
     try:
         assert served.stdout is not None
         assert "presented" in served.stdout.readline()
@@ -585,8 +579,6 @@ do = "mute"
 def replay(
     tmp_path: Path, taps: list[dict[str, Any]], *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    from tests.test_validator_run import DEVICES, farelab  # noqa: PLC0415
-
     config = tmp_path / "devices.toml"
     config.write_text(DEVICES.format(reader="sim"))
     stdin = "".join(json.dumps(t) + "\n" for t in taps)
@@ -598,7 +590,7 @@ def replay(
 def test_replay_taps_lines_name_a_behaviour_whose_counts_go_on_from_line_to_line(
     tmp_path: Path,
 ) -> None:
-    from tests.test_validator_run import card  # noqa: PLC0415
+    from tests.cli_support import card  # noqa: PLC0415
 
     path = card(tmp_path)
     behaviour = tmp_path / "vanish.toml"
@@ -650,7 +642,7 @@ def test_replay_taps_lines_name_a_behaviour_whose_counts_go_on_from_line_to_line
 def test_replay_refuses_a_behaviour_naming_an_unknown_command_with_the_key(
     tmp_path: Path,
 ) -> None:
-    from tests.test_validator_run import card  # noqa: PLC0415
+    from tests.cli_support import card  # noqa: PLC0415
 
     behaviour = tmp_path / "bad.toml"
     behaviour.write_text('[[rule]]\nwhen = { command = "PAY" }\ndo = "vanish"\n')

@@ -39,8 +39,8 @@ from farelab.card import (
     personalise,
     save_image,
 )
+from tests.cli_support import ROOT, start_farelab
 
-ROOT = Path(__file__).resolve().parent.parent
 PSAM = Psam(
     terminal_id=bytes.fromhex("0000000000C3"), issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)}
 )
@@ -83,13 +83,12 @@ def held_by_another_process(
 
 
 def topup_load(folder: Path, card: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "farelab", "topup", "load", str(card), "--amount", "10", "--json"],
+    return start_farelab(
+        *("topup", "load", str(card), "--amount", "10", "--json"),
         cwd=folder,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
 
 

@@ -28,8 +28,8 @@ from farelab.card import (
     personalise,
     save_image,
 )
+from tests.cli_support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 INITIAL = 50_000
 
 

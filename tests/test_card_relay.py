@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +29,9 @@ from farelab.card import (
     drive,
     read_trace,
 )
+from tests.cli_support import farelab, start_farelab
 from tests.test_card_behaviour import (
     GET_BALANCE,
-    ROOT,
     SELECT,
     WHEN,
     Served,
@@ -81,14 +80,7 @@ def test_the_real_card_leaving_its_reader_is_the_relayed_card_leaving_the_field(
     ],
 )
 def test_card_relay_refuses_bad_input_in_one_line(options: list[str], message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "farelab", "card", "relay", *options],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = farelab("card", "relay", *options, timeout=30)
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
@@ -101,23 +93,11 @@ class Relay:
     """``farelab card relay`` from slot 0 into slot 1, as a tester runs it."""
 
     def __init__(self, *options: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "farelab",
-                "card",
-                "relay",
-                "--from",
-                f"pcsc:{SLOT0}",
-                "--to",
-                "vpcd:127.0.0.1:35964",
-                *options,
-            ],
-            cwd=ROOT,
+        self.proc = start_farelab(
+            *("card", "relay", "--from", f"pcsc:{SLOT0}", "--to", "vpcd:127.0.0.1:35964"),
+            *options,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
         )
         self.lines: list[str] = []
         self._reading = threading.Thread(target=self._read, daemon=True)

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.cli_support import farelab
 
 
 @pytest.mark.pcsc
 @pytest.mark.usefixtures("pcscd")
 def test_demo_runs_in_process_through_pcscd_and_on_the_validators(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "farelab", "demo", "--dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = farelab("demo", "--dir", str(tmp_path), timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "[in-process] bus fare 2.00 yuan: balance 50.00 -> 48.00" in out

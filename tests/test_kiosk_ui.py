@@ -11,8 +11,8 @@ from pathlib import Path
 import pexpect
 
 from farelab.card import load_image, personalise, save_image
+from tests.cli_support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -23,8 +23,8 @@ from farelab.backend._store import Store
 from farelab.bench.ingest import bench_entry, make_batches
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
 from farelab.protocol import Batch, decode_batch, encode_batch
+from tests.cli_support import ROOT, farelab
 
-ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 LEDGER_MARK = 0x464C4C47
 VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
@@ -50,17 +50,6 @@ OLD_ROW = (
     "'00000000000000001001', '1310000000000000', 0, 1, 200, 5000, '000000000B01', '20261123', "
     "'083000', 0, '0000000000000000', 0, 'TAIYUAN', '01020304', 0)"
 )
-
-
-def farelab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def batch_of(device: str, run: int, n: int = 3) -> Batch:

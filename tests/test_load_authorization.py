@@ -30,7 +30,8 @@ from farelab.card import (
     personalise,
 )
 from farelab.protocol import LOAD_REQ, LOAD_RESP
-from tests.test_uplink_backend import farelab, start_backend, stop
+from tests.cli_support import farelab
+from tests.test_uplink_backend import start_backend, stop
 
 KIOSK = "kiosk-1"
 TERMINAL = bytes.fromhex("00000000F001")

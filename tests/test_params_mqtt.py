@@ -7,15 +7,14 @@ import json
 import select
 import signal
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.card import load_image, personalise, save_image
+from tests.cli_support import farelab, start_farelab
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
 [[validator]]
 id = "bus-7"
@@ -30,14 +29,7 @@ def register_devices(config: Path, tmp_path: Path) -> None:
     """The backend's ledger, with the config's devices registered (``params`` only reads it)."""
     ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
     command = ["backend", "devices", "add", "--config", str(config), "--db", ledger]
-    added = subprocess.run(
-        [sys.executable, "-m", "farelab", *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    added = farelab(*command, timeout=30)
     assert added.returncode == 0, added.stderr
 
 
@@ -49,22 +41,15 @@ def test_hotlist_published_by_the_backend_reaches_a_running_validator(
     register_devices(config, tmp_path)
     card = tmp_path / "card.json"
     save_image(card, personalise(serial="55", issued=date(2026, 1, 1), balance=1000))
-    validator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "farelab",
-            "validator",
-            "run",
-            "--config",
-            str(config),
-            "--journal",
-            str(tmp_path / "j.db"),
-            "--broker",
-            broker.url,
-        ],
-        cwd=ROOT,
-        text=True,
+    validator = start_farelab(
+        "validator",
+        "run",
+        "--config",
+        str(config),
+        "--journal",
+        str(tmp_path / "j.db"),
+        "--broker",
+        broker.url,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -73,29 +58,20 @@ def test_hotlist_published_by_the_backend_reaches_a_running_validator(
     assert validator.stdout is not None
     try:
         time.sleep(1.5)
-        published = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "farelab",
-                "backend",
-                "params",
-                "--broker",
-                broker.url,
-                "--db",
-                f"sqlite:///{tmp_path / 'ledger.db'}",
-                "--device",
-                "bus-7",
-                "--hotlist",
-                "55",
-                "--wait",
-                "5",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        published = farelab(
+            "backend",
+            "params",
+            "--broker",
+            broker.url,
+            "--db",
+            f"sqlite:///{tmp_path / 'ledger.db'}",
+            "--device",
+            "bus-7",
+            "--hotlist",
+            "55",
+            "--wait",
+            "5",
             timeout=30,
-            check=False,
         )
         assert published.returncode == 0, published.stderr
         assert "published parameters version 1 to 1 device(s)" in published.stdout
@@ -131,22 +107,15 @@ def test_new_fare_table_from_the_backend_applies_at_the_next_tap(
     tables.write_text(
         shipped.replace("bus_flat_fare_cash_yuan = 1.0", "bus_flat_fare_cash_yuan = 2.0")
     )
-    validator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "farelab",
-            "validator",
-            "run",
-            "--config",
-            str(config),
-            "--journal",
-            str(tmp_path / "j.db"),
-            "--broker",
-            broker.url,
-        ],
-        cwd=ROOT,
-        text=True,
+    validator = start_farelab(
+        "validator",
+        "run",
+        "--config",
+        str(config),
+        "--journal",
+        str(tmp_path / "j.db"),
+        "--broker",
+        broker.url,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -158,29 +127,20 @@ def test_new_fare_table_from_the_backend_applies_at_the_next_tap(
         time.sleep(1.5)
         for step in ("before", "after"):
             if step == "after":
-                published = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "farelab",
-                        "backend",
-                        "params",
-                        "--broker",
-                        broker.url,
-                        "--db",
-                        f"sqlite:///{tmp_path / 'ledger.db'}",
-                        "--device",
-                        "bus-7",
-                        "--networks",
-                        str(tables),
-                        "--wait",
-                        "5",
-                    ],
-                    cwd=ROOT,
-                    capture_output=True,
-                    text=True,
+                published = farelab(
+                    "backend",
+                    "params",
+                    "--broker",
+                    broker.url,
+                    "--db",
+                    f"sqlite:///{tmp_path / 'ledger.db'}",
+                    "--device",
+                    "bus-7",
+                    "--networks",
+                    str(tables),
+                    "--wait",
+                    "5",
                     timeout=30,
-                    check=False,
                 )
                 assert "bus-7: running version 1" in published.stdout, published.stderr
             request = {"device": "bus-7", "card": str(cards[step])}
@@ -205,14 +165,7 @@ def test_a_wait_that_is_no_time_is_refused() -> None:
         ("1e300", "a wait must be a positive number of seconds"),
     ):
         command = ["backend", "params", "--broker", "mqtt://127.0.0.1:1", "--db", "sqlite:///x.db"]
-        refused = subprocess.run(
-            [sys.executable, "-m", "farelab", *command, "--device", "bus-7", "--wait", wait],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        refused = farelab(*command, "--device", "bus-7", "--wait", wait, timeout=30)
         assert refused.returncode == 2
         assert says in refused.stderr
         assert "Traceback" not in refused.stderr

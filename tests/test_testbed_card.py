@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +29,8 @@ from farelab.card import (
     save_image,
 )
 from farelab.testbed import DebitKeys, check_card
+from tests.cli_support import farelab, start_farelab
 
-ROOT = Path(__file__).resolve().parent.parent
 READER = "pcsc:Virtual PCD 00 00"
 
 WRONG_BALANCE_SW = """
@@ -61,17 +60,6 @@ def keys_file(path: Path) -> Path:
         f'maintenance = "{DEMO_KEYS.maintenance.hex()}"\n'
     )
     return path
-
-
-def farelab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 # --- in-process ----------------------------------------------------------------------------
@@ -161,12 +149,7 @@ def test_a_reader_that_is_not_pcsc_is_refused() -> None:
 @contextmanager
 def served(path: Path, *options: str) -> Iterator[None]:
     """``farelab card serve`` of the image at ``path`` in pcscd's first virtual reader."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "farelab", "card", "serve", str(path), *options],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_farelab("card", "serve", str(path), *options, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         assert "presented" in proc.stdout.readline()

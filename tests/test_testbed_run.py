@@ -53,8 +53,8 @@ from farelab.testbed import (
     write_zoo,
 )
 from farelab.validator import shipped_networks
+from tests.cli_support import ROOT, farelab
 
-ROOT = Path(__file__).resolve().parent.parent
 ENTRY_TERMINAL = "0A0000000001"
 BUS_TERMINAL = "0B0000000001"
 
@@ -87,17 +87,6 @@ while True:
         reader.disconnect()
     reader.wait_for_removal(30)
 """
-
-
-def farelab(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def make_zoo(folder: Path, *, station: str | None = None, bus_fen: int | None = None) -> Path:

@@ -6,7 +6,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -14,19 +13,12 @@ import pytest
 
 from farelab._cli import main
 from farelab.card import load_image, personalise, save_image
+from tests.cli_support import farelab
 
 
 def topup(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``farelab topup …`` in ``cwd``, its state files in ``cwd/data``."""
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", "topup", *args],
-        cwd=cwd,
-        env={**os.environ, "XDG_DATA_HOME": str(cwd / "data")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return farelab("topup", *args, cwd=cwd, env={**os.environ, "XDG_DATA_HOME": str(cwd / "data")})
 
 
 def test_load_json_contract_and_exit_codes(tmp_path: Path) -> None:

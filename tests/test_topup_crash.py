@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -17,6 +16,8 @@ import pytest
 
 from farelab.card import load_image, personalise, save_image
 from farelab.topup import KILL_POINTS
+from tests.cli_support import ROOT, start_farelab
+from tests.cli_support import farelab as run_farelab
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 READER = "pcsc:Virtual PCD 00 00"
@@ -24,29 +25,18 @@ STATE = ("--db", "farelab-host.db", "--journal", "farelab-kiosk.db")  # in the t
 
 
 def farelab(cwd: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kill_at:
         env["FARELAB_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_farelab(*args, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_kiosk_killed_at_every_step_then_card_presented_again(point: str, tmp_path: Path) -> None:
     card = tmp_path / "card.json"
     save_image(card, personalise(serial="8181", issued=date(2026, 1, 1), balance=1000))
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "farelab", "card", "serve", str(card)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    serve = start_farelab(
+        "card", "serve", str(card), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         time.sleep(0.8)

@@ -26,9 +26,10 @@ from farelab.backend._transfer import (
 )
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
 from farelab.protocol import Batch
+from tests.cli_support import ROOT
+from tests.cli_support import farelab as run_farelab
 from tests.validator_support import Lab, bus, new_card
 
-ROOT = Path(__file__).resolve().parent.parent
 TODAY = date(2026, 11, 24)
 
 
@@ -56,14 +57,7 @@ def test_profiles(profile: str, reason: str, reported: date, amount: int, why: s
 def farelab(cwd: Path, *args: str) -> dict[str, object]:
     """``farelab topup …`` in ``cwd``, with the host's ledger ``cwd/farelab-host.db``."""
     ledger = ["--db", str(cwd / "farelab-host.db"), "--journal", str(cwd / "farelab-kiosk.db")]
-    out = subprocess.run(
-        [sys.executable, "-m", "farelab", *args, *ledger, "--json"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = run_farelab(*args, *ledger, "--json", cwd=cwd)
     assert out.stdout, out.stderr
     doc: dict[str, object] = json.loads(out.stdout)
     return doc

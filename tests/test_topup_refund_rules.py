@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, Psam, PsamKeys
 from farelab.topup import LoadResult
+from tests.cli_support import farelab as run_farelab
 from tests.test_topup import TERMINAL, CapHost, Station
 
-ROOT = Path(__file__).resolve().parent.parent
 PSAM = Psam(terminal_id=TERMINAL, issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)})
 OLD = "66".rjust(20, "0")  # the station's card
 
@@ -97,15 +95,7 @@ async def test_a_card_is_not_emptied_for_a_refund_while_the_host_is_unreachable(
 
 def farelab(cwd: Path, *args: str) -> dict[str, object]:
     """``farelab …`` in ``cwd``, its state files in ``cwd/data``."""
-    out = subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=cwd,
-        env={**os.environ, "XDG_DATA_HOME": str(cwd / "data")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = run_farelab(*args, cwd=cwd, env={**os.environ, "XDG_DATA_HOME": str(cwd / "data")})
     assert out.stdout, out.stderr
     doc: dict[str, object] = json.loads(out.stdout)
     return doc
@@ -115,14 +105,7 @@ def test_a_balance_moved_onto_a_new_card_is_not_also_refunded_in_cash(tmp_path: 
     """card new a and b; load a 100; transfer a's balance onto b; refund a: 200 yuan out for
     100 in, before."""
     for name, serial in (("a.json", "650001"), ("b.json", "650002")):
-        made = subprocess.run(
-            [sys.executable, "-m", "farelab", "card", "new", name, "--serial", serial],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        made = run_farelab("card", "new", name, "--serial", serial, cwd=tmp_path)
         assert made.returncode == 0, made.stderr
     assert farelab(tmp_path, "topup", "load", "a.json", "--amount", "100", "--json")["result"] == (
         "loaded"

@@ -7,25 +7,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
 import pytest
 
 from farelab.card import load_image, personalise, save_image
+from tests.cli_support import farelab
 
 
 def run(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", "topup", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return farelab("topup", *args, cwd=cwd, env=env)
 
 
 def files_under(folder: Path) -> list[str]:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import select
 import signal
 import subprocess
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -33,57 +30,17 @@ from farelab.card import (
     TracingReader,
     decode_apdu,
     find_tears,
-    personalise,
     read_trace,
-    save_image,
     sw_meaning,
 )
+from tests.cli_support import DEVICES, card, farelab, start_farelab
 
-ROOT = Path(__file__).resolve().parent.parent
-DEVICES = """
-[[validator]]
-id = "bus-1"
-kind = "bus"
-network = "taiyuan"
-terminal_id = "000000000B01"
-whitelist = ["1310000000000000"]
-reader = "{reader}"
-
-[[validator]]
-id = "gate-in"
-kind = "metro-gate"
-network = "changzhou"
-line = "L1"
-station = "Senlin Gongyuan"
-terminal_id = "000000010101"
-whitelist = ["1310000000000000"]
-"""
 SESSION = [
     ("gate-in", "2026-11-23T08:00:00+08:00", None),
     ("bus-1", "2026-11-23T09:00:00+08:00", "DEBIT"),  # torn: the card leaves before the answer
     ("bus-1", "2026-11-23T09:00:09+08:00", None),  # the next tap settles it
 ]
 RESULT_KEYS = ("device", "card_serial", "result", "reason", "fare_fen", "balance_fen", "tac")
-
-
-def farelab(
-    *args: str, stdin: str | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        input=stdin,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def card(tmp_path: Path, balance: int = 2000) -> Path:
-    path = tmp_path / "card.json"
-    save_image(path, personalise(serial="31", issued=date(2026, 1, 1), balance=balance))
-    return path
 
 
 def config(tmp_path: Path, reader: str = "sim") -> Path:
@@ -360,17 +317,12 @@ def test_a_card_served_from_trace_through_pcscd_gets_the_original_result(
     recorded, served = tmp_path / "validator.jsonl", tmp_path / "served.jsonl"
 
     def validator(journal: str, trace: Path) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                *(sys.executable, "-m", "farelab", "validator", "run", "--config", str(devices)),
-                *("--journal", str(tmp_path / journal), "--trace", str(trace)),
-            ],
-            cwd=ROOT,
-            text=True,
+        return start_farelab(
+            *("validator", "run", "--config", str(devices)),
+            *("--journal", str(tmp_path / journal), "--trace", str(trace)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=os.environ.copy(),
         )
 
     def first_result(proc: subprocess.Popen[str]) -> dict[str, object]:
@@ -396,13 +348,9 @@ def test_a_card_served_from_trace_through_pcscd_gets_the_original_result(
     )
 
     proc = validator("j2.db", tmp_path / "second.jsonl")
-    stub = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "farelab", "card", "serve", "--from-trace", str(recorded)),
-            *("--trace", str(served)),
-        ],
-        cwd=ROOT,
-        text=True,
+    stub = start_farelab(
+        *("card", "serve", "--from-trace", str(recorded)),
+        *("--trace", str(served)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -25,6 +25,7 @@ from farelab.card import (
 from farelab.card._pcsc import PcscReader, ReaderThread, list_readers
 from farelab.card._pcscd import VIRTUAL_READER
 from farelab.card._vicc import ViccClient, ViccError
+from tests.cli_support import start_farelab
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 
@@ -245,11 +246,8 @@ def test_list_readers_shows_both_virtual_slots() -> None:
 def test_card_tap_command_presents_the_card_and_persists_changes(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     save_image(path, personalise(serial="77", issued=date(2026, 1, 1), balance=500))
-    tap = subprocess.Popen(
-        [sys.executable, "-m", "farelab", "card", "tap", str(path), "--hold", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    tap = start_farelab(
+        "card", "tap", str(path), "--hold", "3", stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     reader = PcscReader(VIRTUAL_READER)
     try:

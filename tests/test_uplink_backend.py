@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.card import load_image, personalise, save_image
+from tests.cli_support import farelab, start_farelab
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = """
 [[validator]]
 id = "bus-1"
@@ -43,20 +42,6 @@ whitelist = ["1310000000000000"]
 """
 
 
-def farelab(
-    *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 LAB_BUS = """
 [[validator]]
 id = "bus"
@@ -72,23 +57,16 @@ def start_backend(
     broker: Mosquitto, db: str, workers: int = 1, devices: Path | None = None
 ) -> subprocess.Popen[str]:
     registry = ["--devices", str(devices)] if devices is not None else []
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "farelab",
-            "backend",
-            "run",
-            "--broker",
-            broker.url,
-            "--db",
-            db,
-            "--workers",
-            str(workers),
-            *registry,
-        ],
-        cwd=ROOT,
-        text=True,
+    proc = start_farelab(
+        "backend",
+        "run",
+        "--broker",
+        broker.url,
+        "--db",
+        db,
+        "--workers",
+        str(workers),
+        *registry,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -9,7 +9,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import date
@@ -20,10 +19,10 @@ import pytest
 from farelab.card import load_image, personalise, save_image
 from farelab.validator._faults import KILL_POINTS
 from farelab.validator._journal import Journal
+from tests.cli_support import start_farelab
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.usefixtures("pcscd")]
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
 [[validator]]
 id = "bus-9"
@@ -37,10 +36,8 @@ reader = "pcsc:Virtual PCD 00 00"
 
 
 def farelab(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        text=True,
+    return start_farelab(
+        *args,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

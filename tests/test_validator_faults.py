@@ -11,7 +11,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,9 @@ from farelab.validator import (
     replay,
     run,
 )
+from tests.cli_support import farelab as run_farelab
 from tests.validator_support import Lab, bus, gate, new_card
 
-ROOT = Path(__file__).resolve().parent.parent
 TWO_BUSES = """
 [[validator]]
 id = "bus-1"
@@ -51,15 +50,7 @@ whitelist = ["1310000000000000"]
 
 
 def farelab(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        input=stdin,
-        text=True,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return run_farelab(*args, stdin=stdin)
 
 
 def card_file(path: Path, balance: int = 2000, serial: str = "1001") -> Path:

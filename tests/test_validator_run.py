@@ -5,58 +5,16 @@ bad configuration reported by key."""
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import subprocess
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import pytest
 
-from farelab.card import load_image, personalise, save_image
-
-ROOT = Path(__file__).resolve().parent.parent
-DEVICES = """
-[[validator]]
-id = "bus-1"
-kind = "bus"
-network = "taiyuan"
-terminal_id = "000000000B01"
-whitelist = ["1310000000000000"]
-reader = "{reader}"
-
-[[validator]]
-id = "gate-in"
-kind = "metro-gate"
-network = "changzhou"
-line = "L1"
-station = "Senlin Gongyuan"
-terminal_id = "000000010101"
-whitelist = ["1310000000000000"]
-"""
-
-
-def farelab(
-    *args: str, stdin: str | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "farelab", *args],
-        cwd=ROOT,
-        input=stdin,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def card(tmp_path: Path, balance: int = 2000) -> Path:
-    path = tmp_path / "card.json"
-    save_image(path, personalise(serial="31", issued=date(2026, 1, 1), balance=balance))
-    return path
+from farelab.card import load_image
+from tests.cli_support import DEVICES, card, farelab, start_farelab
 
 
 def test_run_with_sim_readers_taps_cards_named_on_stdin(tmp_path: Path) -> None:
@@ -93,26 +51,18 @@ def test_run_with_a_pcsc_reader_and_farelab_card_tap(tmp_path: Path) -> None:
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"version": 1}))
     path = card(tmp_path)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "farelab",
-            "validator",
-            "run",
-            "--config",
-            str(config),
-            "--journal",
-            str(tmp_path / "j.db"),
-            "--params",
-            str(params),
-        ],
-        cwd=ROOT,
-        text=True,
+    proc = start_farelab(
+        "validator",
+        "run",
+        "--config",
+        str(config),
+        "--journal",
+        str(tmp_path / "j.db"),
+        "--params",
+        str(params),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=os.environ.copy(),
     )
     assert proc.stdout is not None
     try:
