@@ -15,7 +15,6 @@ import pytest
 
 import farelab.validator._priority as priority
 from farelab.card import InProcessReader
-from farelab.validator._decision import TapResult
 from farelab.validator._journal import Journal
 from farelab.validator._priority import TapGate
 from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S, favour_taps
@@ -288,15 +287,17 @@ async def test_the_run_loop_turns_collection_back_on_once_a_result_is_shown(
     gc_restored: None,
 ) -> None:
     import io  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
 
+    from farelab.card import CST  # noqa: PLC0415
     from farelab.validator._decision import Rejected  # noqa: PLC0415
-    from farelab.validator._loop import _display  # noqa: PLC0415
+    from farelab.validator._loop import Shown, _display, _Tapped  # noqa: PLC0415
 
     gate = _gate_after_a_tap()
-    results: asyncio.Queue[TapResult | str] = asyncio.Queue()
+    results: asyncio.Queue[Shown] = asyncio.Queue()
     out = io.StringIO()
     task = asyncio.create_task(_display(results, out, gate))
-    results.put_nowait(Rejected("d1", "", "no_card"))
+    results.put_nowait(_Tapped(Rejected("d1", "", "no_card"), datetime.now(CST)))
     while not out.getvalue():
         await asyncio.sleep(0.001)
     task.cancel()
