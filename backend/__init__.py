@@ -19,7 +19,8 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
 - The broker: :func:`write_broker_config` (accounts and roles from the registry;
   ``BACKEND_ACCOUNT``, ``DEFAULT_GROUP``, ``FORMATS``, :func:`find_dynsec_plugin`), the open
   broker check (:func:`open_logins`, :func:`open_broker_warning`, ``OPEN_BROKER_RISKS``),
-  :class:`Mosquitto` (a private Mosquitto for tests and benchmarks; :class:`BrokerError`) and
+  :class:`Mosquitto` (a private Mosquitto for tests, benchmarks and the city; :class:`BrokerError`;
+  :func:`free_port`) and
   :func:`embedded_broker` (an in-process amqtt broker for the demo).
 
 The service, the parameters and the broker check (the MQTT client), clearing (numpy) and the
@@ -42,7 +43,7 @@ from farelab.backend._brokerconfig import (
 from farelab.backend._ingest import Classified, Decision, LedgerView, classify, decide
 from farelab.backend._loads import ensure_schema, handle_load_message
 from farelab.backend._localhost import LocalHost
-from farelab.backend._mosquitto import BrokerError, Mosquitto
+from farelab.backend._mosquitto import BrokerError, Mosquitto, free_port
 from farelab.backend._registry import (
     ROLES,
     DeviceEntry,
@@ -90,6 +91,7 @@ __all__ = [
     "ensure_schema",
     "entries",
     "find_dynsec_plugin",
+    "free_port",
     "handle_load_message",
     "hash_secret",
     "instance_id",
