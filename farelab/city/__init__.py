@@ -7,5 +7,15 @@ Public names are added as the parts land; nothing here is imported by the packag
 from __future__ import annotations
 
 from farelab.city._chaos import FAULT_KINDS, PULL_STEPS, Fault, FaultKind, plan_faults
+from farelab.city._proxy import FaultProxy, LinkRules, LinkStats
 
-__all__: list[str] = ["FAULT_KINDS", "PULL_STEPS", "Fault", "FaultKind", "plan_faults"]
+__all__: list[str] = [
+    "FAULT_KINDS",
+    "PULL_STEPS",
+    "Fault",
+    "FaultKind",
+    "FaultProxy",
+    "LinkRules",
+    "LinkStats",
+    "plan_faults",
+]
