@@ -8,14 +8,26 @@ from __future__ import annotations
 
 from farelab.city._chaos import FAULT_KINDS, PULL_STEPS, Fault, FaultKind, plan_faults
 from farelab.city._proxy import FaultProxy, LinkRules, LinkStats
+from farelab.city._topology import (
+    CENTRAL,
+    BridgedTopology,
+    BrokerLogin,
+    bridge_account,
+    line_broker,
+)
 
 __all__: list[str] = [
+    "CENTRAL",
     "FAULT_KINDS",
     "PULL_STEPS",
+    "BridgedTopology",
+    "BrokerLogin",
     "Fault",
     "FaultKind",
     "FaultProxy",
     "LinkRules",
     "LinkStats",
+    "bridge_account",
+    "line_broker",
     "plan_faults",
 ]
