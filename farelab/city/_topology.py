@@ -178,7 +178,9 @@ class BridgedTopology:
         on_lines = {d for _, devices in self.lines.values() for d in devices}
         central = [login for login in self.logins if login.username not in on_lines]
         passwd = [_passwd_line(login) for login in central]
-        acl = [_acl_header("the central broker: the backend, each line's bridge")]
+        acl = [
+            _acl_header("the central broker: the backend, each line's bridge, devices on no line")
+        ]
         for login in central:
             if login.role == "backend":
                 acl.append(f"# backend\nuser {login.username}\ntopic readwrite farelab/#\n")
@@ -216,9 +218,10 @@ class BridgedTopology:
     def _common(self, name: str, port: int, what: str) -> list[str]:
         here = self.folder / name
         return [
-            f"# farelab's {what}, in the bridged topology (station computers between the",
-            "# devices and a central broker); every client authenticates, each account may",
-            "# publish and receive only what its role and its own id allow.",
+            f"# farelab's {what}, in the bridged topology: a station computer's",
+            "# broker per line between its devices and the central broker. Every client",
+            "# authenticates; each account may publish and receive only what its role and its",
+            "# own id allow.",
             f"# Run: mosquitto -c {here / _CONF}",
             "",
             "per_listener_settings false",
@@ -287,6 +290,6 @@ class _Login:
 
 def _acl_header(what: str) -> str:
     return (
-        f"# farelab's accounts on {what}; one block per account, no patterns\n"
-        "# (a pattern would apply to every role).\n"
+        f"# farelab's accounts on {what}.\n"
+        "# One block per account, no patterns (a pattern would apply to every role).\n"
     )
