@@ -11,7 +11,9 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
 - Kiosks' loads: :func:`handle_load_message` (and :func:`ensure_schema` of its tables);
   :class:`LocalHost`, an in-process host with a ledger of its own.
 - The service: :func:`run_workers` (the ``farelab backend run`` supervisor), :func:`run_worker`,
-  :func:`instance_id`, :class:`ConfigurationError`.
+  :func:`instance_id`, :class:`ConfigurationError`; the live dashboard it serves with
+  ``--http`` (:class:`Dashboard`, :class:`Board` of the devices' reports,
+  :func:`parse_http_address`).
 - Reports and clearing: :func:`report` (``ANOMALY_KEYS``), :func:`clear_ledger`, :func:`clear`,
   :class:`Clearing`.
 - Parameters to devices: :func:`next_params`, :func:`publish_params`, :func:`read_status`,
@@ -59,6 +61,7 @@ from farelab.backend._store import IngestResult, Store, StoreError
 if TYPE_CHECKING:
     from farelab.backend._brokercheck import OPEN_BROKER_RISKS, open_broker_warning, open_logins
     from farelab.backend._clearing import Clearing, clear, clear_ledger
+    from farelab.backend._dashboard import Board, Dashboard, parse_http_address
     from farelab.backend._embedded import embedded_broker
     from farelab.backend._params import devices_in, next_params, publish_params, read_status
     from farelab.backend._service import ConfigurationError, instance_id, run_worker, run_workers
@@ -70,10 +73,12 @@ __all__ = [
     "FORMATS",
     "OPEN_BROKER_RISKS",
     "ROLES",
+    "Board",
     "BrokerError",
     "Classified",
     "Clearing",
     "ConfigurationError",
+    "Dashboard",
     "Decision",
     "DeviceEntry",
     "IngestResult",
@@ -99,6 +104,7 @@ __all__ = [
     "next_params",
     "open_broker_warning",
     "open_logins",
+    "parse_http_address",
     "publish_params",
     "read_status",
     "register",
@@ -117,6 +123,9 @@ _LAZY = {
     "Clearing": "_clearing",
     "clear": "_clearing",
     "clear_ledger": "_clearing",
+    "Board": "_dashboard",
+    "Dashboard": "_dashboard",
+    "parse_http_address": "_dashboard",
     "embedded_broker": "_embedded",
     "devices_in": "_params",
     "next_params": "_params",

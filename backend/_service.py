@@ -349,15 +349,35 @@ def run_workers(
     issuers: dict[bytes, IssuerKeys],
     workers: int,
     group: str = "farelab-backend",
+    http: tuple[str, int] | None = None,
 ) -> int:
     """``workers`` processes on one shared subscription until SIGINT/SIGTERM; exit status
     (2 if a worker met a configuration error).  Client ids are
     ``farelab-backend-<host>-<random>-w<N>``, one instance id per call; a worker stops by
-    itself when this process dies."""
+    itself when this process dies.  ``http``: where this process serves the live dashboard
+    (host, port), its subscriber's client id ``farelab-backend-<host>-<random>-dash``;
+    ConfigurationError if it cannot listen there."""
     check_client_id(group, "shared-subscription group")
     Store(db_url).close()  # create the schema once, and fail early on a bad URL
     ctx = multiprocessing.get_context("spawn")
     instance = instance_id()
+    dashboard = None
+    if http is not None:
+        from farelab.backend._dashboard import Dashboard  # noqa: PLC0415 - only with --http
+
+        try:
+            dashboard = Dashboard(
+                BrokerURL.parse(broker),
+                db_url,
+                host=http[0],
+                port=http[1],
+                client_id=f"farelab-backend-{instance}-dash",
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"--http {http[0]}:{http[1]}: cannot listen there: {exc.strerror or exc}"
+            ) from None
+        log.info("dashboard on http://%s:%d/", *dashboard.address)
 
     def start(i: int) -> multiprocessing.process.BaseProcess:
         proc = ctx.Process(
@@ -405,4 +425,6 @@ def run_workers(
             log.warning("a worker did not stop within 10 s of SIGTERM; killing it")
             proc.kill()
             proc.join()
+    if dashboard is not None:
+        dashboard.close()
     return status

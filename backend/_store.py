@@ -771,6 +771,75 @@ class Store:
         rows = self.execute("SELECT card_serial FROM hotlist ORDER BY card_serial").fetchall()
         return [r[0] for r in rows]
 
+    def dashboard_totals(self) -> dict[str, Any]:
+        """The counted transactions: how many, fares and loads (fen; a transfer between cards
+        is neither), and transactions and fen by operator and by issuer."""
+        count, fares, loads = self.execute(
+            "SELECT count(*), "
+            "coalesce(sum(CASE WHEN tx_type IN (6, 9) THEN amount ELSE 0 END), 0), "
+            "coalesce(sum(CASE WHEN tx_type = 2 AND kind <> 'transfer' THEN amount ELSE 0 END), 0) "
+            "FROM transactions WHERE verdict = 'ok'"
+        ).fetchone()
+        doc: dict[str, Any] = {
+            "transactions": int(count),
+            "fares_fen": int(fares),
+            "loads_fen": int(loads),
+        }
+        for key, query in (
+            (
+                "by_operator",
+                "SELECT operator, count(*), coalesce(sum(amount), 0) FROM transactions "
+                "WHERE verdict = 'ok' GROUP BY operator ORDER BY operator",
+            ),
+            (
+                "by_issuer",
+                "SELECT issuer, count(*), coalesce(sum(amount), 0) FROM transactions "
+                "WHERE verdict = 'ok' GROUP BY issuer ORDER BY issuer",
+            ),
+        ):
+            rows = self.execute(query).fetchall()
+            doc[key] = {str(k): {"transactions": int(n), "fen": int(f)} for k, n, f in rows}
+        return doc
+
+    def dashboard_alerts(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` cloned cards and forged TACs, newest first, then every device
+        journal with missing sequence numbers: ``{"at", "kind", "card", "device", "detail"}``,
+        ``at`` in milliseconds since the epoch."""
+        found = self.execute(
+            "SELECT found_ms, 'clone', card_serial, device, detail FROM anomalies "
+            "WHERE kind = 'clone' ORDER BY found_ms DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        found += self.execute(
+            "SELECT received_ms, 'forged', card_serial, device, 'seq ' || seq FROM transactions "
+            "WHERE verdict = 'forged' ORDER BY received_ms DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        found.sort(key=lambda row: -row[0])
+        alerts = [
+            {"at": int(at), "kind": kind, "card": card, "device": device, "detail": str(detail)}
+            for at, kind, card, device, detail in found[:limit]
+        ]
+        for device, epoch, missing, at in self.execute(
+            "SELECT device, epoch, max(seq) - count(*), max(received_ms) FROM transactions "
+            "GROUP BY device, epoch HAVING max(seq) > count(*) ORDER BY device, epoch"
+        ).fetchall()[:limit]:
+            alerts.append(
+                {
+                    "at": int(at),
+                    "kind": "gap",
+                    "card": None,
+                    "device": device,
+                    "detail": f"{int(missing)} sequence number(s) missing in journal {epoch}",
+                }
+            )
+        return alerts
+
+    def last_batch_ms(self) -> int | None:
+        """When the ledger received its newest batch (milliseconds since the epoch)."""
+        row = self.execute("SELECT max(received_ms) FROM batches").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
 
 def _text_array(values: Iterable[str]) -> str:
     """A PostgreSQL array literal of ``values``, every element quoted (any text is safe)."""

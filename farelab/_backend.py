@@ -114,6 +114,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="CONFIG",
         help="register every validator of this configuration file first (repeatable)",
     )
+    run.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the live dashboard there: / (the page), /api/state (JSON), /metrics "
+        "(Prometheus), /healthz",
+    )
     run.set_defaults(func=_run)
     broker_cli.add_parser(cmds)
     par = cmds.add_parser(
@@ -196,6 +202,14 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(
             "several --workers need MQTT 5 shared subscriptions; the broker URL says protocol=3.1.1"
         )
+    http = None
+    if args.http is not None:
+        from farelab.backend import parse_http_address  # noqa: PLC0415 - only with --http
+
+        try:
+            http = parse_http_address(args.http)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     keys = DEMO_KEYS
     if args.keys:
         try:
@@ -233,13 +247,19 @@ def _run(args: argparse.Namespace) -> int:
     logins = asyncio.run(open_logins(broker))
     if logins:
         print(open_broker_warning(broker, logins), file=sys.stderr, flush=True)
-    return run_workers(
-        str(args.broker),
-        args.db,
-        issuers=issuers,
-        workers=args.workers,
-        group=args.group,
-    )
+    from farelab.backend import ConfigurationError  # noqa: PLC0415 - the service's, loaded late
+
+    try:
+        return run_workers(
+            str(args.broker),
+            args.db,
+            issuers=issuers,
+            workers=args.workers,
+            group=args.group,
+            http=http,
+        )
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _params(args: argparse.Namespace) -> int:
