@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from farelab.backend import hash_secret
-from farelab.city import CENTRAL, BridgedTopology, bridge_account, line_broker
+from farelab.city import CENTRAL, BridgedTopology, CentralTLS, bridge_account, line_broker
+from farelab.validator import load_config
 from tests.cli_support import ROOT
 
 SAMPLE_FOLDER = ROOT / "deploy" / "mosquitto"
@@ -180,6 +181,27 @@ def test_a_bridge_password_is_in_clear_only_where_the_bridge_logs_in_with_it() -
         assert ("bridge-L1-secret" in text) == (name == "line-L1/mosquitto.conf"), name
 
 
+def test_the_bridges_cross_the_network_over_tls_when_asked() -> None:
+    plain = city()
+    tls = CentralTLS("/etc/ssl/central.pem", "/etc/ssl/central.key", "/etc/ssl/ca.pem")
+    files = BridgedTopology(
+        central_port=8883,
+        lines=plain.lines,
+        folder=plain.folder,
+        logins=plain.logins,
+        bridge_passwords=plain.bridge_passwords,
+        tls=tls,
+    ).configs()
+    central = files[f"{CENTRAL}/mosquitto.conf"]
+    assert options(central, "listener") == ["8883 127.0.0.1"]
+    assert options(central, "certfile") == [tls.certfile]
+    assert options(central, "keyfile") == [tls.keyfile]
+    for line in ("line-L1", "line-L2"):
+        assert options(files[f"{line}/mosquitto.conf"], "bridge_cafile") == [tls.cafile]
+        assert options(files[f"{line}/mosquitto.conf"], "address") == ["127.0.0.1:8883"]
+    assert "bridge_cafile" not in plain.configs()["line-L1/mosquitto.conf"]
+
+
 def test_each_device_is_pointed_at_its_line_broker() -> None:
     topology = city()
     assert topology.device_broker("bus-1") == topology.device_broker("kiosk-1") == 2001
@@ -220,6 +242,26 @@ def test_the_deployment_sample_is_what_the_code_writes() -> None:
     for name, text in files.items():
         assert (SAMPLE_FOLDER / name).read_text(encoding="utf-8") == text, name
     assert line_broker("L2") in {name.split("/")[0] for name in files}
+
+
+def test_the_compose_file_runs_the_sample_with_its_passwords() -> None:
+    """``deploy/compose.yaml`` mounts each broker's sample folder where its configuration says
+    it is, and its placeholder passwords, like ``deploy/devices.toml``'s, are the ones the
+    sample's password hashes were made from."""
+    compose = (ROOT / "deploy" / "compose.yaml").read_text(encoding="utf-8")
+    topology = sample()
+    for service, broker in (("central", CENTRAL), ("station-l2", line_broker("L2"))):
+        here = topology.folder / broker
+        assert f"  {service}:\n    image: eclipse-mosquitto:2\n" in compose
+        assert f'command: ["mosquitto", "-c", "{here / "mosquitto.conf"}"]' in compose
+        assert f"- ./mosquitto/{broker}:{here}:ro\n" in compose
+        assert f"- {service}-data:{topology.data}\n" in compose
+    password = f"${{FARELAB_BACKEND_PASSWORD:-{SAMPLE_PASSWORDS['farelab-backend']}}}"
+    assert f"- mqtt://farelab-backend:{password}@central:1883\n" in compose
+    devices = load_config(ROOT / "deploy" / "devices.toml").devices
+    assert {d.device.id: d.mqtt_password for d in devices} == {
+        d: SAMPLE_PASSWORDS[d] for d in topology.lines["L2"][1]
+    }
 
 
 if __name__ == "__main__":

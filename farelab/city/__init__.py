@@ -12,6 +12,7 @@ from farelab.city._topology import (
     CENTRAL,
     BridgedTopology,
     BrokerLogin,
+    CentralTLS,
     bridge_account,
     line_broker,
 )
@@ -22,6 +23,7 @@ __all__: list[str] = [
     "PULL_STEPS",
     "BridgedTopology",
     "BrokerLogin",
+    "CentralTLS",
     "Fault",
     "FaultKind",
     "FaultProxy",

@@ -41,7 +41,14 @@ from farelab.protocol import (
     check_client_id,
 )
 
-__all__ = ["CENTRAL", "BridgedTopology", "BrokerLogin", "bridge_account", "line_broker"]
+__all__ = [
+    "CENTRAL",
+    "BridgedTopology",
+    "BrokerLogin",
+    "CentralTLS",
+    "bridge_account",
+    "line_broker",
+]
 
 #: The central broker's name: its files are ``central/…`` in :meth:`BridgedTopology.configs`.
 CENTRAL = "central"
@@ -111,6 +118,17 @@ def _grants(login: BrokerLogin) -> tuple[Sequence[str], Sequence[str]]:
 
 
 @dataclass(frozen=True, slots=True)
+class CentralTLS:
+    """TLS between the station computers and the central broker, which listens with
+    ``certfile`` and ``keyfile``; the bridges check its certificate against ``cafile`` (the
+    paths as each broker's host sees them)."""
+
+    certfile: str
+    keyfile: str
+    cafile: str
+
+
+@dataclass(frozen=True, slots=True)
 class BridgedTopology:
     """A central Mosquitto and one per line, bridged: the text of every file they run on.
 
@@ -128,6 +146,7 @@ class BridgedTopology:
         central_host: the central broker's address as the line brokers reach it.
         data: where every broker keeps its persistence file (each on a host of its own);
             None: in its own subfolder of ``folder``.
+        tls: TLS on the central broker's listener and the bridges; None: plain MQTT.
         salt: the bridge accounts' hash salt (12 bytes) for files that must come out the same
             each time; None: a new random salt for each.
     """
@@ -140,6 +159,7 @@ class BridgedTopology:
     listen_host: str = "127.0.0.1"
     central_host: str = "127.0.0.1"
     data: Path | None = None
+    tls: CentralTLS | None = None
     salt: bytes | None = None
 
     def __post_init__(self) -> None:
@@ -249,6 +269,8 @@ class BridgedTopology:
 
     def _central_conf(self) -> str:
         lines = self._common(CENTRAL, self.central_port, "central broker")
+        if self.tls is not None:
+            lines += [f"certfile {self.tls.certfile}", f"keyfile {self.tls.keyfile}"]
         return "\n".join(lines) + "\n"
 
     def _line_conf(self, line: str, port: int, out: Sequence[str], into: Sequence[str]) -> str:
@@ -274,6 +296,7 @@ class BridgedTopology:
             "notifications false",
             "keepalive_interval 15",
             "restart_timeout 1 5",
+            *([f"bridge_cafile {self.tls.cafile}"] if self.tls is not None else []),
             "# exactly this line's devices' topics, at QoS 1",
             *(f"topic {t} out 1" for t in out),
             *(f"topic {t} in 1" for t in into),
