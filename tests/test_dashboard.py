@@ -16,22 +16,35 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from farelab.backend import Dashboard
+from farelab._devices import entry_of
+from farelab.backend import Board, Dashboard, Store, classify, register
 from farelab.backend._mosquitto import Mosquitto, free_port
-from farelab.card import personalise, save_image
-from farelab.protocol import LATENCY_BOUNDS_MS, STATUS_TOPIC, BrokerURL, DeviceStatus, encode_status
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, personalise, save_image
+from farelab.protocol import (
+    LATENCY_BOUNDS_MS,
+    STATUS_TOPIC,
+    Batch,
+    BrokerURL,
+    DeviceStatus,
+    decode_batch,
+    encode_batch,
+    encode_status,
+)
+from tests.validator_support import Lab, bus, new_card
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -451,3 +464,98 @@ def test_the_page_updates_live_and_shows_reported_text_as_text(city: City, tmp_p
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 1
     finally:
         driver.quit()
+
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+VERIFIER = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A ledger with the lab's bus registered, on either database."""
+    if request.param == "sqlite":
+        store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+        register(store, entry_of(bus("taiyuan")))
+        yield store
+        store.close()
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (database test) is needed: {exc}")
+    admin.execute(f"CREATE SCHEMA {schema}")
+    store = Store(f"{PG}?options=-csearch_path%3D{schema}")
+    register(store, entry_of(bus("taiyuan")))
+    yield store
+    store.close()
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+def test_the_ledger_gives_totals_and_alerts_for_the_dashboard(ledger: Store) -> None:
+    assert ledger.last_batch_ms() is None
+    lab = Lab([bus("taiyuan")])
+    cards = [new_card(balance=5000, serial=str(7100 + i)) for i in range(3)]
+    for t, card in enumerate(cards * 2):
+        lab.tap("bus", card, t * 60)
+    records = [payload for _, _, payload in lab.journal.outbox(100)]
+    forged = replace(records[1], tac=bytes(4))
+    # The fifth record never arrives: a gap in the bus's journal.
+    for batch_id, chunk in ((1, [records[0], forged, records[2]]), (4, [records[3], records[5]])):
+        batch = decode_batch(encode_batch(Batch(batch_id, "bus", tuple(chunk))))
+        ledger.ingest("bus", batch.batch_id, classify(batch, VERIFIER))
+    totals = ledger.dashboard_totals()
+    assert totals["transactions"] == 4
+    counted = (records[0], records[2], records[3], records[5])
+    assert totals["fares_fen"] == sum(r.amount for r in counted) > 0
+    assert totals["loads_fen"] == 0
+    assert totals["by_issuer"] == {
+        "1310000000000000": {"transactions": 4, "fen": totals["fares_fen"]}
+    }
+    assert sum(r["transactions"] for r in totals["by_operator"].values()) == 4
+    alerts = ledger.dashboard_alerts(10)
+    assert [(a["kind"], a["device"]) for a in alerts] == [("forged", "bus"), ("gap", "bus")]
+    assert alerts[0]["card"].endswith("7101")
+    assert alerts[1]["detail"].startswith("1 sequence number(s) missing")
+    assert ledger.last_batch_ms() is not None
+
+
+def _report(device: str, taps: int, at: datetime | None = None) -> DeviceStatus:
+    return DeviceStatus(device, 1, at=at, taps=taps, accepted=taps, outbox=0)
+
+
+def test_a_device_rate_is_its_taps_over_the_last_seconds_and_falls_to_zero() -> None:
+    board = Board()
+    for t in range(6):
+        board.report(_report("bus-1", 10 * t), now=1000.0 + 2 * t)
+    assert board.rate("bus-1", 1010.0) == pytest.approx(5.0)
+    assert board.rate("bus-1", 1015.0) < 5.0
+    assert board.rate("bus-1", 1025.0) == 0.0
+    assert board.rate("bus-9", 1010.0) == 0.0
+
+
+def test_a_device_that_started_again_starts_its_rate_again() -> None:
+    board = Board()
+    board.report(_report("bus-1", 500), now=1000.0)
+    board.report(_report("bus-1", 3), now=1002.0)
+    assert board.rate("bus-1", 1002.0) == 0.0
+    board.report(_report("bus-1", 13), now=1004.0)
+    assert board.rate("bus-1", 1004.0) == pytest.approx(5.0)
+
+
+def test_a_retained_report_was_seen_when_the_device_made_it() -> None:
+    board = Board()
+    made = datetime.fromtimestamp(900.0, UTC)
+    board.report(_report("bus-1", 5, at=made), now=1000.0, retained=True)
+    board.report(_report("bus-2", 5), now=1000.0, retained=True)
+    seen = {device: at for device, (_, at) in board.devices().items()}
+    assert seen == {"bus-1": 900.0, "bus-2": None}
+
+
+def test_the_board_keeps_at_most_its_bound_of_devices() -> None:
+    board = Board(max_devices=2)
+    for n in range(3):
+        board.report(_report(f"d{n}", 1), now=1000.0)
+    board.report(_report("d0", 2), now=1001.0)
+    assert {device: s.taps for device, (s, _) in board.devices().items()} == {"d0": 2, "d1": 1}
