@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "farelab._testbed",
         "score a terminal farelab did not write against the card zoo's answer key",
     ),
+    "city": (
+        "farelab._city",
+        "a whole city's fare system, every device a process, reconciled to the fen",
+    ),
 }
 
 

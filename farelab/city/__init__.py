@@ -7,7 +7,26 @@ Public names are added as the parts land; nothing here is imported by the packag
 from __future__ import annotations
 
 from farelab.city._chaos import FAULT_KINDS, PULL_STEPS, Fault, FaultKind, plan_faults
+from farelab.city._plan import (
+    FOREIGN_LISTED,
+    FOREIGN_UNLISTED,
+    CityDevice,
+    CityPlan,
+    Rider,
+    Trip,
+    day_trips,
+    plan_city,
+)
 from farelab.city._proxy import FaultProxy, LinkRules, LinkStats
+from farelab.city._reconcile import (
+    CardBalance,
+    JournalTx,
+    LedgerTx,
+    LoadRow,
+    Reconciliation,
+    reconcile,
+)
+from farelab.city._run import CityError, CityOptions, run_city
 from farelab.city._topology import (
     CENTRAL,
     BridgedTopology,
@@ -20,16 +39,33 @@ from farelab.city._topology import (
 __all__: list[str] = [
     "CENTRAL",
     "FAULT_KINDS",
+    "FOREIGN_LISTED",
+    "FOREIGN_UNLISTED",
     "PULL_STEPS",
     "BridgedTopology",
     "BrokerLogin",
+    "CardBalance",
     "CentralTLS",
+    "CityDevice",
+    "CityError",
+    "CityOptions",
+    "CityPlan",
     "Fault",
     "FaultKind",
     "FaultProxy",
+    "JournalTx",
+    "LedgerTx",
     "LinkRules",
     "LinkStats",
+    "LoadRow",
+    "Reconciliation",
+    "Rider",
+    "Trip",
     "bridge_account",
+    "day_trips",
     "line_broker",
+    "plan_city",
     "plan_faults",
+    "reconcile",
+    "run_city",
 ]

@@ -1,0 +1,930 @@
+"""The city's shell: write the plan out, start every process, play the riders at the chosen
+speed, inject the faults, drain, stop, and reconcile.
+
+Every device is a process of its own — ``farelab validator run`` with its own journal, talking
+to the broker with its own account — and the kiosk's loads are ``farelab topup load`` runs
+against the backend's load authorization, as a field deployment has them.  The riders are
+asyncio tasks: each waits for the simulated time of its next trip, taps the gate (sends a tap
+request to that device's process and waits for its answer), rides, taps out.  A rider whose tap
+was torn (the card pulled, the device killed) taps again at the same device, as a gate asks its
+rider to, so that the device settles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from farelab.card import DEMO_KEYS, load_image, personalise, save_image
+from farelab.city._plan import (
+    CAP_FEN,
+    KIOSK_TERMINAL,
+    CityPlan,
+    Rider,
+    Trip,
+    day_trips,
+)
+from farelab.city._reconcile import (
+    CardBalance,
+    JournalTx,
+    LedgerTx,
+    LoadRow,
+    Reconciliation,
+    reconcile,
+)
+from farelab.validator import Network
+
+__all__ = ["CityError", "CityOptions", "run_city"]
+
+log = logging.getLogger("farelab.city")
+
+BACKEND_USER = "farelab-backend"
+RETRIES = 6
+"""How many times a rider taps again at a device that did not settle the tap."""
+
+
+class CityError(RuntimeError):
+    """The city could not be set up or run (a message for the command line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CityOptions:
+    """What ``farelab city`` was asked for."""
+
+    network: Network
+    riders: int
+    seed: int
+    folder: Path
+    duration_s: float | None = 60.0
+    days: float | None = None
+    speed: float = 900.0
+    broker: str | None = None
+    db: str | None = None
+    http: str | None = None
+    chaos: bool = False
+    stations: int | None = None
+    workers: int = 2
+    start_hour: float = 6.0
+
+
+def _password(seed: int, who: str) -> str:
+    return hashlib.sha256(f"farelab-city/{seed}/{who}".encode()).hexdigest()[:24]
+
+
+class Clock:
+    """Simulated time: ``speed`` simulated seconds for each wall second since ``start``."""
+
+    def __init__(self, sim_start: datetime, speed: float) -> None:
+        self.sim_start = sim_start
+        self.speed = speed
+        self.wall_start = time.monotonic()
+
+    def now(self) -> datetime:
+        """The simulated time now."""
+        return self.sim_start + timedelta(seconds=(time.monotonic() - self.wall_start) * self.speed)
+
+    def wall(self) -> float:
+        """Wall seconds since the start."""
+        return time.monotonic() - self.wall_start
+
+    async def until(self, at: datetime) -> None:
+        """Sleep until the simulated time ``at``."""
+        ahead = (at - self.now()).total_seconds() / self.speed
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+# --- the processes -----------------------------------------------------------------------------
+
+
+class Process:
+    """A child process with one JSON request a line in and one JSON answer a line out (in
+    order); killed, its unanswered requests get None; restarted, it takes requests again."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        ready: str | None,
+        log_file: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.ready_text = ready
+        self.log_file = log_file
+        self.env = dict(env) if env is not None else None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pending: deque[asyncio.Future[dict[str, Any] | None]] = deque()
+        self.up = asyncio.Event()
+        self.restarts = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._write = asyncio.Lock()
+        self._ready_seen = False
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's id."""
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start it and wait until it says it is running (its ``ready`` text on stderr)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            limit=1 << 20,
+        )
+        seen = asyncio.Event()
+        self._ready_seen = False
+        self._tasks = [
+            asyncio.create_task(self._answers(self.proc), name=f"{self.name}-out"),
+            asyncio.create_task(self._errors(self.proc, seen), name=f"{self.name}-err"),
+        ]
+        if self.ready_text is None:
+            self._ready_seen = True
+            seen.set()
+        try:
+            await asyncio.wait_for(seen.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            raise CityError(f"{self.name} did not start within {timeout:g} s") from None
+        if not self._ready_seen:
+            await self.proc.wait()
+            last = self.log_file.read_text(errors="replace").strip().splitlines()[-3:]
+            raise CityError(
+                f"{self.name} exited at start (status {self.proc.returncode}): " + " / ".join(last)
+            )
+        self.up.set()
+
+    async def _answers(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                break
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if self.pending:
+                future = self.pending.popleft()
+                if not future.done():
+                    future.set_result(doc)
+        self._fail_pending()
+
+    async def _errors(self, proc: asyncio.subprocess.Process, seen: asyncio.Event) -> None:
+        assert proc.stderr is not None
+        with self.log_file.open("ab") as out:
+            while True:
+                line = await proc.stderr.readline()
+                if not line:
+                    break
+                out.write(line)
+                out.flush()
+                if self.ready_text is not None and self.ready_text.encode() in line:
+                    self._ready_seen = True
+                    seen.set()
+        seen.set()  # it ended: whoever waits for it to be ready finds it gone
+
+    def _fail_pending(self) -> None:
+        self.up.clear()
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_result(None)
+
+    async def request(self, doc: Mapping[str, Any], timeout: float = 30.0) -> dict[str, Any] | None:
+        """Send one request and wait for its answer; None if the process died first."""
+        await self.up.wait()
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return None
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        async with self._write:
+            self.pending.append(future)
+            try:
+                proc.stdin.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
+                await proc.stdin.drain()
+            except (ConnectionError, RuntimeError):
+                self._fail_pending()
+                return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a power cut."""
+        self.up.clear()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def restart(self) -> None:
+        """Start it again after a kill (waits for the old one to be gone)."""
+        await self.wait_gone()
+        self.restarts += 1
+        await self.start()
+
+    async def wait_gone(self) -> None:
+        """Until the process has exited and its output is read."""
+        if self.proc is not None:
+            await self.proc.wait()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_pending()
+
+    async def stop(self, timeout: float = 20.0) -> int | None:
+        """Close its input (a validator with only sim readers then ends); SIGTERM, then SIGKILL
+        if it does not; its exit status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+        await self.wait_gone()
+        return proc.returncode
+
+
+def rss_mb(pid: int | None) -> float | None:
+    """A process's resident set in MB (Linux), or None."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# --- the counts ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What the riders saw, as they go."""
+
+    taps: int = 0
+    accepted: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    loads: int = 0
+    loads_fen: int = 0
+    fares_fen: int = 0
+    grey: int = 0
+    retries: int = 0
+    unanswered: int = 0
+    load_refused: Counter[str] = field(default_factory=Counter)
+
+    def tap(self, doc: Mapping[str, Any]) -> None:
+        """Count one tap's answer."""
+        self.taps += 1
+        if doc.get("grey"):
+            self.grey += 1
+        if doc.get("result") == "accepted":
+            self.accepted += 1
+            self.fares_fen += int(doc.get("fare_fen") or 0)
+        else:
+            self.refused[str(doc.get("reason") or "unknown")] += 1
+
+
+# --- the city -----------------------------------------------------------------------------------
+
+
+class City:
+    """One run of ``farelab city``."""
+
+    def __init__(self, options: CityOptions, plan: CityPlan, say: Callable[[str], None]) -> None:
+        self.o = options
+        self.plan = plan
+        self.say = say
+        self.folder = options.folder
+        self.cards_dir = self.folder / "cards"
+        self.devices_dir = self.folder / "devices"
+        self.logs = self.folder / "logs"
+        self.db = options.db or f"sqlite:///{self.folder / 'ledger.db'}"
+        self.tally = Tally()
+        self.processes: dict[str, Process] = {}
+        self.balances: dict[str, int | None] = {}
+        self.start_fen: dict[str, int] = {}
+        self.kiosk_lock = asyncio.Lock()
+        self.kiosk_proc: asyncio.subprocess.Process | None = None
+        self.faults: list[dict[str, Any]] = []
+        self.broker_host = "127.0.0.1"
+        self.broker_port = 0
+        self.broker_url = options.broker or ""
+        self.mosquitto: Any = None
+        self.backend: Process | None = None
+        self.stop_riders = asyncio.Event()
+        self.tap_wall = 0.0
+        self.memory: dict[str, float] = {}
+
+    # -- set-up --
+
+    def write_plan(self) -> None:
+        """Card images, device configurations, the registry."""
+        for d in (self.cards_dir, self.devices_dir, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        issued = self.plan.day - timedelta(days=200)
+        originals: dict[str, Path] = {}
+        for rider in self.plan.riders:
+            path = self.card_path(rider)
+            if rider.role == "cloned" and rider.serial in originals:
+                shutil.copyfile(originals[rider.serial], path)  # the clone: a byte-for-byte copy
+            else:
+                image = personalise(
+                    serial=rider.serial,
+                    issued=issued,
+                    alg=rider.alg,
+                    card_type=rider.card_type,
+                    balance=rider.balance_fen,
+                    issuer_id=rider.issuer,
+                    keys=DEMO_KEYS,
+                )
+                save_image(path, image)
+                originals[rider.serial] = path
+            self.balances[rider.id] = rider.balance_fen
+            self.start_fen[rider.id] = rider.balance_fen
+        for device in self.plan.devices:
+            config = self.devices_dir / f"{device.id}.toml"
+            config.write_text(
+                f'[journal]\npath = "{device.id}.db"\n\n'
+                + device.toml(self.plan.network, self.plan.whitelist, self.plan.hotlist)
+                + f'mqtt_password = "{_password(self.o.seed, device.id)}"\n',
+                encoding="utf-8",
+            )
+        self._register()
+
+    def _register(self) -> None:
+        """The device registry, as an operator fills it: ``farelab backend devices add``."""
+        configs: list[str] = []
+        for path in sorted(self.devices_dir.glob("*.toml")):
+            configs += ["--config", str(path)]
+        kiosk = [
+            self.plan.kiosk,
+            "--role",
+            "kiosk",
+            "--operator",
+            "KIOSK",
+            "--kinds",
+            "load",
+            "--terminal",
+            KIOSK_TERMINAL,
+            "--password",
+            _password(self.o.seed, self.plan.kiosk),
+        ]
+        for args in (configs, kiosk):
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "farelab",
+                    "backend",
+                    "devices",
+                    "add",
+                    *args,
+                    "--db",
+                    self.db,
+                ],
+                capture_output=True,
+                text=True,
+                env=self._env(),
+                check=False,
+            )
+            if done.returncode != 0:
+                raise CityError(f"registering the devices failed: {done.stderr.strip()}")
+
+    def card_path(self, rider: Rider) -> Path:
+        """The rider's card image."""
+        return self.cards_dir / f"{rider.card}.json"
+
+    async def start_broker(self) -> None:
+        """Mosquitto on a free port with the registry's accounts (or the given broker)."""
+        if self.o.broker:
+            self.say(f"broker: {self.o.broker} (given)")
+            return
+        from farelab.backend import (  # noqa: PLC0415
+            BrokerError,
+            Mosquitto,
+            Store,
+            find_dynsec_plugin,
+            free_port,
+            write_broker_config,
+        )
+
+        if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+            raise CityError(
+                "mosquitto is not installed: install it (the README's install does), or give "
+                "--broker URL"
+            )
+        port = free_port()
+        folder = self.folder / "broker"
+        store = Store(self.db)
+        try:
+            plugin = find_dynsec_plugin()
+            conf, _, _ = write_broker_config(
+                store,
+                folder,
+                backend_password=_password(self.o.seed, BACKEND_USER),
+                listener=("127.0.0.1", port),
+                fmt="dynsec" if plugin else "acl",
+                plugin=plugin,
+            )
+        finally:
+            store.close()
+        self.mosquitto = Mosquitto(folder, config=conf.read_text(), port=port)
+        try:
+            self.mosquitto.start()
+        except BrokerError as exc:
+            raise CityError(str(exc)) from None
+        self.broker_port = port
+        self.say(f"broker: Mosquitto on 127.0.0.1:{port} (accounts from the device registry)")
+
+    def device_url(self, who: str) -> str:
+        """The broker URL a device (or the kiosk, or the backend) connects with."""
+        if self.o.broker:
+            return self.o.broker
+        return f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{self.broker_port}"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+        return env
+
+    async def start_backend(self) -> None:
+        """``farelab backend run`` with its workers (and the dashboard)."""
+        issuers: list[str] = []
+        for issuer in self.plan.whitelist:
+            issuers += ["--issuer", issuer.hex().upper()]
+        argv = [
+            sys.executable,
+            "-m",
+            "farelab",
+            "backend",
+            "run",
+            "--broker",
+            self.device_url(BACKEND_USER),
+            "--db",
+            self.db,
+            "--workers",
+            str(self.o.workers),
+            *issuers,
+        ]
+        if self.o.http:
+            argv += ["--http", self.o.http]
+        self.backend = Process(
+            "backend",
+            argv,
+            ready="worker(s) on",
+            log_file=self.logs / "backend.log",
+            env=self._env(),
+        )
+        await self.backend.start()
+        self.say(f"backend: {self.o.workers} workers, ledger {self.db}")
+        if self.o.http:
+            self.say(f"dashboard: http://{self.o.http}/")
+
+    async def start_devices(self) -> None:
+        """A ``farelab validator run`` process per device, a few at a time."""
+        env = self._env()
+        for device in self.plan.devices:
+            self.processes[device.id] = Process(
+                device.id,
+                [
+                    sys.executable,
+                    "-m",
+                    "farelab",
+                    "validator",
+                    "run",
+                    "--config",
+                    str(self.devices_dir / f"{device.id}.toml"),
+                    "--broker",
+                    self.device_url(device.id),
+                ],
+                ready="farelab validator: running",
+                log_file=self.logs / f"{device.id}.log",
+                env=env,
+            )
+        started = 0
+        limit = asyncio.Semaphore(max(2, (os.cpu_count() or 2) * 2))
+
+        async def one(proc: Process) -> None:
+            nonlocal started
+            async with limit:
+                await proc.start()
+            started += 1
+            if started % 10 == 0 or started == len(self.processes):
+                self.say(f"devices: {started}/{len(self.processes)} running")
+
+        await asyncio.gather(*(one(p) for p in self.processes.values()))
+
+    # -- the riders --
+
+    async def tap(
+        self, rider: Rider, device: str, clock: Clock, pull: str | None = None
+    ) -> dict[str, Any] | None:
+        """One tap of the rider's card at ``device``, tapped again while torn; the final answer
+        (None if the device never answered)."""
+        proc = self.processes[device]
+        answer: dict[str, Any] | None = None
+        for attempt in range(RETRIES):
+            request: dict[str, Any] = {
+                "device": device,
+                "card": str(self.card_path(rider)),
+                "at": clock.now().isoformat(timespec="seconds"),
+            }
+            if pull is not None and attempt == 0:
+                request["pull_after"] = pull
+            answer = await proc.request(request)
+            if answer is None:
+                self.tally.unanswered += 1
+                self.tally.retries += 1
+                await asyncio.sleep(0.5)
+                continue
+            self.tally.tap(answer)
+            if answer.get("balance_fen") is not None:
+                self.balances[rider.id] = int(answer["balance_fen"])
+            if answer.get("reason") != "card_removed":
+                return answer
+            self.tally.retries += 1  # torn: the gate asks the rider to tap again
+            await asyncio.sleep(0.05)
+        return answer
+
+    async def load(self, rider: Rider, clock: Clock) -> None:
+        """Top the rider's card up at the kiosk (one rider at a time)."""
+        balance = self.balances.get(rider.id) or 0
+        room = CAP_FEN - balance
+        amount = min(10_000 if balance < 2_000 else 5_000, room) // 100 * 100
+        if amount <= 0:
+            return
+        async with self.kiosk_lock:
+            for _ in range(3):
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "farelab",
+                    "topup",
+                    "load",
+                    str(self.card_path(rider)),
+                    "--amount",
+                    f"{amount / 100:.2f}",
+                    "--broker",
+                    self.device_url(self.plan.kiosk),
+                    "--kiosk",
+                    self.plan.kiosk,
+                    "--terminal",
+                    KIOSK_TERMINAL,
+                    "--journal",
+                    str(self.folder / "kiosk.db"),
+                    "--json",
+                ]
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=self._env(),
+                )
+                self.kiosk_proc = proc
+                out, err = await proc.communicate()
+                self.kiosk_proc = None
+                with (self.logs / "kiosk.log").open("ab") as f:
+                    f.write(err)
+                try:
+                    doc = json.loads(out.decode().strip().splitlines()[-1])
+                except (json.JSONDecodeError, IndexError):
+                    self.tally.load_refused[
+                        "killed" if proc.returncode and proc.returncode < 0 else "no_answer"
+                    ] += 1
+                    continue
+                if doc.get("balance_fen") is not None:
+                    self.balances[rider.id] = int(doc["balance_fen"])
+                if doc.get("result") == "loaded":
+                    self.tally.loads += 1
+                    self.tally.loads_fen += int(doc.get("amount_fen") or 0)
+                    return
+                reason = str(doc.get("reason") or "unknown")
+                self.tally.load_refused[reason] += 1
+                if reason not in ("card_removed", "host_unreachable"):
+                    return
+
+    async def ride(self, rider: Rider, trip: Trip, clock: Clock) -> None:
+        """One trip: top up first if the balance is short, tap in, ride, tap out."""
+        network = self.o.network
+        known = self.balances.get(rider.id)
+        if rider.role == "regular" and known is not None and known < network.max_fare_fen + 300:
+            await self.load(rider, clock)
+        answer = await self.tap(rider, trip.entry, clock)
+        if not trip.exit or answer is None or answer.get("result") != "accepted":
+            return
+        await clock.until(clock.now() + timedelta(seconds=trip.ride_s))
+        await self.tap(rider, trip.exit, clock)
+
+    async def rider_life(self, rider: Rider, clock: Clock, end: datetime) -> None:
+        """The rider's days, trip by trip, until the city's end."""
+        day = 0
+        while not self.stop_riders.is_set():
+            for trip in day_trips(self.plan, self.o.network, rider, day):
+                if trip.at >= end or self.stop_riders.is_set():
+                    return
+                await clock.until(trip.at)
+                if self.stop_riders.is_set():
+                    return
+                await self.ride(rider, trip, clock)
+            day += 1
+            if self.plan.day + timedelta(days=day) > end.date():
+                return
+
+    # -- the end --
+
+    def outbox_depths(self) -> dict[str, int]:
+        """Each device's records waiting for the uplink (its journal, read-only)."""
+        out: dict[str, int] = {}
+        for device in self.plan.devices:
+            path = self.devices_dir / f"{device.id}.db"
+            if not path.exists():
+                continue
+            try:
+                with contextlib.closing(
+                    sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+                ) as db:
+                    out[device.id] = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            except sqlite3.Error:
+                continue
+        return out
+
+    async def drain(self, timeout: float = 120.0) -> int:
+        """Wait until every device's outbox is empty; what is left when the time is up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = sum(self.outbox_depths().values())
+            if left == 0 or time.monotonic() >= deadline:
+                return left
+            await asyncio.sleep(0.5)
+
+    def read_journals(self) -> list[JournalTx]:
+        """Every validator journal's transactions."""
+        rows: list[JournalTx] = []
+        for device in self.plan.devices:
+            path = self.devices_dir / f"{device.id}.db"
+            if not path.exists():
+                continue
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                for dev, seq, status, serial, amount, tx_type in db.execute(
+                    "SELECT device, seq, status, card_serial, amount_fen, tx_type FROM transactions"
+                ):
+                    rows.append(JournalTx(dev, int(seq), status, serial, int(amount), int(tx_type)))
+        return rows
+
+    def read_ledger(self) -> tuple[list[LedgerTx], list[LoadRow], dict[str, int], dict[str, Any]]:
+        """The ledger's transactions, the host's loads, the verdict counts, and the report."""
+        from farelab.backend import Store, clear_ledger, ensure_schema, report  # noqa: PLC0415
+
+        store = Store(self.db, create=False)
+        try:
+            ensure_schema(store)  # a backend that never served a kiosk has no loads table
+            ledger = [
+                LedgerTx(d, int(s), v, st, c, int(a), int(t), k)
+                for d, s, v, st, c, a, t, k in store.execute(
+                    "SELECT device, seq, verdict, status, card_serial, amount, tx_type, kind "
+                    "FROM transactions"
+                ).fetchall()
+            ]
+            loads = [
+                LoadRow(str(i), c, int(a), st)
+                for i, c, a, st in store.execute(
+                    "SELECT id, card_serial, amount, status FROM loads"
+                ).fetchall()
+            ]
+            verdicts = {
+                v: int(n)
+                for v, n in store.execute(
+                    "SELECT verdict, count(*) FROM transactions GROUP BY verdict"
+                ).fetchall()
+            }
+            doc = report(store)
+            cleared = clear_ledger(store)
+            doc["_clearing_fen"] = int(cleared.flows.sum())
+            doc["_clearing_net"] = [int(v) for v in cleared.positions.sum(axis=0)]
+        finally:
+            store.close()
+        return ledger, loads, verdicts, doc
+
+    def card_balances(self) -> list[CardBalance]:
+        """Every card at start and at the end."""
+        return [
+            CardBalance(
+                file=self.card_path(r).name,
+                serial=r.serial.zfill(20),
+                start_fen=self.start_fen[r.id],
+                end_fen=load_image(self.card_path(r)).balance,
+            )
+            for r in self.plan.riders
+        ]
+
+    async def stop_all(self) -> None:
+        """Devices, backend, broker."""
+        for proc in self.processes.values():
+            self.memory[proc.name] = rss_mb(proc.pid) or 0.0
+        await asyncio.gather(*(p.stop() for p in self.processes.values()))
+        if self.backend is not None and self.backend.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.backend.proc.send_signal(signal.SIGTERM)
+            await self.backend.stop(timeout=20)
+        if self.mosquitto is not None:
+            self.mosquitto.stop()
+
+
+class View:
+    """The live view: a rich panel on a terminal, a progress line every few seconds elsewhere."""
+
+    def __init__(self, city: City, clock: Clock, end: datetime, out: TextIO) -> None:
+        self.city = city
+        self.clock = clock
+        self.end = end
+        self.out = out
+        self.tty = out.isatty()
+
+    def _fraction(self) -> float:
+        span = (self.end - self.clock.sim_start).total_seconds()
+        done = (self.clock.now() - self.clock.sim_start).total_seconds()
+        return max(0.0, min(1.0, done / span)) if span > 0 else 1.0
+
+    def line(self) -> str:
+        """One progress line."""
+        t = self.city.tally
+        wall = max(self.clock.wall(), 1e-9)
+        refused = ", ".join(f"{k} {v}" for k, v in t.refused.most_common(4)) or "none"
+        return (
+            f"{self._fraction() * 100:5.1f}% {self.clock.now():%a %H:%M} | taps {t.taps} "
+            f"({t.taps / wall:.1f}/s) accepted {t.accepted} refused {sum(t.refused.values())} "
+            f"({refused}) | loads {t.loads} | faults {len(self.city.faults)}"
+        )
+
+    def render(self) -> Any:
+        """The panel: progress, counts, the deepest outboxes."""
+        from rich.console import Group  # noqa: PLC0415
+        from rich.progress_bar import ProgressBar  # noqa: PLC0415
+        from rich.table import Table  # noqa: PLC0415
+
+        t = self.city.tally
+        wall = max(self.clock.wall(), 1e-9)
+        table = Table.grid(padding=(0, 2))
+        table.add_row("simulated time", f"{self.clock.now():%Y-%m-%d %H:%M}")
+        table.add_row("taps", f"{t.taps}  ({t.taps / wall:.1f}/s)")
+        table.add_row("accepted", str(t.accepted))
+        for reason, n in t.refused.most_common(6):
+            table.add_row(f"refused: {reason}", str(n))
+        table.add_row("loads", f"{t.loads}  ({t.loads_fen / 100:.2f} yuan)")
+        depths = sorted(self.city.outbox_depths().items(), key=lambda kv: -kv[1])[:4]
+        table.add_row("deepest outboxes", ", ".join(f"{d} {n}" for d, n in depths) or "-")
+        faults = self.city.faults[-3:]
+        table.add_row(
+            "faults",
+            f"{len(self.city.faults)}: " + ", ".join(f"{f['kind']} {f['target']}" for f in faults)
+            if faults
+            else "0",
+        )
+        return Group(ProgressBar(total=1.0, completed=self._fraction(), width=60), table)
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        if self.tty:
+            from rich.live import Live  # noqa: PLC0415
+
+            with Live(self.render(), refresh_per_second=2, transient=False) as live:
+                while True:
+                    await asyncio.sleep(0.5)
+                    live.update(self.render())
+        else:
+            while True:
+                await asyncio.sleep(5)
+                print(f"farelab city: {self.line()}", file=sys.stderr, flush=True)
+
+
+async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None]) -> dict[str, Any]:
+    city = City(options, plan, say)
+    started = time.monotonic()
+    city.write_plan()
+    say(
+        f"city: {options.network.name}, {len(plan.devices)} devices, {len(plan.riders)} riders, "
+        f"work folder {options.folder}"
+    )
+    try:
+        await city.start_broker()
+        await city.start_backend()
+        await city.start_devices()
+        sim_start = datetime(
+            plan.day.year, plan.day.month, plan.day.day, tzinfo=_cst()
+        ) + timedelta(hours=options.start_hour)
+        if options.days is not None:
+            span = timedelta(days=options.days)
+        else:
+            span = timedelta(seconds=(options.duration_s or 60.0) * options.speed)
+        end = sim_start + span
+        clock = Clock(sim_start, options.speed)
+        say(
+            f"riding: {sim_start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} simulated, "
+            f"{options.speed:g}x ({span.total_seconds() / options.speed:.0f} s)"
+        )
+        view = asyncio.create_task(View(city, clock, end, sys.stdout).run())
+        riders = [asyncio.create_task(city.rider_life(r, clock, end)) for r in plan.riders]
+        await asyncio.gather(*riders)
+        city.tap_wall = clock.wall()
+        view.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await view
+        say(f"riding done: {city.tally.taps} taps in {city.tap_wall:.1f} s; draining the outboxes")
+        left = await city.drain()
+        if left:
+            say(f"{left} records still in the outboxes after 120 s")
+    finally:
+        await city.stop_all()
+    cards = city.card_balances()
+    journals = city.read_journals()
+    ledger, loads, verdicts, doc = city.read_ledger()
+    result: Reconciliation = reconcile(
+        cards,
+        journals,
+        ledger,
+        loads,
+        clearing_fen=doc["_clearing_fen"],
+        clearing_net=doc["_clearing_net"],
+        verdicts=verdicts,
+    )
+    t = city.tally
+    memory = [m for m in city.memory.values() if m]
+    return {
+        "network": plan.network,
+        "seed": options.seed,
+        "riders": len(plan.riders),
+        "devices": len(plan.devices) + 1,
+        "taps": t.taps,
+        "accepted": t.accepted,
+        "refused": dict(t.refused),
+        "loads": t.loads,
+        "fares_fen": t.fares_fen,
+        "loads_fen": t.loads_fen,
+        "reconciled": result.reconciled,
+        "differences": result.differences,
+        "explained": result.explained,
+        "faults": city.faults,
+        "taps_per_s": round(t.taps / city.tap_wall, 2) if city.tap_wall else 0.0,
+        "duration_s": round(time.monotonic() - started, 1),
+        "riding_s": round(city.tap_wall, 1),
+        "grey": t.grey,
+        "retries": t.retries,
+        "unanswered": t.unanswered,
+        "load_refused": dict(t.load_refused),
+        "ledger": {
+            "transactions": doc["transactions"],
+            "purchase_fen": doc["purchase_fen"],
+            "load_fen": doc.get("load_fen"),
+            "duplicates": doc["duplicates"],
+            "forged": doc["forged"],
+            "verdicts": verdicts,
+        },
+        "journalled": len(journals),
+        "memory_per_device_mb": round(sum(memory) / len(memory), 1) if memory else None,
+        "folder": str(options.folder),
+    }
+
+
+def _cst() -> Any:
+    from farelab.card import CST  # noqa: PLC0415
+
+    return CST
+
+
+def run_city(options: CityOptions, plan: CityPlan, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run the city to its end and reconcile; the summary (``reconciled`` says how it went)."""
+    return asyncio.run(_run(options, plan, say))
