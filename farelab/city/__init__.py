@@ -17,6 +17,7 @@ from farelab.city._plan import (
     day_trips,
     plan_city,
 )
+from farelab.city._procs import Child, children_of
 from farelab.city._proxy import FaultProxy, LinkRules, LinkStats
 from farelab.city._reconcile import (
     CardBalance,
@@ -46,6 +47,7 @@ __all__: list[str] = [
     "BrokerLogin",
     "CardBalance",
     "CentralTLS",
+    "Child",
     "CityDevice",
     "CityError",
     "CityOptions",
@@ -62,6 +64,7 @@ __all__: list[str] = [
     "Rider",
     "Trip",
     "bridge_account",
+    "children_of",
     "day_trips",
     "line_broker",
     "plan_city",
