@@ -73,9 +73,11 @@ async def publish_params(broker: BrokerURL, params: ParamsMessage, devices: Iter
 
 
 async def read_status(
-    broker: BrokerURL, devices: Iterable[str], *, wait: float = 2.0
+    broker: BrokerURL, devices: Iterable[str], *, wait: float = 2.0, version: int | None = None
 ) -> dict[str, int]:
-    """The parameters version each device reported (retained status messages)."""
+    """The parameters version each device reported (retained status messages), its latest
+    within ``wait`` seconds.  ``version``: wait, as long as that, until every device runs at
+    least that version (a device reports the version it ran before, too, as it connects)."""
     out: dict[str, int] = {}
     wanted = set(devices)
     async with broker.client() as client:
@@ -89,7 +91,9 @@ async def read_status(
                     except ParamsError:
                         continue  # not a status message: nothing a device said
                     out[status.device] = status.params_version
-                    if set(out) >= wanted:
+                    if set(out) >= wanted and all(
+                        version is None or out[d] >= version for d in wanted
+                    ):
                         break
         except TimeoutError:
             pass

@@ -239,8 +239,9 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    dashboard = "" if http is None else f", dashboard on http://{args.http.strip()}/"
     print(
-        f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}",
+        f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}{dashboard}",
         file=sys.stderr,
         flush=True,
     )
@@ -304,7 +305,9 @@ def _params(args: argparse.Namespace) -> int:
         n = asyncio.run(publish_params(broker, params, devices))
         print(f"published parameters version {params.version} to {n} device(s)")
         if args.wait > 0:
-            running = asyncio.run(read_status(broker, devices, wait=args.wait))
+            running = asyncio.run(
+                read_status(broker, devices, wait=args.wait, version=params.version)
+            )
             for device in devices:
                 print(f"  {device}: running version {running.get(device, 'unknown')}")
     except MqttError as exc:
