@@ -68,8 +68,11 @@ class LinkStats:
     bytes_down: int = 0
     """Bytes from the broker to the device."""
     cuts: int = 0
+    """Cuts ordered."""
     delays: int = 0
+    """Delays ordered."""
     resets: int = 0
+    """Resets ordered."""
     closed_by_fault: int = 0
     """Live connections a cut or a reset ended."""
 
@@ -121,7 +124,7 @@ class FaultProxy:
         self.stats: dict[str, LinkStats] = {}
         self._servers: dict[str, asyncio.Server] = {}
         self._links: dict[str, set[_Link]] = {}
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     def _now(self) -> float:
@@ -168,6 +171,10 @@ class FaultProxy:
         self.stats[name].resets += 1
         self._end_links(name, reset=True)
 
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Each target's counters, for the city's summary."""
+        return {name: stats.as_json() for name, stats in self.stats.items()}
+
     def live(self, name: str) -> int:
         """How many connections of ``name`` are being forwarded now."""
         return len(self._links[name])
@@ -181,8 +188,8 @@ class FaultProxy:
             self._end_links(name, reset=False, count=False)
         # Not cancelled: asyncio's server logs a cancelled connection task as an error.  Ended
         # links end their tasks, and a handler still connecting gives up once it sees _closed.
-        if self._handlers:
-            await asyncio.wait(set(self._handlers))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
         for server in self._servers.values():
             await server.wait_closed()
 
@@ -204,11 +211,11 @@ class FaultProxy:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("asyncio's server runs each connection in a task")
-        self._handlers.add(task)
+        self._tasks.add(task)
         try:
             await self._forward(name, reader, writer)
         finally:
-            self._handlers.discard(task)
+            self._tasks.discard(task)
 
     async def _forward(
         self, name: str, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
@@ -239,13 +246,17 @@ class FaultProxy:
         link = _Link(client, upstream)
         self._links[name].add(link)
         pumps = {
-            asyncio.create_task(self._pump(name, client_reader, upstream, up=True)),
-            asyncio.create_task(self._pump(name, up_reader, client, up=False)),
+            asyncio.create_task(
+                self._pump(name, client_reader, upstream, up=True), name=f"proxy {name} up"
+            ),
+            asyncio.create_task(
+                self._pump(name, up_reader, client, up=False), name=f"proxy {name} down"
+            ),
         }
         link.tasks |= pumps
-        self._handlers |= pumps
+        self._tasks |= pumps
         for pump in pumps:
-            pump.add_done_callback(self._handlers.discard)
+            pump.add_done_callback(self._tasks.discard)
         try:
             # either side ending ends the link: MQTT never half-closes
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
