@@ -41,9 +41,12 @@ from farelab.protocol import (
     BrokerURL,
     DeviceStatus,
     decode_batch,
+    decode_status,
     encode_batch,
     encode_status,
 )
+from farelab.validator import Journal, MqttUplink
+from farelab.validator._stats import TapCounts, TapStats
 from tests.validator_support import Lab, bus, new_card
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -559,3 +562,49 @@ def test_the_board_keeps_at_most_its_bound_of_devices() -> None:
         board.report(_report(f"d{n}", 1), now=1000.0)
     board.report(_report("d0", 2), now=1001.0)
     assert {device: s.taps for device, (s, _) in board.devices().items()} == {"d0": 2, "d1": 1}
+
+
+async def test_a_device_reports_at_connection_and_again_only_when_something_changed(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    counts = {"now": TapCounts()}
+    uplink = MqttUplink(url, ["bus-1"], status_every=0.3)
+    uplink.attach_params(lambda device, payload: None)
+    uplink.attach_status(lambda device: (4, counts["now"]) if device == "bus-1" else None)
+    reports: list[DeviceStatus] = []
+    journal = Journal(tmp_path / "j.db")
+
+    async def listen() -> None:
+        async with url.client() as client:
+            await client.subscribe(STATUS_TOPIC.format(device="bus-1"), qos=1)
+            async for message in client.messages:
+                payload = message.payload
+                assert isinstance(payload, bytes)
+                reports.append(decode_status(payload))
+
+    async def until(n: int) -> None:
+        async with asyncio.timeout(10):
+            while len(reports) < n:
+                await asyncio.sleep(0.05)
+
+    async with asyncio.TaskGroup() as group:
+        listener = group.create_task(listen())
+        await asyncio.sleep(0.3)
+        sender = group.create_task(uplink.run(journal))
+        await until(1)
+        await asyncio.sleep(1.5)  # five periods with nothing new
+        assert len(reports) == 1
+        stats = TapStats()
+        stats.count(accepted=False, reason="expired", elapsed_s=0.004)
+        counts["now"] = stats.snapshot()
+        await until(2)
+        sender.cancel()
+        listener.cancel()
+    first, second = reports
+    assert (first.device, first.params_version, first.taps, first.outbox) == ("bus-1", 4, 0, 0)
+    assert first.at is not None
+    assert (second.taps, second.accepted, dict(second.refused)) == (1, 0, {"expired": 1})
+    assert second.latency_counts is not None
+    assert sum(second.latency_counts) == 1
+    journal.close()
