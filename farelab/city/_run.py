@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from farelab.card import DEMO_KEYS, load_image, personalise, save_image
+from farelab.city._chaos import Fault, plan_faults
 from farelab.city._plan import (
     CAP_FEN,
     KIOSK_TERMINAL,
@@ -40,6 +41,8 @@ from farelab.city._plan import (
     Trip,
     day_trips,
 )
+from farelab.city._procs import children_of
+from farelab.city._proxy import FaultProxy
 from farelab.city._reconcile import (
     CardBalance,
     JournalTx,
@@ -345,8 +348,13 @@ class City:
         self.mosquitto: Any = None
         self.backend: Process | None = None
         self.stop_riders = asyncio.Event()
+        self.proxy: FaultProxy | None = None
+        self.pulls: dict[str, str] = {}  # device → the step its next tap is torn after
+        self.kiosk_down = asyncio.Event()
+        self.kiosk_down.set()  # set: the kiosk is up
         self.tap_wall = 0.0
         self.memory: dict[str, float] = {}
+        self.device_ids = {d.id for d in plan.devices}
 
     # -- set-up --
 
@@ -473,7 +481,10 @@ class City:
         """The broker URL a device (or the kiosk, or the backend) connects with."""
         if self.o.broker:
             return self.o.broker
-        return f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{self.broker_port}"
+        port = self.broker_port
+        if self.proxy is not None and who in self.device_ids:
+            port = self.proxy.port(who)  # a device's connection goes through the fault proxy
+        return f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{port}"
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -513,6 +524,15 @@ class City:
         self.say(f"backend: {self.o.workers} workers, ledger {self.db}")
         if self.o.http:
             self.say(f"dashboard: http://{self.o.http}/")
+
+    async def start_proxy(self) -> None:
+        """With chaos: the fault proxy, a port per device, between the devices and the broker."""
+        if not self.o.chaos or self.o.broker:
+            return
+        self.proxy = FaultProxy(upstream=(self.broker_host, self.broker_port))
+        for device in self.plan.devices:
+            await self.proxy.add(device.id)
+        self.say(f"fault proxy: {len(self.plan.devices)} device links to the broker")
 
     async def start_devices(self) -> None:
         """A ``farelab validator run`` process per device, a few at a time."""
@@ -563,8 +583,10 @@ class City:
                 "card": str(self.card_path(rider)),
                 "at": clock.now().isoformat(timespec="seconds"),
             }
-            if pull is not None and attempt == 0:
-                request["pull_after"] = pull
+            if attempt == 0:
+                pull = pull or self.pulls.pop(device, None)
+                if pull is not None:
+                    request["pull_after"] = pull
             answer = await proc.request(request)
             if answer is None:
                 self.tally.unanswered += 1
@@ -589,6 +611,7 @@ class City:
             return
         async with self.kiosk_lock:
             for _ in range(3):
+                await self.kiosk_down.wait()
                 argv = [
                     sys.executable,
                     "-m",
@@ -663,6 +686,81 @@ class City:
             day += 1
             if self.plan.day + timedelta(days=day) > end.date():
                 return
+
+    # -- chaos --
+
+    async def chaos(self, clock: Clock, faults: list[Fault], start_iso: str) -> None:
+        """Apply each fault at its time (wall seconds from the start of the riding); every
+        process killed is started again after the fault's duration."""
+        restarts: list[asyncio.Task[None]] = []
+        for fault in faults:
+            await asyncio.sleep(max(0.0, fault.at - clock.wall()))
+            applied = await self._apply(fault, restarts)
+            doc = fault.as_json(start_iso)
+            if applied is not None:
+                doc["applied"] = applied
+            self.faults.append(doc)
+            log.info("fault %s on %s", fault.kind, fault.target)
+        if restarts:
+            await asyncio.gather(*restarts)
+
+    async def _apply(self, fault: Fault, restarts: list[asyncio.Task[None]]) -> str | None:
+        """Strike; what was done when it differs from the plan (else None)."""
+        kind, target = fault.kind, fault.target
+
+        async def later(action: Callable[[], Any]) -> None:
+            await asyncio.sleep(fault.duration)
+            result = action()
+            if asyncio.iscoroutine(result):
+                await result
+
+        if kind == "kill_broker":
+            if self.mosquitto is None:
+                return "skipped: the broker is not the city's"
+            self.mosquitto.kill()
+            restarts.append(asyncio.create_task(later(self.mosquitto.start)))
+        elif kind == "kill_backend_worker":
+            pid = self._worker_pid(target)
+            if pid is None:
+                return "skipped: no such worker running"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return f"pid {pid}"
+        elif kind == "kill_device":
+            proc = self.processes[target]
+            proc.kill()
+            restarts.append(asyncio.create_task(later(proc.restart)))
+        elif kind == "kill_kiosk":
+            self.kiosk_down.clear()
+            running = self.kiosk_proc
+            if running is not None and running.returncode is None:
+                running.kill()
+            restarts.append(asyncio.create_task(later(self.kiosk_down.set)))
+            return "killed a load in progress" if running is not None else "no load in progress"
+        elif kind == "pull_card":
+            assert fault.step is not None
+            self.pulls[target] = fault.step
+        elif self.proxy is None:
+            return "skipped: no fault proxy (the broker is not the city's)"
+        elif kind == "cut":
+            self.proxy.cut(target, fault.duration)
+        elif kind == "delay":
+            self.proxy.delay(target, float(fault.delay_ms or 0), fault.duration)
+        elif kind == "reset":
+            self.proxy.reset(target)
+        return None
+
+    def _worker_pid(self, target: str) -> int | None:
+        """A backend worker's process id (``backend-worker-N``: the N-th child, by pid)."""
+        if self.backend is None or self.backend.pid is None:
+            return None
+        workers = []
+        for pid in children_of(self.backend.pid):
+            with contextlib.suppress(OSError):
+                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.append(pid)
+        index = int(target.rsplit("-", 1)[-1]) - 1
+        return workers[index] if 0 <= index < len(workers) else None
 
     # -- the end --
 
@@ -756,6 +854,8 @@ class City:
         for proc in self.processes.values():
             self.memory[proc.name] = rss_mb(proc.pid) or 0.0
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
+        if self.proxy is not None:
+            await self.proxy.close()
         if self.backend is not None and self.backend.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.backend.proc.send_signal(signal.SIGTERM)
@@ -842,6 +942,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
     try:
         await city.start_broker()
         await city.start_backend()
+        await city.start_proxy()
         await city.start_devices()
         sim_start = datetime(
             plan.day.year, plan.day.month, plan.day.day, tzinfo=_cst()
@@ -857,9 +958,26 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
             f"{options.speed:g}x ({span.total_seconds() / options.speed:.0f} s)"
         )
         view = asyncio.create_task(View(city, clock, end, sys.stdout).run())
+        chaos: asyncio.Task[None] | None = None
+        if options.chaos:
+            wall = span.total_seconds() / options.speed
+            faults = plan_faults(
+                options.seed,
+                wall,
+                [d.id for d in plan.devices],
+                kiosks=(plan.kiosk,),
+                workers=options.workers,
+            )
+            if options.broker:
+                faults = [f for f in faults if f.kind != "kill_broker"]
+            say(f"chaos: {len(faults)} faults over {wall:.0f} s (seed {options.seed})")
+            start_iso = datetime.now(_cst()).isoformat(timespec="milliseconds")
+            chaos = asyncio.create_task(city.chaos(clock, faults, start_iso))
         riders = [asyncio.create_task(city.rider_life(r, clock, end)) for r in plan.riders]
         await asyncio.gather(*riders)
         city.tap_wall = clock.wall()
+        if chaos is not None:
+            await chaos  # every fault applied and every process back before the drain
         view.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await view
