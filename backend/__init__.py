@@ -19,7 +19,8 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
 - Parameters to devices: :func:`next_params`, :func:`publish_params`, :func:`read_status`,
   :func:`devices_in`.
 - The broker: :func:`write_broker_config` (accounts and roles from the registry;
-  ``BACKEND_ACCOUNT``, ``DEFAULT_GROUP``, ``FORMATS``, :func:`find_dynsec_plugin`), the open
+  ``BACKEND_ACCOUNT``, ``DEFAULT_GROUP``, ``FORMATS``, :func:`find_dynsec_plugin`; the
+  registry's broker accounts, :func:`accounts` → :class:`Account`), the open
   broker check (:func:`open_logins`, :func:`open_broker_warning`, ``OPEN_BROKER_RISKS``),
   :class:`Mosquitto` (a private Mosquitto for tests, benchmarks and the city; :class:`BrokerError`;
   :func:`free_port`) and
@@ -39,6 +40,8 @@ from farelab.backend._brokerconfig import (
     BACKEND_ACCOUNT,
     DEFAULT_GROUP,
     FORMATS,
+    Account,
+    accounts,
     find_dynsec_plugin,
     write_broker_config,
 )
@@ -73,6 +76,7 @@ __all__ = [
     "FORMATS",
     "OPEN_BROKER_RISKS",
     "ROLES",
+    "Account",
     "Board",
     "BrokerError",
     "Classified",
@@ -87,6 +91,7 @@ __all__ = [
     "Mosquitto",
     "Store",
     "StoreError",
+    "accounts",
     "classify",
     "clear",
     "clear_ledger",
