@@ -28,6 +28,7 @@ import importlib.resources
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -70,9 +71,12 @@ _ALERTS_MAX = 50
 def parse_http_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6) as (host, port); ValueError says what is wrong."""
     host, sep, port = text.strip().rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--http {text!r}: expected HOST:PORT, a port from 1 to 65535")
+    if ":" in host and not bracketed:
+        raise ValueError(f"--http {text!r}: an IPv6 address goes in brackets, [::1]:8080")
     return host, int(port)
 
 
@@ -256,7 +260,8 @@ class Dashboard:
         self._metrics = _Metrics(self)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.server = _Server((host, port), _handler(self))
+        server = _Server6 if ":" in host else _Server
+        self.server = server((host, port), _handler(self))
         self._threads = [
             threading.Thread(target=self.server.serve_forever, name="dashboard-http", daemon=True),
             threading.Thread(target=self._subscribe, name="dashboard-mqtt", daemon=True),
@@ -531,6 +536,10 @@ def _page() -> tuple[bytes, str]:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def _handler(dashboard: Dashboard) -> type[http.server.BaseHTTPRequestHandler]:

@@ -31,7 +31,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from farelab._devices import entry_of
-from farelab.backend import Board, Dashboard, Store, classify, register
+from farelab.backend import Board, Dashboard, Store, classify, parse_http_address, register
 from farelab.backend._mosquitto import Mosquitto, free_port
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, personalise, save_image
 from farelab.protocol import (
@@ -608,3 +608,14 @@ async def test_a_device_reports_at_connection_and_again_only_when_something_chan
     assert second.latency_counts is not None
     assert sum(second.latency_counts) == 1
     journal.close()
+
+
+def test_an_http_address_is_host_and_port() -> None:
+    assert parse_http_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_http_address("[::1]:8080") == ("::1", 8080)
+    assert parse_http_address("localhost:1") == ("localhost", 1)
+    for bad in ("localhost", ":80", "host:", "host:0", "host:65536", "host:http", "[]:80"):
+        with pytest.raises(ValueError, match="expected HOST:PORT"):
+            parse_http_address(bad)
+    with pytest.raises(ValueError, match="brackets"):
+        parse_http_address("::1:8080")
