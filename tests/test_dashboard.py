@@ -448,7 +448,7 @@ def test_the_page_updates_live_and_shows_reported_text_as_text(city: City, tmp_p
             lambda: "clone" in driver.find_element(By.ID, "alerts").text,
             timeout=40,
         )
-        time.sleep(2)  # a couple more updates, so the charts have a history
+        time.sleep(6)  # a few more updates, so that the rate's chart has a history
         shot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
