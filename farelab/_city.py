@@ -101,6 +101,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="on a seeded schedule kill and restart the broker, backend workers, devices and "
         "the kiosk, pull cards mid-tap, cut, delay and reset device connections",
     )
+    city.add_argument(
+        "--topology",
+        choices=("direct", "bridged"),
+        default="direct",
+        help="direct: every device on one Mosquitto; bridged: a Mosquitto per metro line (the "
+        "station computer) bridged to a central one with persistent sessions, as real systems "
+        "have them (with --chaos, the broker killed is the central one)",
+    )
     city.add_argument("--json", type=Path, metavar="FILE", help="write the summary as JSON to FILE")
     city.add_argument(
         "--dir",
@@ -148,6 +156,8 @@ def _run(args: argparse.Namespace) -> int:
             args.json.touch()
         except OSError as exc:
             raise CliError(f"--json {describe_path(args.json)}: {exc.strerror}") from None
+    if args.topology == "bridged" and args.broker:
+        raise CliError("--topology bridged starts its own brokers: it cannot be used with --broker")
     http = args.http
     if http is None:
         from farelab.backend import free_port  # noqa: PLC0415
@@ -174,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         chaos=args.chaos,
         stations=args.stations,
         workers=args.workers,
+        topology=args.topology,
     )
     try:
         summary = run_city(options, plan, _say)

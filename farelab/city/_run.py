@@ -51,6 +51,7 @@ from farelab.city._reconcile import (
     Reconciliation,
     reconcile,
 )
+from farelab.city._topology import CENTRAL, BridgedTopology, line_broker
 from farelab.validator import Network
 
 __all__ = ["CityError", "CityOptions", "run_city"]
@@ -58,6 +59,8 @@ __all__ = ["CityError", "CityOptions", "run_city"]
 log = logging.getLogger("farelab.city")
 
 BACKEND_USER = "farelab-backend"
+CHAOS_PER_MIN = 12.0
+"""Faults a minute under --chaos, on average."""
 RETRIES = 6
 """How many times a rider taps again at a device that did not settle the tap."""
 
@@ -84,6 +87,7 @@ class CityOptions:
     stations: int | None = None
     workers: int = 2
     start_hour: float = 6.0
+    topology: str = "direct"
 
 
 def _password(seed: int, who: str) -> str:
@@ -348,7 +352,10 @@ class City:
         self.mosquitto: Any = None
         self.backend: Process | None = None
         self.stop_riders = asyncio.Event()
-        self.proxy: FaultProxy | None = None
+        self.proxies: dict[int, FaultProxy] = {}  # by the broker port they forward to
+        self.proxy_of: dict[str, FaultProxy] = {}  # by device
+        self.topology: BridgedTopology | None = None
+        self.line_brokers: list[Any] = []
         self.pulls: dict[str, str] = {}  # device → the step its next tap is torn after
         self.kiosk_down = asyncio.Event()
         self.kiosk_down.set()  # set: the kiosk is up
@@ -454,6 +461,9 @@ class City:
                 "mosquitto is not installed: install it (the README's install does), or give "
                 "--broker URL"
             )
+        if self.o.topology == "bridged":
+            self._start_bridged()
+            return
         port = free_port()
         folder = self.folder / "broker"
         store = Store(self.db)
@@ -477,13 +487,64 @@ class City:
         self.broker_port = port
         self.say(f"broker: Mosquitto on 127.0.0.1:{port} (accounts from the device registry)")
 
+    def _start_bridged(self) -> None:
+        """A central Mosquitto and one per metro line (the station computers), bridged; buses
+        and the kiosk talk to the central one."""
+        from farelab.backend import BrokerError, Mosquitto, Store, accounts, free_port  # noqa: PLC0415
+
+        store = Store(self.db)
+        try:
+            logins, _ = accounts(store, _password(self.o.seed, BACKEND_USER))
+        finally:
+            store.close()
+        lines = {
+            line: (free_port(), devices)
+            for line, devices in self.plan.lines().items()
+            if line != "bus"
+        }
+        folder = self.folder / "brokers"
+        topology = BridgedTopology(
+            central_port=free_port(),
+            lines=lines,
+            folder=folder,
+            logins=logins,
+            bridge_passwords={line: _password(self.o.seed, f"bridge-{line}") for line in lines},
+        )
+        files = topology.configs()
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+        try:
+            central = Mosquitto(
+                folder / CENTRAL,
+                config=files[f"{CENTRAL}/mosquitto.conf"],
+                port=topology.central_port,
+            )
+            central.start()
+            self.mosquitto = central
+            for line, (port, _) in lines.items():
+                name = line_broker(line)
+                broker = Mosquitto(folder / name, config=files[f"{name}/mosquitto.conf"], port=port)
+                broker.start()
+                self.line_brokers.append(broker)
+        except BrokerError as exc:
+            raise CityError(str(exc)) from None
+        self.topology = topology
+        self.broker_port = topology.central_port
+        self.say(
+            f"brokers: a central Mosquitto on 127.0.0.1:{topology.central_port} and a station "
+            f"computer per line ({', '.join(f'{k} :{p}' for k, (p, _) in lines.items())}), bridged"
+        )
+
     def device_url(self, who: str) -> str:
         """The broker URL a device (or the kiosk, or the backend) connects with."""
         if self.o.broker:
             return self.o.broker
         port = self.broker_port
-        if self.proxy is not None and who in self.device_ids:
-            port = self.proxy.port(who)  # a device's connection goes through the fault proxy
+        if self.topology is not None:
+            port = self.topology.device_broker(who)  # its station computer, or the central one
+        if who in self.proxy_of:
+            port = self.proxy_of[who].port(who)  # a device's link goes through the fault proxy
         return f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{port}"
 
     def _env(self) -> dict[str, str]:
@@ -529,9 +590,14 @@ class City:
         """With chaos: the fault proxy, a port per device, between the devices and the broker."""
         if not self.o.chaos or self.o.broker:
             return
-        self.proxy = FaultProxy(upstream=(self.broker_host, self.broker_port))
         for device in self.plan.devices:
-            await self.proxy.add(device.id)
+            upstream = self.device_url(device.id).rsplit(":", 1)[1]  # before the proxy is in
+            port = int(upstream)
+            proxy = self.proxies.get(port)
+            if proxy is None:
+                proxy = self.proxies[port] = FaultProxy(upstream=(self.broker_host, port))
+            await proxy.add(device.id)
+            self.proxy_of[device.id] = proxy
         self.say(f"fault proxy: {len(self.plan.devices)} device links to the broker")
 
     async def start_devices(self) -> None:
@@ -740,14 +806,14 @@ class City:
         elif kind == "pull_card":
             assert fault.step is not None
             self.pulls[target] = fault.step
-        elif self.proxy is None:
+        elif target not in self.proxy_of:
             return "skipped: no fault proxy (the broker is not the city's)"
         elif kind == "cut":
-            self.proxy.cut(target, fault.duration)
+            self.proxy_of[target].cut(target, fault.duration)
         elif kind == "delay":
-            self.proxy.delay(target, float(fault.delay_ms or 0), fault.duration)
+            self.proxy_of[target].delay(target, float(fault.delay_ms or 0), fault.duration)
         elif kind == "reset":
-            self.proxy.reset(target)
+            self.proxy_of[target].reset(target)
         return None
 
     def _worker_pid(self, target: str) -> int | None:
@@ -854,14 +920,16 @@ class City:
         for proc in self.processes.values():
             self.memory[proc.name] = rss_mb(proc.pid) or 0.0
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
-        if self.proxy is not None:
-            await self.proxy.close()
+        for proxy in self.proxies.values():
+            await proxy.close()
         if self.backend is not None and self.backend.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.backend.proc.send_signal(signal.SIGTERM)
             await self.backend.stop(timeout=20)
         if self.mosquitto is not None:
             self.mosquitto.stop()
+        for broker in self.line_brokers:
+            broker.stop()
 
 
 class View:
@@ -967,6 +1035,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
                 [d.id for d in plan.devices],
                 kiosks=(plan.kiosk,),
                 workers=options.workers,
+                rate_per_min=CHAOS_PER_MIN,
             )
             if options.broker:
                 faults = [f for f in faults if f.kind != "kill_broker"]
