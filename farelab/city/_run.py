@@ -360,6 +360,7 @@ class City:
         self.kiosk_down = asyncio.Event()
         self.kiosk_down.set()  # set: the kiosk is up
         self.tap_wall = 0.0
+        self.params_pushed = 0
         self.memory: dict[str, float] = {}
         self.device_ids = {d.id for d in plan.devices}
 
@@ -753,6 +754,56 @@ class City:
             if self.plan.day + timedelta(days=day) > end.date():
                 return
 
+    # -- the backend's answers --
+
+    def _hotlisted(self) -> int:
+        from farelab.backend import Store  # noqa: PLC0415
+
+        store = Store(self.db, create=False)
+        try:
+            return int(store.execute("SELECT count(*) FROM hotlist").fetchone()[0])
+        finally:
+            store.close()
+
+    async def hotlists(self, every: float = 5.0) -> None:
+        """Whenever the backend hotlists a card (a clone it found), publish a new parameters
+        version to every device, as an operator's job would (``farelab backend params``)."""
+        known = 0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                count = await asyncio.to_thread(self._hotlisted)
+            except Exception as exc:
+                log.info("hotlist check: %s", exc)
+                continue
+            if count <= known:
+                continue
+            extra: list[str] = []
+            for serial in self.plan.hotlist:
+                extra += ["--hotlist", serial]
+            done = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "farelab",
+                "backend",
+                "params",
+                "--broker",
+                self.device_url(BACKEND_USER),
+                "--db",
+                self.db,
+                *extra,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env(),
+            )
+            _, err = await done.communicate()
+            if done.returncode == 0:
+                known = count
+                self.params_pushed += 1
+                self.say(f"hotlist: {count} cards hotlisted by the backend, sent to every device")
+            else:
+                log.info("backend params failed: %s", err.decode(errors="replace").strip())
+
     # -- chaos --
 
     async def chaos(self, clock: Clock, faults: list[Fault], start_iso: str) -> None:
@@ -1042,8 +1093,12 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
             say(f"chaos: {len(faults)} faults over {wall:.0f} s (seed {options.seed})")
             start_iso = datetime.now(_cst()).isoformat(timespec="milliseconds")
             chaos = asyncio.create_task(city.chaos(clock, faults, start_iso))
+        hotlists = asyncio.create_task(city.hotlists())
         riders = [asyncio.create_task(city.rider_life(r, clock, end)) for r in plan.riders]
         await asyncio.gather(*riders)
+        hotlists.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hotlists
         city.tap_wall = clock.wall()
         if chaos is not None:
             await chaos  # every fault applied and every process back before the drain
@@ -1092,6 +1147,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         "retries": t.retries,
         "unanswered": t.unanswered,
         "load_refused": dict(t.load_refused),
+        "hotlist_pushes": city.params_pushed,
         "ledger": {
             "transactions": doc["transactions"],
             "purchase_fen": doc["purchase_fen"],
