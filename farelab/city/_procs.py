@@ -38,11 +38,15 @@ class Child:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         on_json: Callable[[Child, dict[str, Any]], None] | None = None,
+        on_stderr: Callable[[Child, str], None] | None = None,
+        log_file: Path | None = None,
     ) -> None:
         """``name``: what the city calls it (a device id, ``backend``, ``kiosk-1``); ``argv``:
         its command line; ``env``: its whole environment (none: the city's own); ``cwd``: its
         folder (none: the city's own); ``on_json``: called with the child and the object for
-        every stdout line that is a JSON object (other lines are only kept in :attr:`stdout`)."""
+        every stdout line that is a JSON object (other lines are only kept in :attr:`stdout`);
+        ``on_stderr``: called with every stderr line; ``log_file``: where every stderr line is
+        appended as well (over all its runs)."""
         if not argv:
             raise ValueError("a child needs a command line")
         self.name = name
@@ -50,6 +54,8 @@ class Child:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.on_json = on_json
+        self.on_stderr = on_stderr
+        self.log_file = log_file
         self.stdout: deque[str] = deque(maxlen=_TAIL)
         """The last lines it wrote to stdout, over all its runs."""
         self.stderr: deque[str] = deque(maxlen=_TAIL)
@@ -95,7 +101,7 @@ class Child:
         out, err = self._proc.stdout, self._proc.stderr
         if out is None or err is None:
             raise RuntimeError("asyncio gave a child without the pipes asked for")
-        for stream, on_line in ((out, self._stdout_line), (err, None)):
+        for stream, on_line in ((out, self._stdout_line), (err, self._stderr_line)):
             task = asyncio.create_task(self._read(stream, on_line), name=f"{self.name} output")
             self._readers.add(task)
             task.add_done_callback(self._readers.discard)
@@ -159,10 +165,8 @@ class Child:
             pid for pid in children_of(self._proc.pid) if "resource_tracker" not in _cmdline(pid)
         ]
 
-    async def _read(
-        self, stream: asyncio.StreamReader, on_line: Callable[[str], None] | None
-    ) -> None:
-        tail = self.stdout if on_line is not None else self.stderr
+    async def _read(self, stream: asyncio.StreamReader, on_line: Callable[[str], None]) -> None:
+        tail = self.stdout if on_line == self._stdout_line else self.stderr
         while True:
             try:
                 raw = await stream.readline()
@@ -172,8 +176,17 @@ class Child:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
             tail.append(line)
-            if on_line is not None:
-                on_line(line)
+            on_line(line)
+
+    def _stderr_line(self, line: str) -> None:
+        if self.log_file is not None:
+            with contextlib.suppress(OSError), self.log_file.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        if self.on_stderr is not None:
+            try:
+                self.on_stderr(self, line)
+            except Exception:
+                log.exception("%s: the handler of its error line failed", self.name)
 
     def _stdout_line(self, line: str) -> None:
         if self.on_json is None:

@@ -41,7 +41,7 @@ from farelab.city._plan import (
     Trip,
     day_trips,
 )
-from farelab.city._procs import children_of
+from farelab.city._procs import Child
 from farelab.city._proxy import FaultProxy
 from farelab.city._reconcile import (
     CardBalance,
@@ -121,97 +121,50 @@ class Clock:
 
 
 class Process:
-    """A child process with one JSON request a line in and one JSON answer a line out (in
-    order); killed, its unanswered requests get None; restarted, it takes requests again."""
+    """A child process (:class:`Child`) with one JSON request a line in and one JSON answer a
+    line out, in order; killed, its unanswered requests get None; restarted, it takes requests
+    again.  It is up once its stderr says ``ready``."""
 
     def __init__(
         self,
         name: str,
         argv: list[str],
         *,
-        ready: str | None,
+        ready: str,
         log_file: Path,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
-        self.argv = argv
         self.ready_text = ready
         self.log_file = log_file
-        self.env = dict(env) if env is not None else None
-        self.proc: asyncio.subprocess.Process | None = None
+        self.child = Child(
+            name,
+            argv,
+            env=env,
+            on_json=self._answer,
+            on_stderr=self._error_line,
+            log_file=log_file,
+        )
         self.pending: deque[asyncio.Future[dict[str, Any] | None]] = deque()
         self.up = asyncio.Event()
         self.restarts = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._write = asyncio.Lock()
-        self._ready_seen = False
+        self._ready = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
         """The running process's id."""
-        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+        return self.child.pid if self.child.running else None
 
-    async def start(self, timeout: float = 60.0) -> None:
-        """Start it and wait until it says it is running (its ``ready`` text on stderr)."""
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-            limit=1 << 20,
-        )
-        seen = asyncio.Event()
-        self._ready_seen = False
-        self._tasks = [
-            asyncio.create_task(self._answers(self.proc), name=f"{self.name}-out"),
-            asyncio.create_task(self._errors(self.proc, seen), name=f"{self.name}-err"),
-        ]
-        if self.ready_text is None:
-            self._ready_seen = True
-            seen.set()
-        try:
-            await asyncio.wait_for(seen.wait(), timeout)
-        except TimeoutError:
-            self.kill()
-            raise CityError(f"{self.name} did not start within {timeout:g} s") from None
-        if not self._ready_seen:
-            await self.proc.wait()
-            last = self.log_file.read_text(errors="replace").strip().splitlines()[-3:]
-            raise CityError(
-                f"{self.name} exited at start (status {self.proc.returncode}): " + " / ".join(last)
-            )
-        self.up.set()
+    def _answer(self, _: Child, doc: dict[str, Any]) -> None:
+        if self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_result(doc)
 
-    async def _answers(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                break
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if self.pending:
-                future = self.pending.popleft()
-                if not future.done():
-                    future.set_result(doc)
-        self._fail_pending()
-
-    async def _errors(self, proc: asyncio.subprocess.Process, seen: asyncio.Event) -> None:
-        assert proc.stderr is not None
-        with self.log_file.open("ab") as out:
-            while True:
-                line = await proc.stderr.readline()
-                if not line:
-                    break
-                out.write(line)
-                out.flush()
-                if self.ready_text is not None and self.ready_text.encode() in line:
-                    self._ready_seen = True
-                    seen.set()
-        seen.set()  # it ended: whoever waits for it to be ready finds it gone
+    def _error_line(self, _: Child, line: str) -> None:
+        if self.ready_text in line:
+            self._ready.set()
 
     def _fail_pending(self) -> None:
         self.up.clear()
@@ -220,21 +173,34 @@ class Process:
             if not future.done():
                 future.set_result(None)
 
+    async def _watch_exit(self) -> None:
+        await self.child.wait()
+        self._fail_pending()  # whatever it did not answer, it never will
+        self._ready.set()  # whoever waits for it to be ready finds it gone
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start it and wait until it says it is running."""
+        self._ready.clear()
+        await self.child.start()
+        self._watch = asyncio.create_task(self._watch_exit(), name=f"{self.name} exit")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            self.child.kill()
+            raise CityError(f"{self.name} did not start within {timeout:g} s") from None
+        if not self.child.running:
+            last = " / ".join(list(self.child.stderr)[-3:])
+            raise CityError(f"{self.name} exited at start (status {self.child.returncode}): {last}")
+        self.up.set()
+
     async def request(self, doc: Mapping[str, Any], timeout: float = 30.0) -> dict[str, Any] | None:
         """Send one request and wait for its answer; None if the process died first."""
         await self.up.wait()
-        proc = self.proc
-        if proc is None or proc.stdin is None or proc.returncode is not None:
-            return None
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        async with self._write:
-            self.pending.append(future)
-            try:
-                proc.stdin.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
-                await proc.stdin.drain()
-            except (ConnectionError, RuntimeError):
-                self._fail_pending()
-                return None
+        self.pending.append(future)
+        if not self.child.send_line(json.dumps(doc, ensure_ascii=False)):
+            self.pending.remove(future)
+            return None
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -243,42 +209,23 @@ class Process:
     def kill(self) -> None:
         """SIGKILL, as a crash or a power cut."""
         self.up.clear()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+        self.child.kill()
 
     async def restart(self) -> None:
-        """Start it again after a kill (waits for the old one to be gone)."""
-        await self.wait_gone()
+        """Start it again after a kill (once the old one is gone)."""
+        if self._watch is not None:
+            await self._watch
         self.restarts += 1
         await self.start()
 
-    async def wait_gone(self) -> None:
-        """Until the process has exited and its output is read."""
-        if self.proc is not None:
-            await self.proc.wait()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._fail_pending()
-
     async def stop(self, timeout: float = 20.0) -> int | None:
-        """Close its input (a validator with only sim readers then ends); SIGTERM, then SIGKILL
-        if it does not; its exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-        await self.wait_gone()
-        return proc.returncode
+        """SIGTERM (a validator finishes its tap and stops), then SIGKILL if it does not; its
+        exit status."""
+        self.up.clear()
+        code = await self.child.stop(grace=timeout)
+        if self._watch is not None:
+            await self._watch
+        return code
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -869,13 +816,9 @@ class City:
 
     def _worker_pid(self, target: str) -> int | None:
         """A backend worker's process id (``backend-worker-N``: the N-th child, by pid)."""
-        if self.backend is None or self.backend.pid is None:
+        if self.backend is None:
             return None
-        workers = []
-        for pid in children_of(self.backend.pid):
-            with contextlib.suppress(OSError):
-                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    workers.append(pid)
+        workers = self.backend.child.worker_pids()
         index = int(target.rsplit("-", 1)[-1]) - 1
         return workers[index] if 0 <= index < len(workers) else None
 
@@ -973,9 +916,7 @@ class City:
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
         for proxy in self.proxies.values():
             await proxy.close()
-        if self.backend is not None and self.backend.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.backend.proc.send_signal(signal.SIGTERM)
+        if self.backend is not None:
             await self.backend.stop(timeout=20)
         if self.mosquitto is not None:
             self.mosquitto.stop()
