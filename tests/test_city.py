@@ -71,9 +71,10 @@ def test_the_plan_is_the_seeds_and_has_every_kind_of_rider() -> None:
     assert any(r.balance_fen < network.max_fare_fen for r in plan.riders)  # some top up first
 
 
-def test_a_smaller_city_has_gates_at_its_first_stations_only() -> None:
+def test_a_smaller_city_has_gates_at_some_stations_of_every_line() -> None:
     plan = plan_city(shipped_networks()["changzhou"], riders=20, seed=1, day=DAY, stations=4)
     assert len([d for d in plan.devices if d.kind == "metro-gate"]) == 8
+    assert {line: len(ids) for line, ids in plan.lines().items()} == {"L1": 4, "L2": 4, "bus": 3}
     assert all(r.home in {s for s, _ in plan.gates} for r in plan.riders if r.home >= 0)
 
 
@@ -268,3 +269,40 @@ def test_a_small_city_runs_every_device_as_a_process_and_reconciles(tmp_path: Pa
     # every device had a journal of its own
     journals = list((tmp_path / "city" / "devices").glob("*.db"))
     assert len(journals) == 4 * 2 + 3
+
+
+def test_a_chaos_city_behind_bridged_station_computers_reconciles(tmp_path: Path) -> None:
+    """Two lines, each behind its own station computer bridged to the central broker, and the
+    chaos: brokers, workers, devices and the kiosk killed, cards pulled, links cut, delayed and
+    reset. Not a fen may go astray."""
+    summary_file = tmp_path / "summary.json"
+    result = farelab(
+        "city",
+        "--network",
+        "changzhou",
+        "--topology",
+        "bridged",
+        "--chaos",
+        "--riders",
+        "50",
+        "--stations",
+        "4",
+        "--duration",
+        "30",
+        "--seed",
+        "3",
+        "--dir",
+        str(tmp_path / "city"),
+        "--json",
+        str(summary_file),
+        timeout=300,
+    )
+    summary = json.loads(summary_file.read_text())
+    assert result.returncode == 0, json.dumps(summary["differences"])[:3000] + result.stderr
+    assert summary["reconciled"] is True
+    kinds = {f["kind"] for f in summary["faults"]}
+    assert len(summary["faults"]) >= 4
+    assert kinds & {"kill_broker", "kill_device", "kill_backend_worker", "kill_kiosk"}
+    assert all({"at", "kind", "target"} <= f.keys() for f in summary["faults"])
+    brokers = sorted(p.name for p in (tmp_path / "city" / "brokers").iterdir())
+    assert brokers == ["central", "line-L1", "line-L2"]

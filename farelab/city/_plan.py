@@ -147,37 +147,48 @@ class CityPlan:
         return out
 
 
+def _stations(network: Network, limit: int | None) -> list[tuple[str, int]]:
+    """(line, station id) of each station with gates: every station, or the first ``limit``
+    taken from the lines in turn (so a small city still has each line); an interchange once,
+    on the first line that reaches it."""
+    queues = [[(key, sid) for sid, _ in line.stops] for key, line in network.lines.items()]
+    picked: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    while any(queues) and (limit is None or len(picked) < limit):
+        for queue in queues:
+            while queue and queue[0][1] in seen:
+                queue.pop(0)
+            if queue and (limit is None or len(picked) < limit):
+                key, sid = queue.pop(0)
+                seen.add(sid)
+                picked.append((key, sid))
+    return picked
+
+
 def _gates(network: Network, limit: int | None) -> list[CityDevice]:
     devices: list[CityDevice] = []
-    seen: set[int] = set()
-    for key, line in network.lines.items():
-        for station_id, _ in line.stops:
-            if station_id in seen:
-                continue  # an interchange: one station, its gates on the first line listed
-            if limit is not None and len(seen) >= limit:
-                break
-            seen.add(station_id)
-            station = network.stations[station_id]
-            for n, direction in ((1, "entry"), (2, "exit")):
-                devices.append(
-                    CityDevice(
-                        id=f"gate-{station_id:02d}-{'in' if n == 1 else 'out'}",
-                        kind="metro-gate",
-                        terminal=f"00000002{station_id:02X}{n:02X}",
-                        line=key,
-                        station=station.name_en,
-                        station_id=station_id,
-                        direction=direction,
-                    )
+    for key, station_id in _stations(network, limit):
+        station = network.stations[station_id]
+        for n, direction in ((1, "entry"), (2, "exit")):
+            devices.append(
+                CityDevice(
+                    id=f"gate-{station_id:02d}-{'in' if n == 1 else 'out'}",
+                    kind="metro-gate",
+                    terminal=f"00000002{station_id:02X}{n:02X}",
+                    line=key,
+                    station=station.name_en,
+                    station_id=station_id,
+                    direction=direction,
                 )
+            )
     return devices
 
 
 def plan_city(
     network: Network, *, riders: int, seed: int, day: date, stations: int | None = None
 ) -> CityPlan:
-    """The city: a gate pair at each station (or the first ``stations`` of them), three buses,
-    a kiosk, and ``riders`` riders with their cards.
+    """The city: a gate pair at each station (or at ``stations`` of them, taken from the lines
+    in turn), three buses, a kiosk, and ``riders`` riders with their cards.
 
     Among the riders (when there are at least 12): one of another city whose issuer is
     whitelisted, one whose issuer is not, one with a hotlisted card, and a cloned card (two
