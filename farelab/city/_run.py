@@ -925,7 +925,9 @@ class City:
 
 
 class View:
-    """The live view: a rich panel on a terminal, a progress line every few seconds elsewhere."""
+    """The live view: a rich panel on a terminal, a progress line every few seconds elsewhere.
+    Besides the riders' own counts it shows what the backend's dashboard says (``/api/state``):
+    each device's outbox, the ingest lag and the alerts."""
 
     def __init__(self, city: City, clock: Clock, end: datetime, out: TextIO) -> None:
         self.city = city
@@ -933,31 +935,62 @@ class View:
         self.end = end
         self.out = out
         self.tty = out.isatty()
+        self.state: dict[str, Any] = {}
 
     def _fraction(self) -> float:
         span = (self.end - self.clock.sim_start).total_seconds()
         done = (self.clock.now() - self.clock.sim_start).total_seconds()
         return max(0.0, min(1.0, done / span)) if span > 0 else 1.0
 
+    def _fetch(self) -> dict[str, Any]:
+        import urllib.request  # noqa: PLC0415
+
+        if not self.city.o.http:
+            return {}
+        url = f"http://{self.city.o.http}/api/state"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as answer:
+                doc = json.loads(answer.read())
+        except (OSError, ValueError):
+            return self.state  # the backend restarting, or busy: keep the last picture
+        return doc if isinstance(doc, dict) else {}
+
+    def _backend(self) -> tuple[str, str, str]:
+        """(deepest outboxes, ingest lag, alerts) as the dashboard has them."""
+        devices = self.state.get("devices") or []
+        depths = sorted(
+            ((d.get("device", "?"), d.get("outbox") or 0) for d in devices if isinstance(d, dict)),
+            key=lambda kv: -kv[1],
+        )
+        deepest = ", ".join(f"{d} {n}" for d, n in depths[:4] if n) or "all empty"
+        lag = self.state.get("lag_s")
+        lag_text = "-" if lag is None else f"{lag:.1f} s"
+        kinds = Counter(a.get("kind", "?") for a in self.state.get("alerts") or [])
+        alerts = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
+        return deepest, lag_text, alerts
+
     def line(self) -> str:
         """One progress line."""
         t = self.city.tally
         wall = max(self.clock.wall(), 1e-9)
         refused = ", ".join(f"{k} {v}" for k, v in t.refused.most_common(4)) or "none"
+        deepest, lag, alerts = self._backend()
         return (
             f"{self._fraction() * 100:5.1f}% {self.clock.now():%a %H:%M} | taps {t.taps} "
             f"({t.taps / wall:.1f}/s) accepted {t.accepted} refused {sum(t.refused.values())} "
-            f"({refused}) | loads {t.loads} | faults {len(self.city.faults)}"
+            f"({refused}) | loads {t.loads} | outboxes: {deepest} | lag {lag} | alerts: "
+            f"{alerts} | faults {len(self.city.faults)}"
         )
 
     def render(self) -> Any:
-        """The panel: progress, counts, the deepest outboxes."""
+        """The panel: progress, counts, outboxes, lag, alerts, faults."""
         from rich.console import Group  # noqa: PLC0415
         from rich.progress_bar import ProgressBar  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
 
         t = self.city.tally
         wall = max(self.clock.wall(), 1e-9)
+        deepest, lag, alerts = self._backend()
         table = Table.grid(padding=(0, 2))
         table.add_row("simulated time", f"{self.clock.now():%Y-%m-%d %H:%M}")
         table.add_row("taps", f"{t.taps}  ({t.taps / wall:.1f}/s)")
@@ -965,8 +998,9 @@ class View:
         for reason, n in t.refused.most_common(6):
             table.add_row(f"refused: {reason}", str(n))
         table.add_row("loads", f"{t.loads}  ({t.loads_fen / 100:.2f} yuan)")
-        depths = sorted(self.city.outbox_depths().items(), key=lambda kv: -kv[1])[:4]
-        table.add_row("deepest outboxes", ", ".join(f"{d} {n}" for d, n in depths) or "-")
+        table.add_row("deepest outboxes", deepest)
+        table.add_row("backend lag", lag)
+        table.add_row("alerts", alerts)
         faults = self.city.faults[-3:]
         table.add_row(
             "faults",
@@ -983,11 +1017,13 @@ class View:
 
             with Live(self.render(), refresh_per_second=2, transient=False) as live:
                 while True:
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(1.0)
+                    self.state = await asyncio.to_thread(self._fetch)
                     live.update(self.render())
         else:
             while True:
                 await asyncio.sleep(5)
+                self.state = await asyncio.to_thread(self._fetch)
                 print(f"farelab city: {self.line()}", file=sys.stderr, flush=True)
 
 
