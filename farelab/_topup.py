@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import sys
 from collections.abc import Callable, Coroutine
 from datetime import date
 from pathlib import Path
@@ -161,6 +162,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _common(kiosk)
     kiosk.set_defaults(func=_kiosk)
+    serve = cmds.add_parser(
+        "serve",
+        help="a kiosk that takes load requests on stdin (for scripts and the city)",
+        description='A long-running kiosk: each stdin line is a load request {"card": PATH, '
+        '"amount_fen": N} (a card image and the amount in fen); each is answered by one stdout '
+        'line, as \'load --json\' prints it plus "card": {"card", "result": "loaded"|"refused", '
+        '"reason", "amount_fen", "balance_fen", "tac"} (a request that cannot be read is '
+        'refused "bad_request", with "detail"). Requests are served one at a time, in order; '
+        "the command ends when stdin ends. It says 'farelab topup: serving' on stderr once "
+        "ready.",
+    )
+    _common(serve)
+    serve.set_defaults(func=_serve)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -368,6 +382,76 @@ def _one_shot(
         tac = f"; TAC {result.tac}" if result.tac else ""
         print(f"{result.result}: {result.message}{balance}{tac}")
     return 0 if result.result == ok else 1
+
+
+def _request(line: str) -> tuple[Path, int]:
+    """A serve request's card and amount; ValueError naming what is wrong."""
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError("not a JSON object") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    card, amount = doc.get("card"), doc.get("amount_fen")
+    if not isinstance(card, str) or not card:
+        raise ValueError('"card" must be a card image path')
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise ValueError('"amount_fen" must be a whole number of fen, more than 0')
+    return Path(card), amount
+
+
+def _serve(args: argparse.Namespace) -> int:
+    trace = trace_writer(args.trace)
+    kiosk, close = make_kiosk(args)
+
+    def answer(doc: dict[str, Any]) -> None:
+        print(json.dumps(doc, ensure_ascii=False), flush=True)
+
+    async def serve() -> None:
+        print(f"farelab topup: serving as {args.kiosk}", file=sys.stderr, flush=True)
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                path, amount = _request(line)
+                card = SimulatedCard.from_file(path)
+            except (ValueError, ImageError) as exc:
+                answer(
+                    {
+                        "card": None,
+                        "result": "refused",
+                        "reason": "bad_request",
+                        "detail": str(exc),
+                        "amount_fen": 0,
+                        "balance_fen": None,
+                        "tac": None,
+                    }
+                )
+                continue
+            reader = InProcessReader("kiosk")
+            reader.insert(card)
+            exchanges: Reader = reader if trace is None else TracingReader(reader, trace)
+
+            async def run(fn: Callable[[Reader], T], exchanges: Reader = exchanges) -> T:
+                return fn(exchanges)
+
+            try:
+                result = await kiosk.load(run, amount)
+            finally:
+                reader.remove()  # out of the field: a validator may take the card now
+            answer({"card": str(path), **result.to_json()})
+
+    try:
+        asyncio.run(serve())
+    finally:
+        close()
+        if trace is not None:
+            trace.close()
+    return 0
 
 
 def _load(args: argparse.Namespace) -> int:
