@@ -61,6 +61,8 @@ log = logging.getLogger("farelab.city")
 BACKEND_USER = "farelab-backend"
 CHAOS_PER_MIN = 12.0
 """Faults a minute under --chaos, on average."""
+TAP_TIMEOUT = 120.0
+"""How long a rider waits for a device that is running but does not answer."""
 RETRIES = 6
 """How many times a rider taps again at a device that did not settle the tap."""
 
@@ -193,8 +195,11 @@ class Process:
             raise CityError(f"{self.name} exited at start (status {self.child.returncode}): {last}")
         self.up.set()
 
-    async def request(self, doc: Mapping[str, Any], timeout: float = 30.0) -> dict[str, Any] | None:
-        """Send one request and wait for its answer; None if the process died first."""
+    async def request(
+        self, doc: Mapping[str, Any], timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        """Send one request and wait for its answer (for at most ``timeout`` seconds, if given);
+        None if the process died first."""
         await self.up.wait()
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self.pending.append(future)
@@ -291,7 +296,7 @@ class City:
         self.balances: dict[str, int | None] = {}
         self.start_fen: dict[str, int] = {}
         self.kiosk_lock = asyncio.Lock()
-        self.kiosk_proc: asyncio.subprocess.Process | None = None
+        self.kiosk: Process | None = None
         self.faults: list[dict[str, Any]] = []
         self.broker_host = "127.0.0.1"
         self.broker_port = 0
@@ -304,8 +309,6 @@ class City:
         self.topology: BridgedTopology | None = None
         self.line_brokers: list[Any] = []
         self.pulls: dict[str, str] = {}  # device → the step its next tap is torn after
-        self.kiosk_down = asyncio.Event()
-        self.kiosk_down.set()  # set: the kiosk is up
         self.tap_wall = 0.0
         self.params_pushed = 0
         self.memory: dict[str, float] = {}
@@ -548,6 +551,31 @@ class City:
             self.proxy_of[device.id] = proxy
         self.say(f"fault proxy: {len(self.plan.devices)} device links to the broker")
 
+    async def start_kiosk(self) -> None:
+        """The kiosk: ``farelab topup serve`` against the backend's load authorization."""
+        self.kiosk = Process(
+            self.plan.kiosk,
+            [
+                sys.executable,
+                "-m",
+                "farelab",
+                "topup",
+                "serve",
+                "--broker",
+                self.device_url(self.plan.kiosk),
+                "--kiosk",
+                self.plan.kiosk,
+                "--terminal",
+                KIOSK_TERMINAL,
+                "--journal",
+                str(self.folder / "kiosk.db"),
+            ],
+            ready="farelab topup: serving",
+            log_file=self.logs / f"{self.plan.kiosk}.log",
+            env=self._env(),
+        )
+        await self.kiosk.start()
+
     async def start_devices(self) -> None:
         """A ``farelab validator run`` process per device, a few at a time."""
         env = self._env()
@@ -601,10 +629,14 @@ class City:
                 pull = pull or self.pulls.pop(device, None)
                 if pull is not None:
                     request["pull_after"] = pull
-            answer = await proc.request(request)
+            answer = await proc.request(request, timeout=TAP_TIMEOUT)
             if answer is None:
                 self.tally.unanswered += 1
-                self.tally.retries += 1
+                if proc.up.is_set():
+                    # Running but silent for minutes: the rider gives up on this gate rather
+                    # than tap again while the first tap may still be going on.
+                    return None
+                self.tally.retries += 1  # the device died: tap again once it is back
                 await asyncio.sleep(0.5)
                 continue
             self.tally.tap(answer)
@@ -623,45 +655,15 @@ class City:
         amount = min(10_000 if balance < 2_000 else 5_000, room) // 100 * 100
         if amount <= 0:
             return
-        async with self.kiosk_lock:
+        kiosk = self.kiosk
+        assert kiosk is not None
+        async with self.kiosk_lock:  # one card at the kiosk at a time: the others queue
             for _ in range(3):
-                await self.kiosk_down.wait()
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "farelab",
-                    "topup",
-                    "load",
-                    str(self.card_path(rider)),
-                    "--amount",
-                    f"{amount / 100:.2f}",
-                    "--broker",
-                    self.device_url(self.plan.kiosk),
-                    "--kiosk",
-                    self.plan.kiosk,
-                    "--terminal",
-                    KIOSK_TERMINAL,
-                    "--journal",
-                    str(self.folder / "kiosk.db"),
-                    "--json",
-                ]
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=self._env(),
+                doc = await kiosk.request(
+                    {"card": str(self.card_path(rider)), "amount_fen": amount}, timeout=None
                 )
-                self.kiosk_proc = proc
-                out, err = await proc.communicate()
-                self.kiosk_proc = None
-                with (self.logs / "kiosk.log").open("ab") as f:
-                    f.write(err)
-                try:
-                    doc = json.loads(out.decode().strip().splitlines()[-1])
-                except (json.JSONDecodeError, IndexError):
-                    self.tally.load_refused[
-                        "killed" if proc.returncode and proc.returncode < 0 else "no_answer"
-                    ] += 1
+                if doc is None:  # the kiosk was killed: the rider waits and tries again
+                    self.tally.load_refused["kiosk_down"] += 1
                     continue
                 if doc.get("balance_fen") is not None:
                     self.balances[rider.id] = int(doc["balance_fen"])
@@ -795,12 +797,12 @@ class City:
             proc.kill()
             restarts.append(asyncio.create_task(later(proc.restart)))
         elif kind == "kill_kiosk":
-            self.kiosk_down.clear()
-            running = self.kiosk_proc
-            if running is not None and running.returncode is None:
-                running.kill()
-            restarts.append(asyncio.create_task(later(self.kiosk_down.set)))
-            return "killed a load in progress" if running is not None else "no load in progress"
+            kiosk = self.kiosk
+            assert kiosk is not None
+            busy = bool(kiosk.pending)
+            kiosk.kill()
+            restarts.append(asyncio.create_task(later(kiosk.restart)))
+            return "killed a load in progress" if busy else "killed between loads"
         elif kind == "pull_card":
             assert fault.step is not None
             self.pulls[target] = fault.step
@@ -914,6 +916,8 @@ class City:
         for proc in self.processes.values():
             self.memory[proc.name] = rss_mb(proc.pid) or 0.0
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
+        if self.kiosk is not None:
+            await self.kiosk.stop()
         for proxy in self.proxies.values():
             await proxy.close()
         if self.backend is not None:
@@ -1040,6 +1044,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         await city.start_backend()
         await city.start_proxy()
         await city.start_devices()
+        await city.start_kiosk()
         sim_start = datetime(
             plan.day.year, plan.day.month, plan.day.day, tzinfo=_cst()
         ) + timedelta(hours=options.start_hour)
