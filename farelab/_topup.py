@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ from farelab.card import (
     fen_to_yuan,
     shown,
 )
-from farelab.protocol import BrokerURL, check_client_id
+from farelab.protocol import BrokerURL, check_client_id, lines_of
 from farelab.topup import (
     AmountRules,
     Host,
@@ -407,13 +408,31 @@ def _serve(args: argparse.Namespace) -> int:
     def answer(doc: dict[str, Any]) -> None:
         print(json.dumps(doc, ensure_ascii=False), flush=True)
 
-    async def serve() -> None:
-        print(f"farelab topup: serving as {args.kiosk}", file=sys.stderr, flush=True)
+    async def requests() -> AsyncIterator[str]:
+        """stdin's lines until it ends or SIGTERM/SIGINT (a load under way is finished)."""
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"farelab topup: serving as {args.kiosk}", file=sys.stderr, flush=True)
+        stopping = asyncio.ensure_future(stop.wait())
+        lines = aiter(lines_of(sys.stdin))
+        try:
+            while True:
+                line = asyncio.ensure_future(anext(lines))
+                await asyncio.wait({line, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not line.done():
+                    line.cancel()
+                    return
+                try:
+                    yield line.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            stopping.cancel()
+
+    async def serve() -> None:
+        async for line in requests():
             if not line.strip():
                 continue
             try:

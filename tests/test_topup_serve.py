@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 from farelab.card import load_image
-from tests.cli_support import farelab
+from tests.cli_support import farelab, start_farelab
 
 
 def test_serve_answers_each_request_in_order_and_refuses_bad_ones(tmp_path: Path) -> None:
@@ -60,3 +62,25 @@ def test_serve_answers_each_request_in_order_and_refuses_bad_ones(tmp_path: Path
     assert "amount_fen" in answers[4]["detail"]
     assert {"card", "result", "reason", "amount_fen", "balance_fen", "tac"} <= answers[0].keys()
     assert load_image(Path(card)).balance == 6100
+
+
+def test_serve_stops_at_sigterm_while_its_stdin_is_still_open(tmp_path: Path) -> None:
+    proc = start_farelab(
+        "topup",
+        "serve",
+        "--db",
+        str(tmp_path / "host.db"),
+        "--journal",
+        str(tmp_path / "kiosk.db"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        assert "serving" in proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0  # stopped cleanly, stdin still open
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -4,10 +4,12 @@ the card mid-tap (``"pull_after"``), as a city of device processes drives them."
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 from farelab.card import MetroRecord, load_image
-from tests.cli_support import DEVICES, card, farelab
+from tests.cli_support import DEVICES, card, farelab, start_farelab
 
 
 def run(tmp_path: Path, requests: list[dict[str, str]], *extra: str) -> list[dict[str, object]]:
@@ -89,3 +91,36 @@ def test_bad_at_and_pull_after_are_ignored_with_a_notice_and_the_rest_runs(
     assert result.stderr.count("ignored tap request") == 3
     assert "has no UTC offset" in result.stderr
     assert '"pull_after" must be one of' in result.stderr
+
+
+def test_run_with_sim_readers_stops_at_sigterm_while_its_stdin_is_still_open(
+    tmp_path: Path,
+) -> None:
+    """A process manager stops a device with SIGTERM: it must end at once, not when whoever
+    feeds it closes its stdin."""
+    config = tmp_path / "devices.toml"
+    config.write_text(DEVICES.format(reader="sim"))
+    path = card(tmp_path)
+    proc = start_farelab(
+        "validator",
+        "run",
+        "--config",
+        str(config),
+        "--journal",
+        str(tmp_path / "j.db"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps({"device": "bus-1", "card": str(path)}) + "\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["result"] == "accepted"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0  # stdin still open
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert load_image(path).balance == 2000 - 50

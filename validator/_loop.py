@@ -35,7 +35,7 @@ from farelab.card import (
     describe_path,
     step_of,
 )
-from farelab.protocol import Backoff, ParamsError, decode_params
+from farelab.protocol import Backoff, ParamsError, decode_params, lines_of
 from farelab.validator._config import Config
 from farelab.validator._decision import Rejected, TapResult
 from farelab.validator._device import Parameters
@@ -216,12 +216,8 @@ async def _feed(
     (or "from_trace": PATH in place of "card", a stub card answering from a recording), with
     optionally "at" (ISO-8601 with offset: the tap's time, for a simulated clock; default now)
     and "pull_after" (a step: the card leaves right after that command reached it)."""
-    loop = asyncio.get_running_loop()
     recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
-    while True:
-        line = await loop.run_in_executor(None, source.readline)
-        if not line:
-            return
+    async for line in lines_of(source):
         if not line.strip():
             continue
         try:
