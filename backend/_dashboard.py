@@ -69,12 +69,15 @@ _ALERTS_MAX = 50
 
 
 def parse_http_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8080`` for IPv6) as (host, port); ValueError says what is wrong."""
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6; port 0: a free one) as (host, port); ValueError
+    says what is wrong."""
     host, sep, port = text.strip().rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--http {text!r}: expected HOST:PORT, a port from 1 to 65535")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(
+            f"--http {text!r}: expected HOST:PORT, a port from 1 to 65535 (or 0: a free one)"
+        )
     if ":" in host and not bracketed:
         raise ValueError(f"--http {text!r}: an IPv6 address goes in brackets, [::1]:8080")
     return host, int(port)

@@ -350,13 +350,15 @@ def run_workers(
     workers: int,
     group: str = "farelab-backend",
     http: tuple[str, int] | None = None,
+    on_dashboard: Callable[[tuple[str, int]], None] | None = None,
 ) -> int:
     """``workers`` processes on one shared subscription until SIGINT/SIGTERM; exit status
     (2 if a worker met a configuration error).  Client ids are
     ``farelab-backend-<host>-<random>-w<N>``, one instance id per call; a worker stops by
     itself when this process dies.  ``http``: where this process serves the live dashboard
     (host, port), its subscriber's client id ``farelab-backend-<host>-<random>-dash``;
-    ConfigurationError if it cannot listen there."""
+    ConfigurationError if it cannot listen there; ``on_dashboard`` is told the address it
+    listens on (the port chosen for port 0) once it does."""
     check_client_id(group, "shared-subscription group")
     Store(db_url).close()  # create the schema once, and fail early on a bad URL
     ctx = multiprocessing.get_context("spawn")
@@ -378,6 +380,8 @@ def run_workers(
                 f"--http {http[0]}:{http[1]}: cannot listen there: {exc.strerror or exc}"
             ) from None
         log.info("dashboard on http://%s:%d/", *dashboard.address)
+        if on_dashboard is not None:
+            on_dashboard(dashboard.address)
 
     def start(i: int) -> multiprocessing.process.BaseProcess:
         proc = ctx.Process(

@@ -239,9 +239,8 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    dashboard = "" if http is None else f", dashboard on http://{args.http.strip()}/"
     print(
-        f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}{dashboard}",
+        f"farelab backend: {args.workers} worker(s) on {broker}, ledger {args.db}",
         file=sys.stderr,
         flush=True,
     )
@@ -258,9 +257,16 @@ def _run(args: argparse.Namespace) -> int:
             workers=args.workers,
             group=args.group,
             http=http,
+            on_dashboard=_dashboard_listening,
         )
     except ConfigurationError as exc:
         raise CliError(str(exc)) from None
+
+
+def _dashboard_listening(address: tuple[str, int]) -> None:
+    host, port = address
+    shown = f"[{host}]" if ":" in host else host
+    print(f"farelab backend: dashboard on http://{shown}:{port}/", file=sys.stderr, flush=True)
 
 
 def _params(args: argparse.Namespace) -> int:

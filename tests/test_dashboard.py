@@ -400,7 +400,8 @@ def test_a_bad_http_address_is_one_line_of_error(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert err.strip().splitlines() == [
-        "farelab: error: --http 'localhost': expected HOST:PORT, a port from 1 to 65535"
+        "farelab: error: --http 'localhost': expected HOST:PORT, a port from 1 to 65535 "
+        "(or 0: a free one)"
     ]
 
 
@@ -614,7 +615,8 @@ def test_an_http_address_is_host_and_port() -> None:
     assert parse_http_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert parse_http_address("[::1]:8080") == ("::1", 8080)
     assert parse_http_address("localhost:1") == ("localhost", 1)
-    for bad in ("localhost", ":80", "host:", "host:0", "host:65536", "host:http", "[]:80"):
+    assert parse_http_address("127.0.0.1:0") == ("127.0.0.1", 0)  # a free port, printed at start
+    for bad in ("localhost", ":80", "host:", "host:-1", "host:65536", "host:http", "[]:80"):
         with pytest.raises(ValueError, match="expected HOST:PORT"):
             parse_http_address(bad)
     with pytest.raises(ValueError, match="brackets"):
