@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from farelab.protocol import ending_with_parent
+
 __all__ = ["BrokerError", "Mosquitto", "free_port"]
 
 
@@ -28,9 +30,17 @@ class Mosquitto:
     """``start()``, ``kill()`` (SIGKILL, as a crash) and ``start()`` again on the same port."""
 
     def __init__(
-        self, folder: Path, *, extra: str = "", config: str | None = None, port: int | None = None
+        self,
+        folder: Path,
+        *,
+        extra: str = "",
+        config: str | None = None,
+        port: int | None = None,
+        with_parent: bool = False,
     ) -> None:
-        """``folder``: where its configuration and log go.  By default an open broker
+        """``with_parent``: the broker ends when the thread that starts it ends (the process
+        killed, even with SIGKILL; see :func:`farelab.protocol.ending_with_parent`).
+        ``folder``: where its configuration and log go.  By default an open broker
         (anonymous clients allowed, no ACL) plus the lines in ``extra``; ``config``: a whole
         configuration of its own instead (as ``farelab backend broker-config`` writes it), whose
         listener is on 127.0.0.1:``port``."""
@@ -40,6 +50,7 @@ class Mosquitto:
         if (config is None) != (port is None):
             raise ValueError("a configuration of its own needs the port it listens on, and only it")
         self.binary = binary
+        self.with_parent = with_parent
         self.port = port if port is not None else free_port()
         self.folder = folder
         self.log = folder / "mosquitto.log"
@@ -64,9 +75,10 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        argv = [self.binary, "-c", str(self.conf)]
+        if self.with_parent:
+            argv = ending_with_parent(argv)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--broker",
         metavar="URL",
         help="use this MQTT broker (it must know the devices' accounts, or let them in); "
-        "default: a Mosquitto of the city's own on a free port",
+        "'embedded' for the in-process broker (amqtt: MQTT 3.1.1, no accounts, one backend "
+        "worker); default: a Mosquitto of the city's own on a free port, or the embedded one "
+        "when Mosquitto is not installed",
     )
     city.add_argument(
         "--db",
@@ -138,7 +140,13 @@ def _say(text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from farelab.city import CityError, CityOptions, plan_city, run_city  # noqa: PLC0415
+    from farelab.city import (  # noqa: PLC0415
+        CityError,
+        CityInterruptedError,
+        CityOptions,
+        plan_city,
+        run_city,
+    )
     from farelab.validator import shipped_networks  # noqa: PLC0415
 
     network = shipped_networks()[args.network]
@@ -159,10 +167,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.topology == "bridged" and args.broker:
         raise CliError("--topology bridged starts its own brokers: it cannot be used with --broker")
     http = args.http
-    if http is None:
-        from farelab.backend import free_port  # noqa: PLC0415
-
-        http = f"127.0.0.1:{free_port()}"
     day = datetime.now(CST).date()
     try:
         plan = plan_city(
@@ -188,8 +192,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         summary = run_city(options, plan, _say)
+    except CityInterruptedError as exc:
+        raise CliError(f"{exc}; work folder {folder}", status=130) from None
     except CityError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(f"{exc}; work folder {folder}") from None
     _print(summary)
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

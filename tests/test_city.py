@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from farelab.city import (
     reconcile,
 )
 from farelab.validator import shipped_networks
-from tests.cli_support import farelab
+from tests.cli_support import farelab, start_farelab
 
 DAY = date(2026, 11, 23)
 SUMMARY_KEYS = {
@@ -306,3 +309,96 @@ def test_a_chaos_city_behind_bridged_station_computers_reconciles(tmp_path: Path
     assert all({"at", "kind", "target"} <= f.keys() for f in summary["faults"])
     brokers = sorted(p.name for p in (tmp_path / "city" / "brokers").iterdir())
     assert brokers == ["central", "line-L1", "line-L2"]
+
+
+def test_a_city_on_the_embedded_broker_reconciles(tmp_path: Path) -> None:
+    """Without Mosquitto (or with ``--broker embedded``) the city runs on the in-process amqtt
+    broker: MQTT 3.1.1, one backend worker."""
+    summary_file = tmp_path / "summary.json"
+    result = farelab(
+        "city",
+        "--broker",
+        "embedded",
+        "--riders",
+        "20",
+        "--stations",
+        "3",
+        "--duration",
+        "10",
+        "--dir",
+        str(tmp_path / "city"),
+        "--json",
+        str(summary_file),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the embedded broker (amqtt, MQTT 3.1.1" in result.stderr
+    summary = json.loads(summary_file.read_text())
+    assert summary["reconciled"] is True
+    assert summary["taps"] > 0
+    assert summary["journalled"] > 0
+    assert summary["differences"] == []
+
+
+def _processes_of(folder: Path) -> list[str]:
+    """Command lines of the live (not zombie) processes that name ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            zombie = "State:\tZ" in (entry / "status").read_text()
+        except OSError:
+            continue
+        if str(folder) in cmdline and not zombie:
+            found.append(cmdline)
+    return found
+
+
+def _start_riding(folder: Path) -> subprocess.Popen[str]:
+    proc = start_farelab(
+        "city",
+        "--riders",
+        "15",
+        "--stations",
+        "2",
+        "--duration",
+        "120",
+        "--dir",
+        str(folder),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "riding:" in line:
+            return proc
+    raise AssertionError("the city ended before riding: " + proc.communicate()[1])
+
+
+def _gone(folder: Path, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_of(folder)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_an_interrupted_city_stops_every_process_and_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "city"
+    proc = _start_riding(folder)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted (SIGINT)" in err
+    assert "Traceback" not in err
+    assert _gone(folder, 10) == []
+
+
+def test_a_city_killed_outright_leaves_no_process_behind(tmp_path: Path) -> None:
+    folder = tmp_path / "city"
+    proc = _start_riding(folder)
+    assert _processes_of(folder)  # devices, backend, kiosk, broker
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert _gone(folder, 30) == []

@@ -27,7 +27,7 @@ from farelab.city._reconcile import (
     Reconciliation,
     reconcile,
 )
-from farelab.city._run import CityError, CityOptions, run_city
+from farelab.city._run import CityError, CityInterruptedError, CityOptions, run_city
 from farelab.city._topology import (
     CENTRAL,
     BridgedTopology,
@@ -50,6 +50,7 @@ __all__: list[str] = [
     "Child",
     "CityDevice",
     "CityError",
+    "CityInterruptedError",
     "CityOptions",
     "CityPlan",
     "Fault",

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from farelab.protocol import ending_with_parent
+
 __all__ = ["Child", "children_of"]
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class Child:
             raise RuntimeError(f"{self.name} is already running")
         await self._drain_readers()
         self._proc = await asyncio.create_subprocess_exec(
-            *self.argv,
+            *ending_with_parent(self.argv),  # no device outlives a killed city
             env=self.env,
             cwd=self.cwd,
             stdin=asyncio.subprocess.PIPE,

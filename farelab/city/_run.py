@@ -54,11 +54,15 @@ from farelab.city._reconcile import (
 from farelab.city._topology import CENTRAL, BridgedTopology, line_broker
 from farelab.validator import Network
 
-__all__ = ["CityError", "CityOptions", "run_city"]
+__all__ = ["CityError", "CityInterruptedError", "CityOptions", "run_city"]
 
 log = logging.getLogger("farelab.city")
 
 BACKEND_USER = "farelab-backend"
+DASHBOARD_LINE = "dashboard on http://"
+"""What ``farelab backend run --http`` says once its dashboard listens (the backend is up)."""
+EMBEDDED = "embedded"
+"""``--broker embedded``: the in-process amqtt broker instead of a Mosquitto of the city's own."""
 CHAOS_PER_MIN = 12.0
 """Faults a minute under --chaos, on average."""
 TAP_TIMEOUT = 120.0
@@ -69,6 +73,10 @@ RETRIES = 6
 
 class CityError(RuntimeError):
     """The city could not be set up or run (a message for the command line)."""
+
+
+class CityInterruptedError(CityError):
+    """SIGINT or SIGTERM stopped the city before its end (every process was stopped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +143,13 @@ class Process:
         ready: str,
         log_file: Path,
         env: Mapping[str, str] | None = None,
+        on_exit: Callable[[Process], None] | None = None,
     ) -> None:
+        """``on_exit``: told when the process ends without having been killed or stopped."""
         self.name = name
         self.ready_text = ready
+        self.on_exit = on_exit
+        self.expected = False  # a kill or stop is under way: its end is no news
         self.log_file = log_file
         self.child = Child(
             name,
@@ -152,6 +164,7 @@ class Process:
         self.restarts = 0
         self._ready = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self.up_once = False
 
     @property
     def pid(self) -> int | None:
@@ -179,10 +192,14 @@ class Process:
         await self.child.wait()
         self._fail_pending()  # whatever it did not answer, it never will
         self._ready.set()  # whoever waits for it to be ready finds it gone
+        if not self.expected and self.up_once and self.on_exit is not None:
+            self.on_exit(self)
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start it and wait until it says it is running."""
         self._ready.clear()
+        self.expected = False
+        self.up_once = False
         await self.child.start()
         self._watch = asyncio.create_task(self._watch_exit(), name=f"{self.name} exit")
         try:
@@ -193,6 +210,7 @@ class Process:
         if not self.child.running:
             last = " / ".join(list(self.child.stderr)[-3:])
             raise CityError(f"{self.name} exited at start (status {self.child.returncode}): {last}")
+        self.up_once = True
         self.up.set()
 
     async def request(
@@ -213,6 +231,7 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL, as a crash or a power cut."""
+        self.expected = True
         self.up.clear()
         self.child.kill()
 
@@ -226,6 +245,7 @@ class Process:
     async def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (a validator finishes its tap and stops), then SIGKILL if it does not; its
         exit status."""
+        self.expected = True
         self.up.clear()
         code = await self.child.stop(grace=timeout)
         if self._watch is not None:
@@ -300,7 +320,13 @@ class City:
         self.faults: list[dict[str, Any]] = []
         self.broker_host = "127.0.0.1"
         self.broker_port = 0
-        self.broker_url = options.broker or ""
+        self.external = options.broker not in (None, EMBEDDED)  # a broker the city did not start
+        self.embedded = False  # the in-process amqtt broker (MQTT 3.1.1) serves the city
+        self.stack = contextlib.AsyncExitStack()
+        self.http = ""  # where the backend's dashboard listens, once it does
+        self.fatal: str | None = None  # why the city must stop before its end
+        self.failed = asyncio.Event()
+        self.interrupted = False
         self.mosquitto: Any = None
         self.backend: Process | None = None
         self.stop_riders = asyncio.Event()
@@ -395,23 +421,32 @@ class City:
 
     async def start_broker(self) -> None:
         """Mosquitto on a free port with the registry's accounts (or the given broker)."""
-        if self.o.broker:
+        if self.external:
             self.say(f"broker: {self.o.broker} (given)")
             return
         from farelab.backend import (  # noqa: PLC0415
             BrokerError,
             Mosquitto,
             Store,
+            embedded_broker,
             find_dynsec_plugin,
             free_port,
             write_broker_config,
         )
 
-        if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-            raise CityError(
-                "mosquitto is not installed: install it (the README's install does), or give "
-                "--broker URL"
+        installed = shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+        if self.o.broker == EMBEDDED or not installed:
+            if self.o.topology == "bridged":
+                raise CityError("--topology bridged needs Mosquitto (the README's install has it)")
+            url = await self.stack.enter_async_context(embedded_broker())
+            self.embedded = True
+            self.broker_port = url.port
+            self.say(
+                f"broker: the embedded broker (amqtt, MQTT 3.1.1, no accounts, one backend "
+                f"worker) on 127.0.0.1:{url.port}"
+                + ("" if installed else ": Mosquitto is not installed")
             )
+            return
         if self.o.topology == "bridged":
             self._start_bridged()
             return
@@ -430,7 +465,7 @@ class City:
             )
         finally:
             store.close()
-        self.mosquitto = Mosquitto(folder, config=conf.read_text(), port=port)
+        self.mosquitto = Mosquitto(folder, config=conf.read_text(), port=port, with_parent=True)
         try:
             self.mosquitto.start()
         except BrokerError as exc:
@@ -470,12 +505,18 @@ class City:
                 folder / CENTRAL,
                 config=files[f"{CENTRAL}/mosquitto.conf"],
                 port=topology.central_port,
+                with_parent=True,
             )
             central.start()
             self.mosquitto = central
             for line, (port, _) in lines.items():
                 name = line_broker(line)
-                broker = Mosquitto(folder / name, config=files[f"{name}/mosquitto.conf"], port=port)
+                broker = Mosquitto(
+                    folder / name,
+                    config=files[f"{name}/mosquitto.conf"],
+                    port=port,
+                    with_parent=True,
+                )
                 broker.start()
                 self.line_brokers.append(broker)
         except BrokerError as exc:
@@ -489,14 +530,15 @@ class City:
 
     def device_url(self, who: str) -> str:
         """The broker URL a device (or the kiosk, or the backend) connects with."""
-        if self.o.broker:
-            return self.o.broker
+        if self.external:
+            return str(self.o.broker)
         port = self.broker_port
         if self.topology is not None:
             port = self.topology.device_broker(who)  # its station computer, or the central one
         if who in self.proxy_of:
             port = self.proxy_of[who].port(who)  # a device's link goes through the fault proxy
-        return f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{port}"
+        url = f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{port}"
+        return url + "?protocol=3.1.1" if self.embedded else url
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -520,30 +562,36 @@ class City:
             "--db",
             self.db,
             "--workers",
-            str(self.o.workers),
+            "1" if self.embedded else str(self.o.workers),  # 3.1.1: no shared subscriptions
             *issuers,
+            "--http",
+            self.o.http or "127.0.0.1:0",  # a free port: the backend says which
         ]
-        if self.o.http:
-            argv += ["--http", self.o.http]
         self.backend = Process(
             "backend",
             argv,
-            ready="worker(s) on",
+            ready=DASHBOARD_LINE,
             log_file=self.logs / "backend.log",
             env=self._env(),
+            on_exit=self._died,
         )
         await self.backend.start()
-        self.say(f"backend: {self.o.workers} workers, ledger {self.db}")
-        if self.o.http:
-            self.say(f"dashboard: http://{self.o.http}/")
+        line = next(x for x in reversed(self.backend.child.stderr) if DASHBOARD_LINE in x)
+        self.http = line.split(DASHBOARD_LINE, 1)[1].strip().rstrip("/")
+        workers = 1 if self.embedded else self.o.workers
+        self.say(f"backend: {workers} worker(s), ledger {self.db}")
+        self.say(f"dashboard: http://{self.http}/")
 
     async def start_proxy(self) -> None:
         """With chaos: the fault proxy, a port per device, between the devices and the broker."""
-        if not self.o.chaos or self.o.broker:
+        if not self.o.chaos or self.external:
             return
         for device in self.plan.devices:
-            upstream = self.device_url(device.id).rsplit(":", 1)[1]  # before the proxy is in
-            port = int(upstream)
+            port = (
+                self.broker_port
+                if self.topology is None
+                else self.topology.device_broker(device.id)
+            )
             proxy = self.proxies.get(port)
             if proxy is None:
                 proxy = self.proxies[port] = FaultProxy(upstream=(self.broker_host, port))
@@ -573,6 +621,7 @@ class City:
             ready="farelab topup: serving",
             log_file=self.logs / f"{self.plan.kiosk}.log",
             env=self._env(),
+            on_exit=self._died,
         )
         await self.kiosk.start()
 
@@ -596,6 +645,7 @@ class City:
                 ready="farelab validator: running",
                 log_file=self.logs / f"{device.id}.log",
                 env=env,
+                on_exit=self._died,
             )
         started = 0
         limit = asyncio.Semaphore(max(2, (os.cpu_count() or 2) * 2))
@@ -609,6 +659,24 @@ class City:
                 self.say(f"devices: {started}/{len(self.processes)} running")
 
         await asyncio.gather(*(one(p) for p in self.processes.values()))
+
+    def _died(self, proc: Process) -> None:
+        """A process of the city ended that nobody killed or stopped: the city cannot go on
+        as planned; say why, with its last words."""
+        last = " / ".join(list(proc.child.stderr)[-3:])
+        self.fail(f"{proc.name} exited by itself (status {proc.child.returncode}): {last}")
+
+    def interrupt(self, signal_name: str) -> None:
+        """SIGINT or SIGTERM: stop riding, stop every process, reconcile nothing."""
+        self.interrupted = True
+        self.fail(f"interrupted ({signal_name}): every process of the city was stopped")
+
+    def fail(self, why: str) -> None:
+        """Stop the riders: the city ends early, for ``why``."""
+        if self.fatal is None:
+            self.fatal = why
+        self.stop_riders.set()
+        self.failed.set()
 
     # -- the riders --
 
@@ -847,7 +915,7 @@ class City:
         deadline = time.monotonic() + timeout
         while True:
             left = sum(self.outbox_depths().values())
-            if left == 0 or time.monotonic() >= deadline:
+            if left == 0 or time.monotonic() >= deadline or self.fatal is not None:
                 return left
             await asyncio.sleep(0.5)
 
@@ -926,6 +994,7 @@ class City:
             self.mosquitto.stop()
         for broker in self.line_brokers:
             broker.stop()
+        await self.stack.aclose()
 
 
 class View:
@@ -949,9 +1018,9 @@ class View:
     def _fetch(self) -> dict[str, Any]:
         import urllib.request  # noqa: PLC0415
 
-        if not self.city.o.http:
+        if not self.city.http:
             return {}
-        url = f"http://{self.city.o.http}/api/state"
+        url = f"http://{self.city.http}/api/state"
         try:
             with urllib.request.urlopen(url, timeout=1.0) as answer:
                 doc = json.loads(answer.read())
@@ -1039,12 +1108,17 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         f"city: {options.network.name}, {len(plan.devices)} devices, {len(plan.riders)} riders, "
         f"work folder {options.folder}"
     )
+    loop = asyncio.get_running_loop()
+    for sig, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+        loop.add_signal_handler(sig, city.interrupt, name)
     try:
         await city.start_broker()
         await city.start_backend()
         await city.start_proxy()
         await city.start_devices()
         await city.start_kiosk()
+        if city.fatal is not None:
+            raise (CityInterruptedError if city.interrupted else CityError)(city.fatal)
         sim_start = datetime(
             plan.day.year, plan.day.month, plan.day.day, tzinfo=_cst()
         ) + timedelta(hours=options.start_hour)
@@ -1067,17 +1141,28 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
                 wall,
                 [d.id for d in plan.devices],
                 kiosks=(plan.kiosk,),
-                workers=options.workers,
+                workers=1 if city.embedded else options.workers,
                 rate_per_min=CHAOS_PER_MIN,
             )
-            if options.broker:
+            if city.external or city.embedded:
                 faults = [f for f in faults if f.kind != "kill_broker"]
             say(f"chaos: {len(faults)} faults over {wall:.0f} s (seed {options.seed})")
             start_iso = datetime.now(_cst()).isoformat(timespec="milliseconds")
             chaos = asyncio.create_task(city.chaos(clock, faults, start_iso))
         hotlists = asyncio.create_task(city.hotlists())
-        riders = [asyncio.create_task(city.rider_life(r, clock, end)) for r in plan.riders]
-        await asyncio.gather(*riders)
+        riders: asyncio.Future[list[None]] = asyncio.gather(
+            *(city.rider_life(r, clock, end) for r in plan.riders)
+        )
+        failing: asyncio.Future[Any] = asyncio.ensure_future(city.failed.wait())
+        await asyncio.wait([riders, failing], return_when=asyncio.FIRST_COMPLETED)
+        failing.cancel()
+        if city.fatal is not None:
+            for task in (riders, hotlists, view, *([chaos] if chaos else [])):
+                task.cancel()
+            await asyncio.gather(
+                riders, hotlists, view, *([chaos] if chaos else []), return_exceptions=True
+            )
+            raise (CityInterruptedError if city.interrupted else CityError)(city.fatal)
         hotlists.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await hotlists
@@ -1089,6 +1174,8 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
             await view
         say(f"riding done: {city.tally.taps} taps in {city.tap_wall:.1f} s; draining the outboxes")
         left = await city.drain()
+        if city.fatal is not None:
+            raise (CityInterruptedError if city.interrupted else CityError)(city.fatal)
         if left:
             say(f"{left} records still in the outboxes after 120 s")
     finally:

@@ -14,7 +14,8 @@ on disk, shared by both ends so that neither imports the other.
   :func:`void_message`, :func:`quote_message`, :func:`transfer_message`,
   :func:`refund_check_message`, :func:`refund_message` of a :func:`refund_record`).
 - :class:`Backoff`: capped, jittered exponential backoff for every reconnecting loop;
-  :func:`lines_of`: a blocking stream's lines (stdin) for an asyncio loop that must stop at once.
+  :func:`lines_of`: a blocking stream's lines (stdin) for an asyncio loop that must stop at once;
+  :func:`ending_with_parent`: a command line whose process ends with its parent.
 - Files: :func:`claim` marks and checks farelab's SQLite files (journal, ledger, kiosk journal).
 - The MQTT link both ends use (:class:`BrokerURL`, :func:`subscribe_or_raise`, …) is loaded
   on first use, so that importing the contract does not import an MQTT client.
@@ -26,6 +27,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from farelab.protocol._backoff import Backoff
+from farelab.protocol._children import ending_with_parent
 from farelab.protocol._files import FileKind, ForeignFileError, claim
 from farelab.protocol._lines import lines_of
 from farelab.protocol._loads import (
@@ -143,6 +145,7 @@ __all__ = [
     "encode_params",
     "encode_record",
     "encode_status",
+    "ending_with_parent",
     "honour_cancellation",
     "lines_of",
     "load_request_of",
