@@ -8,6 +8,11 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
   :class:`Decision`).
 - The device registry: :class:`DeviceEntry`, :func:`register`, :func:`lookup`,
   :func:`entries`, :func:`revoke`, :func:`hash_secret`, ``ROLES``.
+- Issuer profiles, data shipped in ``profiles.toml`` (:func:`load_profiles` →
+  :class:`IssuerProfile`, :class:`Duration`, :class:`ProfileError`,
+  :func:`working_days_after`), and the card-life core, pure (:class:`Card`, its events,
+  :func:`status` → :class:`CardStatus`, :func:`check` → :class:`Refusal`,
+  :func:`balance_moves_on`); docs/card-life.md.
 - Kiosks' loads: :func:`handle_load_message` (and :func:`ensure_schema` of its tables);
   :class:`LocalHost`, an in-process host with a ledger of its own.
 - The service: :func:`run_workers` (the ``farelab backend run`` supervisor), :func:`run_worker`,
@@ -46,9 +51,41 @@ from farelab.backend._brokerconfig import (
     write_broker_config,
 )
 from farelab.backend._ingest import Classified, Decision, LedgerView, classify, decide
+from farelab.backend._lifecycle import (
+    ACTIONS,
+    STATES,
+    Cancel,
+    Card,
+    CardStatus,
+    EcardIssue,
+    Event,
+    Exchange,
+    Found,
+    LifecycleError,
+    MakeFormal,
+    PinOk,
+    PinReset,
+    PinWrong,
+    Refund,
+    Refusal,
+    Renew,
+    Replace,
+    ReportLoss,
+    Unfreeze,
+    balance_moves_on,
+    check,
+    status,
+)
 from farelab.backend._loads import ensure_schema, handle_load_message
 from farelab.backend._localhost import LocalHost
 from farelab.backend._mosquitto import BrokerError, Mosquitto, free_port
+from farelab.backend._profiles import (
+    Duration,
+    IssuerProfile,
+    ProfileError,
+    load_profiles,
+    working_days_after,
+)
 from farelab.backend._registry import (
     ROLES,
     DeviceEntry,
@@ -70,28 +107,53 @@ if TYPE_CHECKING:
     from farelab.backend._service import ConfigurationError, instance_id, run_worker, run_workers
 
 __all__ = [
+    "ACTIONS",
     "ANOMALY_KEYS",
     "BACKEND_ACCOUNT",
     "DEFAULT_GROUP",
     "FORMATS",
     "OPEN_BROKER_RISKS",
     "ROLES",
+    "STATES",
     "Account",
     "Board",
     "BrokerError",
+    "Cancel",
+    "Card",
+    "CardStatus",
     "Classified",
     "Clearing",
     "ConfigurationError",
     "Dashboard",
     "Decision",
     "DeviceEntry",
+    "Duration",
+    "EcardIssue",
+    "Event",
+    "Exchange",
+    "Found",
     "IngestResult",
+    "IssuerProfile",
     "LedgerView",
+    "LifecycleError",
     "LocalHost",
+    "MakeFormal",
     "Mosquitto",
+    "PinOk",
+    "PinReset",
+    "PinWrong",
+    "ProfileError",
+    "Refund",
+    "Refusal",
+    "Renew",
+    "Replace",
+    "ReportLoss",
     "Store",
     "StoreError",
+    "Unfreeze",
     "accounts",
+    "balance_moves_on",
+    "check",
     "classify",
     "clear",
     "clear_ledger",
@@ -105,6 +167,7 @@ __all__ = [
     "handle_load_message",
     "hash_secret",
     "instance_id",
+    "load_profiles",
     "lookup",
     "next_params",
     "open_broker_warning",
@@ -117,6 +180,8 @@ __all__ = [
     "revoke",
     "run_worker",
     "run_workers",
+    "status",
+    "working_days_after",
     "write_broker_config",
 ]
 

@@ -496,7 +496,7 @@ def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str,
     profile = PROFILES.get(str(doc["profile"]))
     if profile is None:
         raise ValueError(
-            f"unknown issuer profile {str(doc['profile'])[:40]!r} (nanjing, hangzhou, changzhou)"
+            f"unknown issuer profile {str(doc['profile'])[:40]!r} ({', '.join(sorted(PROFILES))})"
         )
     today = (now or datetime.now(UTC)).astimezone(CST).date()
 

@@ -1,21 +1,23 @@
 """Replacement cards (R6): what happens to the transit balance of a lost or damaged card, by
-issuer profile, computed from the ledger.
+issuer profile (:mod:`farelab.backend._profiles`, docs/card-life.md), computed from the ledger.
 
 - Nanjing: a formal loss report freezes the wallet; its balance moves to the replacement one year
   after the report; on an exchange (damaged card) it moves after 7 working days.
 - Hangzhou: after a loss the transit function is re-opened on the new card without the old
   balance; on an exchange the balance moves.
-- Changzhou: the transit balance is refunded (退值) before a card is replaced; nothing moves.
+- Changzhou and Shanxi: the transit balance is refunded (退值) before a card is replaced; nothing
+  moves.
 
-"Working days" skip Saturdays and Sundays only: public holidays are not in farelab's data.
+Working days skip weekends and the profile's holidays (:func:`working_days_after`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 
+from farelab.backend._profiles import IssuerProfile, load_profiles, working_days_after
 from farelab.backend._store import Store
 from farelab.card import full_serial
 
@@ -23,35 +25,14 @@ __all__ = [
     "PROFILES",
     "CardTransaction",
     "Decision",
-    "Profile",
     "balance_after_history",
     "decide",
     "last_known_balance",
     "working_days_after",
 ]
 
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """An issuer's rules for a replacement card."""
-
-    name: str
-    loss_transfer: bool
-    loss_wait_days: int = 0
-    exchange_transfer: bool = True
-    exchange_wait_working_days: int = 0
-    refund_before_replacement: bool = False
-
-
-PROFILES = {
-    "nanjing": Profile(
-        "nanjing", loss_transfer=True, loss_wait_days=365, exchange_wait_working_days=7
-    ),
-    "hangzhou": Profile("hangzhou", loss_transfer=False),
-    "changzhou": Profile(
-        "changzhou", loss_transfer=False, exchange_transfer=False, refund_before_replacement=True
-    ),
-}
+# The shipped issuer profiles by name: the ones the host's transfer quotes know.
+PROFILES: dict[str, IssuerProfile] = load_profiles()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +44,6 @@ class Decision:
     amount_fen: int
     reason: str | None = None
     available_on: date | None = None
-
-
-def working_days_after(day: date, n: int) -> date:
-    """The date ``n`` working days (Monday to Friday) after ``day``."""
-    current = day
-    left = n
-    while left > 0:
-        current += timedelta(days=1)
-        if current.weekday() < 5:
-            left -= 1
-    return current
 
 
 _LOAD = 0x02
@@ -144,9 +114,10 @@ def last_known_balance(store: Store, card_serial: str) -> int | None:
 
 
 def decide(
-    profile: Profile, *, reason: str, reported: date, today: date, balance: int | None
+    profile: IssuerProfile, *, reason: str, reported: date, today: date, balance: int | None
 ) -> Decision:
-    """What may move to the replacement card today."""
+    """What may move to the replacement card today: ``reported`` is the day of the formal loss
+    report (``loss``) or of the exchange request (``exchange``)."""
     if reason not in ("loss", "exchange"):
         raise ValueError(f"reason must be loss or exchange, not {reason!r}")
     if profile.refund_before_replacement:
@@ -154,13 +125,13 @@ def decide(
     if balance is None:
         return Decision(0, "no_records")
     if reason == "loss":
-        if not profile.loss_transfer:
+        if profile.loss_balance_moves_after is None:
             return Decision(0, "no_transfer_after_loss")
-        available = reported + timedelta(days=profile.loss_wait_days)
+        available = profile.on(profile.loss_balance_moves_after, reported)
     else:
-        if not profile.exchange_transfer:
+        if profile.exchange_balance_moves_after is None:
             return Decision(0, "no_transfer")
-        available = working_days_after(reported, profile.exchange_wait_working_days)
+        available = profile.on(profile.exchange_balance_moves_after, reported)
     if today < available:
         return Decision(0, "not_yet", available)
     if balance <= 0:

@@ -17,7 +17,7 @@ import platformdirs
 
 from farelab._errors import CliError
 from farelab._options import trace_writer
-from farelab.backend import LocalHost, StoreError
+from farelab.backend import LocalHost, StoreError, load_profiles
 from farelab.card import (
     DEMO_ISSUER_ID,
     DEMO_KEYS,
@@ -129,9 +129,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="move a replaced card's balance onto its replacement (R6)",
         description="The host computes from its ledger what may move from the old card, by the "
         "issuer's profile (nanjing: one year after a loss report, 7 working days after an "
-        "exchange; hangzhou: nothing after a loss, everything on an exchange; changzhou: refund "
-        "instead), and authorizes it as a load on the new CARD. --json and the exit status "
-        "as for load.",
+        "exchange; hangzhou and haining: nothing after a loss, everything on an exchange; "
+        "changzhou and shanxi: refund instead; docs/card-life.md), and authorizes it as a load "
+        "on the new CARD. --json and the exit status as for load.",
     )
     transfer.add_argument("card", type=Path, nargs="?", metavar="CARD", help="the new card's image")
     transfer.add_argument("--reader", metavar="pcsc:NAME", help="take the card from a PC/SC reader")
@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="YYYY-MM-DD",
         help="the day of the loss report or of the exchange request",
     )
-    transfer.add_argument("--profile", required=True, choices=["nanjing", "hangzhou", "changzhou"])
+    transfer.add_argument("--profile", required=True, choices=sorted(load_profiles()))
     _common(transfer)
     transfer.add_argument("--json", action="store_true", help="print JSON for scripts")
     transfer.set_defaults(func=_transfer)
