@@ -73,8 +73,8 @@ from farelab.backend._lifecycle import (
     ReportLoss,
     Unfreeze,
     balance_moves_on,
-    check,
-    status,
+    card_status,
+    check_action,
 )
 from farelab.backend._loads import ensure_schema, handle_load_message
 from farelab.backend._localhost import LocalHost
@@ -153,7 +153,8 @@ __all__ = [
     "Unfreeze",
     "accounts",
     "balance_moves_on",
-    "check",
+    "card_status",
+    "check_action",
     "classify",
     "clear",
     "clear_ledger",
@@ -180,7 +181,6 @@ __all__ = [
     "revoke",
     "run_worker",
     "run_workers",
-    "status",
     "working_days_after",
     "write_broker_config",
 ]

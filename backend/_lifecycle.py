@@ -41,8 +41,8 @@ __all__ = [
     "ReportLoss",
     "Unfreeze",
     "balance_moves_on",
-    "check",
-    "status",
+    "card_status",
+    "check_action",
 ]
 
 State = Literal["active", "reported", "frozen", "replaced", "cancelled", "expired"]
@@ -556,7 +556,7 @@ def _life(card: Card, events: Sequence[Event], until: datetime | None = None) ->
     return life
 
 
-def check(card: Card, events: Sequence[Event], action: str, at: datetime) -> Refusal | None:
+def check_action(card: Card, events: Sequence[Event], action: str, at: datetime) -> Refusal | None:
     """Why ``action`` (one of :data:`ACTIONS`) may not be taken on ``card`` at ``at`` after its
     ``events``; None when it may. ValueError for an unknown action, LifecycleError for a history
     that could not have happened or that goes past ``at``."""
@@ -602,7 +602,7 @@ def balance_moves_on(card: Card, events: Sequence[Event]) -> date | None:
     return _moves_on(card, _life(card, events))
 
 
-def status(
+def card_status(
     card: Card, events: Sequence[Event], at: datetime, *, balance_fen: int | None = None
 ) -> CardStatus:
     """The card's status at ``at`` from its ``events`` (those after ``at`` are not yet).

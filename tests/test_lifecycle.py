@@ -30,9 +30,9 @@ from farelab.backend import (
     ReportLoss,
     Unfreeze,
     balance_moves_on,
-    check,
+    card_status,
+    check_action,
     load_profiles,
-    status,
 )
 from farelab.backend._transfer import decide
 from farelab.card import CST
@@ -51,7 +51,7 @@ def card(profile: str, issued: datetime | None = None) -> Card:
 
 def test_the_states_and_the_status_keys_are_the_contract() -> None:
     assert set(STATES) == {"active", "reported", "frozen", "replaced", "cancelled", "expired"}
-    got = status(card("nanjing"), [], at(2026, 2, 1), balance_fen=800).to_json()
+    got = card_status(card("nanjing"), [], at(2026, 2, 1), balance_fen=800).to_json()
     assert got == {
         "serial": "1001",
         "profile": "nanjing",
@@ -71,7 +71,7 @@ def test_r6_nanjing_formal_loss_moves_the_balance_exactly_one_year_after_the_rep
     c = card("nanjing")
     report = at(2026, 3, 10, 10, 30)
     events: list[Event] = [ReportLoss(report, "formal")]
-    frozen = status(c, events, report)
+    frozen = card_status(c, events, report)
     assert (frozen.state, frozen.transit_usable, frozen.social_security_usable) == (
         "frozen",
         False,
@@ -80,7 +80,7 @@ def test_r6_nanjing_formal_loss_moves_the_balance_exactly_one_year_after_the_rep
     events.append(Replace(at(2026, 3, 12, 9), "2002"))
     one_year_on = date(2027, 3, 10)  # the same calendar date a year later
     assert balance_moves_on(c, events) == one_year_on
-    replaced = status(c, events, at(2026, 3, 12, 9))
+    replaced = card_status(c, events, at(2026, 3, 12, 9))
     assert (replaced.state, replaced.replaced_by, replaced.balance_moves_on) == (
         "replaced",
         "2002",
@@ -129,16 +129,16 @@ def test_r6_nanjing_a_found_wallet_is_usable_seven_working_days_after_unfreezing
     c = card("nanjing")
     unfrozen = at(2026, 11, 20, 10)  # a Friday
     events: list[Event] = [ReportLoss(at(2026, 11, 18, 9), "formal"), Unfreeze(unfrozen)]
-    after = status(c, events, unfrozen)
+    after = card_status(c, events, unfrozen)
     assert (after.state, after.social_security_usable, after.transit_usable) == (
         "active",
         True,
         False,
     )
     usable = at(2026, 12, 1, 10)  # 23–27 Nov, 30 Nov, 1 Dec: the seventh working day
-    assert not status(c, events, usable - MINUTE).transit_usable
-    assert status(c, events, usable).transit_usable
-    refusal = check(c, events, "refund", usable - MINUTE)
+    assert not card_status(c, events, usable - MINUTE).transit_usable
+    assert card_status(c, events, usable).transit_usable
+    refusal = check_action(c, events, "refund", usable - MINUTE)
     assert refusal is not None
     assert refusal.reason == "wallet_waiting"
 
@@ -147,14 +147,14 @@ def test_r7_nanjing_phone_report_lapses_after_three_working_days_across_a_weeken
     c = card("nanjing")
     events: list[Event] = [ReportLoss(at(2026, 11, 20, 15), "phone")]  # a Friday
     lapses = at(2026, 11, 25, 15)  # Mon 23, Tue 24, Wed 25
-    before = status(c, events, lapses - MINUTE)
+    before = card_status(c, events, lapses - MINUTE)
     assert (before.state, before.reported_until, before.social_security_usable) == (
         "reported",
         lapses,
         False,
     )
     assert before.transit_usable  # a phone report blocks the social-security function only
-    after = status(c, events, lapses)
+    after = card_status(c, events, lapses)
     assert (after.state, after.social_security_usable) == ("active", True)
 
 
@@ -162,8 +162,8 @@ def test_r7_nanjing_phone_report_lapses_later_across_a_holiday() -> None:
     c = card("nanjing")
     events: list[Event] = [ReportLoss(at(2026, 4, 3, 10), "phone")]  # Fri before Qingming
     lapses = at(2026, 4, 9, 10)  # 4–6 Apr weekend and holiday; Tue 7, Wed 8, Thu 9
-    assert status(c, events, lapses - MINUTE).state == "reported"
-    assert status(c, events, lapses).state == "active"
+    assert card_status(c, events, lapses - MINUTE).state == "reported"
+    assert card_status(c, events, lapses).state == "active"
 
 
 def test_r7_a_phone_report_made_formal_in_time_freezes() -> None:
@@ -172,13 +172,13 @@ def test_r7_a_phone_report_made_formal_in_time_freezes() -> None:
         ReportLoss(at(2026, 11, 20, 15), "phone"),
         MakeFormal(at(2026, 11, 24, 9)),
     ]
-    assert status(c, events, at(2026, 12, 20)).state == "frozen"
+    assert card_status(c, events, at(2026, 12, 20)).state == "frozen"
 
 
 def test_r7_a_lapsed_phone_report_cannot_be_made_formal() -> None:
     c = card("nanjing")
     events: list[Event] = [ReportLoss(at(2026, 11, 20, 15), "phone")]
-    refusal = check(c, events, "make_formal", at(2026, 11, 25, 15))
+    refusal = check_action(c, events, "make_formal", at(2026, 11, 25, 15))
     assert refusal is not None
     assert refusal.reason == "no_phone_report"
     assert "lapsed" in refusal.detail
@@ -191,24 +191,24 @@ def test_r7_haining_phone_report_lasts_five_days_and_blocks_after_five_minutes()
     c = card("haining")
     report = at(2026, 11, 20, 15)
     events: list[Event] = [ReportLoss(report, "phone")]
-    assert status(c, events, report + timedelta(minutes=4)).social_security_usable
-    assert not status(c, events, report + timedelta(minutes=5)).social_security_usable
+    assert card_status(c, events, report + timedelta(minutes=4)).social_security_usable
+    assert not card_status(c, events, report + timedelta(minutes=5)).social_security_usable
     lapses = at(2026, 11, 25, 15)  # five calendar days, the weekend counted
-    assert status(c, events, lapses - MINUTE).state == "reported"
-    assert status(c, events, lapses).state == "active"
+    assert card_status(c, events, lapses - MINUTE).state == "reported"
+    assert card_status(c, events, lapses).state == "active"
 
 
 def test_r7_hangzhou_phone_report_lasts_48_hours_and_blocks_within_an_hour() -> None:
     c = card("hangzhou")
     report = at(2026, 11, 20, 15)
     events: list[Event] = [EcardIssue(at(2026, 2, 1)), ReportLoss(report, "phone")]
-    first = status(c, events, report)
+    first = card_status(c, events, report)
     assert (first.state, first.ecard) == ("reported", "suspended")  # R12: at once
     assert first.social_security_usable  # blocked at the latest an hour after the report
-    assert not status(c, events, report + timedelta(hours=1)).social_security_usable
+    assert not card_status(c, events, report + timedelta(hours=1)).social_security_usable
     lapses = report + timedelta(hours=48)
-    assert status(c, events, lapses - MINUTE).state == "reported"
-    back = status(c, events, lapses)
+    assert card_status(c, events, lapses - MINUTE).state == "reported"
+    back = card_status(c, events, lapses)
     assert (back.state, back.ecard, back.social_security_usable) == ("active", "usable", True)
 
 
@@ -221,14 +221,14 @@ def test_r5_a_lost_t_union_card_still_rides_while_social_security_is_blocked(
 ) -> None:
     c = card(profile)
     events: list[Event] = [ReportLoss(at(2026, 5, 6, 9), "formal")]
-    lost = status(c, events, at(2026, 5, 6, 9), balance_fen=1200)
+    lost = card_status(c, events, at(2026, 5, 6, 9), balance_fen=1200)
     assert (lost.state, lost.transit_usable, lost.social_security_usable) == (
         "frozen",
         True,
         False,
     )
     events.append(Replace(at(2026, 5, 7, 9), "2002"))
-    replaced = status(c, events, at(2026, 5, 8), balance_fen=1200)
+    replaced = card_status(c, events, at(2026, 5, 8), balance_fen=1200)
     assert (replaced.state, replaced.transit_usable, replaced.balance_moves_on) == (
         "replaced",
         True,
@@ -238,13 +238,13 @@ def test_r5_a_lost_t_union_card_still_rides_while_social_security_is_blocked(
 
 def test_r6_changzhou_refunds_before_an_exchange() -> None:
     c = card("changzhou")
-    refusal = check(c, [], "exchange", at(2026, 6, 1, 10))
+    refusal = check_action(c, [], "exchange", at(2026, 6, 1, 10))
     assert refusal is not None
     assert refusal.reason == "refund_first"
     events: list[Event] = [Refund(at(2026, 6, 1, 10))]
-    refunded = status(c, events, at(2026, 6, 1, 10), balance_fen=900)
+    refunded = card_status(c, events, at(2026, 6, 1, 10), balance_fen=900)
     assert (refunded.balance_fen, refunded.transit_usable) == (0, False)
-    assert check(c, events, "exchange", at(2026, 6, 1, 11)) is None
+    assert check_action(c, events, "exchange", at(2026, 6, 1, 11)) is None
     events.append(Exchange(at(2026, 6, 1, 11), "2002"))
     assert balance_moves_on(c, events) is None
 
@@ -265,9 +265,9 @@ def test_r6_hangzhou_after_a_loss_the_new_card_rides_three_days_later_without_th
         issued_after="loss",
     )
     opens = at(2026, 7, 4, 10)
-    assert not status(new, [], opens - MINUTE).transit_usable
-    assert status(new, [], opens).transit_usable
-    assert status(new, [], replaced).social_security_usable
+    assert not card_status(new, [], opens - MINUTE).transit_usable
+    assert card_status(new, [], opens).transit_usable
+    assert card_status(new, [], replaced).social_security_usable
 
 
 def test_r6_hangzhou_an_exchange_moves_the_balance_at_once() -> None:
@@ -281,7 +281,7 @@ def test_r6_hangzhou_an_exchange_moves_the_balance_at_once() -> None:
         replaces="1001",
         issued_after="exchange",
     )
-    assert status(new, [], at(2026, 7, 1, 10)).transit_usable
+    assert card_status(new, [], at(2026, 7, 1, 10)).transit_usable
 
 
 # --- R9: validity ---
@@ -290,16 +290,16 @@ def test_r6_hangzhou_an_exchange_moves_the_balance_at_once() -> None:
 def test_r9_a_card_expires_ten_years_after_issue() -> None:
     c = card("nanjing", issued=at(2026, 1, 15, 9))
     expiry = at(2036, 1, 15)
-    assert status(c, [], expiry - MINUTE).state == "active"
-    expired = status(c, [], expiry, balance_fen=500)
+    assert card_status(c, [], expiry - MINUTE).state == "active"
+    expired = card_status(c, [], expiry, balance_fen=500)
     assert (expired.state, expired.transit_usable, expired.social_security_usable) == (
         "expired",
         False,
         False,
     )
     assert expired.expires_on == date(2036, 1, 15)
-    assert check(c, [], "refund", expiry) is None  # the balance is still refundable
-    refusal = check(c, [], "report_loss", expiry)
+    assert check_action(c, [], "refund", expiry) is None  # the balance is still refundable
+    refusal = check_action(c, [], "report_loss", expiry)
     assert refusal is not None
     assert refusal.reason == "expired"
 
@@ -312,14 +312,14 @@ def test_r9_renewal_only_in_the_last_months_moves_the_balance() -> None:
     c = card("nanjing", issued=at(2026, 1, 15, 9))
     window = at(2035, 10, 15)  # three months before 15 Jan 2036 (renew_within_months)
     assert PROFILES["nanjing"].renew_within_months == 3
-    refusal = check(c, [], "renew", window - MINUTE)
+    refusal = check_action(c, [], "renew", window - MINUTE)
     assert refusal is not None
     assert refusal.reason == "not_due"
     assert "2035-10-15" in refusal.detail
-    assert check(c, [], "renew", window) is None
+    assert check_action(c, [], "renew", window) is None
     events: list[Event] = [Renew(at(2035, 11, 2, 10), "2002")]
     assert balance_moves_on(c, events) == date(2035, 11, 2)
-    assert status(c, events, at(2035, 11, 2, 10)).state == "replaced"
+    assert card_status(c, events, at(2035, 11, 2, 10)).state == "replaced"
 
 
 # --- R12: the electronic card ---
@@ -328,16 +328,16 @@ def test_r9_renewal_only_in_the_last_months_moves_the_balance() -> None:
 def test_r12_the_ecard_follows_the_physical_card() -> None:
     c = card("nanjing")
     events: list[Event] = [EcardIssue(at(2026, 2, 1))]
-    assert status(c, events, at(2026, 2, 1)).ecard == "usable"
-    again = check(c, events, "ecard_issue", at(2026, 2, 2))
+    assert card_status(c, events, at(2026, 2, 1)).ecard == "usable"
+    again = check_action(c, events, "ecard_issue", at(2026, 2, 2))
     assert again is not None
     assert again.reason == "ecard_bound"
     events.append(ReportLoss(at(2026, 3, 1, 9), "phone"))
-    assert status(c, events, at(2026, 3, 1, 9)).ecard == "suspended"
+    assert card_status(c, events, at(2026, 3, 1, 9)).ecard == "suspended"
     events.append(Found(at(2026, 3, 2, 9)))
-    assert status(c, events, at(2026, 3, 2, 9)).ecard == "usable"
+    assert card_status(c, events, at(2026, 3, 2, 9)).ecard == "usable"
     events += [ReportLoss(at(2026, 4, 1, 9), "formal"), Replace(at(2026, 4, 2, 9), "2002")]
-    assert status(c, events, at(2026, 4, 2, 9)).ecard == "none"
+    assert card_status(c, events, at(2026, 4, 2, 9)).ecard == "none"
     new = Card(
         serial="2002",
         profile=PROFILES["nanjing"],
@@ -345,14 +345,14 @@ def test_r12_the_ecard_follows_the_physical_card() -> None:
         replaces="1001",
         issued_after="loss",
     )
-    assert status(new, [], at(2026, 4, 2, 9)).ecard == "none"  # it is issued again
-    assert status(new, [EcardIssue(at(2026, 4, 3))], at(2026, 4, 3)).ecard == "usable"
+    assert card_status(new, [], at(2026, 4, 2, 9)).ecard == "none"  # it is issued again
+    assert card_status(new, [EcardIssue(at(2026, 4, 3))], at(2026, 4, 3)).ecard == "usable"
 
 
 def test_r12_a_cancelled_card_has_no_ecard() -> None:
     c = card("haining")
     events: list[Event] = [EcardIssue(at(2026, 2, 1)), Cancel(at(2026, 3, 1))]
-    cancelled = status(c, events, at(2026, 3, 1))
+    cancelled = card_status(c, events, at(2026, 3, 1))
     assert (cancelled.state, cancelled.ecard, cancelled.transit_usable) == (
         "cancelled",
         "none",
@@ -369,32 +369,32 @@ def test_r8_wrong_pins_in_one_day_lock_until_an_outlet_resets(profile: str, trie
     day = at(2026, 3, 3, 9)
     events: list[Event] = [EcardIssue(day)]
     events += [PinWrong(day + i * MINUTE) for i in range(1, tries)]
-    nearly = status(c, events, day + tries * MINUTE)
+    nearly = card_status(c, events, day + tries * MINUTE)
     assert (nearly.pin_locked, nearly.pin_tries_left) == (False, 1)
     events.append(PinWrong(day + tries * MINUTE))
-    locked = status(c, events, day + tries * MINUTE)
+    locked = card_status(c, events, day + tries * MINUTE)
     assert (locked.pin_locked, locked.social_security_usable, locked.ecard) == (
         True,
         False,
         "suspended",
     )
     assert locked.transit_usable  # the transit account has no PIN (R5)
-    refusal = check(c, events, "pin_wrong", at(2026, 3, 9))
+    refusal = check_action(c, events, "pin_wrong", at(2026, 3, 9))
     assert refusal is not None
     assert refusal.reason == "pin_locked"
     events.append(PinReset(at(2026, 3, 9)))
-    assert status(c, events, at(2026, 3, 9)).social_security_usable
+    assert card_status(c, events, at(2026, 3, 9)).social_security_usable
 
 
 def test_r8_wrong_pins_on_different_days_or_after_a_right_one_do_not_add_up() -> None:
     c = card("nanjing")
     events: list[Event] = [PinWrong(at(2026, 3, 3, 9, i)) for i in range(4)]
     events += [PinWrong(at(2026, 3, 4, 9))]
-    assert not status(c, events, at(2026, 3, 4, 9)).pin_locked
+    assert not card_status(c, events, at(2026, 3, 4, 9)).pin_locked
     events += [PinWrong(at(2026, 3, 4, 10, i)) for i in range(3)]
     events += [PinOk(at(2026, 3, 4, 11))]
     events += [PinWrong(at(2026, 3, 4, 12, i)) for i in range(4)]
-    assert not status(c, events, at(2026, 3, 4, 13)).pin_locked
+    assert not card_status(c, events, at(2026, 3, 4, 13)).pin_locked
 
 
 # --- actions in the wrong state ---
@@ -428,7 +428,7 @@ LATER = at(2026, 6, 1, 12)
 def test_an_action_in_the_wrong_state_is_refused_with_its_reason(
     history: Sequence[Event], action: str, reason: str
 ) -> None:
-    refusal = check(card("nanjing", issued=ISSUED), history, action, LATER)
+    refusal = check_action(card("nanjing", issued=ISSUED), history, action, LATER)
     assert refusal is not None
     assert (refusal.action, refusal.reason) == (action, reason)
     assert "1001" in refusal.detail
@@ -436,7 +436,7 @@ def test_an_action_in_the_wrong_state_is_refused_with_its_reason(
 
 @pytest.mark.parametrize("action", ACTIONS)
 def test_every_action_on_a_cancelled_card_is_refused(action: str) -> None:
-    refusal = check(card("nanjing"), [Cancel(at(2026, 5, 1))], action, LATER)
+    refusal = check_action(card("nanjing"), [Cancel(at(2026, 5, 1))], action, LATER)
     assert refusal is not None
     assert refusal.reason == "cancelled"
 
@@ -444,14 +444,14 @@ def test_every_action_on_a_cancelled_card_is_refused(action: str) -> None:
 @pytest.mark.parametrize("action", ACTIONS)
 def test_every_action_on_a_replaced_card_is_refused(action: str) -> None:
     history: list[Event] = [ReportLoss(at(2026, 5, 1), "formal"), Replace(at(2026, 5, 2), "2")]
-    refusal = check(card("nanjing"), history, action, LATER)
+    refusal = check_action(card("nanjing"), history, action, LATER)
     assert refusal is not None
     assert refusal.reason == "replaced"
     assert "2" in refusal.detail
 
 
 def test_an_action_before_the_card_was_issued_is_refused() -> None:
-    refusal = check(card("nanjing", issued=ISSUED), [], "report_loss", ISSUED - MINUTE)
+    refusal = check_action(card("nanjing", issued=ISSUED), [], "report_loss", ISSUED - MINUTE)
     assert refusal is not None
     assert refusal.reason == "not_issued"
 
@@ -459,22 +459,22 @@ def test_an_action_before_the_card_was_issued_is_refused() -> None:
 def test_a_history_that_cannot_have_happened_is_refused() -> None:
     c = card("nanjing")
     with pytest.raises(LifecycleError, match="unfreeze") as caught:
-        status(c, [Unfreeze(at(2026, 5, 1))], LATER)
+        card_status(c, [Unfreeze(at(2026, 5, 1))], LATER)
     assert caught.value.refusal is not None
     assert caught.value.refusal.reason == "not_frozen"
     out_of_order: list[Event] = [Refund(at(2026, 5, 2)), Cancel(at(2026, 5, 1))]
     with pytest.raises(LifecycleError, match="time order"):
-        status(c, out_of_order, LATER)
+        card_status(c, out_of_order, LATER)
     with pytest.raises(ValueError, match="unknown action"):
-        check(c, [], "lose", LATER)
+        check_action(c, [], "lose", LATER)
     with pytest.raises(ValueError, match="aware"):
-        status(c, [], datetime(2026, 5, 1))  # noqa: DTZ001
+        card_status(c, [], datetime(2026, 5, 1))  # noqa: DTZ001
 
 
 def test_events_after_the_moment_asked_about_are_not_yet() -> None:
     c = card("nanjing")
     events: list[Event] = [ReportLoss(at(2026, 5, 1), "formal")]
-    assert status(c, events, at(2026, 4, 30)).state == "active"
+    assert card_status(c, events, at(2026, 4, 30)).state == "active"
 
 
 @given(
@@ -494,5 +494,5 @@ def test_r7_a_nanjing_phone_report_lapses_at_the_same_time_on_the_third_working_
     lapses = datetime.combine(day, report.timetz())
     events: list[Event] = [ReportLoss(report, "phone")]
     c = card("nanjing")
-    assert status(c, events, lapses - MINUTE).state == "reported"
-    assert status(c, events, lapses).state == "active"
+    assert card_status(c, events, lapses - MINUTE).state == "reported"
+    assert card_status(c, events, lapses).state == "active"
