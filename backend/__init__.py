@@ -11,7 +11,7 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
 - Issuer profiles, data shipped in ``profiles.toml`` (:func:`load_profiles` →
   :class:`IssuerProfile`, :class:`Duration`, :class:`ProfileError`,
   :func:`working_days_after`), and the card-life core, pure (:class:`Card`, its events,
-  :func:`status` → :class:`CardStatus`, :func:`check` → :class:`Refusal`,
+  :func:`card_status` → :class:`CardStatus`, :func:`check_action` → :class:`Refusal`,
   :func:`balance_moves_on`); docs/card-life.md.
 - Kiosks' loads: :func:`handle_load_message` (and :func:`ensure_schema` of its tables);
   :class:`LocalHost`, an in-process host with a ledger of its own.
