@@ -13,6 +13,9 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
   :func:`working_days_after`), and the card-life core, pure (:class:`Card`, its events,
   :func:`card_status` → :class:`CardStatus`, :func:`check_action` → :class:`Refusal`,
   :func:`balance_moves_on`); docs/card-life.md.
+- Card records, the shell around that core (``farelab cards``): :func:`issue_card`,
+  :func:`card_action` (``CARD_ACTIONS``; a replacement's :class:`NewCard`), :func:`show_card`,
+  :func:`cards_by_state`; each action journalled once, its effect on the hotlist.
 - Kiosks' loads: :func:`handle_load_message` (and :func:`ensure_schema` of its tables);
   :class:`LocalHost`, an in-process host with a ledger of its own.
 - The service: :func:`run_workers` (the ``farelab backend run`` supervisor), :func:`run_worker`,
@@ -49,6 +52,14 @@ from farelab.backend._brokerconfig import (
     accounts,
     find_dynsec_plugin,
     write_broker_config,
+)
+from farelab.backend._cards import (
+    CARD_ACTIONS,
+    NewCard,
+    card_action,
+    cards_by_state,
+    issue_card,
+    show_card,
 )
 from farelab.backend._ingest import Classified, Decision, LedgerView, classify, decide
 from farelab.backend._lifecycle import (
@@ -110,6 +121,7 @@ __all__ = [
     "ACTIONS",
     "ANOMALY_KEYS",
     "BACKEND_ACCOUNT",
+    "CARD_ACTIONS",
     "DEFAULT_GROUP",
     "FORMATS",
     "OPEN_BROKER_RISKS",
@@ -139,6 +151,7 @@ __all__ = [
     "LocalHost",
     "MakeFormal",
     "Mosquitto",
+    "NewCard",
     "PinOk",
     "PinReset",
     "PinWrong",
@@ -153,7 +166,9 @@ __all__ = [
     "Unfreeze",
     "accounts",
     "balance_moves_on",
+    "card_action",
     "card_status",
+    "cards_by_state",
     "check_action",
     "classify",
     "clear",
@@ -168,6 +183,7 @@ __all__ = [
     "handle_load_message",
     "hash_secret",
     "instance_id",
+    "issue_card",
     "load_profiles",
     "lookup",
     "next_params",
@@ -181,6 +197,7 @@ __all__ = [
     "revoke",
     "run_worker",
     "run_workers",
+    "show_card",
     "working_days_after",
     "write_broker_config",
 ]

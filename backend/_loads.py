@@ -13,9 +13,12 @@ revoked one ``revoked``, a validator (or a kiosk without the kind: ``load`` for 
 transfers, ``refund`` for refunds) ``wrong_role``, and a request whose terminal is not the
 registered kiosk's ``wrong_terminal``.  The host loads no card on its own hotlist; a transfer
 (R6) moves one old card's balance once, onto another card that is neither hotlisted, replaced,
-nor already given a transfer.  A balance that has moved is not paid out in cash as well: a
-kiosk asks ``{"id", "op": "refund_check", "card_serial", "terminal"}`` before it empties a card
-(``{"result": "ok"}`` or refused ``already_transferred``), and ``refund`` is refused so too.
+nor already given a transfer.  When the ledger records the old card's life (``farelab cards``)
+its events decide: the new card must be the one that replaced it, and the balance moves from the
+day the card-life core gives, whatever day the kiosk reports.  A balance that has moved is not
+paid out in cash as well: a kiosk asks ``{"id", "op": "refund_check", "card_serial",
+"terminal"}`` before it empties a card (``{"result": "ok"}`` or refused
+``already_transferred``), and ``refund`` is refused so too.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
+from farelab.backend._cards import transfer_terms
 from farelab.backend._ingest import Stored, expected_tac
 from farelab.backend._registry import lookup
 from farelab.backend._store import LEDGER_COLUMNS, Store, ledger_row
-from farelab.backend._transfer import PROFILES, decide, last_known_balance
+from farelab.backend._transfer import PROFILES, decide, decide_from, last_known_balance
 from farelab.card import CST, LoadAuthority, LoadAuthorization, TacVerifier
 from farelab.protocol import Record, card_serial_of, load_request_of
 
@@ -518,13 +522,21 @@ def _quote(store: Store, doc: dict[str, Any], now: datetime | None) -> dict[str,
         refusal = _target_refusal(store, old, card_serial_of(doc["card_serial"]))
         if refusal is not None:
             return nothing(refusal["reason"])
-    decision = decide(
-        profile,
-        reason=str(doc["reason"]),
-        reported=date.fromisoformat(str(doc["reported"])),
-        today=today,
-        balance=last_known_balance(store, old),
-    )
+    balance = last_known_balance(store, old)
+    terms = transfer_terms(store, old, new=new, reason=str(doc["reason"]), profile=profile.name)
+    if terms is None:
+        decision = decide(
+            profile,
+            reason=str(doc["reason"]),
+            reported=date.fromisoformat(str(doc["reported"])),
+            today=today,
+            balance=balance,
+        )
+    elif terms[1] is None:
+        return nothing(terms[0] or "no_transfer")
+    else:
+        # The card's life is in the ledger: its events, not the kiosk's word, say the day.
+        decision = decide_from(terms[1], today=today, balance=balance)
     return {
         "result": "quote",
         "old_serial": old,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
+from farelab.backend._cards import cards_by_state
 from farelab.backend._ingest import SEQ_JUMP
 from farelab.backend._store import Store
 
@@ -144,4 +146,5 @@ def report(store: Store) -> dict[str, Any]:
         "balance_anomaly_details": anomalies[:100],
         "by_operator": dict(by_operator),
         "by_issuer": by_issuer,
+        "cards_by_state": cards_by_state(store, datetime.now(UTC)),
     }

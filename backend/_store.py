@@ -112,6 +112,29 @@ CREATE TABLE IF NOT EXISTS devices (
     revoked INTEGER NOT NULL,
     changed_ms BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cards (
+    serial TEXT PRIMARY KEY,
+    issuer TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    issued TEXT NOT NULL,
+    replaces TEXT NOT NULL,
+    issued_after TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS card_events (
+    id TEXT PRIMARY KEY,
+    card_serial TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    action TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    new_serial TEXT NOT NULL,
+    at TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    result TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    recorded_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS card_events_card ON card_events (card_serial, at_ms, n);
 """
 
 SQLITE_PAGE_SIZE = 1024

@@ -27,6 +27,7 @@ __all__ = [
     "Decision",
     "balance_after_history",
     "decide",
+    "decide_from",
     "last_known_balance",
     "working_days_after",
 ]
@@ -132,6 +133,14 @@ def decide(
         if profile.exchange_balance_moves_after is None:
             return Decision(0, "no_transfer")
         available = profile.on(profile.exchange_balance_moves_after, reported)
+    return decide_from(available, today=today, balance=balance)
+
+
+def decide_from(available: date, *, today: date, balance: int | None) -> Decision:
+    """What may move today when the balance moves from ``available`` on (the day the card's
+    recorded events give, or :func:`decide`'s from the profile and the day reported)."""
+    if balance is None:
+        return Decision(0, "no_records")
     if today < available:
         return Decision(0, "not_yet", available)
     if balance <= 0:
