@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the top-up kiosk: host-authorized loads under the 1000-yuan cap",
     ),
     "backend": ("farelab._backend", "the clearing backend: ingest uploads, report on the ledger"),
+    "cards": (
+        "farelab._cards",
+        "card records: issue, report lost, replace, refund, cancel; status and e-card",
+    ),
     "bench": (
         "farelab._bench",
         "measure tap latency, throughput and memory against their budgets",
