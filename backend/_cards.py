@@ -320,6 +320,29 @@ def card_action(
         raise ValueError(f"{', '.join(_NEW_CARD)}, and only they, take the new card")
     new_serial = new.serial if new is not None else ""
     event_id = _event_id(serial, action, at, kind or "", new_serial)
+    for attempt in range(5):
+        try:
+            return _act(store, serial, action, at, event_id, kind=kind, new=new)
+        except store.integrity_errors:
+            # The same action written by another process in the same instant (PostgreSQL):
+            # the next attempt finds its answer and gives it.
+            if attempt == 4:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise RuntimeError("unreachable")
+
+
+def _act(
+    store: Store,
+    serial: str,
+    action: str,
+    at: datetime,
+    event_id: str,
+    *,
+    kind: Literal["phone", "formal"] | None,
+    new: NewCard | None,
+) -> dict[str, Any]:
+    new_serial = new.serial if new is not None else ""
     with store.transaction():
         again = _recorded(store, event_id)
         if again is not None:

@@ -521,6 +521,11 @@ class Store:
             types = self._types[key] = [found[name.strip()] for name in columns.split(",")]
         return types
 
+    @property
+    def integrity_errors(self) -> tuple[type[Exception], ...]:
+        """What the driver raises when a write breaks a key: another writer got there first."""
+        return self._integrity
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One database transaction (writers serialise on SQLite)."""
