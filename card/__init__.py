@@ -4,8 +4,8 @@
   operating system as a pure function; :class:`SimulatedCard` wraps it with a store and presents
   it to a transport.
 - The terminal end: :class:`ReadCard`, :class:`Purchase`, :class:`Load`,
-  :class:`TransactionProof`, :class:`BlockApplication` are sans-IO flows; :class:`Psam` holds the
-  purchase keys.
+  :class:`TransactionProof`, :class:`BlockApplication`, :class:`PinReset` are sans-IO flows;
+  :class:`Psam` holds the purchase and maintenance keys.
 - The host end: :class:`LoadAuthority` (load keys), :class:`TacVerifier` (TAC keys).
 - Transports behind :class:`Reader`: :class:`InProcessReader`; :class:`ViccClient` presents a
   card to a vpcd virtual reader (:func:`vicc_serve`, :func:`vicc_tap`); :class:`PcscReader` reads
@@ -120,6 +120,8 @@ from farelab.card._terminal import (
     LoadDone,
     LoadRequest,
     NeedAuthorization,
+    PinReset,
+    PinResetDone,
     ProofFound,
     ProofMissing,
     Purchase,
@@ -223,6 +225,8 @@ __all__ = [
     "Outcome",
     "PcscReader",
     "PcscdError",
+    "PinReset",
+    "PinResetDone",
     "Proof",
     "ProofFound",
     "ProofMissing",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from farelab.card._apdu import SW, Command, Response, parse_response
-from farelab.card._applet import TRANSIT_AID
+from farelab.card._applet import SOCIAL_AID, TRANSIT_AID, is_weak_pin
 from farelab.card._crypto import Alg
 from farelab.card._files import CST, PublicInfo, TxType, bcd_date, bcd_time
 from farelab.card._psam import Psam, PsamError, PurchaseTicket
@@ -34,6 +34,8 @@ __all__ = [
     "LoadDone",
     "LoadRequest",
     "NeedAuthorization",
+    "PinReset",
+    "PinResetDone",
     "ProofFound",
     "ProofMissing",
     "Purchase",
@@ -59,6 +61,7 @@ class Step(enum.StrEnum):
     PROOF = "PROOF"
     CHALLENGE = "CHALLENGE"
     BLOCK = "BLOCK"
+    PIN_RESET = "PIN_RESET"
 
 
 class FlowError(RuntimeError):
@@ -641,7 +644,79 @@ class BlockApplication:
         return Transmit(header + code, Step.BLOCK)
 
 
-def drive(reader: Reader, flow: ReadCard | Purchase | TransactionProof) -> object:
+@dataclass(frozen=True, slots=True)
+class PinResetDone:
+    """The card took the new social-security PIN: its wrong tries are cleared and it is
+    unlocked (R8)."""
+
+
+class PinReset:
+    """The outlet's PIN reset (R8): SELECT the social-security application → GET CHALLENGE →
+    RESET RETRY COUNTER with the new PIN and the MAC under the PSAM's maintenance key.
+
+    ``card`` is the transit application's snapshot (a :class:`ReadCard` first): the MAC key is
+    diversified from its issuer id and serial, for its purse algorithm. A weak PIN (six identical
+    or six consecutive digits) is refused ``weak_pin`` before anything is sent.
+    """
+
+    def __init__(self, *, psam: Psam, card: CardSnapshot, new_pin: str) -> None:
+        if card.alg is None:
+            raise ValueError("the card's purse algorithm is unknown (no DF01 in its FCI)")
+        if len(new_pin) != 6 or not new_pin.isdigit():
+            raise ValueError("a social-security PIN is 6 digits")
+        self._psam = psam
+        self._card = card
+        self._alg = card.alg
+        self._pin = bytes.fromhex(new_pin)
+        self._weak = is_weak_pin(new_pin)
+        self._state = "new"
+
+    def start(self) -> Transmit | Refused:
+        """SELECT the social-security application, or the refusal of a weak PIN."""
+        if self._state != "new":
+            raise FlowError("PinReset.start() called twice")
+        if self._weak:
+            self._state = "done"
+            return Refused(Step.PIN_RESET, 0, "weak_pin")
+        self._state = "select"
+        return Transmit(Command(0x00, 0xA4, 0x04, 0x00, SOCIAL_AID, 256).encode(), Step.SELECT)
+
+    def receive(self, rapdu: bytes) -> Transmit | PinResetDone | Refused:
+        """Feed the card's answer."""
+        step = {
+            "select": Step.SELECT,
+            "challenge": Step.CHALLENGE,
+            "reset": Step.PIN_RESET,
+        }.get(self._state)
+        if step is None:
+            raise FlowError(f"PinReset.receive() in state {self._state}")
+        response = _answer(rapdu, step)
+        if isinstance(response, Refused) or not response.ok:
+            self._state = "done"
+            return response if isinstance(response, Refused) else _refused(step, response)
+        if step is Step.SELECT:
+            self._state = "challenge"
+            return Transmit(bytes.fromhex("0084000004"), Step.CHALLENGE)
+        if step is Step.PIN_RESET:
+            self._state = "done"
+            return PinResetDone()
+        header = bytes((0x84, 0x2C, 0x00, 0x00, len(self._pin) + 4))
+        try:
+            code = self._psam.maintenance_mac(
+                alg=self._alg,
+                issuer_id=self._card.issuer_id,
+                serial8=self._card.public.serial8,
+                challenge=response.data,
+                message=header + self._pin,
+            )
+        except PsamError:
+            self._state = "done"
+            return Refused(step, 0, "psam_error")
+        self._state = "reset"
+        return Transmit(header + self._pin + code, Step.PIN_RESET)
+
+
+def drive(reader: Reader, flow: ReadCard | Purchase | TransactionProof | PinReset) -> object:
     """Run a flow that needs nothing but the card to its end; returns its final event."""
     event: object = flow.start()
     while isinstance(event, Transmit):

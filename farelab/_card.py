@@ -117,6 +117,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="TOML file of issuer master keys: purchase, load, tac, maintenance "
         "(32 hex digits each) and an optional integer version",
     )
+    new.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="issuer profile (docs/card-life.md) whose social-security initial PIN and daily "
+        "try limit the card takes (R8; default: 888888 and 5)",
+    )
     new.add_argument("--force", action="store_true", help="overwrite an existing PATH")
     new.set_defaults(func=_new)
 
@@ -332,6 +338,22 @@ def _new(args: argparse.Namespace) -> int:
         raise CliError(f"--serial must be 1 to 20 digits, got {shown(serial)}")
     issued = _parse_day(args.issued, "--issued") or datetime.now(CST).date()
     expires = _parse_day(args.expires, "--expires")
+    pin_rules: dict[str, Any] = {}
+    if args.profile is not None:
+        # Only here: the backend's import would slow every other card command.
+        from farelab.backend import load_profiles  # noqa: PLC0415
+
+        profiles = load_profiles()
+        profile = profiles.get(args.profile)
+        if profile is None:
+            raise CliError(
+                f"--profile {shown(args.profile)} is not a profile "
+                f"(one of {', '.join(sorted(profiles))})"
+            )
+        pin_rules = {
+            "initial_pin": profile.initial_pin,
+            "pin_try_limit": profile.pin_tries_per_day,
+        }
     try:
         image = personalise(
             serial=serial,
@@ -342,6 +364,7 @@ def _new(args: argparse.Namespace) -> int:
             expires=expires,
             issuer_id=issuer,
             keys=keys,
+            **pin_rules,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -355,9 +378,10 @@ def _new(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     public = image.public
+    profile_note = f", {args.profile} profile" if args.profile is not None else ""
     print(
-        f"card {public.serial} ({public.card_type.label}, {image.alg.label}) written to "
-        f"{describe_path(path)}: "
+        f"card {public.serial} ({public.card_type.label}, {image.alg.label}{profile_note}) "
+        f"written to {describe_path(path)}: "
         f"balance {fen_to_yuan(image.balance)} yuan, valid {public.start} to {public.expiry}"
     )
     return 0
