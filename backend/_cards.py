@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from farelab.backend._lifecycle import (
     Found,
     LifecycleError,
     MakeFormal,
+    PinReset,
     Refund,
     Renew,
     Replace,
@@ -69,6 +70,7 @@ CARD_ACTIONS: tuple[str, ...] = (
     "renew",
     "cancel",
     "ecard_issue",
+    "pin_reset",
 )
 _NEW_CARD = ("replace", "exchange", "renew")
 _ISSUED_AFTER: dict[str, Literal["loss", "exchange", "renewal"]] = {
@@ -139,13 +141,16 @@ def _event(action: str, kind: str, new_serial: str, at_text: str) -> Event:
         return Exchange(at, new_serial)
     if action == "renew":
         return Renew(at, new_serial)
-    simple: dict[str, type[MakeFormal | Found | Unfreeze | Refund | Cancel | EcardIssue]] = {
+    simple: dict[
+        str, type[MakeFormal | Found | Unfreeze | Refund | Cancel | EcardIssue | PinReset]
+    ] = {
         "make_formal": MakeFormal,
         "found": Found,
         "unfreeze": Unfreeze,
         "refund": Refund,
         "cancel": Cancel,
         "ecard_issue": EcardIssue,
+        "pin_reset": PinReset,
     }
     return simple[action](at)
 
@@ -305,13 +310,19 @@ def card_action(
     *,
     kind: Literal["phone", "formal"] | None = None,
     new: NewCard | None = None,
+    on_card: Callable[[], tuple[str, str] | None] | None = None,
 ) -> dict[str, Any]:
     """Take ``action`` (one of :data:`CARD_ACTIONS`) on card ``serial`` at ``at``, if the core
     allows it: ``{"result": "done", "reason": null, "action", …the card's status}`` (a
     replacement also ``new_serial`` and ``fee_fen``), or ``{"result": "refused", "reason",
     "detail", …}`` with the core's reason, ``unknown_card``, ``before_last_event``,
     ``new_card_known`` or ``not_new``. ``kind`` is a loss report's; ``new`` the card that
-    replaces this one (replace, exchange, renew)."""
+    replaces this one (replace, exchange, renew).
+
+    ``on_card`` does the action on the card itself (the PIN reset), once the core allowed it
+    and before it is journalled: None when the card took it, else the card's reason and a
+    sentence, journalled as the refusal. A repeated action is answered from the journal
+    without it."""
     if action not in CARD_ACTIONS:
         raise ValueError(f"unknown action {action!r} (one of {', '.join(CARD_ACTIONS)})")
     if (action == "report_loss") != (kind is not None):
@@ -322,7 +333,7 @@ def card_action(
     event_id = _event_id(serial, action, at, kind or "", new_serial)
     for attempt in range(5):
         try:
-            return _act(store, serial, action, at, event_id, kind=kind, new=new)
+            return _act(store, serial, action, at, event_id, kind=kind, new=new, on_card=on_card)
         except store.integrity_errors:
             # The same action written by another process in the same instant (PostgreSQL):
             # the next attempt finds its answer and gives it.
@@ -341,6 +352,7 @@ def _act(
     *,
     kind: Literal["phone", "formal"] | None,
     new: NewCard | None,
+    on_card: Callable[[], tuple[str, str] | None] | None,
 ) -> dict[str, Any]:
     new_serial = new.serial if new is not None else ""
     with store.transaction():
@@ -373,6 +385,10 @@ def _act(
                 return _refuse(store, event_id, at, answer)
         if refusal is not None:
             answer = _refused(serial, action, refusal.reason, refusal.detail)
+            return _refuse(store, event_id, at, answer)
+        card_refusal = on_card() if on_card is not None else None
+        if card_refusal is not None:
+            answer = _refused(serial, action, *card_refusal)
             return _refuse(store, event_id, at, answer)
         events.append(_event(action, kind or "", new_serial, at.isoformat()))
         status = _status(store, card, events, at)

@@ -1,7 +1,7 @@
 """``farelab cards``: a card's life in the backend's records — issue, report lost, find,
-un-freeze, replace, exchange, refund, renew, cancel, the e-card — each action checked by the
-card-life core, journalled once, and carried to the devices through the ledger's hotlist
-(docs/card-life.md)."""
+un-freeze, replace, exchange, refund, renew, cancel, the e-card, the PIN reset — each action
+checked by the card-life core, journalled once, and carried to the devices through the ledger's
+hotlist (docs/card-life.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,28 @@ from farelab.backend import (
     load_profiles,
     show_card,
 )
-from farelab.card import CST, ImageError, fen_to_yuan, load_image
+from farelab.card import (
+    CST,
+    DEMO_KEYS,
+    CardSnapshot,
+    ImageError,
+    InProcessReader,
+    IssuerKeys,
+    KeysFileError,
+    PinReset,
+    PinResetDone,
+    Psam,
+    PsamKeys,
+    ReadCard,
+    Reader,
+    ReaderError,
+    Refused,
+    SimulatedCard,
+    drive,
+    fen_to_yuan,
+    load_image,
+    load_keys_file,
+)
 from farelab.protocol import card_serial_of
 
 __all__ = ["register"]
@@ -99,6 +120,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             )
         _common(cmd)
         cmd.set_defaults(func=_act, action=action)
+    _pin_reset_parser(cmds)
+
+
+def _pin_reset_parser(cmds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doc = "reset the card's social-security PIN at an outlet (unlocks it, R8)"
+    cmd = cmds.add_parser(
+        "pin-reset",
+        help=doc,
+        description=f"Reset the card's social-security PIN at an outlet (unlocks it, R8): "
+        f"checked by the card-life core, then written to the card with RESET RETRY COUNTER "
+        f"under the issuer's maintenance key, then journalled. The PIN is never printed. "
+        f"{_OUTCOME}",
+    )
+    cmd.add_argument("serial", metavar="SERIAL", help="the card's serial")
+    where = cmd.add_mutually_exclusive_group(required=True)
+    where.add_argument("--card", type=Path, metavar="CARD", help="the card's image")
+    where.add_argument(
+        "--reader", metavar="pcsc:NAME", help="the card in this PC/SC reader instead"
+    )
+    cmd.add_argument(
+        "--new-pin",
+        required=True,
+        metavar="NNNNNN",
+        help="the new PIN, 6 digits, neither six identical nor six consecutive ones",
+    )
+    cmd.add_argument(
+        "--keys",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of the issuer's master keys (its maintenance key signs the reset; "
+        "default: the demo issuer's)",
+    )
+    _common(cmd)
+    cmd.set_defaults(func=_pin_reset, action="pin_reset")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -225,4 +280,76 @@ def _act(args: argparse.Namespace) -> int:
         )
     finally:
         store.close()
+    return _print(args, answer)
+
+
+def _pin_reader(args: argparse.Namespace) -> tuple[Reader, SimulatedCard | None]:
+    """The reader the card is in, and the simulated card when it is an image file."""
+    if args.reader is not None:
+        if not args.reader.startswith("pcsc:"):
+            raise CliError(f"--reader {args.reader[:40]!r} is not pcsc:NAME")
+        from farelab.card import PcscReader  # noqa: PLC0415 - pyscard only for PC/SC readers
+
+        try:
+            return PcscReader(args.reader.removeprefix("pcsc:")), None
+        except ReaderError as exc:
+            raise CliError(str(exc)) from None
+    try:
+        sim = SimulatedCard.from_file(args.card)
+    except ImageError as exc:
+        raise CliError(f"--card: {exc}") from None
+    reader = InProcessReader()
+    reader.insert(sim)
+    return reader, sim
+
+
+def _reset_on_card(
+    reader: Reader, serial: str, keys: IssuerKeys, pin: str
+) -> tuple[str, str] | None:
+    """The PIN reset on the card in ``reader``: None when it took it, else why not."""
+    try:
+        snap = drive(reader, ReadCard(records=()))
+        if not isinstance(snap, CardSnapshot):
+            return "card_error", "the card's transit application could not be read"
+        if snap.serial != serial:
+            return "wrong_card", f"the card presented is {snap.serial}, not {serial}"
+        psam = Psam(terminal_id=bytes(6), issuers={snap.issuer_id: PsamKeys.of(keys)})
+        result = drive(reader, PinReset(psam=psam, card=snap, new_pin=pin))
+    except (ReaderError, ImageError) as exc:
+        return "card_error", str(exc)
+    if isinstance(result, PinResetDone):
+        return None
+    if isinstance(result, Refused) and result.reason == "weak_pin":
+        return "weak_pin", "the new PIN is six identical or six consecutive digits (R8)"
+    if isinstance(result, Refused):
+        return result.reason, f"the card refused the PIN reset ({result.sw_hex})"
+    return "card_error", "the PIN reset ended without an answer"
+
+
+def _pin_reset(args: argparse.Namespace) -> int:
+    at = _moment(args.at)
+    serial = _serial(args.serial)
+    pin: str = args.new_pin
+    if len(pin) != 6 or not pin.isdigit():
+        raise CliError("--new-pin must be 6 digits")
+    keys: IssuerKeys = DEMO_KEYS
+    if args.keys is not None:
+        try:
+            keys = load_keys_file(args.keys)
+        except KeysFileError as exc:
+            raise CliError(str(exc)) from None
+    reader, sim = _pin_reader(args)
+    store = _store(args.db)
+    try:
+        answer = card_action(
+            store,
+            serial,
+            "pin_reset",
+            at,
+            on_card=lambda: _reset_on_card(reader, serial, keys, pin),
+        )
+    finally:
+        store.close()
+        if sim is not None:
+            sim.close()
     return _print(args, answer)

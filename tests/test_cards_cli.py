@@ -5,6 +5,7 @@ its effects on the ledger's hotlist and on ``topup transfer`` (R5–R7, R12; doc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from farelab._devices import entry_of
-from farelab.backend import Store, classify, register
+from farelab.backend import Store, classify, load_profiles, register
 from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier, load_image, personalise, save_image
 from farelab.protocol import Batch
 from tests.cli_support import ROOT
@@ -377,3 +378,125 @@ def test_a_hotlist_entry_the_host_made_stays(tmp_path: Path) -> None:
     status = cards(tmp_path, "status", OLD, at="2026-02-01T10:00+08:00")
     assert (status["state"], status["transit_usable"]) == ("active", True)
     assert hotlist(tmp_path) == {OLD: "clone"}
+
+
+# --- the outlet's PIN reset (R8) -----------------------------------------------------------------
+
+
+def locked_card(folder: Path, serial: str, profile: str) -> Path:
+    """An issued card image whose PIN the holder changed (271828), then locked with the
+    profile's try limit of wrong entries."""
+    limits = load_profiles()[profile]
+    image = personalise(
+        serial=serial,
+        issued=date(2026, 1, 1),
+        initial_pin=limits.initial_pin,
+        pin_try_limit=limits.pin_tries_per_day,
+    )
+    social = dataclasses.replace(
+        image.social,
+        pin="271828",
+        failures=limits.pin_tries_per_day,
+        failure_day=date(2026, 3, 2),
+        locked=True,
+    )
+    path = folder / f"locked-{serial}.json"
+    save_image(path, image.replace(social=social))
+    return path
+
+
+def pin_reset(folder: Path, card: Path, pin: str, *args: str, at: str) -> dict[str, Any]:
+    return cards(folder, "pin-reset", OLD, "--card", str(card), "--new-pin", pin, *args, at=at)
+
+
+def done_rows(folder: Path, action: str) -> int:
+    store = Store(ledger(folder))
+    try:
+        count: int = store.execute(
+            "SELECT count(*) FROM card_events WHERE action = ? AND result = 'done'", (action,)
+        ).fetchone()[0]
+    finally:
+        store.close()
+    return count
+
+
+def test_pin_reset_unlocks_the_card_and_is_journalled_once_R8(tmp_path: Path) -> None:
+    issue(tmp_path, OLD, "nanjing")
+    card = locked_card(tmp_path, OLD, "nanjing")
+    out = run_farelab(
+        *("cards", "pin-reset", OLD, "--card", str(card), "--new-pin", "314159"),
+        *("--at", "2026-03-02T15:00+08:00", "--db", ledger(tmp_path), "--json"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "314159" not in out.stdout + out.stderr
+    done = json.loads(out.stdout)
+    assert (done["result"], done["reason"], done["action"]) == ("done", None, "pin_reset")
+    assert set(done) == {"result", "reason", "action", *STATUS_KEYS}
+    social = load_image(card).social
+    assert (social.locked, social.failures, social.pin) == (False, 0, "314159")
+    again = pin_reset(tmp_path, card, "314159", at="2026-03-02T15:00+08:00")
+    assert again == done
+    assert done_rows(tmp_path, "pin_reset") == 1
+    words = run_farelab(
+        *("cards", "pin-reset", OLD, "--card", str(card), "--new-pin", "271828"),
+        *("--at", "2026-03-02T15:05+08:00", "--db", ledger(tmp_path)),
+    )
+    assert words.returncode == 0, words.stderr
+    assert "271828" not in words.stdout
+    assert load_image(card).social.pin == "271828"
+
+
+def test_pin_reset_of_a_cancelled_or_replaced_card_is_refused_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    issue(tmp_path, OLD, "haining")
+    card = locked_card(tmp_path, OLD, "haining")
+    cards(tmp_path, "report-loss", OLD, "--formal", at="2026-03-01T09:00+08:00")
+    new = card_image(tmp_path, NEW)
+    cards(tmp_path, "replace", OLD, "--new", str(new), at="2026-03-01T09:10+08:00")
+    replaced = pin_reset(tmp_path, card, "314159", at="2026-03-02T15:00+08:00")
+    assert (replaced["result"], replaced["reason"]) == ("refused", "replaced")
+    assert NEW in replaced["detail"]
+    cards(tmp_path, "cancel", NEW, at="2026-03-03T09:00+08:00")
+    cancelled = cards(
+        tmp_path,
+        *("pin-reset", NEW, "--card", str(new), "--new-pin", "314159"),
+        at="2026-03-03T10:00+08:00",
+    )
+    assert (cancelled["result"], cancelled["reason"]) == ("refused", "cancelled")
+    assert load_image(card).social.locked
+    assert load_image(new).social.pin == "888888"
+    assert done_rows(tmp_path, "pin_reset") == 0
+
+
+def test_pin_reset_under_other_keys_is_refused_by_the_card(tmp_path: Path) -> None:
+    issue(tmp_path, OLD, "nanjing")
+    card = locked_card(tmp_path, OLD, "nanjing")
+    keys = tmp_path / "other-keys.toml"
+    keys.write_text(
+        'purchase = "000102030405060708090A0B0C0D0E0F"\n'
+        'load = "101112131415161718191A1B1C1D1E1F"\n'
+        'tac = "202122232425262728292A2B2C2D2E2F"\n'
+        'maintenance = "404142434445464748494A4B4C4D4E4F"\n'
+    )
+    refused = pin_reset(tmp_path, card, "314159", "--keys", str(keys), at="2026-03-02T15:00+08:00")
+    assert (refused["result"], refused["reason"]) == ("refused", "mac_invalid")
+    assert load_image(card).social.locked
+    assert done_rows(tmp_path, "pin_reset") == 0
+
+
+def test_pin_reset_refuses_a_weak_pin_and_exits_2_on_a_bad_one(tmp_path: Path) -> None:
+    issue(tmp_path, OLD, "nanjing")
+    card = locked_card(tmp_path, OLD, "nanjing")
+    weak = pin_reset(tmp_path, card, "666666", at="2026-03-02T15:00+08:00")
+    assert (weak["result"], weak["reason"]) == ("refused", "weak_pin")
+    assert load_image(card).social.locked
+    for bad in ("31415", "31415a"):
+        out = run_farelab(
+            *("cards", "pin-reset", OLD, "--card", str(card), "--new-pin", bad),
+            *("--at", "2026-03-02T15:00+08:00", "--db", ledger(tmp_path)),
+        )
+        assert out.returncode == 2
+    other = card_image(tmp_path, NEW)
+    wrong = pin_reset(tmp_path, other, "314159", at="2026-03-02T15:01+08:00")
+    assert (wrong["result"], wrong["reason"]) == ("refused", "wrong_card")
