@@ -47,12 +47,14 @@ from farelab.backend._lifecycle import (
 )
 from farelab.backend._store import Store
 from farelab.backend._transfer import PROFILES, last_known_balance
+from farelab.card import CST, fen_to_yuan
 
 __all__ = [
     "CARD_ACTIONS",
     "NewCard",
     "card_action",
     "cards_by_state",
+    "hotlist_refusal",
     "issue_card",
     "show_card",
     "transfer_terms",
@@ -437,6 +439,71 @@ def cards_by_state(store: Store, at: datetime) -> dict[str, int]:
         if record is not None:
             counts[card_status(*record, at).state] += 1
     return counts
+
+
+# The hotlist reasons that are a recorded card's state: a kiosk's refusal names them.
+_STATE_REASONS = ("frozen", "replaced", "cancelled", "expired")
+
+
+def hotlist_refusal(store: Store, serial: str, listed: str) -> tuple[str, str] | None:
+    """Why a card on the hotlist for ``listed`` is refused a load, in the rider's words: its
+    state (``frozen``, ``replaced``, ``cancelled`` or ``expired``) and a sentence that says
+    since when and what the rider does next, with the profile's fee for it (R13). None when
+    the records do not know the card, or its entry is not one of its states (a clone, a refund
+    the host counted, a transit function not yet open): the hotlist entry then speaks alone."""
+    if listed not in _STATE_REASONS:
+        return None
+    record = _record(store, serial)
+    if record is None:
+        return None
+    card, events = record
+    profile = card.profile
+
+    def fee(fen: int, what: str) -> str:
+        return f"{what} costs {fen_to_yuan(fen)} yuan ({profile.name})"
+
+    def day(at: datetime) -> str:
+        return at.astimezone(CST).date().isoformat()
+
+    replacement = fee(profile.fee_replacement_fen, "a replacement card")
+    new_card = fee(profile.fee_first_card_fen, "a new card")
+    if listed == "frozen":
+        formal = next(
+            (
+                e.at
+                for e in reversed(events)
+                if isinstance(e, MakeFormal) or (isinstance(e, ReportLoss) and e.kind == "formal")
+            ),
+            None,
+        )
+        since = f" on {day(formal)}" if formal is not None else ""
+        return listed, (
+            f"card {serial} was reported lost{since} and is frozen: un-freeze it at an outlet "
+            f"if it was found; {replacement}"
+        )
+    if listed == "replaced":
+        ended = next(
+            (e for e in reversed(events) if isinstance(e, Replace | Exchange | Renew)), None
+        )
+        if ended is None:
+            return listed, f"card {serial} was replaced; {replacement}"
+        if isinstance(ended, Renew):
+            return listed, (
+                f"card {serial} was renewed by card {ended.new_serial} on {day(ended.at)}: "
+                "load that card"
+            )
+        return listed, (
+            f"card {serial} was replaced by card {ended.new_serial} on {day(ended.at)}: load "
+            f"that card; {replacement}"
+        )
+    if listed == "cancelled":
+        cancel = next((e for e in reversed(events) if isinstance(e, Cancel)), None)
+        since = f" on {day(cancel.at)}" if cancel is not None else ""
+        return listed, f"card {serial} was cancelled{since}; {new_card}"
+    return listed, (
+        f"card {serial} expired on {card.expires_on} (R9): its balance is refunded at an "
+        f"outlet; {new_card}"
+    )
 
 
 def transfer_terms(

@@ -11,7 +11,10 @@ is idempotent by request id: a repeated message gets the same answer and changes
 Only a kiosk of the device registry is served: an unknown id is refused ``unknown_kiosk``, a
 revoked one ``revoked``, a validator (or a kiosk without the kind: ``load`` for loads and
 transfers, ``refund`` for refunds) ``wrong_role``, and a request whose terminal is not the
-registered kiosk's ``wrong_terminal``.  The host loads no card on its own hotlist; a transfer
+registered kiosk's ``wrong_terminal``.  The host loads no card on its own hotlist: a card the
+records know (``farelab cards``) is refused by its state — ``frozen``, ``replaced``,
+``cancelled``, ``expired`` — with what the rider does next and its fee, any other ``hotlisted``
+(a clone, say).  A transfer
 (R6) moves one old card's balance once, onto another card that is neither hotlisted, replaced,
 nor already given a transfer.  When the ledger records the old card's life (``farelab cards``)
 its events decide: the new card must be the one that replaced it, and the balance moves from the
@@ -29,7 +32,7 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
-from farelab.backend._cards import transfer_terms
+from farelab.backend._cards import hotlist_refusal, transfer_terms
 from farelab.backend._ingest import Stored, expected_tac
 from farelab.backend._registry import lookup
 from farelab.backend._store import LEDGER_COLUMNS, Store, ledger_row
@@ -189,6 +192,10 @@ def _card_refusal(store: Store, serial: str) -> dict[str, str] | None:
     """Why the host loads nothing onto this card, or None."""
     why = _hotlisted(store, serial)
     if why is not None:
+        # A card the records know is refused by its state, with what the rider does next.
+        named = hotlist_refusal(store, serial, why)
+        if named is not None:
+            return {"reason": named[0], "detail": named[1]}
         return {"reason": "hotlisted", "detail": f"card {serial} is on the hotlist ({why})"}
     if store.execute("SELECT 1 FROM transfers WHERE old_serial = ?", (serial,)).fetchone():
         # Its balance is moving to a replacement card (hotlisted once that load is confirmed):
