@@ -212,3 +212,31 @@ def test_the_interactive_kiosk_shows_why(tmp_path: Path) -> None:
     assert "reported lost on 2026-03-01" in screen
     assert "a replacement card costs 30.00 yuan" in screen
     assert load_image(card).balance == 500
+
+
+def test_a_card_outside_its_validity_is_not_loaded_but_its_balance_is_still_refunded(
+    tmp_path: Path,
+) -> None:
+    """R9 at the kiosk, from the card's own dates (no record of it needed): an expired card and
+    one not yet valid are refused ``expired`` before the host is asked; the expired card's
+    balance can still be refunded."""
+    old, future = tmp_path / "old.json", tmp_path / "future.json"
+    save_image(
+        old,
+        personalise(
+            serial="5162", issued=date(2016, 1, 1), expires=date(2025, 12, 31), balance=1234
+        ),
+    )
+    save_image(future, personalise(serial="5163", issued=date(2099, 1, 1)))
+    common = ("--db", str(tmp_path / "host.db"), "--journal", str(tmp_path / "kiosk.db"), "--json")
+    for card, words in ((old, "expired on 2025-12-31"), (future, "valid only from 2099-01-01")):
+        out = run_farelab("topup", "load", str(card), "--amount", "1", *common)
+        assert out.returncode == 1, out.stderr
+        assert json.loads(out.stdout)["reason"] == "expired"
+        text = run_farelab("topup", "load", str(card), "--amount", "1", *common[:-1])
+        assert words in text.stdout
+    assert load_image(old).balance == 1234
+    refund = run_farelab("topup", "refund", str(old), *common)
+    assert refund.returncode == 0, refund.stderr
+    assert json.loads(refund.stdout)["result"] == "refunded"
+    assert load_image(old).balance == 0

@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from farelab.card import (
+    CST,
     SW,
     CardSnapshot,
     FlowError,
@@ -579,6 +580,18 @@ class LoadSession:
         snapshot, balance = self._card()
         self._stage = _Stage.LOAD
         self._amount = amount or 0
+        today = self.now.astimezone(CST).date()
+        public = snapshot.public
+        if not public.start <= today <= public.expiry:
+            # R9: the card is refused outside its validity (its balance can still be refunded).
+            when = (
+                f"expired on {public.expiry}"
+                if today > public.expiry
+                else (f"valid only from {public.start}")
+            )
+            return self._finish(
+                self._refused("expired", f"the card is {when}: no load (a refund is possible)")
+            )
         problem = check_amount(amount, balance, self.rules)
         if problem is not None or amount is None:
             reason, message = problem or ("bad_amount", "no amount")
