@@ -94,6 +94,7 @@ class NewCard:
     serial: str
     issuer: str
     balance_fen: int
+    valid_until: date | None = None  # the last valid day the card carries (EF15)
 
 
 def _ms(at: datetime) -> int:
@@ -109,7 +110,8 @@ def _event_id(serial: str, action: str, at: datetime, *args: str) -> str:
 def _record(store: Store, serial: str) -> tuple[Card, list[Event]] | None:
     """The card's record and its recorded events, in order; None for a card never issued."""
     row = store.execute(
-        "SELECT profile, issued, replaces, issued_after FROM cards WHERE serial = ?", (serial,)
+        "SELECT profile, issued, replaces, issued_after, valid_until FROM cards WHERE serial = ?",
+        (serial,),
     ).fetchone()
     if row is None:
         return None
@@ -122,6 +124,7 @@ def _record(store: Store, serial: str) -> tuple[Card, list[Event]] | None:
         issued=datetime.fromisoformat(str(row[1])),
         replaces=row[2] or None,
         issued_after=row[3] or None,
+        valid_until=date.fromisoformat(str(row[4])) if row[4] else None,
     )
     events: list[Event] = []
     for action, kind, new_serial, at_text in store.execute(
@@ -265,9 +268,17 @@ def _enter(
     issued_after: str | None = None,
 ) -> None:
     store.execute(
-        "INSERT INTO cards (serial, issuer, profile, issued, replaces, issued_after) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (new.serial, new.issuer, profile, at.isoformat(), replaces or "", issued_after or ""),
+        "INSERT INTO cards (serial, issuer, profile, issued, replaces, issued_after, "
+        "valid_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            new.serial,
+            new.issuer,
+            profile,
+            at.isoformat(),
+            replaces or "",
+            issued_after or "",
+            new.valid_until.isoformat() if new.valid_until is not None else "",
+        ),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import calendar
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from typing import Any, ClassVar, Literal
 
 from farelab.backend._profiles import IssuerProfile, years_after
@@ -62,7 +62,9 @@ class Card:
 
     ``issued`` is the moment it was issued (aware); ``replaces`` the serial of the card it
     was issued in place of, and ``issued_after`` why: a ``loss`` (R6: Hangzhou opens its transit
-    function only later), an ``exchange`` or a ``renewal``.
+    function only later), an ``exchange`` or a ``renewal``.  ``valid_until``: the last day of
+    validity the card itself carries (EF15, written at issue); None: the profile's validity
+    years from ``issued``.
     """
 
     serial: str
@@ -70,6 +72,7 @@ class Card:
     issued: datetime
     replaces: str | None = None
     issued_after: Literal["loss", "exchange", "renewal"] | None = None
+    valid_until: date | None = None
 
     def __post_init__(self) -> None:
         _aware("issued", self.issued)
@@ -78,8 +81,11 @@ class Card:
 
     @property
     def expires_on(self) -> date:
-        """The first day the card is no longer valid (R9): the issue date's anniversary after the
-        profile's validity years (29 February → 1 March)."""
+        """The first day the card is no longer valid (R9): the day after the last day the card
+        carries, or else the issue date's anniversary after the profile's validity years
+        (29 February → 1 March)."""
+        if self.valid_until is not None:
+            return self.valid_until + timedelta(days=1)
         return years_after(self.issued.astimezone(CST).date(), self.profile.validity_years)
 
     @property

@@ -118,7 +118,8 @@ CREATE TABLE IF NOT EXISTS cards (
     profile TEXT NOT NULL,
     issued TEXT NOT NULL,
     replaces TEXT NOT NULL,
-    issued_after TEXT NOT NULL
+    issued_after TEXT NOT NULL,
+    valid_until TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS card_events (
     id TEXT PRIMARY KEY,

@@ -196,7 +196,12 @@ def _new_card(path: Path, option: str) -> NewCard:
         issuer = image.public.issuer_id.hex().upper()
     except (ImageError, ValueError) as exc:
         raise CliError(f"{option}: {exc}") from None
-    return NewCard(serial=image.serial, issuer=issuer, balance_fen=image.balance)
+    return NewCard(
+        serial=image.serial,
+        issuer=issuer,
+        balance_fen=image.balance,
+        valid_until=image.public.expiry,  # the validity written on the card at issue (R9)
+    )
 
 
 def _store(url: str | None) -> Store:
