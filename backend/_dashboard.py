@@ -39,6 +39,7 @@ from typing import Any
 
 import aiomqtt
 
+from farelab.backend._cards import cards_by_state
 from farelab.backend._clearing import clear_ledger
 from farelab.backend._registry import DeviceEntry, entries
 from farelab.backend._store import Store
@@ -66,6 +67,19 @@ _MAX_DEVICES = 10_000
 # How long the ledger's part of the state is reused.
 _LEDGER_EVERY = 1.0
 _ALERTS_MAX = 50
+
+
+_CARDS_MAX = 10_000
+"""Above this many card records the page leaves their states out (each is computed from its
+events: ``farelab backend report`` counts them all)."""
+
+
+def _cards_by_state(store: Store) -> dict[str, int] | None:
+    """The card records by state now, or None for a ledger with too many to count each second."""
+    (count,) = store.execute("SELECT count(*) FROM cards").fetchone()
+    if int(count) > _CARDS_MAX:
+        return None
+    return cards_by_state(store, datetime.now(UTC))
 
 
 def parse_http_address(text: str) -> tuple[str, int]:
@@ -212,6 +226,7 @@ class _Ledger:
                 "ledger": store.dashboard_totals(),
                 "clearing": _positions(store),
                 "alerts": store.dashboard_alerts(_ALERTS_MAX),
+                "cards": _cards_by_state(store),
                 "last_batch_ms": store.last_batch_ms(),
             }
         self._cached = (now, part)
@@ -397,6 +412,7 @@ class Dashboard:
             "latency_ms": {"bounds": list(LATENCY_BOUNDS_MS), "counts": latency},
             "lag_s": None if lag is None else round(lag, 3),
             "alerts": [{**a, "at": _iso(a["at"] / 1000)} for a in ledger["alerts"]],
+            "cards_by_state": ledger["cards"],
         }
 
     def health(self) -> tuple[int, dict[str, Any]]:
