@@ -258,6 +258,29 @@ def _sync_hotlist(store: Store, card: Card, events: Sequence[Event], at: datetim
         store.execute("UPDATE hotlist SET reason = ? WHERE card_serial = ?", (reason, card.serial))
 
 
+def lapse_hotlist(store: Store, at: datetime) -> list[str]:
+    """Take off the hotlist every recorded card whose entry has lapsed by ``at`` (a wallet's
+    wait after un-freezing over, a transit function now open), as the card-life core computes
+    it: a parameters version published at ``at`` lists only what still holds. The serials
+    lifted."""
+    lifted: list[str] = []
+    with store.transaction():
+        listed = store.execute(
+            "SELECT card_serial FROM hotlist WHERE reason IN (?, ?)", _LAPSING
+        ).fetchall()
+        for (serial,) in listed:
+            record = _record(store, str(serial))
+            if record is None:
+                continue
+            _sync_hotlist(store, *record, at)
+            gone = store.execute(
+                "SELECT 1 FROM hotlist WHERE card_serial = ?", (str(serial),)
+            ).fetchone()
+            if gone is None:
+                lifted.append(str(serial))
+    return lifted
+
+
 def _enter(
     store: Store,
     new: NewCard,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
+from farelab.backend._cards import lapse_hotlist
 from farelab.backend._store import Store
 from farelab.card import full_serial
 from farelab.protocol import (
@@ -33,7 +35,9 @@ def next_params(
     whitelist: Iterable[str] | None = None,
     networks: str | None = None,
 ) -> ParamsMessage:
-    """The next parameters version, recorded in the ledger."""
+    """The next parameters version, recorded in the ledger; card records whose hotlist entry
+    has lapsed by now are taken off it first."""
+    lapse_hotlist(store, datetime.now(UTC))
     with store.transaction():
         store.execute(
             "INSERT INTO counters (name, value) VALUES ('params_version', 1) "

@@ -500,3 +500,32 @@ def test_pin_reset_refuses_a_weak_pin_and_exits_2_on_a_bad_one(tmp_path: Path) -
     other = card_image(tmp_path, NEW)
     wrong = pin_reset(tmp_path, other, "314159", at="2026-03-02T15:01+08:00")
     assert (wrong["result"], wrong["reason"]) == ("refused", "wrong_card")
+
+
+def test_a_lapsed_hotlist_entry_is_not_published_though_nobody_asked_the_card(
+    tmp_path: Path,
+) -> None:
+    """The entry of an un-frozen wallet waits its 7 working days; a parameters version made
+    after them leaves the card out even if no one looked at the card since (the core decides
+    at publishing time, not a timer and not the next status query)."""
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from farelab.backend import next_params  # noqa: PLC0415
+
+    now = datetime.now(UTC)
+
+    def ago(days: int) -> str:
+        return (now - timedelta(days=days)).isoformat(timespec="seconds")
+
+    issue(tmp_path, OLD, "nanjing", at=ago(60))
+    cards(tmp_path, "report-loss", OLD, "--formal", at=ago(50))
+    cards(tmp_path, "unfreeze", OLD, at=ago(30))
+    assert hotlist(tmp_path) == {OLD: "transit_waiting"}  # as it was at the un-freezing
+    store = Store(ledger(tmp_path))
+    try:
+        published = next_params(store)
+    finally:
+        store.close()
+    assert published.hotlist is not None
+    assert OLD not in published.hotlist
+    assert hotlist(tmp_path) == {}
