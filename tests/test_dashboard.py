@@ -290,9 +290,9 @@ def test_the_state_follows_the_devices_reports_and_the_ledger(city: City) -> Non
         "cards_by_state",
     }
     # No card records in this ledger: every state at 0.
-    assert state["cards_by_state"] == {
-        s: 0 for s in ("active", "reported", "frozen", "replaced", "cancelled", "expired")
-    }
+    assert state["cards_by_state"] == dict.fromkeys(
+        ("active", "reported", "frozen", "replaced", "cancelled", "expired"), 0
+    )
     devices = {d["device"]: d for d in state["devices"]}
     assert set(devices) == {"bus-1", "bus-2", "gate-a", "gate-b", "gate-cz"}
     for doc in devices.values():
