@@ -108,11 +108,13 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def transfer_on(folder: Path, at: str, new: Path, *, reported: str) -> dict[str, Any]:
-    """``farelab topup transfer NEW --old 5150 --reason loss`` (nanjing) on the host's ledger —
-    the same one ``cards`` keeps — with the host's clock at ``at``."""
+def transfer_on(
+    folder: Path, at: str, new: Path, *, reported: str, reason: str = "loss"
+) -> dict[str, Any]:
+    """``farelab topup transfer NEW --old 5150 --reason REASON`` (nanjing) on the host's ledger
+    — the same one ``cards`` keeps — with the host's clock at ``at``."""
     args = (
-        *("topup", "transfer", str(new), "--old", OLD, "--reason", "loss"),
+        *("topup", "transfer", str(new), "--old", OLD, "--reason", reason),
         *("--reported", reported, "--profile", "nanjing"),
         *("--db", str(folder / "ledger.db"), "--journal", str(folder / "kiosk.db"), "--json"),
     )

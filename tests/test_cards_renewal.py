@@ -4,16 +4,13 @@ but refundable."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from farelab.card import load_image, personalise, save_image
-from tests.cli_support import ROOT
-from tests.test_cards_cli import _ON_DAY, cards, hotlist, rode_a_bus
+from tests.test_cards_cli import cards, hotlist, rode_a_bus
+from tests.test_cards_cli import transfer_on as cli_transfer_on
 
 OLD = "00000000000000005150"  # rode_a_bus rides this card number
 NEW = "00000000000000005171"
@@ -26,24 +23,8 @@ def image(folder: Path, serial: str, issued: date) -> Path:
 
 
 def transfer_on(folder: Path, at: str, new: Path) -> dict[str, Any]:
-    """``farelab topup transfer NEW --old OLD --reason exchange`` with the host's clock at
-    ``at`` (a renewal moves the balance as an exchange does)."""
-    args = (
-        *("topup", "transfer", str(new), "--old", OLD, "--reason", "exchange"),
-        *("--reported", at[:10], "--profile", "nanjing"),
-        *("--db", str(folder / "ledger.db"), "--journal", str(folder / "kiosk.db"), "--json"),
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", _ON_DAY, at, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.stdout, out.stderr
-    doc: dict[str, Any] = json.loads(out.stdout)
-    return doc
+    """A renewal's balance moves at the kiosk as an exchange's does."""
+    return cli_transfer_on(folder, at, new, reported=at[:10], reason="exchange")
 
 
 def test_a_card_is_renewed_in_its_last_months_and_its_balance_moves_once(tmp_path: Path) -> None:
