@@ -28,7 +28,8 @@ MQTT, keeps the ledger (SQLite or PostgreSQL), and clears and reports on it.
   :func:`devices_in`.
 - The broker: :func:`write_broker_config` (accounts and roles from the registry;
   ``BACKEND_ACCOUNT``, ``DEFAULT_GROUP``, ``FORMATS``, :func:`find_dynsec_plugin`; the
-  registry's broker accounts, :func:`accounts` → :class:`Account`), the open
+  registry's broker accounts, :func:`accounts` → :class:`Account`, and what a role may
+  publish and receive, :func:`grants`), the open
   broker check (:func:`open_logins`, :func:`open_broker_warning`, ``OPEN_BROKER_RISKS``),
   :class:`Mosquitto` (a private Mosquitto for tests, benchmarks and the city; :class:`BrokerError`;
   :func:`free_port`) and
@@ -51,6 +52,7 @@ from farelab.backend._brokerconfig import (
     Account,
     accounts,
     find_dynsec_plugin,
+    grants,
     write_broker_config,
 )
 from farelab.backend._cards import (
@@ -180,6 +182,7 @@ __all__ = [
     "entries",
     "find_dynsec_plugin",
     "free_port",
+    "grants",
     "handle_load_message",
     "hash_secret",
     "instance_id",

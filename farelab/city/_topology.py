@@ -29,15 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from farelab.backend import BACKEND_ACCOUNT, hash_secret
+from farelab.backend import BACKEND_ACCOUNT, Account, grants, hash_secret
 from farelab.protocol import (
-    ACK_TOPIC,
-    LOAD_REQ,
-    LOAD_RESP,
     MAX_PACKET_SIZE,
-    PARAMS_TOPIC,
-    STATUS_TOPIC,
-    TX_TOPIC,
     check_client_id,
 )
 
@@ -85,13 +79,13 @@ def bridge_account(line: str) -> str:
 
 
 def _forwarded(username: str, role: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The topics a bridge sends out for this account, and those it brings in."""
-    if role == "validator":
-        out = (TX_TOPIC.format(device=username), STATUS_TOPIC.format(device=username))
-        return out, (ACK_TOPIC.format(device=username), PARAMS_TOPIC.format(device=username))
-    if role == "kiosk":
-        return (LOAD_REQ.format(kiosk=username),), (LOAD_RESP.format(kiosk=username),)
-    raise ValueError(f"account {username}: a line broker serves devices, not the {role} role")
+    """The topics a bridge sends out for this account, and those it brings in: what the
+    device's role lets it publish and receive (``farelab.backend.grants``, the rule every broker
+    configuration of farelab follows)."""
+    if role not in ("validator", "kiosk"):
+        raise ValueError(f"account {username}: a line broker serves devices, not the {role} role")
+    allowed = grants(Account(username, role, ""))
+    return allowed.publish, allowed.receive
 
 
 def _passwd_line(login: BrokerLogin) -> str:
