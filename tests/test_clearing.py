@@ -141,3 +141,31 @@ def test_clearing_pays_the_registered_operator_not_the_one_a_record_names(tmp_pa
     assert "operator:CZBUS" in parties
     assert "operator:EVIL" not in parties
     assert doc["field_mismatches"] == 1
+
+
+def test_chunked_sums_match_a_transaction_by_transaction_ledger() -> None:
+    """Over several chunks and a ragged end, every flow is the sum of its own transactions."""
+    from farelab.backend._clearing import CHUNK  # noqa: PLC0415
+
+    n = 3 * CHUNK + 17
+    rng = np.random.default_rng(3)
+    issuers, operators = rng.integers(0, 4, n), rng.integers(0, 5, n)
+    days, amounts = rng.integers(0, 3, n), rng.integers(0, 800, n)
+    loads = (rng.random(n) < 0.1).astype(np.int64)  # truthy integers, as a column may come
+    result = clear(
+        issuers=issuers,
+        operators=operators,
+        days=days,
+        loads=loads,  # type: ignore[arg-type]
+        amounts=amounts,
+        issuer_names=[f"I{i}" for i in range(4)],
+        operator_names=[f"O{i}" for i in range(5)],
+        day_names=["D0", "D1", "D2"],
+    )
+    expected = np.zeros((3, 9, 9), dtype=np.int64)
+    for i, o, d, load, a in zip(issuers, operators, days, loads, amounts, strict=True):
+        payer, payee = (4 + o, i) if load else (i, 4 + o)
+        expected[d, payer, payee] += a
+    assert result.transactions == n
+    assert (result.flows == expected).all()
+    assert not result.positions.sum(axis=1).any()
