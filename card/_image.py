@@ -8,7 +8,11 @@ leaves either the old image or the new one — never a mixture.  That is the car
 A card is in one field at a time: :class:`ImageLock` is an flock on ``.<name>.lock`` beside the
 image that a file-backed card holds while it is powered, so two processes (or two readers) never
 work from the same image at once.  Whoever holds it also removes the temporary files a killed
-writer left behind: no one else can be writing that card then.
+writer left behind: no one else can be writing that card then.  It finds them in a listing of the
+folder that a process takes at most every :data:`LISTING_MAX_AGE_S` seconds (the first time it
+takes a card there, then again only once the listing is that old): a folder of thousands of cards
+is not listed at every tap, and a killed writer's file is removed by the next holder of its card
+after the next listing, not necessarily by the very next one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field, replace
@@ -388,10 +393,45 @@ def _temporary_name(path: Path) -> str:
     return f".{path.name}.{secrets.token_hex(4)}.tmp"
 
 
-def _temporaries(path: Path) -> re.Pattern[str]:
-    # Exactly the names _temporary_name (and, before it, tempfile.mkstemp) makes for this card:
-    # eight characters between the card's name and ".tmp", so never another card's.
-    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+# Exactly the names _temporary_name (and, before it, tempfile.mkstemp) makes: the card's name and
+# eight characters between it and ".tmp", so a card's are never another card's.
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+LISTING_MAX_AGE_S = 10.0
+"""How old a folder's listing of temporary files may be when a card there is taken."""
+
+
+class _Listings:
+    """Per folder, the temporary files of each card in it, as a listing found them: one
+    listing serves every card taken there until it is :data:`LISTING_MAX_AGE_S` old."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[str, tuple[float, dict[str, list[str]]]] = {}
+
+    def take(self, folder: Path, card: str) -> list[str]:
+        """The temporary files of ``card`` in ``folder`` (names), forgotten once returned."""
+        key = str(folder)
+        now = time.monotonic()
+        with self._lock:
+            listed = self._folders.get(key)
+            if listed is None or now - listed[0] >= LISTING_MAX_AGE_S:
+                listed = self._folders[key] = (now, self._list(folder))
+            return listed[1].pop(card, [])
+
+    @staticmethod
+    def _list(folder: Path) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.endswith(".tmp"):
+                    match = _TEMPORARY.fullmatch(name)
+                    if match is not None:
+                        found.setdefault(match.group(1), []).append(name)
+        return found
+
+
+_LISTINGS = _Listings()
 
 
 def _folder(path: Path) -> Path:
@@ -498,10 +538,9 @@ class ImageLock:
 
     def _remove_stale_temporaries(self) -> None:
         # Only a holder of the lock writes this card, and that is us: any temporary file of
-        # this card is a killed writer's.
-        pattern = _temporaries(self.path)
-        with contextlib.suppress(OSError), os.scandir(_folder(self.path)) as entries:
-            for entry in entries:
-                if pattern.fullmatch(entry.name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
+        # this card is a killed writer's (one listed earlier may be gone since: its writer
+        # finished before we took the card).
+        folder = _folder(self.path)
+        for name in _LISTINGS.take(folder, self.path.name):
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
