@@ -1,5 +1,10 @@
 """``farelab bench --report DIR``: one static HTML page with its charts, from a bench document.
 
+The page shows the budget table by group, then a section of charts for each group (in the
+budgets' order; charts of keys no chart knows come last), every other figure, the machine and
+the commands that reproduce the run.  It says nothing of other runs: the one date on it is when
+it was written.
+
 The document is what ``run_suite`` returns or what ``--json`` wrote; any key may be absent or
 malformed (an older run, a suite that broke halfway), and the page shows what there is.  Every
 text on the page is escaped; the images sit beside it and are referenced relatively, so the
@@ -14,13 +19,14 @@ from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 
-from farelab.bench._charts import Chart, latency_charts, memory_charts
+from farelab.bench._charts import OTHER, Chart, charts
 from farelab.bench._suite import BUDGETS, checked, limit_text, mark
 
 __all__ = ["COMMANDS", "write_report"]
 
 COMMANDS = ("farelab bench", "farelab bench --quick", "pytest bench/ --benchmark-only")
 _NOT_FIGURES = frozenset({"quick", "budgets", "errors", "machine", "samples", "series"})
+_TITLE = "farelab benchmark report"
 
 _CSS = """
 :root { --ink: #1d2330; --muted: #667085; --line: #e4e7ec; --bad: #b42318; --bad-bg: #fef3f2;
@@ -54,6 +60,8 @@ td.mark { text-align: center; font-weight: 700; width: 3em; }
 tr.missed td { background: var(--bad-bg); color: var(--bad); font-weight: 600; }
 tr.held td.mark { color: var(--good); }
 tr.unmeasured td { color: var(--muted); }
+tr.group th { color: var(--ink); font-size: 14px; padding-top: 14px; }
+tr.group a { color: inherit; }
 figure { margin: 24px 0 4px; }
 figure img { width: 100%; max-width: 900px; height: auto; display: block; }
 table.stats { font-size: 13px; }
@@ -68,14 +76,13 @@ def write_report(doc: Mapping[str, object], folder: Path) -> Path:
     """Write ``folder/index.html`` and its PNG charts (creating ``folder``); returns the page."""
     folder.mkdir(parents=True, exist_ok=True)
     figures = _figures(doc)
-    latency = latency_charts(_samples(doc), figures, folder)
-    memory = memory_charts(_series(doc), folder)
+    drawn = charts(figures, _samples(doc), _series(doc), folder)
+    groups = [group for group in _groups(drawn) if any(c.group == group for c in drawn)]
     body = [
         _header(doc),
         _errors(doc),
-        _budgets(doc),
-        _charts_section("Latency", latency),
-        _charts_section("Memory", memory),
+        _budgets(doc, linked=set(groups)),
+        *(_group_section(group, [c for c in drawn if c.group == group]) for group in groups),
         _other_figures(figures),
         _machine(doc),
         _commands(doc),
@@ -85,7 +92,7 @@ def write_report(doc: Mapping[str, object], folder: Path) -> Path:
     page.write_text(
         "<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-        f"<title>{escape(_title(doc))}</title>\n"
+        f"<title>{_TITLE}</title>\n"
         f"<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
         + "\n".join(part for part in body if part)
         + "\n</main>\n</body>\n</html>\n",
@@ -142,16 +149,6 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _date(doc: Mapping[str, object]) -> str | None:
-    date = doc.get("date")
-    return date if isinstance(date, str) and date else None
-
-
-def _title(doc: Mapping[str, object]) -> str:
-    date = _date(doc)
-    return f"farelab benchmark report, {date}" if date else "farelab benchmark report"
-
-
 def _header(doc: Mapping[str, object]) -> str:
     quick = doc.get("quick") is True
     badge = (
@@ -173,9 +170,8 @@ def _header(doc: Mapping[str, object]) -> str:
     if broke:
         tiles.append(_tile(broke, "measures broke", "bad"))
     return (
-        "<header>\n<h1>farelab benchmark report</h1>\n"
-        f"<p class='meta'>Measured {escape(_date(doc) or 'on a date not recorded')} "
-        f"&nbsp; {badge}</p>\n"
+        f"<header>\n<h1>{_TITLE}</h1>\n"
+        f"<p class='meta'>{badge}</p>\n"
         f"<div class='summary'>{''.join(tiles)}</div>\n</header>"
     )
 
@@ -199,9 +195,32 @@ def _errors(doc: Mapping[str, object]) -> str:
     )
 
 
-def _budgets(doc: Mapping[str, object]) -> str:
+def _groups(drawn: Sequence[Chart]) -> list[str]:
+    """The groups in the budgets' order, then any other a chart names, :data:`OTHER` last."""
+    order = dict.fromkeys(budget.group for budget in BUDGETS)
+    order.update(dict.fromkeys(c.group for c in drawn if c.group != OTHER))
+    return [*order, OTHER]
+
+
+def _anchor(group: str) -> str:
+    return "group-" + "-".join(group.split())
+
+
+def _heading(group: str) -> str:
+    return "Other charts" if group == OTHER else group[:1].upper() + group[1:]
+
+
+def _budgets(doc: Mapping[str, object], *, linked: set[str]) -> str:
+    """The budget table, a header row for each group (linked to its charts where it has any)."""
     rows = []
+    group: str | None = None
     for budget, value, holds in checked(doc):
+        if budget.group != group:
+            group = budget.group
+            name = escape(group)
+            if group in linked:
+                name = f"<a href='#{escape(_anchor(group))}'>{name}</a>"
+            rows.append(f"<tr class='group'><th colspan='4'>{name}</th></tr>")
         kind = "unmeasured" if holds is None else ("held" if holds else "missed")
         shown = f"{value:,.2f}" if value is not None else "not measured"
         rows.append(
@@ -218,11 +237,9 @@ def _budgets(doc: Mapping[str, object]) -> str:
     )
 
 
-def _charts_section(title: str, charts: list[Chart]) -> str:
-    if not charts:
-        return ""
-    parts = [f"<section>\n<h2>{escape(title)}</h2>"]
-    for chart in charts:
+def _group_section(group: str, drawn: list[Chart]) -> str:
+    parts = [f"<section id='{escape(_anchor(group))}'>\n<h2>{escape(_heading(group))}</h2>"]
+    for chart in drawn:
         head = "".join(
             f"<th class='num'>{escape(c)}</th>" if i else f"<th>{escape(c)}</th>"
             for i, c in enumerate(chart.columns)
