@@ -18,9 +18,11 @@ import enum
 import threading
 from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+if TYPE_CHECKING:
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import algorithms
 
 __all__ = [
     "Alg",
@@ -80,11 +82,16 @@ def _encryptor(alg: Alg, key: bytes) -> Callable[[bytes], bytes]:
 
 @lru_cache(maxsize=_CIPHERS)
 def _thread_encryptor(alg: Alg, key: bytes, _thread: int) -> Callable[[bytes], bytes]:
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes  # noqa: PLC0415
+
     return Cipher(_algorithm(alg, key), modes.ECB()).encryptor().update
 
 
 def _algorithm(alg: Alg, key: bytes) -> TripleDES | algorithms.SM4:
     """The block cipher for ``key``: single DES (8 bytes) or 2-key 3DES (16) for 3DES, SM4."""
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES  # noqa: PLC0415
+    from cryptography.hazmat.primitives.ciphers import algorithms  # noqa: PLC0415
+
     if alg is Alg.TDES:
         return TripleDES(key * 3 if len(key) == 8 else key + key[:8])
     return algorithms.SM4(key)
@@ -131,6 +138,9 @@ class Diversifier:
     __slots__ = ("_encrypt",)
 
     def __init__(self, alg: Alg, key16: bytes) -> None:
+        from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES  # noqa: PLC0415
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: PLC0415
+
         if alg is Alg.TDES:
             _check("3DES key", key16, 16)
             algorithm: TripleDES | algorithms.SM4 = TripleDES(key16 + key16[:8])
@@ -188,6 +198,8 @@ class _CbcMac:
     __slots__ = ("_last", "_size", "_update")
 
     def __init__(self, alg: Alg, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes  # noqa: PLC0415
+
         self._size = 8 if alg is Alg.TDES else 16
         mode = modes.CBC(bytes(self._size))
         self._update = Cipher(_algorithm(alg, key), mode).encryptor().update

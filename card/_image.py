@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import threading
 import time
 import weakref
@@ -390,6 +389,9 @@ def load_image(path: Path) -> CardImage:
 
 
 def _temporary_name(path: Path) -> str:
+    # Only a card that is written needs secrets (hashlib, OpenSSL): not ``card show``'s start-up.
+    import secrets  # noqa: PLC0415
+
     return f".{path.name}.{secrets.token_hex(4)}.tmp"
 
 

@@ -7,7 +7,6 @@ the backend.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +101,8 @@ def load_keys_file(path: Path) -> IssuerKeys:
     The file holds hex strings ``purchase``, ``load``, ``tac``, ``maintenance`` (16 bytes each)
     and an optional integer ``version``, at top level or under an ``[issuer]`` table.
     """
+    import tomllib  # noqa: PLC0415  (few commands read a keys file: not worth every start-up)
+
     where = describe_path(path)
     try:
         with path.open("rb") as f:

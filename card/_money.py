@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 
 from farelab.card._messages import shown
 
@@ -22,6 +21,8 @@ def yuan_to_fen(text: str, *, what: str = "amount") -> int:
     ``1_0``, ``+5``, ``.5``, ``0.001`` (not a whole number of fen).  Surrounding spaces are
     ignored; a negative amount is parsed, for the caller's range check to refuse.
     """
+    from decimal import Decimal  # noqa: PLC0415  (reading an amount is rarer than showing one)
+
     plain = text.strip()
     if not _PLAIN_YUAN.fullmatch(plain):
         raise ValueError(
