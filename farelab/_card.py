@@ -5,27 +5,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
-import secrets
 import signal
 import sys
 import threading
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from farelab._errors import CliError
 from farelab._options import append_log, trace_writer
+
+# What issuing and reading a card image needs; presenting a card (the applet, the vpcd client,
+# fault injection) is imported by the subcommands that do it, so that ``card show`` starts fast.
 from farelab.card import (
     CST,
     DEMO_ISSUER_ID,
     DEMO_KEYS,
     Alg,
-    BehavingCard,
-    Behaviour,
-    BehaviourError,
     BusRecord,
-    CardEndpoint,
     CardImage,
     CardType,
     ImageError,
@@ -34,15 +31,8 @@ from farelab.card import (
     KeysFileError,
     LogRecord,
     MetroRecord,
-    SimulatedCard,
-    TraceCard,
-    TraceError,
-    TraceWriter,
-    TracingEndpoint,
     TripRecord,
     TxType,
-    ViccClient,
-    ViccError,
     describe_path,
     fen_to_yuan,
     load_image,
@@ -51,10 +41,11 @@ from farelab.card import (
     personalise,
     save_image,
     shown,
-    vicc_serve,
-    vicc_tap,
     yuan_to_fen,
 )
+
+if TYPE_CHECKING:
+    from farelab.card import Behaviour, CardEndpoint, TraceWriter
 
 __all__ = ["card_json", "parse_vpcd", "register"]
 
@@ -308,6 +299,8 @@ def _parse_day(text: str | None, what: str) -> date | None:
 
 
 def _new(args: argparse.Namespace) -> int:
+    import secrets  # noqa: PLC0415  (hashlib and OpenSSL: the other card commands do without)
+
     path: Path = args.path
     try:
         exists = path.exists()
@@ -575,6 +568,8 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def _behaviour(args: argparse.Namespace) -> Behaviour | None:
     """``--behaviour``'s rules, checked (CliError naming the bad key)."""
+    from farelab.card import Behaviour, BehaviourError  # noqa: PLC0415
+
     if args.behaviour is None:
         if args.log is not None:
             raise CliError("--log needs --behaviour")
@@ -603,6 +598,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_trace(args: argparse.Namespace, host: str, port: int) -> int:
     """``card serve --from-trace``: the recording answers, and leaves the field where the
     recorded card left it (a torn exchange), coming back at once as a hand would."""
+    import logging  # noqa: PLC0415
+
+    from farelab.card import TraceCard, TraceError, TracingEndpoint, ViccClient, ViccError  # noqa: PLC0415
+
     if args.behaviour is not None:
         raise CliError("--behaviour applies to a card image, not to --from-trace")
     try:
@@ -645,6 +644,14 @@ def _serve_card(
     *,
     trace: TraceWriter | None = None,
 ) -> int:
+    from farelab.card import (  # noqa: PLC0415
+        BehavingCard,
+        SimulatedCard,
+        TracingEndpoint,
+        ViccError,
+        vicc_serve,
+    )
+
     try:
         sim = SimulatedCard.from_file(path)
     except ImageError as exc:
@@ -670,6 +677,8 @@ def _serve_card(
 
 
 def _tap(args: argparse.Namespace) -> int:
+    from farelab.card import SimulatedCard, ViccError, vicc_tap  # noqa: PLC0415
+
     host, port = parse_vpcd(args.vpcd)
     if not 0 < args.hold <= 3600:
         raise CliError("--hold must be between 0 and 3600 seconds")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from farelab._errors import CliError
-from farelab.card import TraceWriter, describe_path
+from farelab.card import describe_path
+
+if TYPE_CHECKING:
+    from farelab.card import TraceWriter
 
 __all__ = ["append_log", "trace_writer"]
 
@@ -16,6 +19,9 @@ def trace_writer(path: Path | None) -> TraceWriter | None:
     """The ``--trace`` file opened for appending, or None; CliError if it cannot be written."""
     if path is None:
         return None
+    # Only here: the trace module loads the simulated card, which the other commands leave out.
+    from farelab.card import TraceWriter  # noqa: PLC0415
+
     try:
         return TraceWriter(path)
     except OSError as exc:
