@@ -40,7 +40,7 @@ from farelab.bench.topup_latency import TOPUP_KIOSK
 from farelab.bench.topup_latency import measure as measure_topup
 from farelab.card import Alg, CardEndpoint, Reader
 from farelab.protocol import BATCH_MAX, BrokerURL, encode_record
-from farelab.validator import favour_taps
+from farelab.validator import UplinkProcess, favour_taps
 
 __all__ = [
     "BUDGETS",
@@ -403,12 +403,16 @@ def _backlog(
                 taps = _tap_times(bench, 1, i, until=drained, limit_s=drain_limit)
             except TimeoutError:
                 left = probe.execute("SELECT count(*) FROM outbox WHERE id <= ?", (last,))
-                stats = {
-                    d: vars(s) | {"ack_latency_s": None} for d, s in running.uplink.stats.items()
-                }
+                uplink = running.uplink
+                said = (
+                    f"uplink process restarts {uplink.restarts}"
+                    if isinstance(uplink, UplinkProcess)
+                    else "uplink "
+                    + str({d: vars(s) | {"ack_latency_s": None} for d, s in uplink.stats.items()})
+                )
                 raise TimeoutError(
                     f"a {backlog:,}-row backlog did not drain in {drain_limit:g} s "
-                    f"({left.fetchone()[0]:,} rows left; uplink {stats}; backend log: "
+                    f"({left.fetchone()[0]:,} rows left; {said}; backend log: "
                     f"{services.backend_log_tail()})"
                 ) from None
             finally:

@@ -32,6 +32,7 @@ from farelab.validator import (
     Parameters,
     TapGate,
     TapResult,
+    UplinkProcess,
     Validator,
     shipped_networks,
 )
@@ -175,7 +176,7 @@ class TapBench:
 class RunningUplink:
     """An uplink on an event loop of its own thread; :meth:`stop` ends it."""
 
-    uplink: MqttUplink
+    uplink: MqttUplink | UplinkProcess
     thread: threading.Thread
     stopping: threading.Event
     loop: list[asyncio.AbstractEventLoop]  # the thread's loop, once it runs
@@ -201,11 +202,16 @@ class RunningUplink:
         return "\n".join(lines)
 
 
-def uplink_running(url: BrokerURL, bench: TapBench) -> RunningUplink:
+def uplink_running(url: BrokerURL, bench: TapBench, *, process: bool = True) -> RunningUplink:
     """An uplink for the bench's devices on an event loop of its own thread, as in
-    ``farelab validator run``."""
+    ``farelab validator run``: in a process of its own at idle priority (its default there), or
+    in this process when ``process`` is false (``--uplink thread``)."""
     stop = threading.Event()
-    uplink = MqttUplink(url, ["in", "out"], batch_size=500)
+    uplink: MqttUplink | UplinkProcess = (
+        UplinkProcess(url, ["in", "out"], batch_size=500)
+        if process
+        else MqttUplink(url, ["in", "out"], batch_size=500)
+    )
     loops: list[asyncio.AbstractEventLoop] = []
 
     def main() -> None:

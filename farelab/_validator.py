@@ -34,7 +34,7 @@ from farelab.validator import (
 from farelab.validator import run as run_loop
 
 if TYPE_CHECKING:
-    from farelab.validator import MqttUplink
+    from farelab.validator import MqttUplink, UplinkProcess
 
 __all__ = ["register"]
 
@@ -105,6 +105,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="upload the journal's outbox to this MQTT broker and take parameters from it "
         "(mqtt://[user:password@]host[:port], mqtts:// for TLS)",
+    )
+    run.add_argument(
+        "--uplink",
+        choices=("process", "thread"),
+        default="process",
+        help="where the uplink runs: a process of its own at idle priority, so that taps never "
+        "wait for it (default), or a thread of this process (one process less)",
     )
     run.add_argument(
         "--params",
@@ -210,7 +217,12 @@ def _run(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    uplink = _uplink(args.broker, config)
+    in_thread = _uplink(args.broker, config)
+    uplink: MqttUplink | UplinkProcess | None = in_thread
+    if in_thread is not None and args.uplink == "process":
+        from farelab.validator import UplinkProcess  # noqa: PLC0415
+
+        uplink = UplinkProcess.like(in_thread)
     trace = trace_writer(args.trace)
 
     async def main() -> None:

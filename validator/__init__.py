@@ -72,6 +72,7 @@ from farelab.validator._values import positive_seconds
 
 if TYPE_CHECKING:
     from farelab.validator._uplink import MqttUplink
+    from farelab.validator._uplink_process import UplinkProcess
     from farelab.validator._uplink_session import (
         AckIgnored,
         Acknowledge,
@@ -120,6 +121,7 @@ __all__ = [
     "TapLine",
     "TapResult",
     "Uplink",
+    "UplinkProcess",
     "UplinkSession",
     "UplinkStats",
     "Validator",
@@ -143,7 +145,10 @@ __all__ = [
 ]
 
 # The uplink's names, loaded on first use: its link state comes with the MQTT client.
-_WHERE = {"MqttUplink": "farelab.validator._uplink"}
+_WHERE = {
+    "MqttUplink": "farelab.validator._uplink",
+    "UplinkProcess": "farelab.validator._uplink_process",
+}
 _LAZY = frozenset(__all__) - frozenset(globals())
 
 
