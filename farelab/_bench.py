@@ -20,8 +20,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench``."""
     bench = sub.add_parser(
         "bench",
-        help="measure tap latency, throughput and memory against their budgets",
-        description="Run the benchmarks (it starts its own pcscd, Mosquitto and backend; the "
+        help="measure taps, the backend, start-up, memory, the city and the testbed against "
+        "their budgets",
+        description="Run the benchmarks (it starts its own pcscd, Mosquitto and backend, and "
+        "runs 'farelab city' and 'farelab testbed run' as a user would; the "
         "PostgreSQL ingest and the backend's memory run use a fresh schema of the local database "
         "'test', or of FARELAB_BENCH_POSTGRES, dropped afterwards), print the "
         "budget table (measured vs budget, ✓/✗), and optionally write every figure as JSON "
@@ -34,8 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source.add_argument(
         "--quick",
         action="store_true",
-        help="smaller counts, about 35 s instead of 11–13 minutes, depending on the machine "
-        "(CI runs this to catch breakage)",
+        help="every figure at a smaller scale, under 2 minutes instead of about 15, depending "
+        "on the machine (CI runs this to catch breakage)",
     )
     source.add_argument(
         "--from-json",
@@ -55,8 +57,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--report",
         type=Path,
         metavar="DIR",
-        help="write DIR/index.html, a static page with the budget table, latency and memory "
-        "charts (PNG files beside it), the machine and the commands that reproduce the run; "
+        help="write DIR/index.html, a static page with the budget table by group, a section of "
+        "charts for each group (PNG files beside it), the machine and the commands that "
+        "reproduce the run; "
         "DIR is created if needed and files of the same names are replaced",
     )
     bench.set_defaults(func=_bench)
