@@ -446,7 +446,9 @@ def save_image(path: Path, image: CardImage, *, durable: bool = True) -> None:
     ImageError if it cannot be written (full disk, read-only folder): the old image is then
     still the file's content, untouched.
     """
-    data = json.dumps(image.to_json(), indent=1).encode("utf-8")
+    # Compact: json's C encoder takes no indent (an indented image costs ten times as much to
+    # write, at every commit of a card).  ``farelab card show`` prints an image for people.
+    data = json.dumps(image.to_json(), separators=(",", ":")).encode("utf-8")
     folder = _folder(path)
     tmp = folder / _temporary_name(path)
     try:
