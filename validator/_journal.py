@@ -3,12 +3,15 @@ the result — with the outbox row the uplink will send, in the same SQLite tran
 
 SQLite in WAL mode.  ``synchronous="normal"`` (the default) survives ``kill -9`` at any instant —
 a committed transaction is in the WAL before ``commit`` returns; ``"full"`` also survives a power
-cut, at the cost of an fsync per commit.  A DEBIT is preceded by an *intent*, appended to the
-intent log (``<journal>-intents``, :mod:`validator._intents`) before the command leaves, so that
-a process killed between the two still knows which card may owe a proof: the next open restores
-it as a ``pending`` transaction.  The tap's one SQLite transaction then writes the transaction
-row with its outcome.  The outbox is bounded: the journal warns loudly from ``warn_ratio`` of its
-bound on, and at the bound the validator stops accepting taps rather than lose a record.
+cut, at the cost of an fsync per commit (``validator run`` writes the images of the simulated
+cards tapped on its ``sim`` readers to the same standard: replaced atomically always, fsync'd
+only with ``"full"`` — see :func:`farelab.card.save_image`).  A DEBIT is preceded by an
+*intent*, appended to the intent log (``<journal>-intents``, :mod:`validator._intents`) before
+the command leaves, so that a process killed between the two still knows which card may owe a
+proof: the next open restores it as a ``pending`` transaction.  The tap's one SQLite transaction
+then writes the transaction row with its outcome.  The outbox is bounded: the journal warns
+loudly from ``warn_ratio`` of its bound on, and at the bound the validator stops accepting taps
+rather than lose a record.
 
 Outbox rows hold the record exactly as it travels (:func:`farelab.protocol.encode_record`, 82
 bytes), so that the uplink only frames stored bytes: draining a backlog costs the tap threads
@@ -198,6 +201,9 @@ class Journal:
             self._db.close()
             raise JournalError(f"{where}: not a usable journal: {exc}") from None
         self.path = path
+        #: ``normal`` or ``full``: what a commit survives (a killed process; also a power cut).
+        #: ``validator run`` writes its simulated cards' images to the same standard.
+        self.synchronous = synchronous
         self._where = where
         self._checkpointer: sqlite3.Connection | None = None
         # the main connection's total_changes after checkpoint() last started the WAL over

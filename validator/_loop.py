@@ -210,12 +210,19 @@ async def _watch(
 
 
 async def _feed(
-    stations: dict[str, _Station], source: TextIO, results: asyncio.Queue[Shown]
+    stations: dict[str, _Station],
+    source: TextIO,
+    results: asyncio.Queue[Shown],
+    *,
+    durable: bool = True,
 ) -> None:
     """Tap requests for ``sim`` readers, one JSON object a line: {"device": ID, "card": PATH}
     (or "from_trace": PATH in place of "card", a stub card answering from a recording), with
     optionally "at" (ISO-8601 with offset: the tap's time, for a simulated clock; default now)
-    and "pull_after" (a step: the card leaves right after that command reached it)."""
+    and "pull_after" (a step: the card leaves right after that command reached it).
+
+    ``durable``: whether a card's committed image is fsync'd before the card answers (a power
+    cut); it is always replaced atomically (a killed process), as the journal commits are."""
     recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
     async for line in lines_of(source):
         if not line.strip():
@@ -240,7 +247,7 @@ async def _feed(
             if from_trace:
                 card = recorded[path] = recorded.get(path) or TraceCard.from_file(path)
             else:
-                card = SimulatedCard.from_file(path)
+                card = SimulatedCard.from_file(path, durable=durable)
         except Exception as exc:  # a card that cannot be loaded is this tap's card_error
             when = at or _now()
             failed = functools.partial(station.validator.card_failed, when, failure_text(exc, path))
@@ -445,7 +452,11 @@ async def run(
                     tasks.append(group.create_task(watch, name=f"watch-{device_id}"))
             feeder = None
             if source is not None:
-                feeder = group.create_task(_feed(stations, source, results), name="sim-feeder")
+                # A simulated card's image is as durable as the journal: with synchronous=normal
+                # both survive a killed process at any instant, with full a power cut as well.
+                durable = journal.synchronous == "full"
+                feed = _feed(stations, source, results, durable=durable)
+                feeder = group.create_task(feed, name="sim-feeder")
                 tasks.append(feeder)
             waiter = group.create_task(stop.wait(), name="stop")
             if only_sim and feeder is not None:
