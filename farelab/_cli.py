@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": (
         "farelab._bench",
-        "measure tap latency, throughput and memory against their budgets",
+        "measure taps, the backend, start-up, memory, the city and the testbed against their "
+        "budgets",
     ),
     "trace": ("farelab._trace", "read APDU traces: decode one, or set two side by side"),
     "testbed": (
