@@ -36,6 +36,7 @@ from farelab.bench._taps import TapBench, bench_card, bus_devices, percentile, u
 from farelab.bench._watchdog import StepTimeout, time_limit
 from farelab.bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
 from farelab.bench.ingest import measure as measure_ingest
+from farelab.bench.startup import figures as startup_figures
 from farelab.bench.topup_latency import TOPUP_KIOSK
 from farelab.bench.topup_latency import measure as measure_topup
 from farelab.card import Alg, CardEndpoint, Reader
@@ -701,6 +702,12 @@ def _topup(services: _Services, n: int, out: Figures) -> None:
     out["topup_p99_ms"] = topup["p99_ms"]
 
 
+def _startup(runs: int, out: Figures, samples: Samples) -> None:
+    figures, times = startup_figures(runs)
+    out.update(figures)
+    samples.update(times)
+
+
 def _validator_memory(
     services: _Services,
     taps: int,
@@ -763,6 +770,10 @@ def run_suite(
                 lambda: _ingest_postgres(20_000 if quick else 200_000, folder, figures),
             ),
             ("top-up over Mosquitto", lambda: _topup(services, 20 if quick else 200, figures)),
+            (
+                "start-up of the CLI against a bare interpreter",
+                lambda: _startup(10 if quick else 30, figures, samples),
+            ),
             (
                 "taps while the uplink drains a backlog, and with the broker down",
                 lambda: _backlog(
