@@ -16,8 +16,10 @@ card is absent when pcscd's presence poll finds no connection.
 
 The socket is blocking and served on one thread: a tap is a strict request/response exchange, and
 the blocking loop costs less per APDU than an event loop would.  ``TCP_NODELAY`` plus
-``TCP_QUICKACK`` re-armed before every ``recv`` are what make it fast: without them every APDU waits
-~40 ms for a delayed ACK.
+``TCP_QUICKACK`` re-armed before every message are what make it fast: without them every APDU
+waits ~40 ms for a delayed ACK.  The loop wakes to look at its ``stop`` through the kernel's
+receive timeout (``SO_RCVTIMEO``), not a Python socket timeout, which polls before every
+``recv``: a message costs two ``recv`` calls, a ``setsockopt`` and a ``send``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,16 @@ DEFAULT_PORT = 35963
 _CTRL_OFF, _CTRL_ON, _CTRL_RESET, _CTRL_ATR = 0, 1, 2, 4
 _CONTROLS = frozenset({_CTRL_OFF, _CTRL_ON, _CTRL_RESET, _CTRL_ATR})
 _POLL = 0.2
+_MID_MESSAGE = 5.0
+"""Seconds vpcd may pause inside a message, or leave an answer unread, before the card leaves."""
 SEEN_GONE = 0.8
 """Seconds a card must stay out of vpcd's field for pcscd to see it gone (its presence poll
 runs every 0.4 s)."""
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as the ``struct timeval`` of SO_RCVTIMEO and SO_SNDTIMEO."""
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
 class ViccError(ReaderError):
@@ -130,15 +139,23 @@ class ViccClient:
         self.card.power_off()
 
     def _recv_exact(self, sock: socket.socket, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            chunk = sock.recv(n - len(buf))
+        """The next ``n`` bytes of a message vpcd has begun; TimeoutError if it pauses for
+        :data:`_MID_MESSAGE` seconds."""
+        data = b""
+        deadline = 0.0
+        while len(data) < n:
+            try:
+                chunk = sock.recv(n - len(data))
+            except BlockingIOError:  # SO_RCVTIMEO passed: vpcd paused mid-message
+                now = time.monotonic()
+                deadline = deadline or now + _MID_MESSAGE
+                if now >= deadline:
+                    raise TimeoutError from None
+                continue
             if not chunk:
                 raise _PeerClosedError
-            buf += chunk
-        return bytes(buf)
+            data += chunk
+        return data
 
     def _send(self, sock: socket.socket, payload: bytes) -> None:
         sock.sendall(len(payload).to_bytes(2, "big") + payload)
@@ -149,23 +166,33 @@ class ViccClient:
         sock = self._sock
         if sock is None:
             raise RuntimeError("serve() before connect()")
+        # A blocking socket whose kernel timeouts wake the loop to look at ``stop``: one recv
+        # per read, where a Python socket timeout polls before every recv.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(_MID_MESSAGE))
+        setsockopt, tcp, quickack = sock.setsockopt, socket.IPPROTO_TCP, socket.TCP_QUICKACK
         try:
             while True:
                 if stop is not None and stop.is_set():
                     return True
                 if until is not None and time.monotonic() >= until:
                     return True
-                sock.settimeout(_POLL)
+                try:  # noqa: SIM105 (a bare try costs nothing; a suppress() per message does)
+                    # vpcd writes a message's length and its bytes apart, and Nagle holds the
+                    # bytes until the length is acknowledged: acknowledge at once.  This also
+                    # sends the acknowledgement still owed for a control that has no answer.
+                    setsockopt(tcp, quickack, 1)
+                except OSError:
+                    pass
                 try:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                    first = sock.recv(2)
-                except TimeoutError:
+                    header = sock.recv(2)
+                except BlockingIOError:  # nothing for _POLL seconds
                     continue
-                if not first:
+                if not header:
                     return False
-                sock.settimeout(5.0)
-                header = first if len(first) == 2 else first + self._recv_exact(sock, 1)
+                if len(header) == 1:
+                    header += self._recv_exact(sock, 1)
                 length = int.from_bytes(header, "big")
                 if length == 0:
                     log.warning("vpcd sent an empty message; leaving the field")
@@ -175,7 +202,7 @@ class ViccClient:
                     return False
         except (_PeerClosedError, ConnectionError):
             return False
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO passed
             log.warning("vpcd stopped mid-message; leaving the field")
             return False
         finally:
