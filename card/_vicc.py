@@ -123,6 +123,14 @@ class ViccClient:
         self._sock = sock
         enter_field(self.card)
 
+    def leave(self) -> None:
+        """Take the card out of the field now, from any thread: ``serve`` returns at once (it
+        would otherwise notice ``stop`` only at its next poll of the socket)."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Take the card out of the field."""
         sock, self._sock = self._sock, None

@@ -70,8 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "run",
         help="present every zoo card to the terminal under test and judge what it did",
         description="Present each card of a zoo (farelab card zoo) in pcscd's virtual reader, "
-        "one after the other; wait until the terminal under test is done with it (no APDU "
-        "for --quiet seconds after its first, or --timeout), take it away, and compare the "
+        "one after the other; wait until the terminal under test is done with it (it powers "
+        "the card down after its first APDU, or sends no APDU for --quiet seconds after its "
+        "first, or --timeout passes), take it away, and compare the "
         "card's end state — purchases, balance, records, counters, TACs, blocking — with the "
         "zoo's answer key. Prints a table (the exchanges of every failing card), and exits 0 "
         "when every card passed, 1 when one failed, 2 on bad input.",
@@ -98,7 +99,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_seconds,
         default=0.5,
         metavar="S",
-        help="the terminal is done with a card after S seconds without an APDU (default 0.5)",
+        help="the terminal is done with a card after S seconds without an APDU, if it does "
+        "not power the card down first (default 0.5)",
     )
     run.add_argument(
         "--cases", metavar="CASE,…", help="present only these cases of the zoo (comma-separated)"
@@ -197,6 +199,14 @@ def _slots(
     return slots
 
 
+_ENDS = {
+    "power-off": "powered down",
+    "quiet": "--quiet",
+    "timeout": "--timeout",
+    "gone": "left by themselves",
+}
+
+
 def _timing(results: Sequence[CardResult]) -> str:
     n = len(results)
     if not n:
@@ -210,11 +220,18 @@ def _timing(results: Sequence[CardResult]) -> str:
     first = mean([p.to_first_apdu for p in presences])
     busy = mean([p.busy for p in presences])
     quiet = mean([p.quiet for p in presences])
-    away = mean([r.seconds for r in results]) - first - busy - quiet
+    removal = mean([p.removal for p in presences])
+    rest = mean([r.seconds for r in results]) - first - busy - quiet - removal
+    ends = ", ".join(
+        f"{sum(p.ended_by == end for p in presences)} {words}"
+        for end, words in _ENDS.items()
+        if any(p.ended_by == end for p in presences)
+    )
     return (
         f"{n} cards in {total:.1f} s, {total / n:.2f} s a card: {first:.2f} s until the "
         f"terminal's first APDU (pcscd's presence poll and the terminal's), {busy:.2f} s of "
-        f"APDUs, {quiet:.2f} s waiting for quiet, {away:.2f} s taking the card away"
+        f"APDUs, {quiet:.2f} s until the terminal was done ({ends}), {removal:.2f} s until "
+        f"pcscd saw the card gone (its presence poll), {rest * 1000:.0f} ms the rest"
     )
 
 

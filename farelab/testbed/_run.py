@@ -9,6 +9,7 @@ a zoo (:func:`load_manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -32,6 +33,7 @@ from farelab.card import (
     KeysFileError,
     LogRecord,
     MemoryStore,
+    ReaderError,
     SimulatedCard,
     TacVerifier,
     TraceEvent,
@@ -395,36 +397,117 @@ def judge(
 @dataclass(frozen=True, slots=True)
 class Presence:
     """How one card's turn went: seconds from entering the field to the terminal's first
-    APDU (pcscd's presence poll and the terminal's own), from the first to the last APDU, the
-    quiet period waited after it, whether the timeout ended it, and how many times the card
-    entered the field (more than once when a behaviour made it leave and come back)."""
+    APDU (pcscd's presence poll and the terminal's own), from the first to the last APDU, from
+    the last APDU to the end of the turn (the terminal powering the card down, or the quiet
+    period), whether the timeout ended it, and how many times the card entered the field (more
+    than once when a behaviour made it leave and come back).
+
+    ``ended_by`` says what ended the turn: ``power-off`` (the terminal powered the card down
+    after its first APDU — a PC/SC ``SCardDisconnect`` with ``SCARD_UNPOWER_CARD``), ``quiet``
+    (no APDU for the quiet period), ``timeout``, or ``gone`` (vpcd hung up).  ``removal`` is the
+    seconds from taking the card away until pcscd reported the reader empty (its presence poll
+    finding the card gone), or the time the field was kept empty when that could not be
+    watched; ``to_power_up`` the seconds from entering the field until pcscd powered the card
+    up — its presence poll finding it (None if it never did)."""
 
     to_first_apdu: float
     busy: float
     quiet: float
     timed_out: bool
     presentations: int = 1
+    ended_by: str = "quiet"
+    removal: float = 0.0
+    to_power_up: float | None = None
 
 
-class _Counting:
-    """Counts the commands a terminal sent the card (answered or not)."""
+LEAVE_WAIT_S = 1.5
+"""How long a card taken away waits for pcscd's presence poll (every 0.4 s) to find it gone."""
+POWER_OFF_GRACE_S = 0.01
+"""How long a card the terminal powered down stays for it to be powered up again: a PC/SC
+``SCardReconnect`` with ``SCARD_UNPOWER_CARD`` powers it down and up within a millisecond."""
+
+
+class _Watch:
+    """The card as the run watches it: the commands a terminal sent it (answered or not), its
+    power, and whether it is in the field, each change waking the run."""
 
     def __init__(self, card: CardEndpoint) -> None:
         self.card = card
+        self.changed = threading.Condition()
         self.commands = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.powered = False
+        self.off_at = 0.0
+        self.powered_up_at: float | None = None
+        self.in_field = False
+
+    def _note(self) -> float:
+        self.changed.notify_all()
+        return time.monotonic()
 
     def power_on(self) -> bytes:
-        return self.card.power_on()
+        atr = self.card.power_on()
+        with self.changed:
+            self.powered = True
+            now = self._note()
+            if self.powered_up_at is None:
+                self.powered_up_at = now
+        return atr
 
     def power_off(self) -> None:
         self.card.power_off()
+        with self.changed:
+            self.powered = False
+            self.off_at = self._note()
 
     def atr(self) -> bytes:
         return self.card.atr()
 
     def transmit(self, apdu: bytes) -> bytes:
-        self.commands += 1
+        with self.changed:
+            self.commands += 1
+            self.last_at = self._note()
+            if self.first_at is None:
+                self.first_at = self.last_at
         return self.card.transmit(apdu)
+
+    def serve(self, client: ViccClient, stop: threading.Event) -> None:
+        """``client.serve`` on the vicc thread; the run hears when it ends."""
+        try:
+            client.serve(stop=stop)
+        finally:
+            with self.changed:
+                self.in_field = False
+                self._note()
+
+
+def _turn(
+    watch: _Watch,
+    *,
+    entered: float,
+    since: float,
+    quiet: float,
+    deadline: float,
+) -> str:
+    """Wait (holding ``watch.changed``) until the terminal is done with the card in the field:
+    what ended its turn, or ``gone`` if it left the field first.  ``entered``: when the card
+    entered the field; ``since``: when the quiet period counts from if no APDU came since."""
+    while watch.in_field:
+        now = time.monotonic()
+        first = watch.first_at
+        last = max(watch.last_at or since, since)
+        wake = deadline if first is None else min(deadline, last + quiet)
+        if first is not None and not watch.powered and watch.off_at > max(last, entered):
+            if now >= watch.off_at + POWER_OFF_GRACE_S:
+                return "power-off"
+            wake = watch.off_at + POWER_OFF_GRACE_S
+        elif first is not None and now - last >= quiet:
+            return "quiet"
+        elif now >= deadline:
+            return "timeout"
+        watch.changed.wait(max(wake - now, 0.0))
+    return "gone"
 
 
 def present(
@@ -435,63 +518,67 @@ def present(
     quiet: float,
     timeout: float,
     on_enter: Callable[[], None] | None = None,
+    seen_gone: Callable[[float], bool] | None = None,
 ) -> Presence:
-    """Serve ``card`` in the vpcd slot at ``host:port`` until the terminal under test has sent
-    no command for ``quiet`` seconds after its first, or ``timeout`` seconds passed; then take
-    it away (and keep it away long enough for pcscd to see it gone).
+    """Serve ``card`` in the vpcd slot at ``host:port`` until the terminal under test is done
+    with it — it powered the card down after its first command (a terminal that lets a card go
+    disconnects with ``SCARD_UNPOWER_CARD``) and did not power it up again within
+    :data:`POWER_OFF_GRACE_S`, or it sent no command for ``quiet`` seconds after its first — or
+    ``timeout`` seconds passed; then take it away and return once pcscd has seen it gone, so
+    that the next card can enter the field at once.  ``seen_gone(seconds)`` says whether pcscd
+    reports the slot's reader empty within that time (a PC/SC watch of the reader); without it,
+    or when it says no, the field is kept empty :data:`AWAY_S` seconds, long enough for pcscd's
+    presence poll to see the card gone.
 
     A card that leaves the field of its own accord (a behaviour's ``vanish`` or ``reset``) is
     put back after it has been away as long as it asked (at least :data:`AWAY_S`), as a rider
     taps again, and the quiet period starts again from there.  ``on_enter`` is called each
     time the card enters the field (a behaving card counts its presentations)."""
-    counting = _Counting(card)
-    start = time.monotonic()
+    watch = _Watch(card)
+    start = since = time.monotonic()
     deadline = start + timeout
-    first: float | None = None
-    last = start
-    seen = 0
-    timed_out = False
     presentations = 0
     while True:
-        client = ViccClient(counting, host=host, port=port)
+        client = ViccClient(watch, host=host, port=port)
         client.connect(timeout=5.0)
+        entered = time.monotonic()
         presentations += 1
         if on_enter is not None:
             on_enter()
         stop = threading.Event()
-        server = threading.Thread(target=client.serve, kwargs={"stop": stop}, name="testbed-vicc")
+        watch.in_field = True
+        server = threading.Thread(
+            target=watch.serve, args=(client, stop), name="testbed-vicc", daemon=True
+        )
         server.start()
-        done = False
         try:
-            while server.is_alive():
-                now = time.monotonic()
-                if counting.commands != seen:
-                    seen, last = counting.commands, now
-                    if first is None:
-                        first = now
-                if first is not None and now - last >= quiet:
-                    done = True
-                    break
-                if now >= deadline:
-                    timed_out = done = True
-                    break
-                time.sleep(_TICK)
+            with watch.changed:
+                ended = _turn(watch, entered=entered, since=since, quiet=quiet, deadline=deadline)
         finally:
             stop.set()
+            client.leave()
             server.join()
+        end = time.monotonic()
         left = client.left
-        if done or left is None:
+        if ended != "gone" or left is None:
             break
         away = max(left.away if left.away is not None else 0.0, AWAY_S)
         if time.monotonic() + away >= deadline:
-            timed_out = True
+            ended = "timeout"
             break
         time.sleep(away)
-        last = time.monotonic()
-    time.sleep(AWAY_S)
-    if first is None:
-        return Presence(time.monotonic() - start - AWAY_S, 0.0, 0.0, timed_out, presentations)
-    return Presence(first - start, last - first, quiet, timed_out, presentations)
+        since = time.monotonic()
+    if seen_gone is None or not seen_gone(LEAVE_WAIT_S):
+        time.sleep(AWAY_S)
+    removal = time.monotonic() - end
+    timed_out = ended == "timeout"
+    up = None if watch.powered_up_at is None else watch.powered_up_at - start
+    first, last = watch.first_at, watch.last_at
+    if first is None or last is None:
+        return Presence(end - start, 0.0, 0.0, timed_out, presentations, ended, removal, up)
+    return Presence(
+        first - start, last - first, end - last, timed_out, presentations, ended, removal, up
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,13 +682,71 @@ def run_zoo(
     missing = sorted({c.device for c in cards} - set(slots))
     if missing:
         raise RunError(f"no reader for the zoo's device(s) {', '.join(missing)}")
+    with contextlib.ExitStack() as stack:
+        watches = {slot: _watch_reader(slot, stack) for slot in set(slots.values())}
+        return _run(
+            manifest,
+            cards,
+            slots=slots,
+            watches=watches,
+            quiet=quiet,
+            timeout=timeout,
+            trace=trace,
+            behaviour=behaviour,
+            log=log,
+            kiosk_command=kiosk_command,
+            on_result=on_result,
+        )
+
+
+def _watch_reader(
+    slot: tuple[str, int], stack: contextlib.ExitStack
+) -> Callable[[float], bool] | None:
+    """Whether pcscd reports the slot's reader empty within so many seconds — through a PC/SC
+    context of our own, when vpcd's pcscd is this machine's and shows the slot's reader
+    (None otherwise: then a card taken away is kept away :data:`AWAY_S` seconds)."""
+    host, port = slot
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        from farelab.card import PcscReader  # noqa: PLC0415 - loads pyscard
+    except ImportError:
+        return None
+    try:
+        reader = PcscReader(f"Virtual PCD 00 {port - VPCD_BASE_PORT:02d}")
+    except ReaderError:
+        return None
+    stack.callback(reader.close)
+    return reader.wait_for_removal
+
+
+def _run(
+    manifest: ZooManifest,
+    cards: Sequence[ZooEntry],
+    *,
+    slots: Mapping[str, tuple[str, int]],
+    watches: Mapping[tuple[str, int], Callable[[float], bool] | None],
+    quiet: float,
+    timeout: float,
+    trace: Path | None,
+    behaviour: Behaviour | None,
+    log: TextIO | None,
+    kiosk_command: Sequence[str] | None,
+    on_result: Callable[[CardResult], None] | None,
+) -> list[CardResult]:
+    # Every image is read before the first card enters the field: a zoo that cannot be used
+    # fails before the run starts, and no card waits on a file between two others.
+    images: dict[str, CardImage] = {}
+    for entry in cards:
+        if entry.file not in images:
+            try:
+                images[entry.file] = load_image(manifest.folder / entry.file)
+            except ImageError as exc:
+                raise RunError(str(exc)) from None
     results: list[CardResult] = []
     with tempfile.TemporaryDirectory(prefix="farelab-testbed-") as work:
         for n, entry in enumerate(cards):
-            try:
-                before = load_image(manifest.folder / entry.file)
-            except ImageError as exc:
-                raise RunError(str(exc)) from None
+            before = images[entry.file]
             sim = SimulatedCard(before, store=MemoryStore())
             card_trace = Path(work) / f"{n}.jsonl"
             writer = TraceWriter(card_trace)
@@ -624,6 +769,7 @@ def run_zoo(
                     quiet=quiet,
                     timeout=timeout,
                     on_enter=on_enter,
+                    seen_gone=watches[host, port],
                 )
             finally:
                 writer.close()
