@@ -193,10 +193,12 @@ def test_farelab_validator_passes_every_card_of_a_bus_zoo(tmp_path: Path) -> Non
     zoo = make_zoo(tmp_path / "zoo", bus_fen=200)
     validator = ("-m", "farelab", "validator", "run", "--config", str(zoo / "validator.toml"))
     with terminal(*validator, "--journal", str(tmp_path / "j.db"), ready="running"):
-        result, doc = run(zoo)
+        result, doc = run(zoo, "--quiet", "30")
     assert result.returncode == 0, result.stdout + result.stderr
     cards = len(load_manifest(zoo).cards)
     assert (doc["cards"], doc["passed"], doc["failed"]) == (cards, cards, 0)
+    # each card's turn ended when the validator powered it down, not after --quiet
+    assert f"({cards} powered down)" in result.stdout
     torn = results_by_case(doc)["torn_last_transaction"]
     assert torn["pass"] is True
 
