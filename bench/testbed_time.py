@@ -11,7 +11,9 @@ every 0.4 s, finding the card, then the terminal seeing it), and from the card b
 pcscd reporting the reader empty (``testbed_removal_ms``: the same poll finding it gone — a card
 must be seen gone before the next one can be seen come).  Ours, ``testbed_ms_per_card``: the run's
 wall time per card less those two — the APDUs, the wait until the terminal lets the card go, taking
-it away, judging it and setting up the next card.
+it away, judging it and setting up the next card.  The terminal's own time between its APDUs
+and after its last one counts here too (``testbed_apdus_ms``, ``testbed_terminal_after_ms``):
+on a loaded machine farelab's validator, a Python process, is what grows.
 
 ``python -m farelab.bench.testbed_time [CARDS]`` prints the figures (under ``flock
 /tmp/farelab-pcscd.lock``).
@@ -79,7 +81,14 @@ def measure(cards: int, folder: Path) -> tuple[dict[str, float], dict[str, list[
     """Present ``cards`` zoo cards to farelab's validator through a pcscd of our own; the figures
     (``testbed_ms_per_card``, ``testbed_presence_ms``, ``testbed_removal_ms``, ``testbed_cards``
     and what explains them) and each card's samples in ms (``testbed_card``: ours,
-    ``testbed_presence``, ``testbed_removal``)."""
+    ``testbed_presence``, ``testbed_removal``).
+
+    What explains ``testbed_ms_per_card``: ``testbed_apdus_ms`` (first to last APDU: the
+    terminal, pcscd and the card), ``testbed_until_done_ms`` (last APDU to the end of the turn),
+    of which ``testbed_terminal_after_ms`` is the terminal's own work before it powers the card
+    down (its journal, say) and the rest the run seeing the card stay down; what is left is
+    taking the card away, judging it and setting up the next.  ``testbed_own_ms`` is the figure
+    less the terminal's time (its APDUs and its work after the last): the run's alone."""
     if cards < 1:
         raise ValueError(f"cards must be 1 or more, got {cards}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,6 +115,7 @@ def measure(cards: int, folder: Path) -> tuple[dict[str, float], dict[str, list[
     removal = [p.removal * 1000 for p in presences]
     ours = [r.seconds * 1000 - a - b for r, a, b in zip(results, presence, removal, strict=True)]
     ups = [p.to_power_up * 1000 for p in presences if p.to_power_up is not None]
+    after = [p.to_power_off * 1000 for p in presences if p.to_power_off is not None]
     wall_ms = wall * 1000 / n
     figures = {
         "testbed_cards": float(n),
@@ -118,6 +128,12 @@ def measure(cards: int, folder: Path) -> tuple[dict[str, float], dict[str, list[
         "testbed_power_up_ms": statistics.fmean(ups) if ups else float("nan"),
         "testbed_apdus_ms": statistics.fmean(p.busy * 1000 for p in presences),
         "testbed_until_done_ms": statistics.fmean(p.quiet * 1000 for p in presences),
+        "testbed_terminal_after_ms": statistics.fmean(after) if after else float("nan"),
+        "testbed_own_ms": wall_ms
+        - statistics.fmean(presence)
+        - statistics.fmean(removal)
+        - statistics.fmean(p.busy * 1000 for p in presences)
+        - (statistics.fmean(after) * len(after) / n if after else 0.0),
         "testbed_powered_down_share": sum(p.ended_by == "power-off" for p in presences) / n,
         "testbed_passed_share": sum(r.passed for r in results) / n,
     }

@@ -119,6 +119,7 @@ def test_a_terminal_that_powers_the_card_down_ends_its_turn() -> None:
     assert presence.ended_by == "power-off"
     assert not presence.timed_out
     assert presence.to_power_up is not None
+    assert presence.to_power_off is not None
 
 
 def test_a_power_cycle_keeps_the_card_for_the_terminal() -> None:
@@ -144,6 +145,7 @@ def test_a_terminal_that_leaves_the_card_powered_is_done_after_the_quiet_period(
         assert reader.taken_away()
         presence = result()
     assert presence.ended_by == "quiet"
+    assert presence.to_power_off is None
 
 
 def test_a_power_down_before_the_first_apdu_does_not_end_the_turn() -> None:

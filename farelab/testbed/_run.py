@@ -408,7 +408,10 @@ class Presence:
     seconds from taking the card away until pcscd reported the reader empty (its presence poll
     finding the card gone), or the time the field was kept empty when that could not be
     watched; ``to_power_up`` the seconds from entering the field until pcscd powered the card
-    up — its presence poll finding it (None if it never did)."""
+    up — its presence poll finding it (None if it never did); ``to_power_off`` the seconds from
+    the last APDU until the terminal powered the card down, when that ended the turn (the
+    terminal's own work after its last APDU; the rest of ``quiet`` is the run seeing the card
+    stay down)."""
 
     to_first_apdu: float
     busy: float
@@ -418,6 +421,7 @@ class Presence:
     ended_by: str = "quiet"
     removal: float = 0.0
     to_power_up: float | None = None
+    to_power_off: float | None = None
 
 
 LEAVE_WAIT_S = 1.5
@@ -554,6 +558,7 @@ def present(
         try:
             with watch.changed:
                 ended = _turn(watch, entered=entered, since=since, quiet=quiet, deadline=deadline)
+                let_go = watch.off_at  # before taking the card away powers it down too
         finally:
             stop.set()
             client.leave()
@@ -576,8 +581,9 @@ def present(
     first, last = watch.first_at, watch.last_at
     if first is None or last is None:
         return Presence(end - start, 0.0, 0.0, timed_out, presentations, ended, removal, up)
+    off = let_go - last if ended == "power-off" else None
     return Presence(
-        first - start, last - first, end - last, timed_out, presentations, ended, removal, up
+        first - start, last - first, end - last, timed_out, presentations, ended, removal, up, off
     )
 
 
