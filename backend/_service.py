@@ -145,7 +145,13 @@ async def _handle(
     name: str,
     acks: set[asyncio.Task[None]],
 ) -> None:
-    topic, device, payload, batch, rows = incoming[:5]
+    topic, device, payload, batch, rows = (
+        incoming.topic,
+        incoming.device,
+        incoming.payload,
+        incoming.batch,
+        incoming.rows,
+    )
     if batch is None:
         await asyncio.to_thread(store.quarantine, topic, incoming.reason, incoming.detail, payload)
         stats.quarantined += 1
