@@ -20,15 +20,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
-from typing import NamedTuple
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
-from farelab.backend._ingest import Classified, classify
+from farelab.backend._ingest import classify
 from farelab.backend._loads import ensure_schema, handle_load_message
 from farelab.backend._params import devices_in, next_params
 from farelab.backend._store import Store
@@ -41,7 +39,6 @@ from farelab.protocol import (
     SHARED_TX,
     Ack,
     Backoff,
-    Batch,
     BrokerURL,
     SubscriptionRefusedError,
     WireError,
@@ -109,53 +106,31 @@ class WorkerStats:
     quarantined: int = 0
 
 
-class _Incoming(NamedTuple):
-    """A message of a device's transaction topic as the reader leaves it for the store: its
-    batch decoded and every TAC verified (``rows``), or why it goes to quarantine."""
-
-    topic: str
-    device: str
-    payload: bytes
-    batch: Batch | None = None
-    rows: Sequence[Classified] = ()
-    reason: str = ""
-    detail: str = ""
-
-
-def _incoming(topic: str, payload: bytes, verifier: TacVerifier) -> _Incoming:
-    """Decode a batch and verify its TACs (pure: no store, no broker)."""
+async def _handle(
+    client: aiomqtt.Client,
+    store: Store,
+    verifier: TacVerifier,
+    *,
+    topic: str,
+    payload: bytes,
+    stats: WorkerStats,
+    name: str,
+    acks: set[asyncio.Task[None]],
+) -> None:
     parts = topic.split("/")
     device = parts[3] if len(parts) == 5 else ""
     try:
         batch = decode_batch(payload)
     except WireError as exc:
-        return _Incoming(topic, device, payload, reason=exc.reason, detail=str(exc))
-    if batch.device != device:
-        detail = f"batch of {batch.device!r} published on {device!r}'s topic"
-        return _Incoming(topic, device, payload, reason="device_mismatch", detail=detail)
-    return _Incoming(topic, device, payload, batch, classify(batch, verifier))
-
-
-async def _handle(
-    client: aiomqtt.Client,
-    store: Store,
-    incoming: _Incoming,
-    *,
-    stats: WorkerStats,
-    name: str,
-    acks: set[asyncio.Task[None]],
-) -> None:
-    topic, device, payload, batch, rows = (
-        incoming.topic,
-        incoming.device,
-        incoming.payload,
-        incoming.batch,
-        incoming.rows,
-    )
-    if batch is None:
-        await asyncio.to_thread(store.quarantine, topic, incoming.reason, incoming.detail, payload)
+        await asyncio.to_thread(store.quarantine, topic, exc.reason, str(exc), payload)
         stats.quarantined += 1
         return
+    if batch.device != device:
+        detail = f"batch of {batch.device!r} published on {device!r}'s topic"
+        await asyncio.to_thread(store.quarantine, topic, "device_mismatch", detail, payload)
+        stats.quarantined += 1
+        return
+    rows = classify(batch, verifier)
     result = await asyncio.to_thread(store.ingest, device, batch.batch_id, rows, worker=name)
     if result.rejected:
         # Refused, not lost: the rejected ack tells the device to keep the rows and send them
@@ -273,12 +248,6 @@ async def run_worker(
         store.close()
 
 
-# How many messages the reader takes ahead of the store: it decodes the next batch and verifies
-# its TACs while the store's thread waits on the database (its round trips and commit, or on
-# SQLite the other workers' writer lock), where one at a time had left the worker idle then.
-_READ_AHEAD = 2
-
-
 async def _consume(
     client: aiomqtt.Client,
     store: Store,
@@ -288,63 +257,36 @@ async def _consume(
     stats: WorkerStats,
     name: str,
 ) -> None:
-    # One store, one job at a time, in the order the messages came: a batch's ledger reads and
-    # writes are one transaction on the one connection, and a device's batches stay in order.
-    jobs: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue(_READ_AHEAD)
     acks: set[asyncio.Task[None]] = set()
-
-    async def run_jobs() -> None:
-        while True:
-            job = await jobs.get()
-            await job()
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(run_jobs(), name=f"{name}-store")
-        async for message in client.messages:
-            honour_cancellation()
-            payload = message.payload
-            raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-            topic = str(message.topic)
-            if topic.endswith("/load/req"):
-                await jobs.put(
-                    partial(
-                        _load_request,
-                        client,
-                        store,
-                        authority,
-                        verifier,
-                        topic=topic,
-                        raw=bytes(raw),
-                        stats=stats,
-                    )
-                )
+    async for message in client.messages:
+        honour_cancellation()
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        topic = str(message.topic)
+        if topic.endswith("/load/req"):
+            kiosk = topic.split("/")[3]
+            if len(raw) > LOAD_REQUEST_MAX:
+                detail = f"{len(raw)} bytes, at most {LOAD_REQUEST_MAX}"
+                await asyncio.to_thread(store.quarantine, topic, "oversize", detail, bytes(raw))
+                stats.quarantined += 1
+                refusal = {"id": None, "result": "error", "reason": "oversize", "detail": detail}
+                await client.publish(LOAD_RESP.format(kiosk=kiosk), json.dumps(refusal), qos=1)
                 continue
-            incoming = _incoming(topic, bytes(raw), verifier)
-            await jobs.put(
-                partial(_handle, client, store, incoming, stats=stats, name=name, acks=acks)
+            answer = await asyncio.to_thread(
+                handle_load_message, store, authority, verifier, kiosk, bytes(raw)
             )
-
-
-async def _load_request(
-    client: aiomqtt.Client,
-    store: Store,
-    authority: LoadAuthority,
-    verifier: TacVerifier,
-    *,
-    topic: str,
-    raw: bytes,
-    stats: WorkerStats,
-) -> None:
-    kiosk = topic.split("/")[3]
-    if len(raw) > LOAD_REQUEST_MAX:
-        detail = f"{len(raw)} bytes, at most {LOAD_REQUEST_MAX}"
-        await asyncio.to_thread(store.quarantine, topic, "oversize", detail, raw)
-        stats.quarantined += 1
-        refusal = {"id": None, "result": "error", "reason": "oversize", "detail": detail}
-        await client.publish(LOAD_RESP.format(kiosk=kiosk), json.dumps(refusal), qos=1)
-        return
-    answer = await asyncio.to_thread(handle_load_message, store, authority, verifier, kiosk, raw)
-    await client.publish(LOAD_RESP.format(kiosk=kiosk), json.dumps(answer), qos=1)
+            await client.publish(LOAD_RESP.format(kiosk=kiosk), json.dumps(answer), qos=1)
+            continue
+        await _handle(
+            client,
+            store,
+            verifier,
+            topic=str(message.topic),
+            payload=bytes(raw),
+            stats=stats,
+            name=name,
+            acks=acks,
+        )
 
 
 def _worker_main(

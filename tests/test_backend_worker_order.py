@@ -1,6 +1,5 @@
-"""A worker decodes and verifies the next batch while the store still writes the last one, yet
-the store sees one batch at a time, in the order they came, and each ack follows its batch's
-commit."""
+"""A worker's store sees one batch at a time, in the order the batches came, and each ack
+follows its batch's commit."""
 
 from __future__ import annotations
 
