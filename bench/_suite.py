@@ -37,6 +37,7 @@ from farelab.bench._watchdog import StepTimeout, time_limit
 from farelab.bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
 from farelab.bench.ingest import measure as measure_ingest
 from farelab.bench.startup import figures as startup_figures
+from farelab.bench.testbed_time import measure as measure_testbed
 from farelab.bench.topup_latency import TOPUP_KIOSK
 from farelab.bench.topup_latency import measure as measure_topup
 from farelab.card import Alg, CardEndpoint, Reader
@@ -708,6 +709,13 @@ def _startup(runs: int, out: Figures, samples: Samples) -> None:
     samples.update(times)
 
 
+def _testbed(cards: int, folder: Path, out: Figures, samples: Samples) -> None:
+    (folder / "testbed").mkdir(exist_ok=True)
+    figures, times = measure_testbed(cards, folder / "testbed")
+    out.update(figures)
+    samples.update(times)
+
+
 def _validator_memory(
     services: _Services,
     taps: int,
@@ -759,6 +767,10 @@ def run_suite(
             (
                 "taps through pcscd",
                 lambda: _taps_pcsc(200 if quick else 2000, folder, figures, samples),
+            ),
+            (
+                "the testbed: farelab testbed run through pcscd",
+                lambda: _testbed(5 if quick else 50, folder, figures, samples),
             ),
             ("clearing", lambda: _clearing(10_000_000, figures)),
             (
