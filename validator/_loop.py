@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import json
 import logging
+import os
+import stat
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -224,7 +227,7 @@ async def _feed(
     ``durable``: whether a card's committed image is fsync'd before the card answers (a power
     cut); it is always replaced atomically (a killed process), as the journal commits are."""
     recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
-    async for line in lines_of(source):
+    async for line in _request_lines(source):
         if not line.strip():
             continue
         try:
@@ -272,6 +275,43 @@ async def _feed(
                 reader.remove()
 
         results.put_nowait(await _in_thread(station, tap))
+
+
+REQUEST_LINE_LIMIT = 1 << 20
+"""The longest tap request line read from a pipe (bytes)."""
+
+
+async def _request_lines(source: TextIO) -> AsyncIterator[str]:
+    """The lines of ``source`` as they come.  A pipe (what a program feeding taps gives) is read
+    on the event loop itself: no thread wakes for each line and then waits for the interpreter
+    while a tap holds it (in a city, that hand-over cost as much CPU as the tap).  Anything
+    else — a file, a terminal, a stream without a descriptor — is read by
+    :func:`farelab.protocol.lines_of`'s thread.  Either way SIGTERM ends the process at once."""
+    try:
+        fd = source.fileno()
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        is_pipe = False
+    if not is_pipe:
+        async for line in lines_of(source):
+            yield line
+        return
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=REQUEST_LINE_LIMIT)
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while True:
+            try:
+                raw = await reader.readline()
+            except ValueError:  # a line past the limit: the rest of it is dropped
+                yield "{}\n"  # (an ignored request, said so on stderr)
+                continue
+            if not raw:
+                return
+            yield raw.decode("utf-8", errors="replace")
+    finally:
+        transport.close()
 
 
 def _request_time(value: object) -> datetime | None:
