@@ -82,16 +82,15 @@ def replay_card(port: int, atr: bytes, answers: list[bytes], ready: Connection |
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     framed = [len(a).to_bytes(2, "big") + a for a in answers]
     framed_atr = len(atr).to_bytes(2, "big") + atr
+    # as our vicc client reads the wire: vpcd writes a message's length and its bytes apart,
+    # and Nagle holds the bytes until the length is acknowledged (by reading it, at once)
     turn = 0
     if ready is not None:
         ready.send("ready")
     with contextlib.suppress(ConnectionError), sock:
         while True:
-            # as our vicc client does: vpcd writes a message in two pieces, and without a quick
-            # ACK its second piece waits for the delayed one
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             length = int.from_bytes(_recv_exact(sock, 2), "big")
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             message = _recv_exact(sock, length)
             if length == 1 and message[0] == _CTRL_ATR:
                 sock.sendall(framed_atr)

@@ -19,7 +19,9 @@ the blocking loop costs less per APDU than an event loop would.  ``TCP_NODELAY``
 ``TCP_QUICKACK`` re-armed before every message are what make it fast: without them every APDU
 waits ~40 ms for a delayed ACK.  The loop wakes to look at its ``stop`` through the kernel's
 receive timeout (``SO_RCVTIMEO``), not a Python socket timeout, which polls before every
-``recv``: a message costs two ``recv`` calls, a ``setsockopt`` and a ``send``.
+``recv``.  A message costs two ``recv`` calls, a ``setsockopt`` and a ``send``: reading its
+length is what acknowledges it (vpcd's Nagle holds the message's bytes until then), so there is
+no sleeping through the length alone.
 """
 
 from __future__ import annotations
