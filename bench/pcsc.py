@@ -28,10 +28,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from smartcard import scard
-
 from farelab.bench._taps import TapBench, bench_card, percentile
-from farelab.card import VICC_PORT, VIRTUAL_READER, PcscReader, Reader, ViccClient, running_pcscd
+from farelab.card import VICC_PORT, Reader, ViccClient
+
+# pyscard is loaded by the measure only: the air model imports Exchanges without it.
 
 __all__ = ["REPLAY_READER", "Exchanges", "measure", "replay_card"]
 
@@ -136,6 +136,10 @@ class _BareSlot:
     """The replay's host side: one PC/SC context and card handle, bare ``SCardTransmit``."""
 
     def __init__(self, name: str) -> None:
+        from smartcard import scard  # noqa: PLC0415
+
+        from farelab.card import PcscReader  # noqa: PLC0415
+
         hresult, self.context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
         self._check(hresult, "SCardEstablishContext")
         waiting = PcscReader(name)
@@ -154,10 +158,14 @@ class _BareSlot:
 
     @staticmethod
     def _check(hresult: int, what: str) -> None:
+        from smartcard import scard  # noqa: PLC0415
+
         if hresult != scard.SCARD_S_SUCCESS:
             raise RuntimeError(f"{what}: {scard.SCardGetErrorMessage(hresult)}")
 
     def close(self) -> None:
+        from smartcard import scard  # noqa: PLC0415
+
         scard.SCardDisconnect(self.card, scard.SCARD_UNPOWER_CARD)
         scard.SCardReleaseContext(self.context)
 
@@ -174,6 +182,8 @@ def measure(
     and ``pcsc_presence_detect_ms`` (card connected to vpcd → pcscd reports it).  ``samples``
     gets the sorted ms of each: ``tap_pcsc``, ``tap_pcsc_replay``, ``pcsc_apdu``.
     :class:`RuntimeError` if a tap is refused or does not take ``apdus`` exchanges."""
+    from farelab.card import VIRTUAL_READER, PcscReader, running_pcscd  # noqa: PLC0415
+
     with running_pcscd(folder / "pcscd.log"), _process(_present_bench_card, VICC_PORT):
         detected = time.perf_counter()
         reader = PcscReader(VIRTUAL_READER)
@@ -228,6 +238,8 @@ def _rounds(
     n: int, tb: TapBench, bare: _BareSlot, commands: list[bytes]
 ) -> tuple[list[float], list[float], list[float]]:
     """Sorted seconds of ``n`` exit taps, ``n`` replays, and ``3 n`` bare round trips."""
+    from smartcard import scard  # noqa: PLC0415
+
     transmit, card, protocol = scard.SCardTransmit, bare.card, bare.protocol
     lists = [list(c) for c in commands]
     taps: list[float] = []
