@@ -32,15 +32,16 @@ import psycopg
 from farelab._devices import entry_of
 from farelab.backend import Mosquitto, Store, clear, register
 from farelab.bench._backend import process_tree, running_backend
-from farelab.bench._taps import TapBench, bench_card, bus_devices, percentile, uplink_running
+from farelab.bench._taps import TapBench, bus_devices, percentile, uplink_running
 from farelab.bench._watchdog import StepTimeout, time_limit
 from farelab.bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
 from farelab.bench.ingest import measure as measure_ingest
+from farelab.bench.pcsc import Exchanges
 from farelab.bench.startup import figures as startup_figures
 from farelab.bench.testbed_time import measure as measure_testbed
 from farelab.bench.topup_latency import TOPUP_KIOSK
 from farelab.bench.topup_latency import measure as measure_topup
-from farelab.card import Alg, CardEndpoint, Reader
+from farelab.card import Alg
 from farelab.protocol import BATCH_MAX, BrokerURL, encode_record
 from farelab.validator import UplinkProcess, favour_taps
 
@@ -134,45 +135,6 @@ PROCESSING_S = {
 }
 
 
-class _Exchanges:
-    """A reader that keeps every command and answer (for the air model and the replay)."""
-
-    def __init__(self, reader: Reader) -> None:
-        self.reader = reader
-        self.exchanges: list[tuple[bytes, bytes]] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.reader, name)
-
-    def transmit(self, apdu: bytes) -> bytes:
-        answer = self.reader.transmit(apdu)
-        self.exchanges.append((apdu, answer))
-        return answer
-
-
-class _Replay:
-    """A card that answers with a recorded tap's answers, in turn, and does nothing else."""
-
-    def __init__(self, card: CardEndpoint, answers: list[bytes]) -> None:
-        self.card = card
-        self.answers = answers
-        self.turn = 0
-
-    def power_on(self) -> bytes:
-        return self.card.power_on()
-
-    def power_off(self) -> None:
-        self.card.power_off()
-
-    def atr(self) -> bytes:
-        return self.card.atr()
-
-    def transmit(self, apdu: bytes) -> bytes:
-        answer = self.answers[self.turn % len(self.answers)]
-        self.turn += 1
-        return answer
-
-
 def air_seconds(exchanges: list[tuple[bytes, bytes]], rate_factor: float) -> float:
     """docs/card-protocol.md B6's radio and card time of one tap's (command, answer) exchanges;
     ``rate_factor`` 1 for 106k, 4 for 424k."""
@@ -198,7 +160,7 @@ def _taps_inproc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
         out[f"tap_inproc_{key}_p99_ms"] = worst
     # the air model, on the metro exit's exchanges (the longest tap)
     tb = TapBench.make("metro", ":memory:")
-    recording = _Exchanges(tb.reader)
+    recording = Exchanges(tb.reader)
     tb.reader = recording  # type: ignore[assignment]
     tb.tap(0)
     recording.exchanges.clear()
@@ -213,57 +175,9 @@ def _taps_inproc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
 
 
 def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
-    from farelab.card import VIRTUAL_READER, PcscReader, ViccClient, running_pcscd  # noqa: PLC0415
+    from farelab.bench.pcsc import measure as measure_pcsc  # noqa: PLC0415 - pyscard
 
-    with running_pcscd(folder / "pcscd.log"):
-        client = ViccClient(bench_card())
-        client.connect(timeout=5)
-        stop = threading.Event()
-        thread = threading.Thread(target=client.serve, kwargs={"stop": stop}, daemon=True)
-        thread.start()
-        detected = time.perf_counter()
-        reader = PcscReader(VIRTUAL_READER)
-        try:
-            if not reader.wait_for_card(5):
-                raise RuntimeError("the virtual card never appeared")
-            out["pcsc_presence_detect_ms"] = (time.perf_counter() - detected) * 1000
-            reader.connect()
-            floor = []
-            for _ in range(n * 3):
-                start = time.perf_counter()
-                reader.transmit(bytes.fromhex("805C000204"))
-                floor.append(time.perf_counter() - start)
-            floor.sort()
-            tb = TapBench.make("metro", folder / "j-pcsc.db", reader=reader)
-            times = tb.run(n, skip_entries=True)
-            samples["tap_pcsc"], samples["pcsc_apdu"] = _ms(times), _ms(floor)
-            out["tap_pcsc_p50_ms"] = percentile(times, 0.5) * 1000
-            out["tap_pcsc_p99_ms"] = percentile(times, 0.99) * 1000
-            out["pcsc_apdu_p50_ms"] = percentile(floor, 0.5) * 1000
-            apdus = out.get("tap_apdus", 7)
-            out["tap_pcsc_floor_ms"] = out["pcsc_apdu_p50_ms"] * apdus
-            out["tap_pcsc_floor_ratio"] = out["tap_pcsc_p50_ms"] / out["tap_pcsc_floor_ms"]
-            # Where the rest goes: the same tap's own exchanges replayed through pcscd, with no
-            # software on either side (the card answers from the recording).
-            recording = _Exchanges(reader)
-            tb.reader = recording  # type: ignore[assignment]
-            tb.run(2)  # an entry, then the exit recorded
-            exit_tap = recording.exchanges[-int(apdus) :]
-            commands = [c for c, _ in exit_tap]
-            client.card = _Replay(client.card, [a for _, a in exit_tap])
-            replays = []
-            for _ in range(n):
-                start = time.perf_counter()
-                for command in commands:
-                    reader.transmit(command)
-                replays.append(time.perf_counter() - start)
-            replays.sort()
-            out["tap_pcsc_replay_p50_ms"] = percentile(replays, 0.5) * 1000
-            out["tap_pcsc_replay_ratio"] = out["tap_pcsc_replay_p50_ms"] / out["tap_pcsc_floor_ms"]
-        finally:
-            reader.close()
-            stop.set()
-            thread.join(10)
+    measure_pcsc(n, folder, out, samples, int(out.get("tap_apdus", 8)))
 
 
 def _clearing(n: int, out: Figures) -> None:
