@@ -132,6 +132,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="backend worker processes (default 2)",
     )
+    city.add_argument(
+        "--devices-per-process",
+        type=_positive(int, "a whole number"),
+        default=1,
+        metavar="N",
+        help="devices each 'farelab validator run' process hosts, with one journal (default 1: "
+        "every device a process of its own, as in the field; more devices a process cost less "
+        "CPU a tap, as a station computer hosting its gates)",
+    )
     city.set_defaults(func=_run)
 
 
@@ -189,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         stations=args.stations,
         workers=args.workers,
         topology=args.topology,
+        devices_per_process=args.devices_per_process,
     )
     try:
         summary = run_city(options, plan, _say)
@@ -206,7 +216,8 @@ def _print(s: dict[str, object]) -> None:
     refused = s["refused"]
     assert isinstance(refused, dict)
     print(
-        f"{s['riders']} riders, {s['devices']} devices: {s['taps']} taps "
+        f"{s['riders']} riders, {s['devices']} devices ({s['validator_processes']} validator "
+        f"processes): {s['taps']} taps "
         f"({s['taps_per_s']}/s), {s['accepted']} accepted, "
         f"{sum(refused.values())} refused"
         + (

@@ -41,7 +41,7 @@ from farelab.city._plan import (
     Trip,
     day_trips,
 )
-from farelab.city._procs import Child
+from farelab.city._procs import Child, children_of
 from farelab.city._proxy import FaultProxy
 from farelab.city._reconcile import (
     CardBalance,
@@ -69,6 +69,8 @@ TAP_TIMEOUT = 120.0
 """How long a rider waits for a device that is running but does not answer."""
 RETRIES = 6
 """How many times a rider taps again at a device that did not settle the tap."""
+DEVICES_PER_PROCESS = 1
+"""Devices a ``farelab validator run`` process hosts by default: each its own, as in the field."""
 
 
 class CityError(RuntimeError):
@@ -98,6 +100,7 @@ class CityOptions:
     workers: int = 2
     start_hour: float = 6.0
     topology: str = "direct"
+    devices_per_process: int = DEVICES_PER_PROCESS
 
 
 def _password(seed: int, who: str) -> str:
@@ -331,14 +334,18 @@ class City:
         self.backend: Process | None = None
         self.stop_riders = asyncio.Event()
         self.proxies: dict[int, FaultProxy] = {}  # by the broker port they forward to
-        self.proxy_of: dict[str, FaultProxy] = {}  # by device
+        self.proxy_of: dict[str, FaultProxy] = {}  # by validator process
         self.topology: BridgedTopology | None = None
         self.line_brokers: list[Any] = []
         self.pulls: dict[str, str] = {}  # device → the step its next tap is torn after
         self.tap_wall = 0.0
+        self.drain_wall = 0.0
+        self.uplink_memory: dict[str, float] = {}
         self.params_pushed = 0
         self.memory: dict[str, float] = {}
         self.device_ids = {d.id for d in plan.devices}
+        self.groups = group_devices(plan, options.devices_per_process, options.topology)
+        self.process_of = {d: name for name, ds in self.groups.items() for d in ds}
 
     # -- set-up --
 
@@ -366,13 +373,15 @@ class City:
                 originals[rider.serial] = path
             self.balances[rider.id] = rider.balance_fen
             self.start_fen[rider.id] = rider.balance_fen
-        for device in self.plan.devices:
-            config = self.devices_dir / f"{device.id}.toml"
-            config.write_text(
-                f'[journal]\npath = "{device.id}.db"\n\n'
-                + device.toml(self.plan.network, self.plan.whitelist, self.plan.hotlist)
-                + f'mqtt_password = "{_password(self.o.seed, device.id)}"\n',
-                encoding="utf-8",
+        by_id = {d.id: d for d in self.plan.devices}
+        for name, devices in self.groups.items():
+            tables = [
+                by_id[d].toml(self.plan.network, self.plan.whitelist, self.plan.hotlist)
+                + f'mqtt_password = "{_password(self.o.seed, d)}"\n'
+                for d in devices
+            ]
+            (self.devices_dir / f"{name}.toml").write_text(
+                f'[journal]\npath = "{name}.db"\n\n' + "\n".join(tables), encoding="utf-8"
             )
         self._register()
 
@@ -528,15 +537,17 @@ class City:
             f"computer per line ({', '.join(f'{k} :{p}' for k, (p, _) in lines.items())}), bridged"
         )
 
-    def device_url(self, who: str) -> str:
-        """The broker URL a device (or the kiosk, or the backend) connects with."""
+    def device_url(self, who: str, link: str | None = None) -> str:
+        """The broker URL a device (or the kiosk, or the backend) connects with; ``link``: the
+        validator process it is in (its link to the broker), if not named after it."""
         if self.external:
             return str(self.o.broker)
         port = self.broker_port
         if self.topology is not None:
             port = self.topology.device_broker(who)  # its station computer, or the central one
-        if who in self.proxy_of:
-            port = self.proxy_of[who].port(who)  # a device's link goes through the fault proxy
+        link = link or who
+        if link in self.proxy_of:
+            port = self.proxy_of[link].port(link)  # a validator's link goes through the proxy
         url = f"mqtt://{who}:{_password(self.o.seed, who)}@{self.broker_host}:{port}"
         return url + "?protocol=3.1.1" if self.embedded else url
 
@@ -586,18 +597,18 @@ class City:
         """With chaos: the fault proxy, a port per device, between the devices and the broker."""
         if not self.o.chaos or self.external:
             return
-        for device in self.plan.devices:
+        for name, devices in self.groups.items():
             port = (
                 self.broker_port
                 if self.topology is None
-                else self.topology.device_broker(device.id)
+                else self.topology.device_broker(devices[0])  # a process's devices share a line
             )
             proxy = self.proxies.get(port)
             if proxy is None:
                 proxy = self.proxies[port] = FaultProxy(upstream=(self.broker_host, port))
-            await proxy.add(device.id)
-            self.proxy_of[device.id] = proxy
-        self.say(f"fault proxy: {len(self.plan.devices)} device links to the broker")
+            await proxy.add(name)
+            self.proxy_of[name] = proxy
+        self.say(f"fault proxy: {len(self.groups)} validator process links to the broker")
 
     async def start_kiosk(self) -> None:
         """The kiosk: ``farelab topup serve`` against the backend's load authorization."""
@@ -626,11 +637,14 @@ class City:
         await self.kiosk.start()
 
     async def start_devices(self) -> None:
-        """A ``farelab validator run`` process per device, a few at a time."""
+        """A ``farelab validator run`` process per group of devices (a device of its own by
+        default), a few at a time.  A process's devices log in with their own accounts; its
+        broker URL's is its first device's (or, under chaos, its port on the fault proxy)."""
         env = self._env()
-        for device in self.plan.devices:
-            self.processes[device.id] = Process(
-                device.id,
+        for name, devices in self.groups.items():
+            url = self.device_url(devices[0], name)
+            self.processes[name] = Process(
+                name,
                 [
                     sys.executable,
                     "-m",
@@ -638,12 +652,12 @@ class City:
                     "validator",
                     "run",
                     "--config",
-                    str(self.devices_dir / f"{device.id}.toml"),
+                    str(self.devices_dir / f"{name}.toml"),
                     "--broker",
-                    self.device_url(device.id),
+                    url,
                 ],
                 ready="farelab validator: running",
-                log_file=self.logs / f"{device.id}.log",
+                log_file=self.logs / f"{name}.log",
                 env=env,
                 on_exit=self._died,
             )
@@ -656,7 +670,10 @@ class City:
                 await proc.start()
             started += 1
             if started % 10 == 0 or started == len(self.processes):
-                self.say(f"devices: {started}/{len(self.processes)} running")
+                self.say(
+                    f"validators: {started}/{len(self.processes)} processes running "
+                    f"({len(self.plan.devices)} devices)"
+                )
 
         await asyncio.gather(*(one(p) for p in self.processes.values()))
 
@@ -685,7 +702,7 @@ class City:
     ) -> dict[str, Any] | None:
         """One tap of the rider's card at ``device``, tapped again while torn; the final answer
         (None if the device never answered)."""
-        proc = self.processes[device]
+        proc = self.processes[self.process_of[device]]
         answer: dict[str, Any] | None = None
         for attempt in range(RETRIES):
             request: dict[str, Any] = {
@@ -861,9 +878,13 @@ class City:
                 os.kill(pid, signal.SIGKILL)
             return f"pid {pid}"
         elif kind == "kill_device":
-            proc = self.processes[target]
+            proc = self.processes[self.process_of[target]]
+            if not proc.up.is_set():
+                return f"skipped: its process {proc.name} is down already"
             proc.kill()
             restarts.append(asyncio.create_task(later(proc.restart)))
+            if proc.name != target:
+                return f"killed its process {proc.name} ({', '.join(self.groups[proc.name])})"
         elif kind == "kill_kiosk":
             kiosk = self.kiosk
             assert kiosk is not None
@@ -874,14 +895,18 @@ class City:
         elif kind == "pull_card":
             assert fault.step is not None
             self.pulls[target] = fault.step
-        elif target not in self.proxy_of:
+        elif self.process_of.get(target) not in self.proxy_of:
             return "skipped: no fault proxy (the broker is not the city's)"
-        elif kind == "cut":
-            self.proxy_of[target].cut(target, fault.duration)
-        elif kind == "delay":
-            self.proxy_of[target].delay(target, float(fault.delay_ms or 0), fault.duration)
-        elif kind == "reset":
-            self.proxy_of[target].reset(target)
+        else:
+            link = self.process_of[target]  # the link of the device's process
+            if kind == "cut":
+                self.proxy_of[link].cut(link, fault.duration)
+            elif kind == "delay":
+                self.proxy_of[link].delay(link, float(fault.delay_ms or 0), fault.duration)
+            elif kind == "reset":
+                self.proxy_of[link].reset(link)
+            if link != target:
+                return f"on the link of its process {link}"
         return None
 
     def _worker_pid(self, target: str) -> int | None:
@@ -897,15 +922,18 @@ class City:
     def outbox_depths(self) -> dict[str, int]:
         """Each device's records waiting for the uplink (its journal, read-only)."""
         out: dict[str, int] = {}
-        for device in self.plan.devices:
-            path = self.devices_dir / f"{device.id}.db"
+        for name in self.groups:
+            path = self.devices_dir / f"{name}.db"
             if not path.exists():
                 continue
             try:
                 with contextlib.closing(
                     sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
                 ) as db:
-                    out[device.id] = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+                    for device, n in db.execute(
+                        "SELECT device, count(*) FROM outbox GROUP BY device"
+                    ):
+                        out[str(device)] = int(n)
             except sqlite3.Error:
                 continue
         return out
@@ -922,8 +950,8 @@ class City:
     def read_journals(self) -> list[JournalTx]:
         """Every validator journal's transactions."""
         rows: list[JournalTx] = []
-        for device in self.plan.devices:
-            path = self.devices_dir / f"{device.id}.db"
+        for name in self.groups:
+            path = self.devices_dir / f"{name}.db"
             if not path.exists():
                 continue
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -983,6 +1011,9 @@ class City:
         """Devices, backend, broker."""
         for proc in self.processes.values():
             self.memory[proc.name] = rss_mb(proc.pid) or 0.0
+            if proc.pid is not None:  # its uplink, where it runs in a process of its own
+                helpers = [rss_mb(pid) or 0.0 for pid in children_of(proc.pid)]
+                self.uplink_memory[proc.name] = sum(helpers)
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
         if self.kiosk is not None:
             await self.kiosk.stop()
@@ -1173,7 +1204,9 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         with contextlib.suppress(asyncio.CancelledError):
             await view
         say(f"riding done: {city.tally.taps} taps in {city.tap_wall:.1f} s; draining the outboxes")
+        drain_started = time.monotonic()
         left = await city.drain()
+        city.drain_wall = time.monotonic() - drain_started
         if city.fatal is not None:
             raise (CityInterruptedError if city.interrupted else CityError)(city.fatal)
         if left:
@@ -1212,6 +1245,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         "taps_per_s": round(t.taps / city.tap_wall, 2) if city.tap_wall else 0.0,
         "duration_s": round(time.monotonic() - started, 1),
         "riding_s": round(city.tap_wall, 1),
+        "drain_s": round(city.drain_wall, 1),
         "grey": t.grey,
         "retries": t.retries,
         "unanswered": t.unanswered,
@@ -1226,8 +1260,37 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
             "verdicts": verdicts,
         },
         "journalled": len(journals),
+        "validator_processes": len(city.groups),
+        "devices_per_process": options.devices_per_process,
         "memory_per_device_mb": round(sum(memory) / len(memory), 1) if memory else None,
+        "uplink_memory_per_process_mb": (
+            round(sum(city.uplink_memory.values()) / len(city.uplink_memory), 1)
+            if city.uplink_memory
+            else None
+        ),
         "folder": str(options.folder),
+    }
+
+
+def group_devices(plan: CityPlan, per_process: int, topology: str) -> dict[str, list[str]]:
+    """The validator processes and the devices each hosts, in the plan's order (a station's
+    entry and exit gates side by side): ``per_process`` devices a process, never two lines'
+    devices in one under ``bridged`` (each line's gates log in at its own station computer);
+    a process of one device is named after it, a larger one ``validators-NN``."""
+    if per_process < 1:
+        raise ValueError("a validator process hosts at least one device")
+    links: dict[str, list[str]] = {}
+    for device in plan.devices:
+        link = (device.line or "bus") if topology == "bridged" else ""
+        links.setdefault(link, []).append(device.id)
+    chunks = [
+        devices[i : i + per_process]
+        for devices in links.values()
+        for i in range(0, len(devices), per_process)
+    ]
+    return {
+        chunk[0] if len(chunk) == 1 else f"validators-{n:02d}": chunk
+        for n, chunk in enumerate(chunks, start=1)
     }
 
 
