@@ -115,7 +115,7 @@ class SimulatedCard:
 
     def __init__(
         self,
-        image: CardImage,
+        image: CardImage | None,
         *,
         store: ImageStore | None = None,
         entropy: Callable[[int], bytes] = os.urandom,
@@ -123,7 +123,8 @@ class SimulatedCard:
     ) -> None:
         """
         Args:
-            image: the card's persistent state at power-up.
+            image: the card's persistent state at power-up; None only with a
+                :class:`FileStore`, which is read at the first power-on.
             store: where committed images are written before the card answers; None keeps them
                 in this object only.
             entropy: source of the seed of the card's random numbers at each power-on (tests
@@ -131,6 +132,8 @@ class SimulatedCard:
             today: the calendar day, used only for the social-security PIN's "wrong tries in
                 one day" count; a real card learns it from the terminal.
         """
+        if image is None and not isinstance(store, FileStore):
+            raise ValueError("a card without an image needs a FileStore to read it from")
         self._image = image
         self._store = store
         self._entropy = entropy
@@ -141,13 +144,15 @@ class SimulatedCard:
 
     @classmethod
     def from_file(
-        cls, path: Path, *, durable: bool = True, wait: float = BUSY_WAIT_S
+        cls, path: Path, *, durable: bool = True, wait: float = BUSY_WAIT_S, load: bool = True
     ) -> SimulatedCard:
         """A card backed by an image file: loads it (ImageError if it cannot be used), reads it
         again under the image's lock at each power-on, and writes every commit back to it.
-        ``wait``: seconds a power-on waits for another field to let the card go."""
+        ``wait``: seconds a power-on waits for another field to let the card go.  ``load=False``
+        reads it only at power-on (one read a tap instead of two; an unusable image is then the
+        power-on's ImageError), or when :attr:`image` is asked for first."""
         store = FileStore(path, durable=durable, wait=wait)
-        return cls(store.load(), store=store)
+        return cls(store.load(), store=store) if load else cls(None, store=store)
 
     def _enter_field(self) -> None:
         """Power is coming: a file-backed card takes its image's lock and its image as it is
@@ -175,7 +180,14 @@ class SimulatedCard:
     @property
     def image(self) -> CardImage:
         """The committed persistent state."""
-        return self._image
+        image = self._image
+        if image is None:  # a file-backed card not read yet (``from_file(load=False)``)
+            assert isinstance(self._store, FileStore)
+            with self._lock:
+                if self._image is None:
+                    self._image = self._store.load()
+                image = self._image
+        return image
 
     def atr(self) -> bytes:
         """The card's ATR."""
@@ -222,7 +234,9 @@ class SimulatedCard:
             if self._session is None:
                 self._enter_field()
                 self._session = Session.power_on(self._entropy(16))
-            outcome = process(self._image, self._session, apdu, today=self._today())
+            image = self._image
+            assert image is not None  # read at power-on, at the latest
+            outcome = process(image, self._session, apdu, today=self._today())
             if outcome.committed and self._store is not None:
                 self._store.save(outcome.image)
             self._image = outcome.image

@@ -124,3 +124,49 @@ def test_run_with_sim_readers_stops_at_sigterm_while_its_stdin_is_still_open(
         proc.kill()
         proc.communicate()
     assert load_image(path).balance == 2000 - 50
+
+
+def test_an_unreadable_or_missing_image_is_that_taps_card_error_and_the_next_runs(
+    tmp_path: Path,
+) -> None:
+    good = card(tmp_path)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text("{not json")
+    at = "2026-11-23T09:00:00+08:00"
+    taps = [
+        {"device": "bus-1", "card": str(damaged), "at": at},
+        {"device": "bus-1", "card": str(tmp_path / "absent.json"), "at": at},
+        {"device": "bus-1", "card": str(good), "at": at},
+    ]
+    lines = run(tmp_path, taps)
+    assert [(x["result"], x["reason"]) for x in lines] == [
+        ("rejected", "card_error"),
+        ("rejected", "card_error"),
+        ("accepted", None),
+    ]
+
+
+def test_a_card_busy_in_another_field_is_that_taps_card_error_and_the_next_runs(
+    tmp_path: Path,
+) -> None:
+    """The image is read under the card's lock at power-on: a card another process holds is
+    refused there (after the busy wait), not the end of the device's process."""
+    from tests.test_card_field import held_by_another_process  # noqa: PLC0415
+
+    busy = card(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    free = card(other)
+    at = "2026-11-23T09:00:00+08:00"
+    with held_by_another_process(busy, 10):
+        lines = run(
+            tmp_path,
+            [
+                {"device": "bus-1", "card": str(busy), "at": at},
+                {"device": "bus-1", "card": str(free), "at": at},
+            ],
+        )
+    assert [(x["result"], x["reason"]) for x in lines] == [
+        ("rejected", "card_error"),
+        ("accepted", None),
+    ]

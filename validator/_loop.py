@@ -28,6 +28,7 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 from farelab.card import (
     CST,
+    ImageError,
     InProcessReader,
     Reader,
     ReaderError,
@@ -250,7 +251,9 @@ async def _feed(
             if from_trace:
                 card = recorded[path] = recorded.get(path) or TraceCard.from_file(path)
             else:
-                card = SimulatedCard.from_file(path, durable=durable)
+                # Read once, under the card's lock at power-on (not also here first): an
+                # image that cannot be used is then this tap's card_error, from the tap.
+                card = SimulatedCard.from_file(path, durable=durable, load=False)
         except Exception as exc:  # a card that cannot be loaded is this tap's card_error
             when = at or _now()
             failed = functools.partial(station.validator.card_failed, when, failure_text(exc, path))
@@ -258,11 +261,13 @@ async def _feed(
             continue
 
         def tap(
+            *,
             reader: InProcessReader = reader,
             card: SimulatedCard | TraceCard = card,
             station: _Station = station,
             at: datetime | None = at,
             pull: str | None = pull,
+            path: Path = path,
         ) -> _Tapped:
             reader.insert(card)
             if pull is not None:
@@ -271,6 +276,10 @@ async def _feed(
                 reader.pull_after(card.tears_after)  # it leaves where the recorded card left
             try:
                 return _tap_once(station, at)
+            except ImageError as exc:  # the image could not be read (or the card is busy)
+                when = at or _now()
+                failed = station.validator.card_failed(when, failure_text(exc, path))
+                return _Tapped(failed, when)
             finally:
                 reader.remove()
 
