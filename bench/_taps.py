@@ -226,4 +226,9 @@ def uplink_running(url: BrokerURL, bench: TapBench, *, process: bool = True) -> 
 
     thread = threading.Thread(target=main, name="bench-uplink", daemon=True)
     thread.start()
-    return RunningUplink(uplink, thread, stop, loops)
+    running = RunningUplink(uplink, thread, stop, loops)
+    # A process uplink starts once, with the device; its start-up is not the taps' business.
+    if isinstance(uplink, UplinkProcess) and not uplink.ready.wait(60):
+        running.stop()
+        raise TimeoutError("the uplink process did not start within 60 s")
+    return running

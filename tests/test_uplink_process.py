@@ -63,6 +63,7 @@ def test_a_killed_uplink_process_comes_back_and_nothing_is_lost(
             lab.tap("bus", card, t)
             t += 400
         assert drained(30), f"{lab.journal.outbox_rows} rows left"
+        assert uplink.ready.is_set()
         (child,) = _uplink_children(os.getpid())
         assert os.sched_getscheduler(child) == os.SCHED_IDLE
         os.kill(child, signal.SIGKILL)

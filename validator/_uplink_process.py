@@ -16,6 +16,7 @@ a line:
   deleted when either process dies is sent again later and de-duplicated by the backend.
 - child → parent ``{"params": device, "payload": base64}``: a parameters message, applied by the
   parent's handler; the version in force comes back in the next status snapshot.
+- child → parent ``{"ready": true}``: loaded and running (what a caller may wait for).
 - parent → child ``{"config": {...}}`` first (the broker, devices, passwords: not on the command
   line, where any user could read them), then ``{"status": device, "version": v, "counts":
   {...}}`` whenever a device's counters change: what the child's status reports say.
@@ -73,6 +74,8 @@ class UplinkProcess:
         self.passwords = passwords or {}
         self.status_every = status_every
         self.restarts = 0
+        #: set while a child runs with its MQTT client loaded (cleared when it exits)
+        self.ready = threading.Event()
         self._on_params: Callable[[str, bytes], int | None] | None = None
         self._status: _StatusSource | None = None
 
@@ -141,6 +144,7 @@ class UplinkProcess:
                 await cancel_and_wait(snapshots)
             return await child.wait()
         finally:
+            self.ready.clear()
             if child.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.terminate()
@@ -172,7 +176,9 @@ class UplinkProcess:
         stdin: asyncio.StreamWriter,
         sent: dict[str, tuple[int, TapCounts]],
     ) -> None:
-        if "ack" in doc:
+        if "ready" in doc:
+            self.ready.set()
+        elif "ack" in doc:
             ids = [int(i) for i in doc["ack"]]
             await asyncio.to_thread(journal.acknowledge, ids)
         elif "params" in doc and self._on_params is not None:
@@ -306,6 +312,7 @@ async def _child(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], No
     if config.get("status"):
         uplink.attach_status(statuses.get)
     task = asyncio.create_task(uplink.run(journal))  # type: ignore[arg-type]
+    out({"ready": True})
     try:
         while not task.done():
             line = await stdin.readline()
