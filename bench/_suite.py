@@ -34,6 +34,7 @@ from farelab.backend import Mosquitto, Store, clear, register
 from farelab.bench._backend import process_tree, running_backend
 from farelab.bench._taps import TapBench, bus_devices, percentile, uplink_running
 from farelab.bench._watchdog import StepTimeout, time_limit
+from farelab.bench.city import figures as city_figures
 from farelab.bench.ingest import POSTGRES, make_batches, measure_postgres, postgres_schema
 from farelab.bench.ingest import measure as measure_ingest
 from farelab.bench.pcsc import Exchanges
@@ -623,6 +624,10 @@ def _startup(runs: int, out: Figures, samples: Samples) -> None:
     samples.update(times)
 
 
+def _city(quick: bool, folder: Path, out: Figures) -> None:
+    out.update(city_figures(quick, folder / "city"))
+
+
 def _testbed(cards: int, folder: Path, out: Figures, samples: Samples) -> None:
     (folder / "testbed").mkdir(exist_ok=True)
     figures, times = measure_testbed(cards, folder / "testbed")
@@ -719,6 +724,10 @@ def run_suite(
             (
                 f"backend memory over {ingested:,} transactions, to its end",
                 lambda: backend_memory.finish(figures, series),
+            ),
+            (
+                "the city end to end: farelab city, every device a process's",
+                lambda: _city(quick, folder, figures),
             ),
         ]
         errors: dict[str, str] = {}
