@@ -339,7 +339,8 @@ def _backlog(
             i += len(taps)
             # The broker-down block: the uplink's connection failures are expected here.
             with _quiet("farelab.uplink"):
-                running = uplink_running(BrokerURL("127.0.0.1", 1), bench)
+                down = BrokerURL("127.0.0.1", 1)
+                running = uplink_running(down, bench, log_level=logging.ERROR)
                 try:
                     outage += _tap_times(bench, block, i)
                 finally:

@@ -4,6 +4,7 @@ increasing times, each timed from card detected to result journalled."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -202,13 +203,15 @@ class RunningUplink:
         return "\n".join(lines)
 
 
-def uplink_running(url: BrokerURL, bench: TapBench, *, process: bool = True) -> RunningUplink:
+def uplink_running(
+    url: BrokerURL, bench: TapBench, *, process: bool = True, log_level: int = logging.INFO
+) -> RunningUplink:
     """An uplink for the bench's devices on an event loop of its own thread, as in
     ``farelab validator run``: in a process of its own at idle priority (its default there), or
     in this process when ``process`` is false (``--uplink thread``)."""
     stop = threading.Event()
     uplink: MqttUplink | UplinkProcess = (
-        UplinkProcess(url, ["in", "out"], batch_size=500)
+        UplinkProcess(url, ["in", "out"], batch_size=500, log_level=log_level)
         if process
         else MqttUplink(url, ["in", "out"], batch_size=500)
     )

@@ -67,12 +67,15 @@ class UplinkProcess:
         batch_size: int = 200,
         passwords: dict[str, str] | None = None,
         status_every: float = 2.0,
+        log_level: int = logging.INFO,
     ) -> None:
+        """As :class:`MqttUplink`'s; ``log_level``: the least the child logs (to our stderr)."""
         self.broker = broker
         self.devices = list(devices)
         self.batch_size = batch_size
         self.passwords = passwords or {}
         self.status_every = status_every
+        self.log_level = log_level
         self.restarts = 0
         #: set while a child runs with its MQTT client loaded (cleared when it exits)
         self.ready = threading.Event()
@@ -108,6 +111,7 @@ class UplinkProcess:
             "status_every": self.status_every,
             "params": self._on_params is not None,
             "status": self._status is not None,
+            "log_level": self.log_level,
         }
 
     async def run(self, journal: Journal) -> None:
@@ -292,6 +296,7 @@ async def _child(stdin: asyncio.StreamReader, out: Callable[[dict[str, Any]], No
     if not first:
         return
     config = json.loads(first)["config"]
+    logging.getLogger().setLevel(int(config.get("log_level", logging.INFO)))
     broker = BrokerURL(**config["broker"])
     uplink = MqttUplink(
         broker,
