@@ -183,7 +183,8 @@ def _taps_pcsc(n: int, folder: Path, out: Figures, samples: Samples) -> None:
 
 def _clearing(n: int, out: Figures) -> None:
     """Clearing of ``n`` coded transactions, cold (fresh arrays, as after a ledger query), and
-    numpy's own ``bincount`` over as many weighted values, the floor of any such sum."""
+    numpy's own ``bincount`` over as many weighted values at its best (warm, best of three):
+    the floor of any such sum."""
     rng = np.random.default_rng(6)
     issuers, operators = rng.integers(0, 20, n), rng.integers(0, 30, n)
     days, loads, amounts = rng.integers(0, 7, n), rng.random(n) < 0.05, rng.integers(0, 800, n)
@@ -201,9 +202,11 @@ def _clearing(n: int, out: Figures) -> None:
     took = time.perf_counter() - start
     if int(result.positions.sum()) != 0:
         raise RuntimeError("clearing positions do not net to zero")
-    start = time.perf_counter()
-    np.bincount(issuers, weights=amounts, minlength=20)
-    floor = time.perf_counter() - start
+    floor = math.inf
+    for _ in range(3):  # its best of three: the floor, warm, with nothing else to do
+        start = time.perf_counter()
+        np.bincount(issuers, weights=amounts, minlength=20)
+        floor = min(floor, time.perf_counter() - start)
     scale = "10m" if n == 10_000_000 else f"{n}"
     out[f"clearing_{scale}_s"] = took
     out[f"clearing_bincount_{scale}_s"] = floor
