@@ -20,7 +20,7 @@ from html import escape
 from pathlib import Path
 
 from farelab.bench._charts import OTHER, Chart, charts
-from farelab.bench._suite import BUDGETS, checked, limit_text, mark
+from farelab.bench._suite import BUDGETS, checked, limit_text, mark, measured_text
 
 __all__ = ["COMMANDS", "write_report"]
 
@@ -222,7 +222,7 @@ def _budgets(doc: Mapping[str, object], *, linked: set[str]) -> str:
                 name = f"<a href='#{escape(_anchor(group))}'>{name}</a>"
             rows.append(f"<tr class='group'><th colspan='4'>{name}</th></tr>")
         kind = "unmeasured" if holds is None else ("held" if holds else "missed")
-        shown = f"{value:,.2f}" if value is not None else "not measured"
+        shown = measured_text(value)
         rows.append(
             f"<tr class='{kind}'><td>{escape(budget.label)}</td>"
             f"<td class='num'>{escape(shown)}</td>"

@@ -54,6 +54,7 @@ __all__ = [
     "dump",
     "limit_text",
     "mark",
+    "measured_text",
     "run_suite",
 ]
 
@@ -812,6 +813,14 @@ def mark(holds: bool | None) -> str:
     return "—" if holds is None else ("✓" if holds else "✗")
 
 
+def measured_text(value: float | None) -> str:
+    """A budget's figure as the tables show it: three decimals under 10 (so that 1.104 against
+    ≤ 1.1 does not read 1.10), two above; "not measured" for None."""
+    if value is None:
+        return "not measured"
+    return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.2f}"
+
+
 def limit_text(budget: Budget) -> str:
     """The limit as the table shows it: ``≤ 3`` or ``≥ 20,000``."""
     return f"{'≥' if budget.at_least else '≤'} {budget.limit:,g}"
@@ -825,7 +834,7 @@ def budget_table(doc: Mapping[str, object]) -> str:
         if b.group != group:
             group = b.group
             lines.append(f"{group}:")
-        shown = f"{value:,.2f}" if value is not None else "not measured"
+        shown = measured_text(value)
         lines.append(f"  {b.label:<44} {shown:>12} {limit_text(b):>10}  {mark(holds)}")
     return "\n".join(lines)
 
