@@ -4,6 +4,7 @@ record's fields were hex text decodes and encodes again to the same bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -223,3 +224,17 @@ def test_one_record_decodes_alone() -> None:
 def test_an_encoded_batch_of_records_round_trips() -> None:
     records = decode_batch(GOLDEN).records
     assert decode_batch(encode_batch(Batch(9, "d", records))).records == records
+
+
+def test_a_record_is_built_by_position_or_name_and_stays_frozen() -> None:
+    record = decode_batch(GOLDEN).records[0]
+    values = {f.name: getattr(record, f.name) for f in dataclasses.fields(Record)}
+    assert Record(**values) == record == Record(*values.values())
+    assert hash(Record(**values)) == hash(record)
+    assert dataclasses.replace(record, seq=9).seq == 9
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.seq = 9  # type: ignore[misc]
+    with pytest.raises(TypeError, match="missing"):
+        Record(1, "completed")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected"):
+        Record(**values, colour="red")  # type: ignore[call-arg]
