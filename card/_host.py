@@ -8,7 +8,7 @@ The backend uses :class:`TacVerifier` to check every uploaded transaction.  Both
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -200,6 +200,39 @@ class TacVerifier:
             day=day,
             time=time,
         )
+
+    def purchase_tacs(
+        self, purchases: Iterable[tuple[Alg, bytes, bytes, int, int, bytes, int, bytes, bytes]]
+    ) -> list[bytes | None]:
+        """The TACs of many purchases, each given as (alg, issuer id, serial8, amount,
+        transaction type, terminal, TTC, day, time): for each, what :meth:`purchase_tac` gives.
+
+        One call for a backend's whole batch: the keyword call, the cache's bookkeeping and the
+        lock per TAC had been two thirds of verifying one."""
+        out: list[bytes | None] = []
+        append = out.append
+        cache, key_of, cache_size = self._cache, self._key, self._cache_size
+        for alg, issuer_id, serial8, amount, tx_type, terminal, ttc, day, time in purchases:
+            cache_key = (alg, issuer_id, serial8)
+            key = cache.get(cache_key)
+            if key is None:
+                key = key_of(alg, issuer_id, serial8)
+                if key is None:
+                    append(None)
+                    continue
+            elif cache_size:
+                cache.move_to_end(cache_key)
+            append(
+                key.compute(
+                    amount.to_bytes(4, "big")
+                    + bytes((tx_type,))
+                    + terminal
+                    + ttc.to_bytes(4, "big")
+                    + day
+                    + time
+                )
+            )
+        return out
 
     def load_tac(
         self,

@@ -14,8 +14,10 @@ from farelab.backend._ingest import (
     Counted,
     Decision,
     LedgerView,
+    _verdict,
     admit,
     balance_breaks,
+    classify,
     counter_ranges,
     decide,
     own_keys,
@@ -25,7 +27,8 @@ from farelab.backend._ingest import (
 from farelab.backend._registry import DeviceEntry
 from farelab.backend._store import ledger_rows
 from farelab.bench.ingest import bench_entry, make_batches
-from farelab.protocol import Record, decode_batch, encode_batch
+from farelab.card import DEMO_ISSUER_ID, DEMO_KEYS, TacVerifier
+from farelab.protocol import Batch, Record, decode_batch, encode_batch
 
 DEVICE = "bench-3-0"
 ENTRY = bench_entry(DEVICE, 0)
@@ -329,3 +332,25 @@ def test_a_decided_record_is_the_ledgers_row_of_text_columns() -> None:
         first.tac.hex().upper(),
         5,
     )
+
+
+def test_a_mixed_batch_gets_each_records_own_verdict() -> None:
+    # Completed purchases are verified in one call of the verifier, the rest one by one: in
+    # any mix, each record keeps the verdict it has alone.
+    verifier = TacVerifier.of({DEMO_ISSUER_ID: DEMO_KEYS})
+    [batch] = make_batches(8, 1, 8, run=4)["bench-4-0"]
+    r = batch.records
+    mixed = (
+        r[0],
+        replace(r[1], tac=bytes.fromhex("DEADBEEF")),
+        replace(r[2], status="grey", tac=bytes(4)),
+        replace(r[3], issuer=bytes(8)),
+        replace(r[4], alg="SM4"),
+        replace(r[5], tx_type=2, kind="load"),
+        replace(r[6], status="void"),
+        r[7],
+    )
+    got = [c.verdict for c in classify(Batch(1, batch.device, mixed), verifier)]
+    assert got == [_verdict(record, verifier) for record in mixed]
+    assert got == ["ok", "forged", "grey", "unknown_issuer", "forged", "forged", "void", "ok"]
+    assert [c.verdict for c in classify(batch, verifier)] == ["ok"] * 8
