@@ -138,9 +138,12 @@ CREATE TABLE IF NOT EXISTS card_events (
 CREATE INDEX IF NOT EXISTS card_events_card ON card_events (card_serial, at_ms, n);
 """
 
+# A new ledger's page size (an existing one keeps its own).  SQLite's default: 1 KB pages had
+# made a batch's commit write 40 % more to the write-ahead log and its inserts slower.
 SQLITE_PAGE_SIZE = 4096
 SQLITE_CACHE_KB = 65_536
-SQLITE_CHECKPOINT_PAGES = 40000
+# A checkpoint every 40 MB of write-ahead log.
+SQLITE_CHECKPOINT_PAGES = 10_000
 
 # A ledger from before journal epochs: a record's identity was (device, seq).  Its rows keep
 # epoch 0, as the kiosk path's rows do.
