@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
+import threading
+from datetime import date
 from pathlib import Path
 
-from farelab.card import MetroRecord, load_image
+from farelab.card import ImageLock, MetroRecord, load_image, personalise, save_image
 from tests.cli_support import DEVICES, card, farelab, start_farelab
 
 
@@ -170,3 +173,33 @@ def test_a_card_busy_in_another_field_is_that_taps_card_error_and_the_next_runs(
         ("rejected", "card_error"),
         ("accepted", None),
     ]
+
+
+def test_devices_of_one_process_tap_at_once_and_answer_in_request_order(tmp_path: Path) -> None:
+    # Card A is held in another field for a second: its tap at bus-1 waits for it, while card
+    # B's tap at gate-in, asked for after it, goes on meanwhile; the answers keep the order.
+    cards = {}
+    for name, serial in (("a", "41"), ("b", "42")):
+        (tmp_path / name).mkdir()
+        cards[name] = tmp_path / name / "card.json"
+        image = personalise(serial=serial, issued=date(2026, 1, 1), balance=2000)
+        save_image(cards[name], image)
+    held = ImageLock(cards["a"])
+    held.acquire()
+    threading.Timer(1.0, held.release).start()
+    lines = run(
+        tmp_path,
+        [
+            {"device": "bus-1", "card": str(cards["a"]), "at": "2026-11-23T09:00:00+08:00"},
+            {"device": "gate-in", "card": str(cards["b"]), "at": "2026-11-23T09:00:01+08:00"},
+        ],
+    )
+    assert [(x["device"], x["result"]) for x in lines] == [
+        ("bus-1", "accepted"),
+        ("gate-in", "accepted"),
+    ]
+    with sqlite3.connect(tmp_path / "j.db") as db:
+        journalled = [
+            row[0] for row in db.execute("SELECT device FROM transactions ORDER BY rowid")
+        ]
+    assert journalled == ["gate-in", "bus-1"]  # B's tap ended first

@@ -19,6 +19,7 @@ import os
 import stat
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -150,7 +151,9 @@ class _Tapped:
     elapsed_s: float | None = None
 
 
-Shown = _Tapped | str
+Shown = _Tapped | str | asyncio.Future[_Tapped]
+"""What the display shows, in order: a tap's result, a notice, or a tap still going on (shown
+once it has ended, after everything queued before it)."""
 
 
 async def _in_thread(station: _Station, fn: Callable[[], Any]) -> Any:
@@ -226,8 +229,34 @@ async def _feed(
     and "pull_after" (a step: the card leaves right after that command reached it).
 
     ``durable``: whether a card's committed image is fsync'd before the card answers (a power
-    cut); it is always replaced atomically (a killed process), as the journal commits are."""
+    cut); it is always replaced atomically (a killed process), as the journal commits are.
+
+    The devices tap at once, each one card at a time (its reader's thread): a request for one
+    device does not wait for another device's tap, as gates at a station do not.  The answers
+    come out in the order of the requests.  A card is in one field at a time: a request for a
+    card whose previous tap is still going on waits for it (reading no further requests
+    meanwhile), and at most :data:`TAPS_IN_FLIGHT` taps go on at once.  One tap at a time for
+    all the devices of a process had left it idle most of the time, waiting for each tap's card
+    to be written before reading the next request."""
+    loop = asyncio.get_running_loop()
     recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
+    in_field: dict[Path, asyncio.Future[_Tapped]] = {}  # each card's latest tap
+    in_flight: deque[asyncio.Future[_Tapped]] = deque()
+
+    async def submit(path: Path, station: _Station, work: Callable[[], _Tapped]) -> None:
+        while in_flight and in_flight[0].done():
+            in_flight.popleft()
+        if len(in_flight) >= TAPS_IN_FLIGHT:
+            await asyncio.wait({in_flight.popleft()})
+        before = in_field.get(path)
+        if before is not None and not before.done():
+            await asyncio.wait({before})
+        future = loop.run_in_executor(station.thread, work)
+        in_field[path] = future
+        in_flight.append(future)
+        future.add_done_callback(lambda done: _forget(in_field, path, done))
+        results.put_nowait(future)
+
     async for line in _request_lines(source):
         if not line.strip():
             continue
@@ -257,7 +286,7 @@ async def _feed(
         except Exception as exc:  # a card that cannot be loaded is this tap's card_error
             when = at or _now()
             failed = functools.partial(station.validator.card_failed, when, failure_text(exc, path))
-            results.put_nowait(_Tapped(await _in_thread(station, failed), when))
+            await submit(path, station, functools.partial(_failed_tap, failed, when))
             continue
 
         def tap(
@@ -283,8 +312,25 @@ async def _feed(
             finally:
                 reader.remove()
 
-        results.put_nowait(await _in_thread(station, tap))
+        await submit(path, station, tap)
+    if in_flight:  # the source has ended: every tap it asked for ends before the feed does
+        await asyncio.wait(set(in_flight))
 
+
+def _failed_tap(failed: Callable[[], TapResult], when: datetime) -> _Tapped:
+    return _Tapped(failed(), when)
+
+
+def _forget(
+    in_field: dict[Path, asyncio.Future[_Tapped]], path: Path, done: asyncio.Future[_Tapped]
+) -> None:
+    if in_field.get(path) is done:
+        del in_field[path]
+
+
+TAPS_IN_FLIGHT = 256
+"""The most taps a validator process has going on or waiting for their devices at once: past
+that it reads no further requests until the oldest has ended."""
 
 REQUEST_LINE_LIMIT = 1 << 20
 """The longest tap request line read from a pipe (bytes)."""
@@ -352,21 +398,35 @@ async def _display(
     device's ``stats``; then let the garbage collection a tap deferred run (``gate``)."""
     while True:
         item = await results.get()
-        if isinstance(item, str):
-            print(f"farelab validator: {item}", file=sys.stderr, flush=True)
-            continue
-        counter = None if stats is None else stats.get(item.result.device)
-        if counter is not None:
-            accepted = item.result.result == "accepted"
-            reason = None if accepted else item.result.reason
-            counter.count(accepted=accepted, reason=reason, elapsed_s=item.elapsed_s)
-        doc = result_json(item.result)
-        doc["at"] = item.at.isoformat(timespec="milliseconds")
-        # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
-        doc["beep"] = "pass" if item.result.result == "accepted" else "stop"
-        print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
-        if gate is not None:
-            gate.between_taps()
+        try:
+            await _show(item, out, gate, stats)
+        finally:
+            results.task_done()
+
+
+async def _show(
+    item: Shown,
+    out: TextIO,
+    gate: TapGate | None,
+    stats: Mapping[str, TapStats] | None,
+) -> None:
+    if isinstance(item, asyncio.Future):
+        item = await item
+    if isinstance(item, str):
+        print(f"farelab validator: {item}", file=sys.stderr, flush=True)
+        return
+    counter = None if stats is None else stats.get(item.result.device)
+    if counter is not None:
+        accepted = item.result.result == "accepted"
+        reason = None if accepted else item.result.reason
+        counter.count(accepted=accepted, reason=reason, elapsed_s=item.elapsed_s)
+    doc = result_json(item.result)
+    doc["at"] = item.at.isoformat(timespec="milliseconds")
+    # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
+    doc["beep"] = "pass" if item.result.result == "accepted" else "stop"
+    print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
+    if gate is not None:
+        gate.between_taps()
 
 
 async def _update_params(
@@ -512,8 +572,9 @@ async def run(
                 await asyncio.wait({feeder, waiter}, return_when=asyncio.FIRST_COMPLETED)
             else:
                 await waiter
-            while not results.empty():
-                await asyncio.sleep(0.01)
+            # Everything queued is shown before the end, the taps still going on included.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(results.join(), 30.0)
             for task in (*tasks, waiter):
                 task.cancel()
     finally:
