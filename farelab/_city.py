@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--chaos",
         action="store_true",
         help="on a seeded schedule kill and restart the broker, backend workers, devices and "
-        "the kiosk, pull cards mid-tap, cut, delay and reset device connections",
+        "kiosks, pull cards mid-tap, cut, delay and reset device connections",
     )
     city.add_argument(
         "--topology",
@@ -140,6 +140,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="devices each 'farelab validator run' process hosts, with one journal (default 1: "
         "every device a process of its own, as in the field; more devices a process cost less "
         "CPU a tap, as a station computer hosting its gates)",
+    )
+    city.add_argument(
+        "--kiosks",
+        type=_positive(int, "a whole number"),
+        metavar="N",
+        help="top-up kiosks, each a 'farelab topup serve' process where the riders living near "
+        "it top up, one card at a time (default: one for every 2000 riders, one at least)",
     )
     city.set_defaults(func=_run)
 
@@ -199,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         topology=args.topology,
         devices_per_process=args.devices_per_process,
+        kiosks=args.kiosks,
     )
     try:
         summary = run_city(options, plan, _say)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from datetime import date, timedelta
@@ -20,6 +21,8 @@ from farelab.city import (
     LedgerTx,
     LoadRow,
     day_trips,
+    kiosk_ids,
+    kiosk_terminal,
     plan_city,
     reconcile,
 )
@@ -402,3 +405,49 @@ def test_a_city_killed_outright_leaves_no_process_behind(tmp_path: Path) -> None
     proc.kill()
     proc.communicate(timeout=10)
     assert _gone(folder, 30) == []
+
+
+def test_kiosks_each_have_a_terminal_and_riders_are_spread_over_them() -> None:
+    assert kiosk_ids(3) == ("kiosk-1", "kiosk-2", "kiosk-3")
+    assert kiosk_terminal("kiosk-1") == "0000F0000001"  # a one-kiosk city's, as before
+    terminals = {kiosk_terminal(k) for k in kiosk_ids(20)}
+    assert len(terminals) == 20
+    assert all(len(bytes.fromhex(t)) == 6 for t in terminals)
+
+
+def test_a_city_with_several_kiosks_tops_up_at_each_and_reconciles(tmp_path: Path) -> None:
+    summary_file = tmp_path / "summary.json"
+    result = farelab(
+        "city",
+        "--riders",
+        "60",
+        "--stations",
+        "2",
+        "--duration",
+        "10",
+        "--seed",
+        "3",
+        "--kiosks",
+        "3",
+        "--dir",
+        str(tmp_path / "city"),
+        "--json",
+        str(summary_file),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(summary_file.read_text())
+    assert summary["reconciled"] is True, summary["differences"]
+    assert summary["devices"] == 2 * 2 + 3 + 3  # gates, buses, the kiosks
+    folder = tmp_path / "city"
+    assert sorted(p.name for p in folder.glob("kiosk*.db")) == [
+        "kiosk-2.db",
+        "kiosk-3.db",
+        "kiosk.db",
+    ]
+    with sqlite3.connect(folder / "ledger.db") as db:
+        kiosks = {
+            row[0]
+            for row in db.execute("SELECT DISTINCT device FROM transactions WHERE tx_type = 2")
+        }
+    assert len(kiosks) >= 2, kiosks  # the riders topped up at their own kiosks

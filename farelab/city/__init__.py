@@ -10,11 +10,14 @@ from farelab.city._chaos import FAULT_KINDS, PULL_STEPS, Fault, FaultKind, plan_
 from farelab.city._plan import (
     FOREIGN_LISTED,
     FOREIGN_UNLISTED,
+    RIDERS_PER_KIOSK,
     CityDevice,
     CityPlan,
     Rider,
     Trip,
     day_trips,
+    kiosk_ids,
+    kiosk_terminal,
     plan_city,
 )
 from farelab.city._procs import Child, children_of
@@ -43,6 +46,7 @@ __all__: list[str] = [
     "FOREIGN_LISTED",
     "FOREIGN_UNLISTED",
     "PULL_STEPS",
+    "RIDERS_PER_KIOSK",
     "BridgedTopology",
     "BrokerLogin",
     "CardBalance",
@@ -67,6 +71,8 @@ __all__: list[str] = [
     "bridge_account",
     "children_of",
     "day_trips",
+    "kiosk_ids",
+    "kiosk_terminal",
     "line_broker",
     "plan_city",
     "plan_faults",

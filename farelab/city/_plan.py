@@ -21,11 +21,14 @@ __all__ = [
     "FOREIGN_LISTED",
     "FOREIGN_UNLISTED",
     "KIOSK_ID",
+    "RIDERS_PER_KIOSK",
     "CityDevice",
     "CityPlan",
     "Rider",
     "Trip",
     "day_trips",
+    "kiosk_ids",
+    "kiosk_terminal",
     "plan_city",
 ]
 
@@ -35,6 +38,22 @@ FOREIGN_UNLISTED = bytes.fromhex("2200088800000002")
 """The issuer of another T-Union city that no whitelist names (its riders are refused)."""
 KIOSK_ID = "kiosk-1"
 KIOSK_TERMINAL = "0000F0000001"
+RIDERS_PER_KIOSK = 2_000
+"""``farelab city``'s default: a kiosk for every 2 000 riders (one at least).  A load takes a
+kiosk some 20–50 ms, and a city of 12 000 riders tops up some 50 cards a second at its peak:
+one kiosk for all of them had the riders queueing for seconds and the day running late."""
+
+
+def kiosk_ids(count: int) -> tuple[str, ...]:
+    """The ids of a city's ``count`` kiosks: ``kiosk-1``, ``kiosk-2``…"""
+    return tuple(f"kiosk-{n}" for n in range(1, count + 1))
+
+
+def kiosk_terminal(kiosk: str) -> str:
+    """A city kiosk's terminal number (hex): ``0000F00000NN`` for ``kiosk-NN``."""
+    return f"0000F{int(kiosk.rsplit('-', 1)[1]):07X}"
+
+
 BUSES = 3
 CAP_FEN = 100_000
 

@@ -24,6 +24,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,11 +36,13 @@ from farelab.card import DEMO_KEYS, load_image, personalise, save_image
 from farelab.city._chaos import Fault, plan_faults
 from farelab.city._plan import (
     CAP_FEN,
-    KIOSK_TERMINAL,
+    RIDERS_PER_KIOSK,
     CityPlan,
     Rider,
     Trip,
     day_trips,
+    kiosk_ids,
+    kiosk_terminal,
 )
 from farelab.city._procs import Child, children_of
 from farelab.city._proxy import FaultProxy
@@ -101,6 +104,7 @@ class CityOptions:
     start_hour: float = 6.0
     topology: str = "direct"
     devices_per_process: int = DEVICES_PER_PROCESS
+    kiosks: int | None = None  # None: one for every RIDERS_PER_KIOSK riders
 
 
 def _password(seed: int, who: str) -> str:
@@ -318,8 +322,12 @@ class City:
         self.processes: dict[str, Process] = {}
         self.balances: dict[str, int | None] = {}
         self.start_fen: dict[str, int] = {}
-        self.kiosk_lock = asyncio.Lock()
-        self.kiosk: Process | None = None
+        count = options.kiosks or max(1, options.riders // RIDERS_PER_KIOSK)
+        self.kiosk_ids = kiosk_ids(count)
+        # One card at a kiosk at a time: a rider tops up at the kiosk of their home
+        # (``kiosk_of``) and queues behind the riders already there.
+        self.kiosk_locks = {kiosk: asyncio.Lock() for kiosk in self.kiosk_ids}
+        self.kiosks: dict[str, Process] = {}
         self.faults: list[dict[str, Any]] = []
         self.broker_host = "127.0.0.1"
         self.broker_port = 0
@@ -390,20 +398,23 @@ class City:
         configs: list[str] = []
         for path in sorted(self.devices_dir.glob("*.toml")):
             configs += ["--config", str(path)]
-        kiosk = [
-            self.plan.kiosk,
-            "--role",
-            "kiosk",
-            "--operator",
-            "KIOSK",
-            "--kinds",
-            "load",
-            "--terminal",
-            KIOSK_TERMINAL,
-            "--password",
-            _password(self.o.seed, self.plan.kiosk),
+        kiosks = [
+            [
+                kiosk,
+                "--role",
+                "kiosk",
+                "--operator",
+                "KIOSK",
+                "--kinds",
+                "load",
+                "--terminal",
+                kiosk_terminal(kiosk),
+                "--password",
+                _password(self.o.seed, kiosk),
+            ]
+            for kiosk in self.kiosk_ids
         ]
-        for args in (configs, kiosk):
+        for args in (configs, *kiosks):
             done = subprocess.run(
                 [
                     sys.executable,
@@ -610,31 +621,41 @@ class City:
             self.proxy_of[name] = proxy
         self.say(f"fault proxy: {len(self.groups)} validator process links to the broker")
 
-    async def start_kiosk(self) -> None:
-        """The kiosk: ``farelab topup serve`` against the backend's load authorization."""
-        self.kiosk = Process(
-            self.plan.kiosk,
-            [
-                sys.executable,
-                "-m",
-                "farelab",
-                "topup",
-                "serve",
-                "--broker",
-                self.device_url(self.plan.kiosk),
-                "--kiosk",
-                self.plan.kiosk,
-                "--terminal",
-                KIOSK_TERMINAL,
-                "--journal",
-                str(self.folder / "kiosk.db"),
-            ],
-            ready="farelab topup: serving",
-            log_file=self.logs / f"{self.plan.kiosk}.log",
-            env=self._env(),
-            on_exit=self._died,
-        )
-        await self.kiosk.start()
+    async def start_kiosks(self) -> None:
+        """The kiosks: a ``farelab topup serve`` each against the backend's load
+        authorization, each with its journal (``kiosk.db`` for the first, as a one-kiosk city
+        has always had it, ``kiosk-N.db`` for the others)."""
+        for kiosk in self.kiosk_ids:
+            journal = "kiosk.db" if kiosk == self.kiosk_ids[0] else f"{kiosk}.db"
+            self.kiosks[kiosk] = Process(
+                kiosk,
+                [
+                    sys.executable,
+                    "-m",
+                    "farelab",
+                    "topup",
+                    "serve",
+                    "--broker",
+                    self.device_url(kiosk),
+                    "--kiosk",
+                    kiosk,
+                    "--terminal",
+                    kiosk_terminal(kiosk),
+                    "--journal",
+                    str(self.folder / journal),
+                ],
+                ready="farelab topup: serving",
+                log_file=self.logs / f"{kiosk}.log",
+                env=self._env(),
+                on_exit=self._died,
+            )
+        await asyncio.gather(*(proc.start() for proc in self.kiosks.values()))
+        if len(self.kiosks) > 1:
+            self.say(f"kiosks: {len(self.kiosks)} running (a rider tops up at their home's)")
+
+    def kiosk_of(self, rider: Rider) -> str:
+        """The kiosk where ``rider`` tops up: the one near their home, as riders do."""
+        return self.kiosk_ids[zlib.crc32(rider.id.encode()) % len(self.kiosk_ids)]
 
     async def start_devices(self) -> None:
         """A ``farelab validator run`` process per group of devices (a device of its own by
@@ -734,15 +755,15 @@ class City:
         return answer
 
     async def load(self, rider: Rider, clock: Clock) -> None:
-        """Top the rider's card up at the kiosk (one rider at a time)."""
+        """Top the rider's card up at their kiosk (one rider at a time there)."""
         balance = self.balances.get(rider.id) or 0
         room = CAP_FEN - balance
         amount = min(10_000 if balance < 2_000 else 5_000, room) // 100 * 100
         if amount <= 0:
             return
-        kiosk = self.kiosk
-        assert kiosk is not None
-        async with self.kiosk_lock:  # one card at the kiosk at a time: the others queue
+        where = self.kiosk_of(rider)
+        kiosk = self.kiosks[where]
+        async with self.kiosk_locks[where]:  # one card at a kiosk at a time: the others queue
             for _ in range(3):
                 doc = await kiosk.request(
                     {"card": str(self.card_path(rider)), "amount_fen": amount}, timeout=None
@@ -886,8 +907,7 @@ class City:
             if proc.name != target:
                 return f"killed its process {proc.name} ({', '.join(self.groups[proc.name])})"
         elif kind == "kill_kiosk":
-            kiosk = self.kiosk
-            assert kiosk is not None
+            kiosk = self.kiosks[target]
             busy = bool(kiosk.pending)
             kiosk.kill()
             restarts.append(asyncio.create_task(later(kiosk.restart)))
@@ -1015,8 +1035,7 @@ class City:
                 helpers = [rss_mb(pid) or 0.0 for pid in children_of(proc.pid)]
                 self.uplink_memory[proc.name] = sum(helpers)
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
-        if self.kiosk is not None:
-            await self.kiosk.stop()
+        await asyncio.gather(*(kiosk.stop() for kiosk in self.kiosks.values()))
         for proxy in self.proxies.values():
             await proxy.close()
         if self.backend is not None:
@@ -1147,7 +1166,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         await city.start_backend()
         await city.start_proxy()
         await city.start_devices()
-        await city.start_kiosk()
+        await city.start_kiosks()
         if city.fatal is not None:
             raise (CityInterruptedError if city.interrupted else CityError)(city.fatal)
         sim_start = datetime(
@@ -1171,7 +1190,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
                 options.seed,
                 wall,
                 [d.id for d in plan.devices],
-                kiosks=(plan.kiosk,),
+                kiosks=city.kiosk_ids,
                 workers=1 if city.embedded else options.workers,
                 rate_per_min=CHAOS_PER_MIN,
             )
@@ -1231,7 +1250,7 @@ async def _run(options: CityOptions, plan: CityPlan, say: Callable[[str], None])
         "network": plan.network,
         "seed": options.seed,
         "riders": len(plan.riders),
-        "devices": len(plan.devices) + 1,
+        "devices": len(plan.devices) + len(city.kiosk_ids),
         "taps": t.taps,
         "accepted": t.accepted,
         "refused": dict(t.refused),
