@@ -119,29 +119,24 @@ async def _handle(
 ) -> None:
     parts = topic.split("/")
     device = parts[3] if len(parts) == 5 else ""
-    # On the event loop, not in a thread: a worker handles one message at a time either way, so
-    # the loop has nothing else to do meanwhile but the broker's keepalive, which a batch's few
-    # milliseconds do not delay.  Handing each batch to a thread had cost a sixth of the
-    # throughput: the loop thread woke for every message arriving meanwhile and took the GIL
-    # from the thread doing the work.
     try:
         batch = decode_batch(payload)
     except WireError as exc:
-        store.quarantine(topic, exc.reason, str(exc), payload)
+        await asyncio.to_thread(store.quarantine, topic, exc.reason, str(exc), payload)
         stats.quarantined += 1
         return
     if batch.device != device:
         detail = f"batch of {batch.device!r} published on {device!r}'s topic"
-        store.quarantine(topic, "device_mismatch", detail, payload)
+        await asyncio.to_thread(store.quarantine, topic, "device_mismatch", detail, payload)
         stats.quarantined += 1
         return
     rows = classify(batch, verifier)
-    result = store.ingest(device, batch.batch_id, rows, worker=name)
+    result = await asyncio.to_thread(store.ingest, device, batch.batch_id, rows, worker=name)
     if result.rejected:
         # Refused, not lost: the rejected ack tells the device to keep the rows and send them
         # again later, when the registry may know it.
         detail = f"batch {batch.batch_id} of {len(rows)} record(s) from {device!r}"
-        store.quarantine(topic, result.rejected, detail, payload)
+        await asyncio.to_thread(store.quarantine, topic, result.rejected, detail, payload)
         stats.quarantined += 1
     ack = encode_ack(Ack(batch.batch_id, len(rows), committed=not result.rejected))
     # The ack goes out after the commit, but the next batch need not wait for the broker's

@@ -138,12 +138,9 @@ CREATE TABLE IF NOT EXISTS card_events (
 CREATE INDEX IF NOT EXISTS card_events_card ON card_events (card_serial, at_ms, n);
 """
 
-# A new ledger's page size (an existing one keeps its own).  SQLite's default: 1 KB pages had
-# made a batch's commit write 40 % more to the write-ahead log and its inserts slower.
-SQLITE_PAGE_SIZE = 4096
+SQLITE_PAGE_SIZE = 1024
 SQLITE_CACHE_KB = 65_536
-# A checkpoint every 40 MB of write-ahead log.
-SQLITE_CHECKPOINT_PAGES = 10_000
+SQLITE_CHECKPOINT_PAGES = 40_000
 
 # A ledger from before journal epochs: a record's identity was (device, seq).  Its rows keep
 # epoch 0, as the kiosk path's rows do.
@@ -280,9 +277,6 @@ _JOURNAL = (
     + " FROM s LEFT JOIN devices d ON d.id = ? "
     "LEFT JOIN transactions h ON h.device = ? AND h.epoch = ? AND h.seq BETWEEN ? AND ?"
 )
-# The device journal's highest sequence number: what a decision made before the writers' lock
-# checks under it.
-_TOP_SEQ = "SELECT seq FROM transactions WHERE device = ? AND epoch = ? ORDER BY seq DESC LIMIT 1"
 _ENTRY = len(ENTRY_COLUMNS)  # where the journal's own columns start in its rows
 # What the ingest rules read of a counted transaction: the balance chain needs its balance
 # and time, the replay and clone checks its identity and, only when a record of the batch has
@@ -361,21 +355,6 @@ class IngestResult:
     anomalies: int = 0
     #: the quarantine reason when the batch was refused (nothing written), else ""
     rejected: str = ""
-
-
-class _StaleError(Exception):
-    """A decision made before the writers' lock no longer holds under it."""
-
-
-def _result(decision: Decision, anomalies: int) -> IngestResult:
-    return IngestResult(
-        inserted=len(decision.inserts),
-        duplicates=decision.duplicates,
-        resolved=decision.resolved,
-        forged=decision.forged,
-        clones=[serial.hex() for serial in decision.clones],
-        anomalies=anomalies,
-    )
 
 
 def _now_ms() -> int:
@@ -607,10 +586,6 @@ class Store:
             try:
                 if self.postgres:
                     return self._ingest_postgres(device, batch_id, rows, worker, keys)
-                if attempt == 0:
-                    done = self._ingest_optimistic(device, batch_id, rows, worker, keys)
-                    if done is not None:
-                        return done
                 with self.transaction():
                     view = self._read(device, batch_epoch(batch_id), rows, keys)()
                     return self._ingest(device, batch_id, rows, worker, view)
@@ -619,56 +594,6 @@ class Store:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise RuntimeError("unreachable")
-
-    def _ingest_optimistic(
-        self,
-        device: str,
-        batch_id: int,
-        rows: Sequence[Classified],
-        worker: str,
-        keys: _Keys,
-    ) -> IngestResult | None:
-        """SQLite: read and decide before taking the writers' lock, then write under it if the
-        decision still holds; None when it may not (the caller then reads again under the lock).
-
-        Writers serialise on SQLite, so what they do under the lock bounds every worker's
-        throughput together: the reads and the rules had been half of it.  The ledger only ever
-        gains rows, so a decision made on what it held a moment ago is wrong only if a row came
-        since under the batch's own identities (another worker with a resent batch) or its
-        counted keys (a replay or a clone racing it): the first moves the device journal's top
-        sequence number, checked under the lock, or breaks its primary key, the second breaks
-        the counted index; either way the batch is read and decided again under the lock.  A
-        batch that resolves grey records or whose balances do not chain (rare) is decided under
-        the lock from the start."""
-        epoch = batch_epoch(batch_id)
-        view = self._read(device, epoch, rows, keys)()
-        decision = decide(device, batch_id, rows, view)
-        if decision.rejected or decision.updates or decision.chain:
-            return None
-        now = _now_ms()
-        prepared = ledger_rows(device, decision, now)
-        try:
-            with self.transaction():
-                self._check_top(device, epoch, view.top_seq)
-                self._write(
-                    device,
-                    batch_id,
-                    decision,
-                    records=len(rows),
-                    worker=worker,
-                    anomalies=decision.anomalies,
-                    now=now,
-                    prepared=prepared,
-                )
-        except _StaleError:
-            return None
-        return _result(decision, len(decision.anomalies))
-
-    def _check_top(self, device: str, epoch: int, top_seq: int | None) -> None:
-        """_StaleError unless the device journal's top sequence number is still ``top_seq``."""
-        top = self._db.execute(_TOP_SEQ, (device, epoch)).fetchone()
-        if (None if top is None else top[0]) != top_seq:
-            raise _StaleError
 
     def _ingest_postgres(
         self,
@@ -811,7 +736,14 @@ class Store:
         self._write(
             device, batch_id, decision, records=len(rows), worker=worker, anomalies=anomalies
         )
-        return _result(decision, len(anomalies))
+        return IngestResult(
+            inserted=len(decision.inserts),
+            duplicates=decision.duplicates,
+            resolved=decision.resolved,
+            forged=decision.forged,
+            clones=[serial.hex() for serial in decision.clones],
+            anomalies=len(anomalies),
+        )
 
     def _write(
         self,
@@ -822,18 +754,12 @@ class Store:
         records: int,
         worker: str,
         anomalies: Sequence[Anomaly],
-        now: int | None = None,
-        prepared: list[tuple[Any, ...]] | None = None,
     ) -> None:
         """Write what a batch does: its records, anomalies, updates, hotlisted cards, the
-        batch itself and the duplicates counter, each as the ledger's text columns hold it
-        (``prepared``: its records' rows, made with ``now`` before the transaction)."""
-        if now is None:
-            now = _now_ms()
+        batch itself and the duplicates counter, each as the ledger's text columns hold it."""
+        now = _now_ms()
         epoch = decision.epoch
-        if prepared is None:
-            prepared = ledger_rows(device, decision, now)
-        self.insert("transactions", LEDGER_COLUMNS, prepared)
+        self.insert("transactions", LEDGER_COLUMNS, ledger_rows(device, decision, now))
         self.insert(
             "anomalies",
             "kind, card_serial, device, seq, detail, found_ms",
