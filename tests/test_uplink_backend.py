@@ -3,16 +3,24 @@ TACs verified, replays changing nothing, bad payloads quarantined."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.card import load_image, personalise, save_image
+from farelab.protocol import BrokerURL
+from farelab.validator import Journal, MqttUplink
 from tests.cli_support import farelab, start_farelab
+from tests.validator_support import Lab, bus, new_card
 
 DEVICES = """
 [[validator]]
@@ -73,6 +81,36 @@ def start_backend(
     time.sleep(1.5)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     return proc
+
+
+@contextlib.contextmanager
+def uplink_on_a_thread(uplink: Any, journal: Journal) -> Iterator[None]:
+    """``uplink.run(journal)`` on an event loop of its own thread, while the test taps on this
+    one; cancelled and joined on exit."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(uplink.run(journal))
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(15)
+
+
+def drained(journal: Journal, within: float) -> bool:
+    """Whether the journal's outbox empties within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if journal.outbox_rows == 0:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -178,49 +216,24 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
 ) -> None:
     """A drained outbox must not strand the next rows: the uplink drains, taps go on, and it
     drains again without reconnecting."""
-    import asyncio  # noqa: PLC0415
-    import contextlib  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
-    from farelab.protocol import BrokerURL  # noqa: PLC0415
-    from farelab.validator import Journal, MqttUplink  # noqa: PLC0415
-    from tests.validator_support import Lab, bus, new_card  # noqa: PLC0415
-
     config = tmp_path / "bus.toml"
     config.write_text(LAB_BUS)
     backend = start_backend(broker, f"sqlite:///{tmp_path / 'ledger.db'}", devices=config)
     lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
     uplink = MqttUplink(BrokerURL.parse(broker.url), ["bus"], ack_timeout=30)
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(uplink.run(lab.journal))
-
-    def run() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(task)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def drained(within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if lab.journal.outbox_rows == 0:
-                return True
-            time.sleep(0.05)
-        return False
-
     try:
-        card, t = new_card(balance=100_000), 0
-        for round_ in range(3):
-            for _ in range(5):
-                lab.tap("bus", card, t)
-                t += 400
-            assert drained(20), f"round {round_}: {lab.journal.outbox_rows} rows left"
-        assert uplink.stats["bus"].records_acked == 15
-        assert uplink.stats["bus"].connects == 1
+        with uplink_on_a_thread(uplink, lab.journal):
+            card, t = new_card(balance=100_000), 0
+            for round_ in range(3):
+                for _ in range(5):
+                    lab.tap("bus", card, t)
+                    t += 400
+                assert drained(lab.journal, 30), (
+                    f"round {round_}: {lab.journal.outbox_rows} rows left"
+                )
+            assert uplink.stats["bus"].records_acked == 15
+            assert uplink.stats["bus"].connects == 1
     finally:
-        loop.call_soon_threadsafe(task.cancel)
-        thread.join(10)
         backend.terminate()
         backend.wait(15)
 

@@ -3,19 +3,16 @@ when killed, and leaves with its parent."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.protocol import BrokerURL
 from farelab.validator import Journal, UplinkProcess
-from tests.test_uplink_backend import LAB_BUS, start_backend
+from tests.test_uplink_backend import LAB_BUS, drained, start_backend, uplink_on_a_thread
 from tests.validator_support import Lab, bus, new_card
 
 
@@ -39,45 +36,28 @@ def test_a_killed_uplink_process_comes_back_and_nothing_is_lost(
     backend = start_backend(broker, f"sqlite:///{tmp_path / 'ledger.db'}", devices=config)
     lab = Lab([bus("taiyuan")], journal=Journal(tmp_path / "j.db"))
     uplink = UplinkProcess(BrokerURL.parse(broker.url), ["bus"])
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(uplink.run(lab.journal))
-
-    def run() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(task)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def drained(within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if lab.journal.outbox_rows == 0:
-                return True
-            time.sleep(0.05)
-        return False
-
     try:
-        card, t = new_card(balance=100_000), 0
-        for _ in range(5):
-            lab.tap("bus", card, t)
-            t += 400
-        assert drained(30), f"{lab.journal.outbox_rows} rows left"
-        assert uplink.ready.is_set()
-        (child,) = _uplink_children(os.getpid())
-        assert os.sched_getscheduler(child) == os.SCHED_IDLE
-        os.kill(child, signal.SIGKILL)
-        for _ in range(5):  # taps while the uplink is down: journalled, sent once it is back
-            lab.tap("bus", card, t)
-            t += 400
-        assert drained(60), f"{lab.journal.outbox_rows} rows left after the restart"
-        assert uplink.restarts == 1
-        with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
-            rows = db.execute("SELECT count(*), count(DISTINCT seq) FROM transactions")
-            assert rows.fetchone() == (10, 10)  # every tap once: resent rows de-duplicated
+        with uplink_on_a_thread(uplink, lab.journal):
+            card, t = new_card(balance=100_000), 0
+            for _ in range(5):
+                lab.tap("bus", card, t)
+                t += 400
+            assert drained(lab.journal, 30), f"{lab.journal.outbox_rows} rows left"
+            assert uplink.ready.is_set()
+            (child,) = _uplink_children(os.getpid())
+            assert os.sched_getscheduler(child) == os.SCHED_IDLE
+            os.kill(child, signal.SIGKILL)
+            for _ in range(5):  # taps while the uplink is down: journalled, sent once it is back
+                lab.tap("bus", card, t)
+                t += 400
+            assert drained(lab.journal, 60), (
+                f"{lab.journal.outbox_rows} rows left after the restart"
+            )
+            assert uplink.restarts == 1
+            with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+                rows = db.execute("SELECT count(*), count(DISTINCT seq) FROM transactions")
+                assert rows.fetchone() == (10, 10)  # every tap once: resent rows de-duplicated
     finally:
-        loop.call_soon_threadsafe(task.cancel)
-        thread.join(15)
         backend.terminate()
         backend.wait(15)
     assert not _uplink_children(os.getpid()), "the uplink process outlived its uplink"
