@@ -10,6 +10,7 @@ import subprocess
 import time
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,26 +243,20 @@ def test_city_refuses_a_work_folder_that_is_not_empty(tmp_path: Path) -> None:
     assert (tmp_path / "something").read_text() == "mine"
 
 
-def test_a_small_city_runs_every_device_as_a_process_and_reconciles(tmp_path: Path) -> None:
+def small_city(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``farelab city ARGS`` in ``tmp_path/city``: its result and its JSON summary."""
     summary_file = tmp_path / "summary.json"
     result = farelab(
-        "city",
-        "--riders",
-        "30",
-        "--stations",
-        "4",
-        "--duration",
-        "12",
-        "--seed",
-        "5",
-        "--dir",
-        str(tmp_path / "city"),
-        "--json",
-        str(summary_file),
-        timeout=240,
+        "city", *args, "--dir", str(tmp_path / "city"), "--json", str(summary_file), timeout=240
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads(summary_file.read_text())
+    return result, json.loads(summary_file.read_text())
+
+
+def test_a_small_city_runs_every_device_as_a_process_and_reconciles(tmp_path: Path) -> None:
+    result, summary = small_city(
+        tmp_path, "--riders", "30", "--stations", "4", "--duration", "12", "--seed", "5"
+    )
     assert summary.keys() >= SUMMARY_KEYS
     assert summary["reconciled"] is True
     assert summary["differences"] == []
@@ -416,27 +411,11 @@ def test_kiosks_each_have_a_terminal_and_riders_are_spread_over_them() -> None:
 
 
 def test_a_city_with_several_kiosks_tops_up_at_each_and_reconciles(tmp_path: Path) -> None:
-    summary_file = tmp_path / "summary.json"
-    result = farelab(
-        "city",
-        "--riders",
-        "60",
-        "--stations",
-        "2",
-        "--duration",
-        "10",
-        "--seed",
-        "3",
-        "--kiosks",
-        "3",
-        "--dir",
-        str(tmp_path / "city"),
-        "--json",
-        str(summary_file),
-        timeout=240,
+    _, summary = small_city(
+        tmp_path,
+        *("--riders", "60", "--stations", "2", "--duration", "10", "--seed", "3"),
+        *("--kiosks", "3"),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads(summary_file.read_text())
     assert summary["reconciled"] is True, summary["differences"]
     assert summary["devices"] == 2 * 2 + 3 + 3  # gates, buses, the kiosks
     folder = tmp_path / "city"
