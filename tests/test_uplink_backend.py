@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import subprocess
 import threading
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from farelab.backend._mosquitto import Mosquitto
 from farelab.card import load_image, personalise, save_image
@@ -238,12 +241,17 @@ def test_uplink_keeps_sending_after_the_outbox_has_drained(
         backend.wait(15)
 
 
-async def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> None:
+async def test_stale_acks_delete_nothing(
+    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """After a reconnect the uplink sends again from the outbox's first row, so a new batch can
     start at the row an old one did, with more rows; and a journal file replaced by a new one
     numbers its rows from 1 again.  An ack of such an old batch, still queued in the persistent
-    session, must not delete the new batch's rows: the backend never saw them."""
+    session, must not delete the new batch's rows: the backend never saw them.  Expected after
+    every restart, such an ack is told at INFO, not as a warning."""
     import asyncio  # noqa: PLC0415
+
+    caplog.set_level(logging.INFO, logger="farelab.uplink")
 
     import aiomqtt  # noqa: PLC0415
 
@@ -305,6 +313,9 @@ async def test_stale_acks_delete_nothing(broker: Mosquitto, tmp_path: Path) -> N
             await cancel_and_wait(task)
 
     assert result == (3, 3, 3)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "farelab.uplink"]
+    assert not [m for level, m in said if level >= logging.WARNING and "ack" in m], said
+    assert [m for level, m in said if level == logging.INFO and "stale ack" in m], said
 
 
 def replay(

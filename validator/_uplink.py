@@ -361,9 +361,12 @@ def _log_ignored(device: str, ignored: AckIgnored) -> None:
         log.warning("device %s: ignored a malformed ack", device)
     elif ignored.reason == "wrong_count":
         # A stale ack from the persistent session: a batch that started at the same row before
-        # a reconnect, when the outbox held fewer rows.
-        log.warning(
-            "device %s: ignored an ack for batch %d of %d records (%d in flight)",
+        # a reconnect or a restart, when the outbox held fewer rows.  Expected after either and
+        # harmless (those rows are in the batch in flight, which the backend de-duplicates), so
+        # not a warning: a restart under a backlog had logged one per device each time.
+        log.info(
+            "device %s: ignored a stale ack for batch %d of %d records (%d in flight under that "
+            "id: resent with the rows since)",
             device,
             ignored.batch_id,
             ignored.count,
