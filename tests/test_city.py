@@ -16,11 +16,13 @@ import pytest
 
 from farelab.card import CardType
 from farelab.city import (
+    CARD_FOLDERS,
     FOREIGN_LISTED,
     CardBalance,
     JournalTx,
     LedgerTx,
     LoadRow,
+    card_folder,
     day_trips,
     kiosk_ids,
     kiosk_terminal,
@@ -270,6 +272,12 @@ def test_a_small_city_runs_every_device_as_a_process_and_reconciles(tmp_path: Pa
     # every device had a journal of its own
     journals = list((tmp_path / "city" / "devices").glob("*.db"))
     assert len(journals) == 4 * 2 + 3
+    # the card images, spread over two-hex-digit folders by their name
+    cards = tmp_path / "city" / "cards"
+    assert len({p.name for p in cards.iterdir()}) == CARD_FOLDERS
+    images = list(cards.glob("*/*.json"))
+    assert len(images) == summary["riders"]
+    assert all(p.parent.name == card_folder(p.stem) for p in images)
 
 
 def test_a_chaos_city_behind_bridged_station_computers_reconciles(tmp_path: Path) -> None:

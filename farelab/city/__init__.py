@@ -30,7 +30,14 @@ from farelab.city._reconcile import (
     Reconciliation,
     reconcile,
 )
-from farelab.city._run import CityError, CityInterruptedError, CityOptions, run_city
+from farelab.city._run import (
+    CARD_FOLDERS,
+    CityError,
+    CityInterruptedError,
+    CityOptions,
+    card_folder,
+    run_city,
+)
 from farelab.city._topology import (
     CENTRAL,
     BridgedTopology,
@@ -41,6 +48,7 @@ from farelab.city._topology import (
 )
 
 __all__: list[str] = [
+    "CARD_FOLDERS",
     "CENTRAL",
     "FAULT_KINDS",
     "FOREIGN_LISTED",
@@ -69,6 +77,7 @@ __all__: list[str] = [
     "Rider",
     "Trip",
     "bridge_account",
+    "card_folder",
     "children_of",
     "day_trips",
     "kiosk_ids",
