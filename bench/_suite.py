@@ -318,7 +318,7 @@ def _backlog(
                 probe.executemany("INSERT INTO outbox (device, record) VALUES (?, ?)", rows)
             del rows  # a validator process holds no such heap: its collections stay short
             last = probe.execute("SELECT max(id) FROM outbox").fetchone()[0]
-            running = uplink_running(services.url(), bench)
+            running = uplink_running(services.url(), bench, log_level=logging.WARNING)
             started = time.perf_counter()
             done_at: list[float] = []
 
