@@ -221,8 +221,9 @@ def uplink_running(
         async def run() -> None:
             loops.append(asyncio.get_running_loop())
             task = asyncio.create_task(uplink.run(bench.journal))
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
+            # Waited for on a thread of the loop's pool, not polled: a loop waking twenty times
+            # a second in the taps' process would take the interpreter from a tap now and then.
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
             await cancel_and_wait(task)
 
         asyncio.run(run())
