@@ -40,10 +40,11 @@ T = TypeVar("T")
 async def measure(broker: BrokerURL, n: int) -> dict[str, float]:
     """``n`` loads of 1 yuan; latency percentiles in ms."""
     folder = Path(tempfile.mkdtemp(prefix="farelab-topup-bench-"))
+    host = MqttHost(broker, "kiosk-bench")
     kiosk = Kiosk(
         kiosk_id=TOPUP_KIOSK.id,
         terminal_id=bytes.fromhex(TOPUP_KIOSK.terminal),
-        host=MqttHost(broker, "kiosk-bench"),
+        host=host,
         journal=KioskJournal(folder / "k.db"),
     )
     reader = InProcessReader()
@@ -61,6 +62,7 @@ async def measure(broker: BrokerURL, n: int) -> dict[str, float]:
         times.append(time.perf_counter() - start)
         if result.result != "loaded":
             raise RuntimeError(f"a bench load was refused: {result}")
+    await host.aclose()
     times.sort()
     return {
         "loads": n,

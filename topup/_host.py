@@ -8,12 +8,15 @@ in-process host with a ledger of its own (``farelab.backend.LocalHost``) fits th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 from farelab.protocol import KIOSK_CLIENT_ID, LOAD_REQ, LOAD_RESP, check_client_id
 
 if TYPE_CHECKING:
+    import aiomqtt
+
     from farelab.protocol import BrokerURL
 
 __all__ = ["Host", "HostUnreachableError", "MqttHost"]
@@ -32,7 +35,12 @@ class Host(Protocol):
 
 
 class MqttHost:
-    """The backend, over MQTT request/response on the kiosk's own topics."""
+    """The backend, over MQTT request/response on the kiosk's own topics.
+
+    One connection serves every call: made (and the answers' topic subscribed) at the first call,
+    on that call's event loop, and made again after any failure or on another event loop.  A
+    connection per call had been a connect, a subscribe and a disconnect twice a load: a fifth of
+    a busy kiosk's interpreter time.  :meth:`aclose` ends it."""
 
     def __init__(self, broker: BrokerURL, kiosk: str, *, timeout: float = 5.0) -> None:
         """``kiosk``: this kiosk's id, a level of its topics (ValueError unless it can be one);
@@ -41,6 +49,10 @@ class MqttHost:
         self._broker = broker
         self._kiosk = kiosk
         self._timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+        self._connection: contextlib.AsyncExitStack | None = None
+        self._client: aiomqtt.Client | None = None
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Publish the request, wait for the answer with the same id."""
@@ -48,18 +60,17 @@ class MqttHost:
         # kiosk's session alone, never load it.
         import aiomqtt  # noqa: PLC0415
 
-        from farelab.protocol import subscribe_or_raise  # noqa: PLC0415
-
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A connection lives on the loop that made it (a one-shot command's asyncio.run
+            # ends with its loop, and with it every task of that connection): start afresh.
+            self._loop, self._lock = loop, asyncio.Lock()
+            self._connection = self._client = None
         broker = self._broker
-        try:
-            async with asyncio.timeout(self._timeout):
-                async with broker.client(
-                    # the one client id the broker lets this kiosk's account use: a kiosk
-                    # serves one card at a time, so its requests never overlap
-                    identifier=KIOSK_CLIENT_ID.format(kiosk=self._kiosk),
-                    timeout=self._timeout,
-                ) as client:
-                    await subscribe_or_raise(client, LOAD_RESP.format(kiosk=self._kiosk))
+        async with self._lock:  # a kiosk serves one card at a time: calls never overlap
+            try:
+                async with asyncio.timeout(self._timeout):
+                    client = await self._connected()
                     await client.publish(
                         LOAD_REQ.format(kiosk=self._kiosk), json.dumps(message), qos=1
                     )
@@ -68,8 +79,53 @@ class MqttHost:
                             answer = json.loads(bytes(reply.payload))
                         except (ValueError, TypeError):
                             continue
+                        # an answer to an earlier call that gave up waiting is not this one's
                         if isinstance(answer, dict) and answer.get("id") == message.get("id"):
                             return answer
-        except (TimeoutError, aiomqtt.MqttError) as exc:
-            raise HostUnreachableError(f"no answer from the host at {broker}: {exc}") from None
+            except (TimeoutError, aiomqtt.MqttError) as exc:
+                await self._drop()
+                raise HostUnreachableError(f"no answer from the host at {broker}: {exc}") from None
+            except BaseException:  # cancelled mid-call: the connection's state is unknown
+                await self._drop()
+                raise
+        await self._drop()
         raise HostUnreachableError(f"the host at {broker} hung up")
+
+    async def _connected(self) -> aiomqtt.Client:
+        """The open connection, made now if there is none."""
+        if self._client is not None:
+            return self._client
+        from farelab.protocol import subscribe_or_raise  # noqa: PLC0415
+
+        connection = contextlib.AsyncExitStack()
+        try:
+            client = await connection.enter_async_context(
+                self._broker.client(
+                    # the one client id the broker lets this kiosk's account use
+                    identifier=KIOSK_CLIENT_ID.format(kiosk=self._kiosk),
+                    timeout=self._timeout,
+                )
+            )
+            await subscribe_or_raise(client, LOAD_RESP.format(kiosk=self._kiosk))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.aclose()
+            raise
+        self._connection, self._client = connection, client
+        return client
+
+    async def _drop(self) -> None:
+        """Close the connection, if any (a broker that does not answer is left behind)."""
+        connection, self._connection, self._client = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout):
+                    await connection.aclose()
+
+    async def aclose(self) -> None:
+        """End the connection (on the event loop that made it; elsewhere it is only
+        forgotten: its loop has ended, and its socket with it)."""
+        if self._loop is asyncio.get_running_loop():
+            async with self._lock:
+                await self._drop()
+        self._connection = self._client = None
