@@ -38,9 +38,10 @@ class MqttHost:
     """The backend, over MQTT request/response on the kiosk's own topics.
 
     One connection serves every call: made (and the answers' topic subscribed) at the first call,
-    on that call's event loop, and made again after any failure or on another event loop.  A
-    connection per call had been a connect, a subscribe and a disconnect twice a load: a fifth of
-    a busy kiosk's interpreter time.  :meth:`aclose` ends it."""
+    on that call's event loop, and made again after a failure or on another event loop; a call
+    that finds the kept connection gone (the broker restarted since) tries once more on a new
+    one.  A connection per call had been a connect, a subscribe and a disconnect twice a load: a
+    fifth of a busy kiosk's interpreter time.  :meth:`aclose` ends it."""
 
     def __init__(self, broker: BrokerURL, kiosk: str, *, timeout: float = 5.0) -> None:
         """``kiosk``: this kiosk's id, a level of its topics (ValueError unless it can be one);
@@ -66,30 +67,43 @@ class MqttHost:
             # ends with its loop, and with it every task of that connection): start afresh.
             self._loop, self._lock = loop, asyncio.Lock()
             self._connection = self._client = None
-        broker = self._broker
         async with self._lock:  # a kiosk serves one card at a time: calls never overlap
+            kept = self._client is not None
             try:
                 async with asyncio.timeout(self._timeout):
-                    client = await self._connected()
-                    await client.publish(
-                        LOAD_REQ.format(kiosk=self._kiosk), json.dumps(message), qos=1
-                    )
-                    async for reply in client.messages:
+                    while True:
                         try:
-                            answer = json.loads(bytes(reply.payload))
-                        except (ValueError, TypeError):
-                            continue
-                        # an answer to an earlier call that gave up waiting is not this one's
-                        if isinstance(answer, dict) and answer.get("id") == message.get("id"):
-                            return answer
+                            return await self._exchange(message)
+                        except aiomqtt.MqttError:
+                            if not kept:
+                                raise
+                            # The connection kept from an earlier call had gone (a broker
+                            # restarted meanwhile): once more on a new one.  Load messages are
+                            # idempotent, so a request that did reach the host may go again.
+                            kept = False
+                            await self._drop()
             except (TimeoutError, aiomqtt.MqttError) as exc:
                 await self._drop()
-                raise HostUnreachableError(f"no answer from the host at {broker}: {exc}") from None
+                raise HostUnreachableError(
+                    f"no answer from the host at {self._broker}: {exc}"
+                ) from None
             except BaseException:  # cancelled mid-call: the connection's state is unknown
                 await self._drop()
                 raise
-        await self._drop()
-        raise HostUnreachableError(f"the host at {broker} hung up")
+
+    async def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Publish the request on the connection (made now if there is none) and wait for the
+        answer with its id (an answer to an earlier call that gave up waiting is skipped)."""
+        client = await self._connected()
+        await client.publish(LOAD_REQ.format(kiosk=self._kiosk), json.dumps(message), qos=1)
+        async for reply in client.messages:
+            try:
+                answer = json.loads(bytes(reply.payload))
+            except (ValueError, TypeError):
+                continue
+            if isinstance(answer, dict) and answer.get("id") == message.get("id"):
+                return answer
+        raise RuntimeError("unreachable: the messages of a connection end only with an error")
 
     async def _connected(self) -> aiomqtt.Client:
         """The open connection, made now if there is none."""
