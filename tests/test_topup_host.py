@@ -37,6 +37,17 @@ async def answering(port: int, ready: asyncio.Event) -> None:
             await client.publish(LOAD_RESP.format(kiosk=KIOSK), json.dumps(answer), qos=1)
 
 
+async def host_answering(broker: Mosquitto) -> asyncio.Task[None]:
+    """The stand-in host on ``broker``, once it is subscribed (the broker started first if it
+    is not running)."""
+    if broker.proc is None or broker.proc.poll() is not None:
+        broker.start()
+    ready = asyncio.Event()
+    task = asyncio.create_task(answering(broker.port, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    return task
+
+
 def connects(broker: Mosquitto) -> int:
     """How many times the kiosk's client connected, as the broker's log tells."""
     client_id = KIOSK_CLIENT_ID.format(kiosk=KIOSK)
@@ -49,10 +60,8 @@ async def test_one_connection_serves_every_call_and_comes_back_after_the_broker(
     broker = own_broker(tmp_path)
     url = BrokerURL.parse(broker.url)
     host = MqttHost(url, KIOSK, timeout=5)
-    ready = asyncio.Event()
-    task = asyncio.create_task(answering(broker.port, ready))
+    task = await host_answering(broker)
     try:
-        await asyncio.wait_for(ready.wait(), 10)
         for i in range(5):
             assert await host.call({"id": f"a{i}", "op": "authorize"}) == {
                 "id": f"a{i}",
@@ -62,10 +71,7 @@ async def test_one_connection_serves_every_call_and_comes_back_after_the_broker(
 
         broker.stop()  # the broker restarts between two calls: the next one connects again
         task.cancel()
-        broker.start()
-        ready.clear()
-        task = asyncio.create_task(answering(broker.port, ready))
-        await asyncio.wait_for(ready.wait(), 10)
+        task = await host_answering(broker)
         assert await host.call({"id": "b", "op": "confirm"}) == {"id": "b", "echo": "confirm"}
         assert connects(broker) == 2
 
@@ -73,10 +79,7 @@ async def test_one_connection_serves_every_call_and_comes_back_after_the_broker(
         task.cancel()
         with pytest.raises(HostUnreachableError):
             await host.call({"id": "lost", "op": "confirm"})
-        broker.start()
-        ready.clear()
-        task = asyncio.create_task(answering(broker.port, ready))
-        await asyncio.wait_for(ready.wait(), 10)
+        task = await host_answering(broker)
         assert await host.call({"id": "c", "op": "void"}) == {"id": "c", "echo": "void"}
         assert connects(broker) == 3
 
