@@ -30,7 +30,7 @@ from farelab.card import (
     TracingReader,
     fen_to_yuan,
 )
-from farelab.topup import CardView, Kiosk, LoadResult, parse_amount
+from farelab.topup import CardView, Kiosk, LoadResult, host_closed_after, parse_amount
 
 __all__ = ["run_kiosk"]
 
@@ -161,7 +161,7 @@ def run_kiosk(
             console.print("Kiosk closed.")
             return
         if session.reader.wait_for_card(0):
-            asyncio.run(_serve_card(console, kiosk, session))
+            asyncio.run(host_closed_after(kiosk.host, _serve_card(console, kiosk, session)))
         if isinstance(session.reader, InProcessReader):
             session.reader.remove()  # the card leaves the field: another reader may have it
         if pcsc is not None:

@@ -43,6 +43,7 @@ from farelab.topup import (
     LoadResult,
     MqttHost,
     Run,
+    host_closed_after,
     parse_amount,
     terminal_for,
 )
@@ -347,17 +348,6 @@ def _kiosk(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _host_closed_after(kiosk: Kiosk, work: Coroutine[Any, Any, T]) -> T:
-    """``work``, then the kiosk's line to its host closed on the same event loop (an MQTT
-    host keeps one connection for all its calls)."""
-    try:
-        return await work
-    finally:
-        close = getattr(kiosk.host, "aclose", None)
-        if close is not None:
-            await close()
-
-
 def _one_shot(
     args: argparse.Namespace,
     action: Callable[[Kiosk, Run[Any]], Coroutine[Any, Any, LoadResult]],
@@ -374,7 +364,7 @@ def _one_shot(
         return fn(exchanges)
 
     try:
-        result = asyncio.run(_host_closed_after(kiosk, action(kiosk, run)))
+        result = asyncio.run(host_closed_after(kiosk.host, action(kiosk, run)))
     finally:
         if isinstance(reader, InProcessReader):
             reader.remove()  # the card leaves the field: another reader may have it now
@@ -476,7 +466,7 @@ def _serve(args: argparse.Namespace) -> int:
             answer({"card": str(path), **result.to_json()})
 
     try:
-        asyncio.run(_host_closed_after(kiosk, serve()))
+        asyncio.run(host_closed_after(kiosk.host, serve()))
     finally:
         close()
         if trace is not None:

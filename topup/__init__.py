@@ -16,7 +16,7 @@ balance (R6) and cash refunds, safe against a pulled card or a killed kiosk.
 - Amounts: :class:`AmountRules`, :func:`check_amount`, :func:`parse_amount`, :func:`room`.
 """
 
-from farelab.topup._host import Host, HostUnreachableError, MqttHost
+from farelab.topup._host import Host, HostUnreachableError, MqttHost, host_closed_after
 from farelab.topup._journal import KioskJournal, KioskJournalError, PendingLoad
 from farelab.topup._rules import AmountRules, check_amount, parse_amount, room
 from farelab.topup._session import (
@@ -60,6 +60,7 @@ __all__ = [
     "TopUp",
     "Transfer",
     "check_amount",
+    "host_closed_after",
     "new_request_id",
     "parse_amount",
     "room",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from farelab.protocol import KIOSK_CLIENT_ID, LOAD_REQ, LOAD_RESP, check_client_id
 
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
 
     from farelab.protocol import BrokerURL
 
-__all__ = ["Host", "HostUnreachableError", "MqttHost"]
+__all__ = ["Host", "HostUnreachableError", "MqttHost", "host_closed_after"]
+
+
+T = TypeVar("T")
 
 
 class HostUnreachableError(Exception):
@@ -143,3 +147,14 @@ class MqttHost:
             async with self._lock:
                 await self._drop()
         self._connection = self._client = None
+
+
+async def host_closed_after(host: Host, work: Coroutine[Any, Any, T]) -> T:
+    """``work``, then ``host``'s line closed on the same event loop, if it keeps one
+    (:meth:`MqttHost.aclose`): what runs a kiosk on an ``asyncio.run`` of its own ends so."""
+    try:
+        return await work
+    finally:
+        close = getattr(host, "aclose", None)
+        if close is not None:
+            await close()
