@@ -27,6 +27,7 @@ no sleeping through the length alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -76,6 +77,21 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+def _self_connected(sock: socket.socket) -> bool:
+    """Whether a connection to a local port nobody listens on was given that very port as its
+    own (TCP's simultaneous open: the socket is connected to itself).  Such a socket is reset
+    and closed here: kept, it would hold vpcd's port and no pcscd could start."""
+    try:
+        if sock.getsockname() != sock.getpeername():
+            return False
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return True
+
+
 class ViccClient:
     """One card in one vpcd slot."""
 
@@ -112,6 +128,8 @@ class ViccClient:
         while True:
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=2.0)
+                if _self_connected(sock):
+                    raise ConnectionRefusedError(errno.ECONNREFUSED, "nothing listens there")
                 break
             except OSError as exc:
                 if time.monotonic() + delay > deadline:
