@@ -4,6 +4,10 @@ The applet never mutates a :class:`CardImage`; a command that commits returns a 
 shell writes it with :func:`save_image` before the answer leaves the card.  ``save_image`` replaces
 the file atomically (write, fsync, rename, fsync the folder), so a process killed at any instant
 leaves either the old image or the new one — never a mixture.  That is the card's anti-tearing.
+A powered card (:class:`card.FileStore`) commits without creating a file: it rewrites its shadow
+file ``.<name>.shadow`` (the image before its last commit) in place and swaps it with the image in
+one rename (:func:`exchange_image_file`); a reader reads under a shared flock of the file it
+opened, so a rewrite of the file that was the image a moment ago is never seen half done.
 
 A card is in one field at a time: :class:`ImageLock` is an flock on ``.<name>.lock`` beside the
 image that a file-backed card holds while it is powered, so two processes (or two readers) never
@@ -26,10 +30,11 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from farelab.card._crypto import Alg
 from farelab.card._files import (
@@ -369,7 +374,7 @@ def load_image(path: Path) -> CardImage:
     """Read a card image file; ImageError with the path and the reason if it is unusable."""
     where = describe_path(path)
     try:
-        raw = path.read_bytes()
+        raw = _read_shared(path)
     except FileNotFoundError:
         raise ImageError(f"{where}: no such card image") from None
     except OSError as exc:
@@ -386,6 +391,46 @@ def load_image(path: Path) -> CardImage:
         return CardImage.from_json(doc)
     except ImageError as exc:
         raise ImageError(f"{where}: {exc}") from None
+
+
+SHARED_READ_WAIT_S = 1.0
+"""How long a read waits for a writer to finish rewriting the file it opened (a writer holds it
+for a write and a rename: microseconds; a stopped writer must not stop every reader)."""
+
+
+def _read_shared(path: Path) -> bytes:
+    """The file's bytes, read under a shared flock of the file itself: a card's
+    :class:`FileStore` rewrites in place the file that was the image one commit ago (see
+    :meth:`FileStore.save`), under an exclusive flock of it, and a reader that opened that file
+    just before it stopped being the image must not see half a rewrite."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        deadline = 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    break  # a file system without flock: nobody rewrites in place there
+                now = time.monotonic()
+                deadline = deadline or now + SHARED_READ_WAIT_S
+                if now >= deadline:
+                    break  # read it anyway: a torn read is an unusable image, said so
+                time.sleep(0.0005)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def encode_image(image: CardImage) -> bytes:
+    """A card image file's bytes: compact JSON (json's C encoder takes no indent, and an
+    indented image costs ten times as much to write, at every commit of a card; ``farelab card
+    show`` prints an image for people)."""
+    return json.dumps(image.to_json(), separators=(",", ":")).encode("utf-8")
 
 
 def _temporary_name(path: Path) -> str:
@@ -446,9 +491,11 @@ def save_image(path: Path, image: CardImage, *, durable: bool = True) -> None:
     ImageError if it cannot be written (full disk, read-only folder): the old image is then
     still the file's content, untouched.
     """
-    # Compact: json's C encoder takes no indent (an indented image costs ten times as much to
-    # write, at every commit of a card).  ``farelab card show`` prints an image for people.
-    data = json.dumps(image.to_json(), separators=(",", ":")).encode("utf-8")
+    write_image_file(path, encode_image(image), durable=durable)
+
+
+def write_image_file(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """:func:`save_image` of an image's bytes (:func:`encode_image`)."""
     folder = _folder(path)
     tmp = folder / _temporary_name(path)
     try:
@@ -469,15 +516,116 @@ def save_image(path: Path, image: CardImage, *, durable: bool = True) -> None:
             f"{describe_path(path)}: cannot write card image: {exc.strerror or exc}"
         ) from None
     if durable:
-        # The rename is done: every reader sees the new image, so the card has committed.  A
-        # failing folder fsync cannot undo that, and must not make the card answer as if it had
-        # not; at worst a power cut (not a killed process) brings the old image back.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        _sync_folder(folder)
+
+
+ExchangeOutcome = Literal["done", "not_now", "unsupported"]
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_UNSUPPORTED = frozenset(
+    {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EPERM}
+)
+_swap: tuple[Callable[..., int], Callable[[], int]] | bool | None = False
+_swap_lock = threading.Lock()
+
+
+def _renameat2() -> tuple[Callable[..., int], Callable[[], int]] | None:
+    """libc's renameat2 and ctypes' errno getter, loaded at the first commit (None where there
+    is none: not Linux, or a C library older than glibc 2.28)."""
+    global _swap  # noqa: PLW0603
+    if _swap is False:
+        with _swap_lock:
+            if _swap is False:
+                import ctypes  # noqa: PLC0415
+
+                try:
+                    fn = ctypes.CDLL(None, use_errno=True).renameat2
+                except (OSError, AttributeError):
+                    _swap = None
+                else:
+                    fn.argtypes = [
+                        ctypes.c_int,
+                        ctypes.c_char_p,
+                        ctypes.c_int,
+                        ctypes.c_char_p,
+                        ctypes.c_uint,
+                    ]
+                    fn.restype = ctypes.c_int
+                    _swap = (fn, ctypes.get_errno)
+    return _swap if isinstance(_swap, tuple) else None
+
+
+def shadow_path(path: Path) -> Path:
+    """The file a :class:`FileStore` writes a card's next image into before it swaps it with
+    the image: ``.<name>.shadow`` beside it (it holds the image before the last commit)."""
+    return _folder(path) / f".{path.name}.shadow"
+
+
+def exchange_image_file(path: Path, data: bytes, *, durable: bool = True) -> ExchangeOutcome:
+    """Make ``data`` the image at ``path`` without creating a file: rewrite the card's shadow
+    file (:func:`shadow_path`) in place under an exclusive flock of it, then swap it with the
+    image in one atomic rename (``renameat2`` with ``RENAME_EXCHANGE``).  A process killed at
+    any instant leaves the old image or the new one, as with :func:`save_image`; the shadow then
+    holds the image before, and is rewritten whole at the next commit.  Creating a file costs
+    this machine's file system far more than rewriting one (ext4 here: about 0.4 ms of system
+    time against 6 µs), at every commit of every card.
+
+    Only the holder of the card's :class:`ImageLock` may call this.  "done": written (ImageError
+    if it could not be); "not_now": write it with :func:`save_image` this time (a reader still
+    reads the shadow, which was the image a commit ago; or the image is gone); "unsupported":
+    this file system or C library cannot swap two files — use :func:`save_image` from now on.
+    """
+    swap = _renameat2()
+    if swap is None:
+        return "unsupported"
+    rename, get_errno = swap
+    shadow = shadow_path(path)
+    where = describe_path(path)
+    try:
+        fd = os.open(shadow, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ImageError(f"{where}: cannot write card image: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return "not_now"
+            return "unsupported"  # no flock here: readers could not be kept from a rewrite
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, len(data) - len(view)) :]
+            os.ftruncate(fd, len(data))
+            if durable:
+                os.fsync(fd)
+        except OSError as exc:
+            raise ImageError(f"{where}: cannot write card image: {exc.strerror or exc}") from None
+        if rename(_AT_FDCWD, os.fsencode(shadow), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE):
+            code = get_errno()
+            if code == errno.ENOENT:
+                return "not_now"  # the image is gone: save_image makes it anew
+            if code in _UNSUPPORTED:
+                return "unsupported"
+            raise ImageError(f"{where}: cannot write card image: {os.strerror(code)}")
+    finally:
+        os.close(fd)  # the flock goes with it
+    if durable:
+        _sync_folder(_folder(path))
+    return "done"
+
+
+def _sync_folder(folder: Path) -> None:
+    # The rename is done: every reader sees the new image, so the card has committed.  A failing
+    # folder fsync cannot undo that, and must not make the card answer as if it had not; at
+    # worst a power cut (not a killed process) brings the old image back.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 class ImageLock:

@@ -23,7 +23,15 @@ from typing import Protocol
 
 from farelab.card._applet import Session, process
 from farelab.card._files import CST
-from farelab.card._image import BUSY_WAIT_S, CardImage, ImageLock, load_image, save_image
+from farelab.card._image import (
+    BUSY_WAIT_S,
+    CardImage,
+    ImageLock,
+    encode_image,
+    exchange_image_file,
+    load_image,
+    write_image_file,
+)
 
 __all__ = ["ATR", "FileStore", "ImageStore", "MemoryStore", "SimulatedCard"]
 
@@ -75,6 +83,7 @@ class FileStore:
         self.durable = durable
         self.wait = wait
         self._lock = ImageLock(path)
+        self._exchange = True  # until the file system says it cannot
 
     @property
     def held(self) -> bool:
@@ -100,10 +109,20 @@ class FileStore:
         self._lock.release()
 
     def save(self, image: CardImage) -> None:
-        """Replace the file atomically; ImageError if it cannot be written."""
+        """Replace the file atomically; ImageError if it cannot be written.  The new image is
+        written into the card's shadow file and swapped with the image
+        (:func:`card.exchange_image_file`: no file is created at a commit), or, where that
+        cannot be done, written to a new file renamed over the image (:func:`card.save_image`)."""
         if not self._lock.held:
             raise RuntimeError(f"{self.path}: a card image written outside a field")
-        save_image(self.path, image, durable=self.durable)
+        data = encode_image(image)
+        if self._exchange:
+            outcome = exchange_image_file(self.path, data, durable=self.durable)
+            if outcome == "done":
+                return
+            if outcome == "unsupported":
+                self._exchange = False
+        write_image_file(self.path, data, durable=self.durable)
 
 
 def _today_cst() -> date:

@@ -5,7 +5,6 @@ cleaned up by the next holder only, and no image holds more than the cap."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
@@ -16,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -40,6 +38,7 @@ from farelab.card import (
     save_image,
 )
 from tests.cli_support import ROOT, start_farelab
+from tests.disk_faults import full_disk_under
 
 PSAM = Psam(
     terminal_id=bytes.fromhex("0000000000C3"), issuers={DEMO_ISSUER_ID: PsamKeys.of(DEMO_KEYS)}
@@ -171,34 +170,24 @@ def test_an_unreadable_image_is_one_image_error(
     assert err.count("not a farelab card image (not UTF-8 text)") == 2
 
 
+@pytest.mark.parametrize("way", ["shadow swapped in", "new file renamed"])
 def test_an_image_that_cannot_be_written_commits_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
     card = new_image(tmp_path / "c.json")
     before = card.read_bytes()
+    if way == "new file renamed":  # a file system or C library that cannot swap two files
+        monkeypatch.setattr("farelab.card._image._renameat2", lambda: None)
     sim = SimulatedCard.from_file(card)
-    real_fdopen = os.fdopen
-
-    class DiskFull:
-        def __init__(self, fd: int, mode: str) -> None:
-            self._file = real_fdopen(fd, mode)
-
-        def __enter__(self) -> DiskFull:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self._file.close()
-
-        def write(self, data: bytes) -> int:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "fdopen", DiskFull)
-    with pytest.raises(ImageError, match="cannot write card image: No space left on device"):
-        pay(sim, 300)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        full_disk_under(m)
+        with pytest.raises(ImageError, match="cannot write card image: No space left on device"):
+            pay(sim, 300)
     assert card.read_bytes() == before
     assert (sim.image.balance, sim.image.offline_counter) == (5000, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.json.lock", "c.json"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    shadow = [".c.json.shadow"] if way == "shadow swapped in" else []
+    assert left == [".c.json.lock", *shadow, "c.json"]
     assert isinstance(pay(sim, 300), PurchaseDone)  # the same counter, now committed once
     assert (load_image(card).balance, load_image(card).offline_counter) == (4700, 1)
 
@@ -209,10 +198,7 @@ def test_a_load_the_card_cannot_write_is_voided_not_paid(
     card = new_image(tmp_path / "c.json")
     monkeypatch.chdir(tmp_path)
 
-    def disk_full(path: Path, image: Any, *, durable: bool = True) -> None:
-        raise ImageError(f"{path}: cannot write card image: No space left on device")
-
-    monkeypatch.setattr("farelab.card._simcard.save_image", disk_full)
+    full_disk_under(monkeypatch, card)
     load = ["topup", "load", "c.json", "--amount", "10", "--json"]
     assert main([*load, "--db", "farelab-host.db", "--journal", "farelab-kiosk.db"]) == 1
     out = json.loads(capsys.readouterr().out)
