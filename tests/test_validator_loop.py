@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from farelab.card import InProcessReader, ReaderUnavailableError
-from farelab.validator import TAP_SWITCH_INTERVAL_S, Journal, TapGate, load_config, run
+from farelab.validator import (
+    FEED_SWITCH_INTERVAL_S,
+    TAP_SWITCH_INTERVAL_S,
+    Journal,
+    TapGate,
+    load_config,
+    run,
+)
 from tests.validator_support import new_card
 
 CONFIG = """
@@ -125,6 +132,32 @@ async def test_the_run_loop_tunes_the_process_for_its_taps(tmp_path: Path) -> No
     try:
         await run(load_config(config_path), journal, source=io.StringIO(""), out=io.StringIO())
         assert isinstance(journal.gate, TapGate)
+        assert sys.getswitchinterval() == pytest.approx(TAP_SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+async def test_a_feed_of_several_sim_devices_gives_tap_threads_longer_turns(tmp_path: Path) -> None:
+    """Several sim devices fed at once: their taps compete with each other, and a short turn
+    would only hand the GIL from one tap thread to another."""
+    config_path = tmp_path / "devices.toml"
+    one = CONFIG.replace("pcsc:Unplugged Reader", "sim")
+    config_path.write_text(one + one.replace('"bus-1"', '"bus-2"').replace("0B01", "0B02"))
+    interval = sys.getswitchinterval()
+    try:
+        await run(
+            load_config(config_path), Journal(":memory:"), source=io.StringIO(""), out=io.StringIO()
+        )
+        assert sys.getswitchinterval() == pytest.approx(FEED_SWITCH_INTERVAL_S)
+        stopped = asyncio.Event()
+        stopped.set()  # no feed: the same devices wait for cards, here stopped at once
+        await run(
+            load_config(config_path),
+            Journal(":memory:"),
+            source=None,
+            out=io.StringIO(),
+            stop=stopped,
+        )
         assert sys.getswitchinterval() == pytest.approx(TAP_SWITCH_INTERVAL_S)
     finally:
         sys.setswitchinterval(interval)

@@ -67,7 +67,12 @@ from farelab.validator._replay import (
     replay,
     result_json,
 )
-from farelab.validator._runtime import TAP_SWITCH_INTERVAL_S, Validator, favour_taps
+from farelab.validator._runtime import (
+    FEED_SWITCH_INTERVAL_S,
+    TAP_SWITCH_INTERVAL_S,
+    Validator,
+    favour_taps,
+)
 from farelab.validator._values import positive_seconds
 
 if TYPE_CHECKING:
@@ -85,6 +90,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "FEED_SWITCH_INTERVAL_S",
     "PULL_STEPS",
     "TAP_SWITCH_INTERVAL_S",
     "Accepted",

@@ -518,11 +518,13 @@ async def run(
     This is the application: it tunes the process for its taps — the uplink and the journal's
     background work yield to taps in progress (a :class:`TapGate` on ``journal``, unless it has
     one), a tap defers garbage collection to after its result is shown, and the interpreter
-    hands a tap thread the GIL quickly (:func:`favour_taps`)."""
+    hands a tap thread the GIL quickly, or, feeding several sim devices at once, in longer turns
+    (:func:`favour_taps`)."""
     if journal.gate is None:
         journal.gate = TapGate()
     gate = journal.gate
-    favour_taps()
+    sim_devices = sum(dc.device.reader == "sim" for dc in config.devices)
+    favour_taps(concurrent_feed=source is not None and sim_devices > 1)
     stop = stop or asyncio.Event()
     results: asyncio.Queue[Shown] = asyncio.Queue()
     stations: dict[str, _Station] = {}

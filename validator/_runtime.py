@@ -32,7 +32,13 @@ from farelab.validator._faults import checkpoint
 from farelab.validator._journal import Journal, JournalError
 from farelab.validator._network import NetworkError
 
-__all__ = ["TAP_SWITCH_INTERVAL_S", "Validator", "failure_text", "favour_taps"]
+__all__ = [
+    "FEED_SWITCH_INTERVAL_S",
+    "TAP_SWITCH_INTERVAL_S",
+    "Validator",
+    "failure_text",
+    "favour_taps",
+]
 
 log = logging.getLogger("farelab.validator")
 
@@ -45,13 +51,22 @@ log = logging.getLogger("farelab.validator")
 # average at 0.5 ms, not at all at 0.1 ms.
 TAP_SWITCH_INTERVAL_S = 0.0001
 
+# A process that taps the cards of several devices at once from a feed of requests (a city's or
+# a lab's simulated devices) has its taps competing with each other, not with background work:
+# there a short turn only hands the GIL from one tap thread to another and back, a futex call and
+# a context switch each time.  Measured: 6 000 taps of a city's cards over 25 devices took 12.1–
+# 12.4 s of CPU with 5 ms turns, 14.1–15.8 s with 0.1 ms turns (two rounds taken in turn).
+FEED_SWITCH_INTERVAL_S = 0.005
 
-def favour_taps() -> None:
+
+def favour_taps(*, concurrent_feed: bool = False) -> None:
     """Make the process hand the GIL to a tap thread quickly, and keep the garbage collector's
     full collections short: everything alive now (modules, configuration, the journal) moves
     out of the collector's view.  Call once, in the validator process, after setting up and
-    before its reader threads and uplink start."""
-    sys.setswitchinterval(TAP_SWITCH_INTERVAL_S)
+    before its reader threads and uplink start.  ``concurrent_feed``: the process taps several
+    devices' cards at once from a feed of requests, and gives each tap thread longer turns
+    (:data:`FEED_SWITCH_INTERVAL_S`)."""
+    sys.setswitchinterval(FEED_SWITCH_INTERVAL_S if concurrent_feed else TAP_SWITCH_INTERVAL_S)
     gc.freeze()
 
 
