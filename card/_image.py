@@ -398,6 +398,27 @@ SHARED_READ_WAIT_S = 1.0
 for a write and a rename: microseconds; a stopped writer must not stop every reader)."""
 
 
+_HELD_BY_ANOTHER = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
+
+
+def _flock_within(fd: int, operation: int, wait: float, pause: float) -> bool:
+    """flock ``fd`` (``operation``: LOCK_SH or LOCK_EX), trying every ``pause`` seconds while
+    another holds it: True once held, False if another still holds it after ``wait`` seconds;
+    OSError for any other failure (a file system without flock)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in _HELD_BY_ANOTHER:
+                raise
+        else:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+
+
 def _read_shared(path: Path) -> bytes:
     """The file's bytes, read under a shared flock of the file itself: a card's
     :class:`FileStore` rewrites in place the file that was the image one commit ago (see
@@ -405,19 +426,10 @@ def _read_shared(path: Path) -> bytes:
     just before it stopped being the image must not see half a rewrite."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        deadline = 0.0
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    break  # a file system without flock: nobody rewrites in place there
-                now = time.monotonic()
-                deadline = deadline or now + SHARED_READ_WAIT_S
-                if now >= deadline:
-                    break  # read it anyway: a torn read is an unusable image, said so
-                time.sleep(0.0005)
+        # Read it anyway after the wait (a torn read is an unusable image, said so), or on a
+        # file system without flock (nobody rewrites in place there).
+        with contextlib.suppress(OSError):
+            _flock_within(fd, fcntl.LOCK_SH, SHARED_READ_WAIT_S, 0.0005)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
@@ -588,10 +600,9 @@ def exchange_image_file(path: Path, data: bytes, *, durable: bool = True) -> Exc
         raise ImageError(f"{where}: cannot write card image: {exc.strerror or exc}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if not _flock_within(fd, fcntl.LOCK_EX, 0.0, 0.0):
                 return "not_now"
+        except OSError:
             return "unsupported"  # no flock here: readers could not be kept from a rewrite
         try:
             view = memoryview(data)
@@ -659,24 +670,17 @@ class ImageLock:
             fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise ImageError(f"{where}: cannot lock card image: {exc.strerror or exc}") from None
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise ImageError(
-                        f"{where}: cannot lock card image: {exc.strerror or exc}"
-                    ) from None
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise CardBusyError(
-                        f"card busy: {where} is in another reader's field (another process or "
-                        f"reader is using it); present it again once it has left"
-                    ) from None
-                time.sleep(0.01)
+        try:
+            held = _flock_within(fd, fcntl.LOCK_EX, wait, 0.01)
+        except OSError as exc:
+            os.close(fd)
+            raise ImageError(f"{where}: cannot lock card image: {exc.strerror or exc}") from None
+        if not held:
+            os.close(fd)
+            raise CardBusyError(
+                f"card busy: {where} is in another reader's field (another process or "
+                f"reader is using it); present it again once it has left"
+            ) from None
         # Closing the descriptor releases the flock: at release(), or when a holder that was
         # never released is collected.
         self._release = weakref.finalize(self, os.close, fd)
