@@ -524,9 +524,7 @@ def write_image_file(path: Path, data: bytes, *, durable: bool = True) -> None:
                 os.unlink(tmp)
             raise
     except OSError as exc:
-        raise ImageError(
-            f"{describe_path(path)}: cannot write card image: {exc.strerror or exc}"
-        ) from None
+        raise _cannot_write(path, exc.strerror or exc) from None
     if durable:
         _sync_folder(folder)
 
@@ -593,11 +591,10 @@ def exchange_image_file(path: Path, data: bytes, *, durable: bool = True) -> Exc
         return "unsupported"
     rename, get_errno = swap
     shadow = shadow_path(path)
-    where = describe_path(path)
     try:
         fd = os.open(shadow, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ImageError(f"{where}: cannot write card image: {exc.strerror or exc}") from None
+        raise _cannot_write(path, exc.strerror or exc) from None
     try:
         try:
             if not _flock_within(fd, fcntl.LOCK_EX, 0.0, 0.0):
@@ -612,19 +609,23 @@ def exchange_image_file(path: Path, data: bytes, *, durable: bool = True) -> Exc
             if durable:
                 os.fsync(fd)
         except OSError as exc:
-            raise ImageError(f"{where}: cannot write card image: {exc.strerror or exc}") from None
+            raise _cannot_write(path, exc.strerror or exc) from None
         if rename(_AT_FDCWD, os.fsencode(shadow), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE):
             code = get_errno()
             if code == errno.ENOENT:
                 return "not_now"  # the image is gone: save_image makes it anew
             if code in _UNSUPPORTED:
                 return "unsupported"
-            raise ImageError(f"{where}: cannot write card image: {os.strerror(code)}")
+            raise _cannot_write(path, os.strerror(code))
     finally:
         os.close(fd)  # the flock goes with it
     if durable:
         _sync_folder(_folder(path))
     return "done"
+
+
+def _cannot_write(path: Path, reason: object) -> ImageError:
+    return ImageError(f"{describe_path(path)}: cannot write card image: {reason}")
 
 
 def _sync_folder(folder: Path) -> None:
