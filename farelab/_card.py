@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import threading
 from datetime import date, datetime
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from farelab._errors import CliError
 from farelab._options import append_log, trace_writer
+from farelab._signals import stop_on_signals
 
 # What issuing and reading a card image needs; presenting a card (the applet, the vpcd client,
 # fault injection) is imported by the subcommands that do it, so that ``card show`` starts fast.
@@ -558,14 +558,6 @@ def parse_vpcd(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def _behaviour(args: argparse.Namespace) -> Behaviour | None:
     """``--behaviour``'s rules, checked (CliError naming the bad key)."""
     from farelab.card import Behaviour, BehaviourError  # noqa: PLC0415
@@ -610,7 +602,7 @@ def _serve_trace(args: argparse.Namespace, host: str, port: int) -> int:
         raise CliError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="farelab card: %(message)s")
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     trace = trace_writer(args.trace)
     card: CardEndpoint = recorded if trace is None else TracingEndpoint(recorded, trace)
     print(
@@ -660,7 +652,7 @@ def _serve_card(
     if trace is not None:
         card = TracingEndpoint(card, trace)  # what the terminal saw, misbehaviour included
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     print(
         f"card {sim.image.serial} presented to vpcd at {host}:{port} "
         "(reader 'Virtual PCD'); Ctrl-C to take it away",

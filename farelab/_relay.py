@@ -6,9 +6,10 @@ import argparse
 import contextlib
 import threading
 
-from farelab._card import DEFAULT_VPCD, _behaviour, _stop_on_signals, parse_vpcd
+from farelab._card import DEFAULT_VPCD, _behaviour, parse_vpcd
 from farelab._errors import CliError
 from farelab._options import append_log, trace_writer
+from farelab._signals import stop_on_signals
 from farelab.card import (
     BehavingCard,
     BehaviourState,
@@ -58,7 +59,7 @@ def relay_command(args: argparse.Namespace) -> int:
     except ReaderError as exc:
         raise CliError(str(exc)) from None
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     relayed = 0
     with contextlib.ExitStack() as stack:
         trace = trace_writer(args.trace)

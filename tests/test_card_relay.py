@@ -4,6 +4,7 @@ sees it — forwarded, recorded, misbehaving on request, and gone when it leaves
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -96,6 +97,8 @@ class Relay:
         self.proc = start_farelab(
             *("card", "relay", "--from", f"pcsc:{SLOT0}", "--to", "vpcd:127.0.0.1:35964"),
             *options,
+            # A stop that hangs ends after its grace with every thread's stack on stderr.
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
