@@ -25,6 +25,7 @@ from farelab.card._applet import Session, process
 from farelab.card._files import CST
 from farelab.card._image import (
     BUSY_WAIT_S,
+    CardBusyError,
     CardImage,
     ImageLock,
     encode_image,
@@ -94,10 +95,11 @@ class FileStore:
         """Read the image currently in the file (a consistent read: writes are atomic)."""
         return load_image(self.path)
 
-    def take(self) -> CardImage:
+    def take(self, wait: float | None = None) -> CardImage:
         """Hold the image's lock and read the image under it: from now on no one else writes
-        it.  CardBusyError after ``wait`` seconds; ImageError if it cannot be read."""
-        self._lock.acquire(self.wait)
+        it.  CardBusyError after ``wait`` seconds (default: the store's); ImageError if it
+        cannot be read."""
+        self._lock.acquire(self.wait if wait is None else wait)
         try:
             return load_image(self.path)
         except BaseException:
@@ -180,6 +182,24 @@ class SimulatedCard:
         if isinstance(store, FileStore) and not store.held:
             self._image = store.take()
             self._session = None
+
+    def take_if_free(self) -> bool:
+        """Take a file-backed card's image now if no other field holds it, without waiting:
+        True if this card has it (its next power-on uses it; :meth:`close` lets it go), False
+        if another field holds it.  ImageError if it cannot be read.  True at once for a card
+        that is not file-backed, or that has it already."""
+        store = self._store
+        if not isinstance(store, FileStore):
+            return True
+        with self._lock:
+            if store.held:
+                return True
+            try:
+                self._image = store.take(wait=0.0)
+            except CardBusyError:
+                return False
+            self._session = None
+            return True
 
     def _leave_field(self) -> None:
         store = self._store

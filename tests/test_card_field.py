@@ -25,6 +25,7 @@ from farelab.card import (
     CardBusyError,
     CardSnapshot,
     ImageError,
+    ImageLock,
     InProcessReader,
     Psam,
     PsamKeys,
@@ -258,3 +259,29 @@ def test_error_messages_cut_a_long_path(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "no such card image" in err
     assert max(len(line) for line in err.splitlines()) < 300
+
+
+def test_take_if_free_takes_a_free_card_now_and_never_waits_for_a_held_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "card.json"
+    save_image(path, personalise(serial="77", issued=date(2026, 1, 1), balance=900))
+    card = SimulatedCard.from_file(path, durable=False, wait=60.0, load=False)
+    assert card.take_if_free()
+    assert card.take_if_free()  # it has it already
+    assert card.image.balance == 900
+    other = ImageLock(path)
+    with pytest.raises(CardBusyError):
+        other.acquire(0.0)  # the card is in this field now
+    card.power_on()  # uses what it took
+    card.close()
+    other.acquire(0.0)  # let go
+    late = SimulatedCard.from_file(path, durable=False, wait=60.0, load=False)
+    started = time.monotonic()
+    assert not late.take_if_free()  # another field has it: no 60 s wait
+    assert time.monotonic() - started < 30
+    other.release()
+    assert late.take_if_free()
+    late.close()
+    in_memory = SimulatedCard(personalise(serial="78", issued=date(2026, 1, 1)))
+    assert in_memory.take_if_free()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -161,3 +162,111 @@ async def test_a_feed_of_several_sim_devices_gives_tap_threads_longer_turns(tmp_
         assert sys.getswitchinterval() == pytest.approx(TAP_SWITCH_INTERVAL_S)
     finally:
         sys.setswitchinterval(interval)
+
+
+TWO_BUSES = CONFIG.replace("pcsc:Unplugged Reader", "sim") + CONFIG.replace(
+    "pcsc:Unplugged Reader", "sim"
+).replace('"bus-1"', '"bus-2"').replace("0B01", "0B02")
+
+
+def _cards(tmp_path: Path, names: str) -> dict[str, Path]:
+    from farelab.card import save_image  # noqa: PLC0415
+
+    paths = {}
+    for i, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "card.json"
+        save_image(paths[name], new_card(serial=str(2001 + i)).image)
+    return paths
+
+
+async def _feed_and_watch(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    journal: Journal,
+    requests: list[tuple[str, str]],
+    cards: dict[str, Path],
+) -> tuple[list[dict[str, object]], dict[str, str]]:
+    """Run the feed; each card's result and the thread its tap ran on."""
+    import threading  # noqa: PLC0415
+
+    from farelab.validator import Validator  # noqa: PLC0415
+
+    config_path = tmp_path / "devices.toml"
+    config_path.write_text(TWO_BUSES)
+    ran_on: dict[str, str] = {}
+    tap = Validator.tap
+    serials = {str(path): name for name, path in cards.items()}
+
+    def watched(self: Validator, reader: object, at: object) -> object:
+        card = reader._card  # type: ignore[attr-defined]  # the InProcessReader's card
+        ran_on[serials[str(card._store.path)]] = threading.current_thread().name
+        return tap(self, reader, at)  # type: ignore[arg-type]
+
+    source = io.StringIO(
+        "".join(
+            json.dumps(
+                {"device": device, "card": str(cards[name]), "at": f"2026-11-23T09:00:0{i}+08:00"}
+            )
+            + "\n"
+            for i, (device, name) in enumerate(requests)
+        )
+    )
+    out = io.StringIO()
+    interval = sys.getswitchinterval()
+    monkeypatch.setattr(Validator, "tap", watched)
+    try:
+        await run(load_config(config_path), journal, source=source, out=out)
+    finally:
+        sys.setswitchinterval(interval)
+    return [json.loads(line) for line in out.getvalue().splitlines()], ran_on
+
+
+async def test_a_feed_taps_on_the_loop_unless_the_tap_would_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap whose card is free and whose device is idle runs on the event loop (no thread
+    hand-over); a card in another field waits on its device's thread, and so does the next tap
+    at that device, while the other device's taps go on, on the loop."""
+    import threading  # noqa: PLC0415
+
+    from farelab.card import ImageLock  # noqa: PLC0415
+
+    cards = _cards(tmp_path, "abcd")
+    held = ImageLock(cards["b"])  # another field: its own descriptor, so its own flock
+    held.acquire()
+    threading.Timer(0.5, held.release).start()
+    journal = Journal(tmp_path / "j.db")
+    lines, ran_on = await _feed_and_watch(
+        tmp_path,
+        monkeypatch,
+        journal,
+        [("bus-1", "a"), ("bus-2", "b"), ("bus-2", "c"), ("bus-1", "d")],
+        cards,
+    )
+    main = threading.current_thread().name
+    assert ran_on["a"] == ran_on["d"] == main
+    assert {ran_on["b"], ran_on["c"]} == {"reader-bus-2_0"}  # its one thread
+    assert [(x["device"], x["result"]) for x in lines] == [  # in the order asked
+        ("bus-1", "accepted"),
+        ("bus-2", "accepted"),
+        ("bus-2", "accepted"),
+        ("bus-1", "accepted"),
+    ]
+    with sqlite3.connect(tmp_path / "j.db") as db:
+        tapped = [row[0] for row in db.execute("SELECT card_serial FROM taps ORDER BY id")]
+    serial = {name: new_card(serial=str(2001 + i)).image.serial for i, name in enumerate("abcd")}
+    assert tapped == [serial["a"], serial["d"], serial["b"], serial["c"]]  # d while b waited
+
+
+async def test_a_feed_whose_writes_are_fsyncd_taps_on_the_devices_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a journal (and so card images) synchronous=full, a tap waits for fsyncs: it runs on
+    its device's thread, where the other devices' taps overlap its waits."""
+    cards = _cards(tmp_path, "ab")
+    journal = Journal(tmp_path / "j.db", synchronous="full")
+    requests = [("bus-1", "a"), ("bus-2", "b")]
+    lines, ran_on = await _feed_and_watch(tmp_path, monkeypatch, journal, requests, cards)
+    assert [x["result"] for x in lines] == ["accepted", "accepted"]
+    assert (ran_on["a"], ran_on["b"]) == ("reader-bus-1_0", "reader-bus-2_0")

@@ -231,19 +231,27 @@ async def _feed(
     ``durable``: whether a card's committed image is fsync'd before the card answers (a power
     cut); it is always replaced atomically (a killed process), as the journal commits are.
 
-    The devices tap at once, each one card at a time (its reader's thread): a request for one
-    device does not wait for another device's tap, as gates at a station do not.  The answers
-    come out in the order of the requests.  A card is in one field at a time: a request for a
-    card whose previous tap is still going on waits for it (reading no further requests
-    meanwhile), and at most :data:`TAPS_IN_FLIGHT` taps go on at once.  One tap at a time for
-    all the devices of a process had left it idle most of the time, waiting for each tap's card
-    to be written before reading the next request."""
+    The devices tap at once, each one card at a time: a request for one device does not wait
+    for another device's tap, as gates at a station do not.  The answers come out in the order
+    of the requests.  A card is in one field at a time: a request for a card whose previous tap
+    is still going on waits for it (reading no further requests meanwhile).
+
+    A tap that cannot wait for anything — its card free (taken without waiting), its device's
+    thread idle, nothing fsync'd (``durable`` off) — runs here on the event loop: a sim tap is
+    all interpreter work, and handing each one to its device's thread cost the process as much
+    CPU again in thread switches, for taps that the interpreter's lock ran one at a time anyway.
+    Any other tap (its card in another process's field, its device still busy, a durable
+    write) goes to its device's thread and waits there, at most :data:`TAPS_IN_FLIGHT` of them
+    at once, while the other devices go on."""
     loop = asyncio.get_running_loop()
     recorded: dict[Path, TraceCard] = {}  # a recording's taps go on where the last one ended
-    in_field: dict[Path, asyncio.Future[_Tapped]] = {}  # each card's latest tap
+    in_field: dict[Path, asyncio.Future[_Tapped]] = {}  # each card's latest tap on a thread
     in_flight: deque[asyncio.Future[_Tapped]] = deque()
+    threaded: dict[str, asyncio.Future[_Tapped]] = {}  # each device's latest tap on its thread
 
-    async def submit(path: Path, station: _Station, work: Callable[[], _Tapped]) -> None:
+    async def submit(
+        path: Path, station: _Station, work: Callable[[], _Tapped], card: object = None
+    ) -> None:
         while in_flight and in_flight[0].done():
             in_flight.popleft()
         if len(in_flight) >= TAPS_IN_FLIGHT:
@@ -251,9 +259,21 @@ async def _feed(
         before = in_field.get(path)
         if before is not None and not before.done():
             await asyncio.wait({before})
+        device = station.validator.device.id
+        busy = threaded.get(device)
+        if not durable and (busy is None or busy.done()) and _taken_now(card):
+            future = loop.create_future()
+            try:
+                future.set_result(work())
+            except Exception as exc:  # shown where the display awaits it, as a thread's would be
+                future.set_exception(exc)
+            results.put_nowait(future)
+            await asyncio.sleep(0)  # the display, the uplink and the rest get their turn
+            return
         future = loop.run_in_executor(station.thread, work)
         in_field[path] = future
         in_flight.append(future)
+        threaded[device] = future
         future.add_done_callback(lambda done: _forget(in_field, path, done))
         results.put_nowait(future)
 
@@ -311,10 +331,23 @@ async def _feed(
                 return _Tapped(failed, when)
             finally:
                 reader.remove()
+                if isinstance(card, SimulatedCard):
+                    card.close()  # its image let go, even by a tap that never powered it
 
-        await submit(path, station, tap)
+        await submit(path, station, tap, card)
     if in_flight:  # the source has ended: every tap it asked for ends before the feed does
         await asyncio.wait(set(in_flight))
+
+
+def _taken_now(card: object) -> bool:
+    """Whether a tap of ``card`` can start without waiting: a simulated card's image taken now
+    (False if another field holds it, or it cannot be read: its own tap on a thread says so)."""
+    if not isinstance(card, SimulatedCard):
+        return True
+    try:
+        return card.take_if_free()
+    except Exception:  # the tap itself reports it, as this tap's card_error
+        return False
 
 
 def _failed_tap(failed: Callable[[], TapResult], when: datetime) -> _Tapped:
