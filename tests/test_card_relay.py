@@ -103,8 +103,12 @@ class Relay:
             stderr=subprocess.PIPE,
         )
         self.lines: list[str] = []
+        self.errors: list[str] = []
+        # Both streams read as they come: a relay blocked on a full stderr pipe would not stop.
         self._reading = threading.Thread(target=self._read, daemon=True)
         self._reading.start()
+        self._reading_errors = threading.Thread(target=self._read_errors, daemon=True)
+        self._reading_errors.start()
         deadline = time.monotonic() + 10
         while not any("relaying" in line for line in self.lines):
             assert time.monotonic() < deadline, "card relay did not start"
@@ -115,13 +119,25 @@ class Relay:
         for line in self.proc.stdout:
             self.lines.append(line)
 
+    def _read_errors(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.errors.append(line)
+
     def stop(self) -> tuple[int, str, str]:
         """SIGTERM, as a tester's script ends it: exit status, output, errors."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(
+                "card relay still running 15 s after SIGTERM; its stderr:\n" + "".join(self.errors)
+            ) from None
         self._reading.join(5)
-        assert self.proc.stderr is not None
-        return self.proc.returncode, "".join(self.lines), self.proc.stderr.read()
+        self._reading_errors.join(5)
+        return self.proc.returncode, "".join(self.lines), "".join(self.errors)
 
 
 @pytest.fixture
