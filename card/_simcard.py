@@ -175,12 +175,13 @@ class SimulatedCard:
         store = FileStore(path, durable=durable, wait=wait)
         return cls(store.load(), store=store) if load else cls(None, store=store)
 
-    def _enter_field(self) -> None:
+    def _enter_field(self, wait: float | None = None) -> None:
         """Power is coming: a file-backed card takes its image's lock and its image as it is
-        now (another field may have changed it since this card last had power)."""
+        now (another field may have changed it since this card last had power), waiting
+        ``wait`` seconds (default: its store's) for another field to let it go."""
         store = self._store
         if isinstance(store, FileStore) and not store.held:
-            self._image = store.take()
+            self._image = store.take(wait)
             self._session = None
 
     def take_if_free(self) -> bool:
@@ -188,17 +189,11 @@ class SimulatedCard:
         True if this card has it (its next power-on uses it; :meth:`close` lets it go), False
         if another field holds it.  ImageError if it cannot be read.  True at once for a card
         that is not file-backed, or that has it already."""
-        store = self._store
-        if not isinstance(store, FileStore):
-            return True
         with self._lock:
-            if store.held:
-                return True
             try:
-                self._image = store.take(wait=0.0)
+                self._enter_field(wait=0.0)
             except CardBusyError:
                 return False
-            self._session = None
             return True
 
     def _leave_field(self) -> None:
