@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -269,8 +269,27 @@ class CardImage:
         return image
 
     def replace(self, **changes: Any) -> CardImage:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (TypeError for a name that is not a field).
+
+        A card changes its image several times a tap: this copies the fields itself, at half
+        the cost of :func:`dataclasses.replace`'s walk over them and call of ``__init__``."""
+        copy = _new_object(CardImage)
+        changed = 0
+        for name in _IMAGE_FIELDS:
+            if name in changes:
+                _set_field(copy, name, changes[name])
+                changed += 1
+            else:
+                _set_field(copy, name, getattr(self, name))
+        if changed != len(changes):
+            unknown = ", ".join(sorted(set(changes).difference(_IMAGE_FIELDS)))
+            raise TypeError(f"CardImage has no field {unknown}")
+        return copy
+
+
+_IMAGE_FIELDS = tuple(f.name for f in fields(CardImage))
+_new_object = object.__new__
+_set_field = object.__setattr__
 
 
 class _Fields:
@@ -370,11 +389,13 @@ class _Fields:
         return out
 
 
-def load_image(path: Path) -> CardImage:
-    """Read a card image file; ImageError with the path and the reason if it is unusable."""
+def load_image(path: Path, *, held: bool = False) -> CardImage:
+    """Read a card image file; ImageError with the path and the reason if it is unusable.
+    ``held``: the caller holds the card's :class:`ImageLock`, so no one else can be rewriting
+    the file it opens (the read then skips the shared flock a reader otherwise takes)."""
     where = describe_path(path)
     try:
-        raw = _read_shared(path)
+        raw = _read_whole(path) if held else _read_shared(path)
     except FileNotFoundError:
         raise ImageError(f"{where}: no such card image") from None
     except OSError as exc:
@@ -419,6 +440,21 @@ def _flock_within(fd: int, operation: int, wait: float, pause: float) -> bool:
         time.sleep(pause)
 
 
+def _read_whole(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_all(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _read_shared(path: Path) -> bytes:
     """The file's bytes, read under a shared flock of the file itself: a card's
     :class:`FileStore` rewrites in place the file that was the image one commit ago (see
@@ -430,19 +466,19 @@ def _read_shared(path: Path) -> bytes:
         # file system without flock (nobody rewrites in place there).
         with contextlib.suppress(OSError):
             _flock_within(fd, fcntl.LOCK_SH, SHARED_READ_WAIT_S, 0.0005)
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_all(fd)
     finally:
         os.close(fd)
+
+
+_IMAGE_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def encode_image(image: CardImage) -> bytes:
     """A card image file's bytes: compact JSON (json's C encoder takes no indent, and an
     indented image costs ten times as much to write, at every commit of a card; ``farelab card
     show`` prints an image for people)."""
-    return json.dumps(image.to_json(), separators=(",", ":")).encode("utf-8")
+    return _IMAGE_JSON(image.to_json()).encode("utf-8")
 
 
 def _temporary_name(path: Path) -> str:
@@ -590,7 +626,10 @@ def exchange_image_file(path: Path, data: bytes, *, durable: bool = True) -> Exc
     if swap is None:
         return "unsupported"
     rename, get_errno = swap
-    shadow = shadow_path(path)
+    # Bytes, not Paths: this runs at every commit of every card.
+    image = os.fsencode(path)
+    head, name = os.path.split(image)
+    shadow = os.path.join(head, b"." + name + b".shadow")
     try:
         fd = os.open(shadow, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -610,7 +649,7 @@ def exchange_image_file(path: Path, data: bytes, *, durable: bool = True) -> Exc
                 os.fsync(fd)
         except OSError as exc:
             raise _cannot_write(path, exc.strerror or exc) from None
-        if rename(_AT_FDCWD, os.fsencode(shadow), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE):
+        if rename(_AT_FDCWD, shadow, _AT_FDCWD, image, _RENAME_EXCHANGE):
             code = get_errno()
             if code == errno.ENOENT:
                 return "not_now"  # the image is gone: save_image makes it anew

@@ -101,7 +101,7 @@ class FileStore:
         cannot be read."""
         self._lock.acquire(self.wait if wait is None else wait)
         try:
-            return load_image(self.path)
+            return load_image(self.path, held=True)
         except BaseException:
             self._lock.release()
             raise

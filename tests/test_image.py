@@ -88,3 +88,24 @@ def test_simulated_card_writes_commits_back_to_its_file(tmp_path: Path) -> None:
     answer = sim.transmit(bytes.fromhex("805001020B01000003E8001122334455"))
     assert answer[-2:] == b"\x94\x01"
     assert path.read_bytes() == before
+
+
+def test_replace_changes_only_the_named_fields_and_refuses_unknown_ones() -> None:
+    import dataclasses  # noqa: PLC0415
+
+    image = personalise(serial="42", issued=date(2026, 1, 1), balance=1234)
+    changed = image.replace(balance=99, offline_counter=7)
+    assert changed == dataclasses.replace(image, balance=99, offline_counter=7)
+    assert (changed.balance, changed.offline_counter, image.balance) == (99, 7, 1234)
+    assert image.replace() == image and hash(image.replace()) == hash(image)
+    with pytest.raises(TypeError, match="no field nope"):
+        image.replace(balance=1, nope=2)
+
+
+def test_a_held_card_reads_its_image_as_a_reader_does(tmp_path: Path) -> None:
+    image = personalise(serial="42", issued=date(2026, 1, 1), balance=1234)
+    path = tmp_path / "c.json"
+    save_image(path, image)
+    assert load_image(path, held=True) == load_image(path) == image
+    with pytest.raises(ImageError, match="no such card image"):
+        load_image(tmp_path / "gone.json", held=True)

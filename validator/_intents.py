@@ -101,13 +101,16 @@ def intent_from_text(doc: Mapping[str, Any]) -> Intent:
     return Intent(str(doc["device"]), replace(Record.from_json(fields), tac=b""), at)
 
 
-def encode(pending: Pending) -> bytes:
-    """One record: header and JSON."""
+def encode(pending: Pending, text: tuple[Any, ...] | None = None) -> bytes:
+    """One record: header and JSON.  ``text``: the intent's :func:`intent_text`, if the caller
+    has it already."""
+    if text is None:
+        text = intent_text(pending.intent)
     body = _JSON.encode(
         {
             "device": pending.device,
             "seq": pending.seq,
-            "intent": dict(zip(TEXT_FIELDS, intent_text(pending.intent), strict=True)),
+            "intent": dict(zip(TEXT_FIELDS, text, strict=True)),
         }
     ).encode()
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
@@ -160,9 +163,10 @@ class IntentLog:
             ) from None
         return list(decode(data, name=describe_path(self.path)))
 
-    def append(self, pending: Pending) -> None:
-        """Durable when this returns (as durable as the journal's commits)."""
-        record = encode(pending)
+    def append(self, pending: Pending, text: tuple[Any, ...] | None = None) -> None:
+        """Durable when this returns (as durable as the journal's commits).  ``text``: the
+        intent's :func:`intent_text`, if the caller has it already."""
+        record = encode(pending, text)
         try:
             written = os.write(self._fd, record)
             if written == len(record) and self._durable:

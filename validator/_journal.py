@@ -220,6 +220,7 @@ class Journal:
         self.warn_ratio = warn_ratio
         # Intents written to the log whose tap has not committed yet (only there, so far).
         self._logged: dict[tuple[str, int], Pending] = {}
+        self._last_text: tuple[Pending | None, tuple[Any, ...]] = (None, ())
         self._intents: IntentLog | None = None
         if str(path) != ":memory:":
             try:
@@ -414,11 +415,13 @@ class Journal:
             counters = self._device(intent.device)
             seq = counters[0]
             pending = Pending(intent.device, seq, intent)
+            text = intent_text(intent)
             if self._intents is not None:
                 try:
-                    self._intents.append(pending)
+                    self._intents.append(pending, text)
                 except IntentLogError as exc:
                     raise JournalError(str(exc)) from None
+            self._last_text = (pending, text)
             counters[0], counters[1] = seq + 1, max(counters[1], intent.record.ttc + 1)
             self._logged[(intent.device, seq)] = pending
             self._pending[intent.card_serial] = pending
@@ -426,10 +429,12 @@ class Journal:
 
     def _insert_transaction(self, pending: Pending, status: str, tac: bytes) -> None:
         # The table is for people: the intent's text form, as the intent log holds it.
-        self._db.execute(
-            _INSERT_TRANSACTION,
-            (*intent_text(pending.intent), pending.seq, status, tac.hex().upper()),
-        )
+        # The text the intent log was given, if this is the intent journalled last (a tap's
+        # own): one rendering of it a tap, not two.
+        last, text = self._last_text
+        if last is not pending:
+            text = intent_text(pending.intent)
+        self._db.execute(_INSERT_TRANSACTION, (*text, pending.seq, status, tac.hex().upper()))
 
     def _write_status(self, pending: Pending, status: str, tac: bytes) -> None:
         """The transaction row's outcome: inserted if its intent is only in the log so far."""

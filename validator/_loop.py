@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("farelab.validator")
+# One encoder for every answer line (json.dumps with options makes one a call).
+_ANSWER_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 
 ParamsHandler = Callable[[str, bytes], int | None]
@@ -457,7 +459,8 @@ async def _show(
     doc["at"] = item.at.isoformat(timespec="milliseconds")
     # What the gate's beeper does: one short beep to pass, a long one to stop the rider.
     doc["beep"] = "pass" if item.result.result == "accepted" else "stop"
-    print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
+    out.write(_ANSWER_JSON(doc) + "\n")
+    out.flush()
     if gate is not None:
         gate.between_taps()
 
