@@ -270,7 +270,22 @@ def _rounds(
 
 def main(argv: list[str]) -> int:
     """``python -m farelab.bench.pcsc [N]``: the figures of N taps (default 500) as JSON."""
-    n = int(argv[0]) if argv else 500
+    import argparse  # noqa: PLC0415
+
+    from farelab.bench._args import count  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m farelab.bench.pcsc",
+        description="A metro-exit tap through pcscd and the vpcd virtual reader, against the "
+        "same exchanges replayed with no software on either side: our time in a tap (tap − "
+        "replay, p50 and p99), the bare SCardTransmit round trip and presence detection, as "
+        "JSON (ms). Needs pcscd and vsmartcard-vpcd; run it alone (flock "
+        "/tmp/farelab-pcscd.lock).",
+    )
+    parser.add_argument(
+        "taps", nargs="?", type=count, default=500, help="taps to time (default 500)"
+    )
+    n = parser.parse_args(argv).taps
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         measure(n, Path(folder), out, {}, 8)

@@ -143,8 +143,24 @@ def measure(cards: int, folder: Path) -> tuple[dict[str, float], dict[str, list[
 
 def main(argv: list[str] | None = None) -> int:
     """Print the figures of one run (``CARDS``, default 23: one bus zoo)."""
-    args = sys.argv[1:] if argv is None else argv
-    cards = int(args[0]) if args else 23
+    import argparse  # noqa: PLC0415
+
+    from farelab.bench._args import count  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m farelab.bench.testbed_time",
+        description="Time `farelab testbed run` over a bus zoo presented in pcscd's virtual "
+        "reader, and its time per card beyond pcscd's presence detection. Needs pcscd and "
+        "vsmartcard-vpcd; run it alone (flock /tmp/farelab-pcscd.lock).",
+    )
+    parser.add_argument(
+        "cards",
+        nargs="?",
+        type=count,
+        default=23,
+        help="zoo cards to present (default 23: one bus zoo)",
+    )
+    cards = parser.parse_args(sys.argv[1:] if argv is None else argv).cards
     with tempfile.TemporaryDirectory(prefix="farelab-testbed-time-") as tmp:
         figures, _ = measure(cards, Path(tmp))
     for name, value in figures.items():
