@@ -174,3 +174,41 @@ async def test_a_child_never_started_has_no_pid_and_waits_for_nothing() -> None:
     assert await child.stop() is None
     with pytest.raises(RuntimeError, match="never started"):
         await child.wait()
+
+
+SLOW_ECHO = """
+import json, sys, time
+print("ready", file=sys.stderr, flush=True)
+for line in sys.stdin:
+    doc = json.loads(line)
+    time.sleep(doc.get("sleep", 0))
+    print(json.dumps({"got": doc["n"]}), flush=True)
+"""
+
+
+async def test_a_request_gets_its_own_answer_none_after_its_timeout_or_its_process_death(
+    tmp_path: Path,
+) -> None:
+    from farelab.city._run import Process  # noqa: PLC0415
+
+    proc = Process(
+        "slow",
+        [sys.executable, "-c", SLOW_ECHO],
+        ready="ready",
+        log_file=tmp_path / "slow.log",
+    )
+    await proc.start()
+    try:
+        assert await proc.request({"n": 1}, timeout=10) == {"got": 1}
+        # Gives up on the first; its late answer stays its own, not the next request's.
+        assert await proc.request({"n": 2, "sleep": 0.5}, timeout=0.05) is None
+        assert await proc.request({"n": 3}, timeout=10) == {"got": 3}
+        answers = await asyncio.gather(*(proc.request({"n": n}) for n in range(4, 8)))
+        assert answers == [{"got": n} for n in range(4, 8)]
+        waiting = asyncio.create_task(proc.request({"n": 8, "sleep": 30}, timeout=60))
+        await asyncio.sleep(0.2)
+        proc.kill()
+        assert await asyncio.wait_for(waiting, 10) is None  # died: never answered
+    finally:
+        proc.expected = True
+        await proc.child.stop()

@@ -258,7 +258,9 @@ class Process:
         # request, a tenth of the city's own CPU at a thousand taps a second.)
         waiter: asyncio.Future[dict[str, Any] | None] = loop.create_future()
         timer = None if timeout is None else loop.call_later(timeout, _settle, waiter, None)
-        future.add_done_callback(lambda done: _settle(waiter, done.result()))
+        future.add_done_callback(
+            lambda done: _settle(waiter, None if done.cancelled() else done.result())
+        )
         try:
             return await waiter
         finally:
